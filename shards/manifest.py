@@ -88,16 +88,23 @@ def load_manifest(folder: str | Path) -> Manifest:
         raise ShardError(path, "no manifest: not a shard folder, or no file was completed yet")
     try:
         d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
         raise ShardError(path, f"unreadable manifest: {e}") from e
     if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise ShardError(path, f"not a {FORMAT} manifest (format={d.get('format')!r})")
+        got = d.get("format") if isinstance(d, dict) else type(d).__name__
+        raise ShardError(path, f"not a {FORMAT} manifest (format={got!r})")
     check_schema_version(d.get("schema_version"), path)
     try:
         meta = ShardMetadata.from_json(d["metadata"])
         files = [FileEntry(**f) for f in d["files"]]
     except (KeyError, TypeError, ValueError) as e:
         raise ShardError(path, f"malformed manifest: {e}", field="metadata/files") from e
+    for f in files:
+        if f.rows != sum(f.batch_rows):
+            raise ShardError(
+                path.parent / f.name,
+                f"manifest says rows={f.rows} but batch_rows sum to {sum(f.batch_rows)}",
+            )
     return Manifest(metadata=meta, files=files)
 
 
@@ -118,6 +125,10 @@ def init_or_check(folder: str | Path, metadata: ShardMetadata) -> Manifest:
     """Create the manifest, or check that an existing one describes the same data."""
     folder = Path(folder)
     with locked(folder):
+        # Manifest updates happen under this lock, so a temporary manifest now is debris of
+        # a process killed while it wrote one.
+        for p in folder.glob(f".{MANIFEST}.*.tmp"):
+            p.unlink()
         if (folder / MANIFEST).exists():
             manifest = load_manifest(folder)
             diff = manifest.metadata.mismatches(metadata)

@@ -179,7 +179,7 @@ class ShardFolder:
             # Arrow does not check offsets when reading IPC: a damaged file that passed the
             # checks of `verify` would make to_pylist read out of bounds and crash. ~20 us.
             batch.validate(full=True)
-        except (OSError, pa.ArrowException, IndexError) as e:
+        except (OSError, pa.ArrowException, IndexError, ValueError) as e:
             raise ShardError(p, f"record batch {bi} unreadable: {e}") from e
         expected = self.manifest.files[fi].batch_rows[bi]
         if batch.num_rows != expected:
@@ -402,6 +402,8 @@ class ShardReader(IterableDataset):
             "shuffle": self.shuffle,
             "window_blocks": self.window_blocks,
             "num_shards": self.num_shards,
+            "world_size": self.world_size,
+            "workers": max(1, self.num_workers),
             "rank": self.rank,
             "files": [f.name for f in self.folder.manifest.files],
             "positions": {str(s): list(p) for s, p in sorted(self._positions.items())},
@@ -409,7 +411,8 @@ class ShardReader(IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in ("seed", "shuffle", "window_blocks", "num_shards", "rank", "files"):
+        keys = ("seed", "shuffle", "window_blocks", "num_shards", "world_size", "workers", "rank")
+        for key in keys + ("files",):
             if state[key] != mine[key]:
                 raise ValueError(
                     f"reader state was saved with {key}={state[key]!r}, this reader has "

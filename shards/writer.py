@@ -84,6 +84,25 @@ def _check_row(row: ShardRow, k: int, vocab: int, where: Path) -> ShardRow:
         raise bad("topk_ids", f"shape {ids.shape}, expected ({t}, {k})")
     if lps.shape != (t, k):
         raise bad("topk_logprobs", f"shape {lps.shape}, expected ({t}, {k})")
+    # What codec.encode_tokens would refuse, refused here, before the row joins a batch: a
+    # bad row must not take other examples' pending rows down with it, and an id outside
+    # the vocabulary must not reach the file's rank order (which would make it unreadable).
+    if t:
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise bad("topk_ids", f"must be integers, got {ids.dtype}")
+        out = ((ids < 0) | (ids >= vocab)).any(axis=1)
+        if out.any():
+            pos = int(np.argmax(out))
+            raise bad("topk_ids", f"token {pos}: top-k id outside the vocabulary [0, {vocab})")
+        flp = np.asarray(lps, dtype=np.float32)
+        nonneg = (np.isnan(flp) | (flp > 1e-3)).any(axis=1)
+        if nonneg.any():
+            pos = int(np.argmax(nonneg))
+            raise bad("topk_logprobs", f"token {pos}: top-k logprob is NaN or positive")
+        srt = np.sort(ids, axis=1)
+        dup = (srt[:, 1:] == srt[:, :-1]).any(axis=1)
+        if dup.any():
+            raise bad("topk_ids", f"token {int(np.argmax(dup))}: duplicate ids in the top-k")
     for name in ("prompt_ids", "teacher_prompt_ids", "response_ids"):
         a = np.asarray(getattr(row, name))
         if a.ndim != 1 or (a.size and (a.min() < 0 or a.max() >= vocab)):
@@ -167,8 +186,12 @@ class ShardWriter:
             raise ShardError(
                 self.folder, f"another process is writing as writer {writer_id!r}"
             ) from None
-        manifest = init_or_check(self.folder, metadata)
-        self._seq = self._clean_debris({f.name for f in manifest.files})
+        try:
+            manifest = init_or_check(self.folder, metadata)
+            self._seq = self._clean_debris({f.name for f in manifest.files})
+        except BaseException:
+            self._lock.close()  # else the writer id stays locked until garbage collection
+            raise
         self._schema = arrow_schema()
         self._pending: list[ShardRow] = []
         self._pending_tokens = 0
@@ -219,7 +242,9 @@ class ShardWriter:
 
     def _open_file(self) -> _OpenFile:
         # The first batch's top-k ids rank the vocabulary for the whole file.
-        ids = np.concatenate([np.asarray(r.topk_ids, dtype=np.int64).ravel() for r in self._pending])
+        ids = np.concatenate(
+            [np.asarray(r.topk_ids, dtype=np.int64).ravel() for r in self._pending]
+        )
         order = codec.build_rank_order(ids, self.metadata.vocab_size)
         schema = self._schema.with_metadata(
             {META_KEY: self.metadata.dumps(), RANK_ORDER_KEY: codec.pack_order(order, ids)}
