@@ -1,0 +1,57 @@
+"""Shards from a real (tiny) teacher for trainer tests: transformers teacher forcing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
+from shards.schema import ShardMetadata
+from shards.writer import ShardRow, ShardWriter
+
+
+def write_teacher_shards(
+    folder: Path, model_dir: Path, *, examples: int = 48, k: int = 16, new_tokens: int = 16
+) -> Path:
+    """Sampled responses of the tiny model to templated questions, with its own top-k."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    meta = ShardMetadata(
+        k=k,
+        vocab_size=model.config.vocab_size,
+        teacher=str(model_dir),
+        teacher_fingerprint=weights_fingerprint(model_dir),
+        tokenizer_fingerprint=tokenizer_fingerprint(tok),
+    )
+    torch.manual_seed(0)
+    with ShardWriter(folder, meta, batch_tokens=256) as writer:
+        for i in range(examples):
+            chat = [{"role": "user", "content": f"What is {i} plus {2 * i + 1}?"}]
+            text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            prompt = tok(text, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                seq = model.generate(
+                    torch.tensor([prompt]),
+                    do_sample=True,
+                    max_new_tokens=new_tokens,
+                    pad_token_id=tok.pad_token_id,
+                )[0]
+                logprobs = torch.log_softmax(model(seq[None]).logits[0].float(), -1)
+            response = seq[len(prompt) :]
+            lp = logprobs[len(prompt) - 1 : len(seq) - 1]
+            values, ids = lp.topk(k, -1)
+            writer.add(
+                ShardRow(
+                    id=f"ex{i}",
+                    prompt_ids=prompt,
+                    teacher_prompt_ids=prompt,
+                    response_ids=response.numpy(),
+                    topk_ids=ids.numpy(),
+                    topk_logprobs=values.numpy(),
+                    token_logprobs=lp.gather(1, response[:, None])[:, 0].numpy(),
+                )
+            )
+    return folder

@@ -1,0 +1,195 @@
+"""Micro-batches from shards: length-aware, collated in the DataLoader worker, resumable.
+
+The trainer pulls `Batch`es from a `BatchSource`. `ShardBatches` is the offline one: it
+reads `sort_window` rows from a `ShardReader`, sorts them by length, cuts them into batches
+under a padded-token budget, shuffles the batch order (seeded by the window), and collates
+each batch inside the worker (one tensor hand-off per batch, not per row).
+
+Resume stays exact with length sorting because a window is a pure function of where it
+starts: a batch carries (shard, epoch, window start, batch index in window); after a restart
+the reader re-reads the window from its start and the first `index + 1` batches are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from shards.reader import ShardReader
+
+
+@dataclass
+class Batch:
+    """Right-padded student inputs and the teacher signal of every trained token.
+
+    input_ids, attention_mask: (B, L) student view (prompt Q + response).
+    positions: (N,) flat indices into (B * L) of the positions whose next-token prediction is
+    trained (the position before each response token).
+    targets: (N,) the response tokens; topk_ids (N, K), topk_logprobs (N, K),
+    tail_logprob (N,), token_logprob (N,): the teacher signal for each.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    positions: torch.Tensor
+    targets: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    tail_logprob: torch.Tensor
+    token_logprob: torch.Tensor
+    ids: list[str] = field(default_factory=list)
+    cursor: tuple[int, int, int, int] | None = None  # (shard, epoch, window start, index)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.targets.numel())
+
+    def to(self, device) -> Batch:
+        moved = {
+            k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in self.__dict__.items()
+        }
+        return Batch(**moved)
+
+
+class BatchSource(Protocol):
+    """Where the trainer's batches come from: shards now, live student samples later."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def update(self, batch: Batch) -> None: ...
+
+
+def collate(rows: list[dict], max_length: int, pad_id: int = 0) -> Batch:
+    """Rows from ShardReader -> Batch. Responses longer than the budget are cut on the right;
+    a prompt that alone fills `max_length` keeps its last tokens (the question's end)."""
+    seqs, spans = [], []
+    for r in rows:
+        prompt = r["prompt_ids"][-(max_length - 1) :] if max_length > 1 else r["prompt_ids"][:0]
+        t = min(len(r["response_ids"]), max_length - len(prompt))
+        seqs.append(torch.cat([prompt, r["response_ids"][:t]]))
+        spans.append((len(prompt), t))
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    positions, parts = [], {k: [] for k in ("ids", "lps", "tail", "tok", "tgt")}
+    for b, (s, (p, t)) in enumerate(zip(seqs, spans, strict=True)):
+        input_ids[b, : len(s)] = s
+        mask[b, : len(s)] = 1
+        # Response token j sits at p + j and is predicted from position p + j - 1.
+        positions.append(b * length + torch.arange(p - 1, p - 1 + t))
+        r = rows[b]
+        parts["ids"].append(r["topk_ids"][:t])
+        parts["lps"].append(r["topk_logprobs"][:t])
+        parts["tail"].append(r["tail_logprob"][:t])
+        parts["tok"].append(r["token_logprob"][:t])
+        parts["tgt"].append(r["response_ids"][:t])
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=mask,
+        positions=torch.cat(positions).long(),
+        targets=torch.cat(parts["tgt"]).long(),
+        topk_ids=torch.cat(parts["ids"]).long(),
+        topk_logprobs=torch.cat(parts["lps"]).float(),
+        tail_logprob=torch.cat(parts["tail"]).float(),
+        token_logprob=torch.cat(parts["tok"]).float(),
+        ids=[r["id"] for r in rows],
+    )
+
+
+def plan_batches(lengths: list[int], batch_tokens: int, max_rows: int) -> list[list[int]]:
+    """Group row indices, sorted by length, so each batch's padded size stays in budget."""
+    order = np.argsort(lengths, kind="stable")
+    batches, cur, longest = [], [], 0
+    for i in order:
+        n = max(longest, lengths[i])
+        if cur and (n * (len(cur) + 1) > batch_tokens or len(cur) >= max_rows):
+            batches.append(cur)
+            cur, n = [], lengths[i]
+        cur.append(int(i))
+        longest = n
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+class ShardBatches(IterableDataset):
+    """Batches of one rank, for a DataLoader with `batch_size=None`."""
+
+    def __init__(
+        self,
+        reader: ShardReader,
+        *,
+        batch_tokens: int,
+        max_rows: int,
+        max_length: int,
+        sort_window: int,
+        seed: int = 0,
+        pad_id: int = 0,
+    ):
+        self.reader = reader
+        self.batch_tokens, self.max_rows = batch_tokens, max_rows
+        self.max_length, self.sort_window = max_length, sort_window
+        self.seed, self.pad_id = seed, pad_id
+        self._skip: dict[int, tuple[int, int, int]] = {}  # shard -> (epoch, start, batches)
+
+    def _windows(self, rows: Iterator[dict]):
+        window = []
+        for row in rows:
+            window.append(row)
+            if len(window) == self.sort_window:
+                yield window
+                window = []
+        if window:
+            yield window
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        shard = self.reader.rank * (1 if info is None else info.num_workers)
+        shard += 0 if info is None else info.id
+        skip = self._skip.get(shard)
+        if skip is not None:
+            self.reader._positions[shard] = (skip[0], skip[1])
+        for window in self._windows(iter(self.reader)):
+            _, epoch, pos = window[0]["cursor"]
+            start = pos - 1  # position of the window's first row
+            lengths = [
+                min(len(r["prompt_ids"]) + len(r["response_ids"]), self.max_length) for r in window
+            ]
+            plan = plan_batches(lengths, self.batch_tokens, self.max_rows)
+            order = np.random.default_rng([self.seed, shard, epoch, start]).permutation(len(plan))
+            first = 0
+            if skip is not None and (epoch, start) == skip[:2]:
+                first, skip = skip[2], None
+            for index in range(first, len(plan)):
+                batch = collate(
+                    [window[i] for i in plan[order[index]]], self.max_length, self.pad_id
+                )
+                if not batch.num_tokens:
+                    continue  # rows with empty responses train nothing
+                batch.cursor = (shard, epoch, start, index + 1)
+                yield batch
+
+    def update(self, batch: Batch) -> None:
+        """Record a batch the trainer consumed."""
+        shard, epoch, start, done = batch.cursor
+        self._skip[shard] = (epoch, start, done)
+
+    def state_dict(self) -> dict:
+        return {
+            "reader": {**self.reader.state_dict(), "positions": {}},
+            "batches": {str(s): list(v) for s, v in sorted(self._skip.items())},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reader.load_state_dict(state["reader"])
+        self._skip = {int(s): tuple(v) for s, v in state["batches"].items()}

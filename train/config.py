@@ -1,0 +1,230 @@
+"""Typed training configuration: one frozen dataclass per component, YAML per method.
+
+`load_config("configs/train/skd.yaml", ["loss.beta=0.5", "max_steps=100"])` reads the YAML,
+applies `key=value` overrides (dotted keys reach into sections; values are parsed as YAML
+scalars and checked against the field's type) and refuses unknown keys, so a typo fails
+before a run starts instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METHODS = ("seqkd", "skd", "jsd", "dualkl")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "models/smollm2-student"
+    dtype: str = "auto"  # auto: bfloat16 on a GPU that supports it, else float32
+    lora: bool = False
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    gradient_checkpointing: bool = False
+    quantize: str = "none"  # none | 4bit | 8bit (QLoRA; needs CUDA and bitsandbytes)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = "out/shards"
+    eval_shards: str = ""  # a held-out shard folder for periodic evaluation loss
+    batch_tokens: int = 4096  # padded tokens per micro-batch (length-aware batching)
+    max_rows: int = 64  # rows per micro-batch at most
+    max_length: int = 1024  # prompt + response tokens; longer rows are truncated on the right
+    sort_window: int = 256  # rows sorted by length together before batching
+    window_blocks: int = 4  # shard reader shuffle window, in record batches
+    num_workers: int = 0  # DataLoader workers
+    verify: str = "full"  # full | size | none (shard checksums)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    method: str = "skd"  # seqkd | skd | jsd | dualkl
+    alpha: float = 1.0  # SKD: alpha * KD + (1 - alpha) * CE; alpha = 1 is pure KD
+    direction: str = "forward"  # SKD divergence: forward KL(teacher||student) | reverse
+    beta: float = 0.5  # JSD(beta): 0 = forward KL, 1 = reverse KL
+    temperature: float = 1.0
+    tail: str = "tail_bucket"  # tail_bucket | renormalize
+    sft_alpha: float = 0.0  # weight of an extra SFT (CE) term added to any KD loss
+    gate: str = "soft"  # dual-KL gate: soft | hard
+    gate_alpha: float = 10.0
+    gate_tau: float = 0.5
+    reverse: str = "exact"  # dual-KL reverse KL: exact | mc (sampled token)
+    forward: str = "topk"  # dual-KL forward KL: topk | argmax
+    chunk_tokens: int = 1024  # tokens per loss chunk: bounds the logits held in memory
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    out_dir: str = "runs/skd"
+    max_steps: int = 100
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 1
+    save_every: int = 50
+    eval_every: int = 0  # 0: no periodic evaluation
+    eval_batches: int = 8
+    resume: bool = False
+    stop_at: int = 0  # end this job after this step (saving), e.g. on time-limited clusters;
+    # the schedule still spans max_steps, and resume=true continues
+    deepspeed: str = ""  # path of a DeepSpeed config (configs/deepspeed/*.json) or empty
+
+
+def _parse(value, tp, key: str):
+    """Coerce a YAML value to a dataclass field type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_parse(v, args[0], key) for v in value)
+        if len(args) != len(value):
+            raise ValueError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_parse(v, a, key) for v, a in zip(value, args, strict=True))
+    if origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            try:
+                return _parse(value, a, key)
+            except ValueError:
+                pass
+        raise ValueError(f"{key}: {value!r} does not fit {tp}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        return "" if value is None else str(value)
+    raise ValueError(f"{key}: unsupported type {tp}")
+
+
+def build(cls, data: dict, prefix: str = ""):
+    """Instantiate dataclass `cls` from a nested dict; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
+            f"known in {prefix or 'top level'}: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{name}: expected a section, got {value!r}")
+            kwargs[name] = build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _parse(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings to a nested dict (values parsed as YAML scalars)."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    checks = [
+        (cfg.loss.method in METHODS, f"loss.method must be one of {METHODS}"),
+        (cfg.loss.direction in ("forward", "reverse"), "loss.direction: forward | reverse"),
+        (cfg.loss.tail in ("tail_bucket", "renormalize"), "loss.tail: tail_bucket | renormalize"),
+        (0.0 <= cfg.loss.beta <= 1.0, "loss.beta must be in [0, 1]"),
+        (0.0 <= cfg.loss.alpha <= 1.0, "loss.alpha must be in [0, 1]"),
+        (cfg.loss.temperature > 0, "loss.temperature must be > 0"),
+        (cfg.loss.gate in ("soft", "hard"), "loss.gate: soft | hard"),
+        (cfg.loss.reverse in ("exact", "mc"), "loss.reverse: exact | mc"),
+        (cfg.loss.forward in ("topk", "argmax"), "loss.forward: topk | argmax"),
+        (cfg.optim.schedule in ("cosine", "linear", "constant"), "optim.schedule"),
+        (cfg.model.quantize in ("none", "4bit", "8bit"), "model.quantize: none | 4bit | 8bit"),
+        (cfg.data.verify in ("full", "size", "none"), "data.verify: full | size | none"),
+        (cfg.max_steps > 0 and cfg.grad_accum > 0, "max_steps and grad_accum must be > 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    data = {}
+    if path:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+    return validate(build(TrainConfig, apply_overrides(data, list(overrides))))
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (tuples as lists), for YAML/JSON and TensorBoard."""
+
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

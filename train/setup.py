@@ -1,0 +1,140 @@
+"""Everything the training loop needs, built from the config: the pieces behind train/__main__."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from shards.fingerprint import tokenizer_fingerprint
+from shards.reader import ShardReader
+from train.batches import ShardBatches
+from train.config import TrainConfig
+from train.model import DistillModule, kd_spec, load_student, mixed_precision
+
+
+@dataclass
+class Run:
+    accelerator: object
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    source: ShardBatches
+    tokenizer: object
+    out_dir: Path
+    deepspeed: bool
+    cfg: TrainConfig
+
+    def loader(self, source: ShardBatches | None = None) -> DataLoader:
+        workers = self.cfg.data.num_workers
+        return DataLoader(
+            source or self.source,
+            batch_size=None,  # ShardBatches collates whole batches in the worker
+            num_workers=workers,
+            persistent_workers=False,
+            prefetch_factor=4 if workers else None,
+        )
+
+
+def shard_batches(cfg: TrainConfig, folder: str, accelerator, tokenizer, *, train: bool):
+    reader = ShardReader(
+        folder,
+        seed=cfg.seed,
+        shuffle=train,
+        window_blocks=cfg.data.window_blocks,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        num_workers=cfg.data.num_workers,
+        epochs=None if train else 1,
+        expected_tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        verify=cfg.data.verify,
+    )
+    if train and len(reader.folder.blocks) < reader.num_shards:
+        raise ValueError(
+            f"{folder}: {len(reader.folder.blocks)} record batches cannot feed "
+            f"{reader.num_shards} ranks x workers; write smaller batches or use fewer workers"
+        )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return ShardBatches(
+        reader,
+        batch_tokens=cfg.data.batch_tokens,
+        max_rows=cfg.data.max_rows,
+        max_length=cfg.data.max_length,
+        sort_window=cfg.data.sort_window,
+        seed=cfg.seed,
+        pad_id=pad,
+    )
+
+
+def build_run(cfg: TrainConfig) -> Run:
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, set_seed
+    from transformers import get_scheduler
+
+    plugin = None
+    if cfg.deepspeed:
+        plugin = DeepSpeedPlugin(hf_ds_config=cfg.deepspeed)
+        plugin.deepspeed_config["gradient_accumulation_steps"] = cfg.grad_accum
+    acc = Accelerator(mixed_precision=mixed_precision(cfg.model.dtype), deepspeed_plugin=plugin)
+    set_seed(cfg.seed)
+    lm, tokenizer = load_student(cfg.model)
+    source = shard_batches(cfg, cfg.data.shards, acc, tokenizer, train=True)
+    teacher_vocab = source.reader.metadata.vocab_size
+    student_vocab = lm.get_output_embeddings().weight.shape[0]
+    if teacher_vocab > student_vocab:
+        raise ValueError(
+            f"shards have teacher ids up to {teacher_vocab - 1} but the student's output head "
+            f"has {student_vocab} rows"
+        )
+    module = DistillModule(lm, kd_spec(cfg.loss), cfg.loss.chunk_tokens)
+    optimizer = torch.optim.AdamW(
+        [p for p in module.parameters() if p.requires_grad],
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    scheduler = get_scheduler(
+        cfg.optim.schedule,
+        optimizer,
+        num_warmup_steps=cfg.optim.warmup_steps,
+        num_training_steps=cfg.max_steps,
+    )
+    module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+    deepspeed = acc.state.deepspeed_plugin is not None
+    if deepspeed and acc.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed as ds
+
+        # The loss uses the head's weight outside the head's own forward: ZeRO-3 must gather
+        # it whenever DistillModule runs.
+        inner = acc.unwrap_model(module)
+        ds.zero.register_external_parameter(inner, inner.head.weight)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return Run(acc, module, optimizer, scheduler, source, tokenizer, out_dir, deepspeed, cfg)
+
+
+def global_sum(accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return float(value)
+    t = torch.tensor(float(value), device=accelerator.device, dtype=torch.float64)
+    return float(accelerator.reduce(t, reduction="sum"))
+
+
+@torch.no_grad()
+def evaluate(run: Run, cfg: TrainConfig) -> float | None:
+    """Mean loss per token over the first `eval_batches` batches of the held-out shards."""
+    if not cfg.data.eval_shards:
+        return None
+    source = shard_batches(cfg, cfg.data.eval_shards, run.accelerator, run.tokenizer, train=False)
+    total, tokens = 0.0, 0
+    run.module.eval()
+    for i, batch in enumerate(run.loader(source)):
+        if i >= cfg.eval_batches:
+            break
+        with run.accelerator.autocast():
+            total += float(run.module(batch.to(run.accelerator.device)).loss)
+        tokens += batch.num_tokens
+    run.module.train()
+    return global_sum(run.accelerator, total) / max(global_sum(run.accelerator, tokens), 1)
