@@ -41,6 +41,7 @@ def main(argv=None) -> None:
         source.load_state_dict(state["source"])
     if acc.is_main_process:
         dump_config(cfg, run.out_dir / "config.yaml")
+        print(f"[train] {run.describe()}; from step {step}", flush=True)
     log = Logger(run.out_dir, cfg.max_steps, step, acc.is_main_process)
     batches = iter(run.loader())
     # The loss is a sum over tokens; DDP/DeepSpeed average gradients over ranks (and

@@ -27,6 +27,19 @@ class Run:
     deepspeed: bool
     cfg: TrainConfig
 
+    def describe(self) -> str:
+        acc = self.accelerator
+        plugin = acc.state.deepspeed_plugin
+        engine = f"DeepSpeed ZeRO-{plugin.zero_stage}" if plugin else str(acc.distributed_type)
+        # ds_numel: under ZeRO-3 a parameter holds only its partition.
+        trainable = sum(
+            getattr(p, "ds_numel", p.numel()) for p in self.module.parameters() if p.requires_grad
+        )
+        return (
+            f"{acc.num_processes} process(es), {engine}, mixed precision "
+            f"{acc.mixed_precision}, device {acc.device}, {trainable:,} trainable parameters"
+        )
+
     def loader(self, source: ShardBatches | None = None) -> DataLoader:
         workers = self.cfg.data.num_workers
         return DataLoader(
@@ -77,12 +90,20 @@ def build_run(cfg: TrainConfig) -> Run:
     if cfg.deepspeed:
         plugin = DeepSpeedPlugin(hf_ds_config=cfg.deepspeed)
         plugin.deepspeed_config["gradient_accumulation_steps"] = cfg.grad_accum
-    acc = Accelerator(mixed_precision=mixed_precision(cfg.model.dtype), deepspeed_plugin=plugin)
+    # step_scheduler_with_optimizer=False: one scheduler step per optimizer step; accelerate
+    # would otherwise step it once per process, assuming per-process dataloader steps.
+    acc = Accelerator(
+        mixed_precision=mixed_precision(cfg.model.dtype),
+        deepspeed_plugin=plugin,
+        step_scheduler_with_optimizer=False,
+    )
     set_seed(cfg.seed)
     lm, tokenizer = load_student(cfg.model)
     source = shard_batches(cfg, cfg.data.shards, acc, tokenizer, train=True)
     teacher_vocab = source.reader.metadata.vocab_size
-    student_vocab = lm.get_output_embeddings().weight.shape[0]
+    head = lm.get_output_embeddings()
+    # out_features, not weight.shape: under ZeRO-3 the weight is partitioned (shape 0).
+    student_vocab = getattr(head, "out_features", None) or head.weight.shape[0]
     if teacher_vocab > student_vocab:
         raise ValueError(
             f"shards have teacher ids up to {teacher_vocab - 1} but the student's output head "
@@ -103,6 +124,11 @@ def build_run(cfg: TrainConfig) -> Run:
     )
     module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
     deepspeed = acc.state.deepspeed_plugin is not None
+    if cfg.deepspeed and not deepspeed:
+        raise ValueError(
+            f"deepspeed={cfg.deepspeed} is set but accelerate did not start DeepSpeed "
+            f"({acc.distributed_type}); launch with torchrun or accelerate launch on GPUs"
+        )
     if deepspeed and acc.state.deepspeed_plugin.zero_stage == 3:
         import deepspeed as ds
 
