@@ -10,12 +10,13 @@ PYTEST_ARGS ?=
 SETUP_STAMP := $(VENV)/.setup-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format models bench-shards demo clean-models
+.PHONY: help setup test lint format models bench-shards demo clean-models train
 
 help: ## list the targets
 	@echo "kdshards make targets:"
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "variables: PYTEST_ARGS='...' (extra pytest args), KDSHARDS_DEVICE=cpu|gpu (setup)"
+	@echo "  train: METHOD BETA ALPHA TEMP STEPS SHARDS STUDENT RUN GPUS ZERO ARGS"
 
 setup: $(SETUP_STAMP) ## create .venv and install everything (cpu or gpu, auto-detected)
 
@@ -43,6 +44,20 @@ clean-models: ## delete the converted models
 
 bench-shards: setup models ## benchmark shard writing/reading
 	$(PYTHON) -m tools.bench_shards
+
+# make train METHOD=skd|seqkd|jsd|dualkl [BETA= ALPHA= TEMP= STEPS= SHARDS= STUDENT= RUN=]
+#            [GPUS=n] [ZERO=2|3] [ARGS='key=value ...']
+METHOD ?= skd
+GPUS   ?= 1
+TRAIN_OVERRIDES = $(if $(BETA),loss.beta=$(BETA)) $(if $(ALPHA),loss.alpha=$(ALPHA)) \
+	$(if $(TEMP),loss.temperature=$(TEMP)) $(if $(STEPS),max_steps=$(STEPS)) \
+	$(if $(SHARDS),data.shards=$(SHARDS)) $(if $(STUDENT),model.path=$(STUDENT)) \
+	$(if $(RUN),out_dir=$(RUN)) $(if $(ZERO),deepspeed=configs/deepspeed/zero$(ZERO).json) $(ARGS)
+# One process runs as is; several go through torchrun (DDP, or DeepSpeed with ZERO=).
+TRAIN_LAUNCH = $(if $(filter 1,$(GPUS)),$(PYTHON) -m,$(VENV)/bin/torchrun --nproc_per_node $(GPUS) -m)
+
+train: setup ## train the student from shards (METHOD=skd|seqkd|jsd|dualkl, see configs/train)
+	$(TRAIN_LAUNCH) train configs/train/$(METHOD).yaml $(TRAIN_OVERRIDES)
 
 demo: setup models ## end-to-end demo: precompute with the teacher, train the student
 	$(PYTHON) -m tools.demo

@@ -170,3 +170,14 @@ def test_shards_from_another_tokenizer_are_refused(tmp_path, shards):
     other = build_tiny_model(tmp_path / "other", seed=0, vocab_size=576)
     with pytest.raises(ShardError, match="tokenizer fingerprint"):
         run(tmp_path, shards, other, "skd", "max_steps=1")
+
+
+def test_eval_loss_and_gradient_checkpointing(tmp_path, shards):
+    student = build_tiny_model(tmp_path / "student", seed=7)
+    extra = ["max_steps=4", "save_every=4", "eval_every=2", f"data.eval_shards={shards}"]
+    _, log = run(tmp_path, shards, student, "skd", *extra, "model.gradient_checkpointing=true")
+    evals = [r["eval_loss"] for r in log if "eval_loss" in r]
+    assert len(evals) == 2 and all(v > 0 for v in evals)
+    # Same steps without checkpointing: recomputation changes memory, not the numbers.
+    _, plain = run(tmp_path / "plain", shards, student, "skd", *extra)
+    assert [r["loss"] for r in plain] == pytest.approx([r["loss"] for r in log], rel=1e-5)
