@@ -1,0 +1,423 @@
+"""Look into a shard folder: one example, folder statistics, integrity.
+
+    python -m tools.shards inspect DIR [--row N] [--tokenizer PATH] [--positions A:B] [--top N]
+    python -m tools.shards stats DIR [--json]
+    python -m tools.shards verify DIR
+
+`inspect` prints one row: its fields, the prompt and response (decoded with --tokenizer, else
+with the manifest's `teacher` if that is a local model folder, else as ids), and per response
+position the token, the teacher's logprob of it and the teacher's top-N with probabilities,
+most probable first, and the tail mass.
+
+`stats` streams the folder block by block (never loading it whole) and prints sizes, the
+metadata, and what the teacher signal covers: top-k probability mass (1 - tail), entropy of
+the top-k + tail buckets, and the share of response tokens inside their top-k.
+
+`verify` checks every file against the manifest (length, sha256, Arrow schema and metadata,
+record batch row counts), decodes every record batch, compares token counts, and lists files
+in the folder that the manifest does not (debris). Exit status 1 if any file is bad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from shards.errors import ShardError
+from shards.manifest import LOCK, MANIFEST, load_manifest
+
+# Files of a shard folder that are not data: the manifest and the lock files.
+BOOKKEEPING = re.compile(
+    rf"({re.escape(MANIFEST)}|{re.escape(LOCK)}|\.writer-[A-Za-z0-9_.]+\.lock)"
+)
+
+
+def _describe(e: ShardError) -> str:
+    """A ShardError's message with its row and field, without the (already named) path."""
+    where = []
+    if e.row is not None:
+        where.append(f"row {e.row}")
+    if e.field is not None:
+        where.append(f"field {e.field!r}")
+    return (", ".join(where) + ": " if where else "") + e.message
+
+
+def _folder(path: str | Path, verify: str = "size"):
+    from shards.reader import ShardFolder
+
+    return ShardFolder(path, verify=verify)
+
+
+def _blocks(folder):
+    """(file index, block index) of every record batch, in manifest order."""
+    for fi, entry in enumerate(folder.manifest.files):
+        for bi in range(len(entry.batch_rows)):
+            yield fi, bi
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str | Path | None, metadata, *, quiet: bool = False):
+    """The tokenizer at `path`, else at metadata.teacher when that is a local folder, else None.
+
+    Warns (on stderr) when its fingerprint differs from the folder's.
+    """
+    candidates = [path] if path is not None else []
+    if path is None and metadata.teacher and Path(metadata.teacher).is_dir():
+        candidates.append(metadata.teacher)
+    for cand in candidates:
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(cand))
+        except Exception as e:  # any loading failure: fall back to ids
+            if path is not None:
+                raise SystemExit(f"cannot load tokenizer {cand}: {e}") from e
+            if not quiet:
+                print(f"note: cannot load tokenizer {cand}: {e}; printing ids", file=sys.stderr)
+            return None
+        from shards.fingerprint import tokenizer_fingerprint
+
+        if tokenizer_fingerprint(tok) != metadata.tokenizer_fingerprint and not quiet:
+            print(
+                f"warning: tokenizer {cand} has another fingerprint than the shards "
+                f"({metadata.tokenizer_fingerprint}): the text may be wrong",
+                file=sys.stderr,
+            )
+        return tok
+    return None
+
+
+def _token_str(tok, token_id: int, width: int = 14) -> str:
+    """One token, printable on one line: decoded text with escapes and spaces shown as "␣",
+    else the id."""
+    if tok is None:
+        return str(int(token_id))
+    text = tok.decode([int(token_id)])
+    s = json.dumps(text, ensure_ascii=False)[1:-1]  # escapes newlines, tabs, quotes
+    s = s.replace(" ", "␣") or "''"
+    if len(s) > width:
+        s = s[: width - 1] + "…"
+    return s
+
+
+def _prob(p: float) -> str:
+    if p >= 0.9995:
+        return "1.000"
+    if p >= 0.001:
+        return f"{p:.3f}"
+    return f"{p:.0e}"
+
+
+def _parse_positions(spec: str | None, n: int) -> range:
+    if spec is None:
+        return range(n)
+    m = re.fullmatch(r"\s*(-?\d*)\s*:\s*(-?\d*)\s*", spec)
+    if not m:
+        raise SystemExit(f"--positions {spec!r}: expected A:B (either may be empty)")
+    a = int(m.group(1)) if m.group(1) else None
+    b = int(m.group(2)) if m.group(2) else None
+    return range(n)[slice(a, b)]
+
+
+# ---- inspect -----------------------------------------------------------------------------------
+
+
+def find_row(folder, row: int) -> dict:
+    """Global row `row` (manifest order) decoded; reads only the block that holds it."""
+    total = folder.manifest.rows
+    if not -total <= row < total:
+        raise SystemExit(f"--row {row}: the folder has {total} rows")
+    row %= total
+    for fi, entry in enumerate(folder.manifest.files):
+        for bi, n in enumerate(entry.batch_rows):
+            if row < n:
+                return folder.read_block(fi, bi).row(row)
+            row -= n
+    raise AssertionError("unreachable")
+
+
+def render_row(r: dict, metadata, tok, *, positions: str | None, top: int) -> str:
+    lines = []
+    meta = r["meta"]
+    lines.append(f"id            {r['id']}")
+    lines.append(f"sample_index  {r['sample_index']}")
+    lines.append(f"source        {r['source']}")
+    lines.append(f"thinking      {r['thinking']}")
+    if meta is not None:
+        try:
+            meta = json.dumps(json.loads(meta), ensure_ascii=False)
+        except ValueError:
+            pass
+    lines.append(f"meta          {meta}")
+    prompt = np.asarray(r["prompt_ids"]).tolist()
+    tprompt = np.asarray(r["teacher_prompt_ids"]).tolist()
+    resp = np.asarray(r["response_ids"]).tolist()
+    lines.append(
+        f"tokens        prompt {len(prompt)}, teacher prompt {len(tprompt)}, response {len(resp)}"
+        f"; k={metadata.k}"
+    )
+
+    def text(ids: list[int]) -> str:
+        return tok.decode(ids) if tok is not None else " ".join(map(str, ids))
+
+    def section(title: str, ids: list[int]) -> None:
+        lines.append("")
+        lines.append(f"--- {title} ---")
+        lines.append(text(ids))
+
+    section("prompt (student)", prompt)
+    if tprompt != prompt:
+        section("teacher prompt", tprompt)
+    section("response", resp)
+    lines.append("")
+
+    ids = np.asarray(r["topk_ids"])
+    lps = np.asarray(r["topk_logprobs"], dtype=np.float64)
+    tail = np.exp(np.asarray(r["tail_logprob"], dtype=np.float64))
+    tok_lp = np.asarray(r["token_logprob"], dtype=np.float64)
+    top = max(1, min(top, metadata.k))
+    pos = _parse_positions(positions, len(resp))
+    # Fixed columns first (the tail too), then the top-N as "token p" cells of equal width.
+    tokw = 10 if tok is not None else len(str(metadata.vocab_size - 1))
+    cells = "  ".join(f"{'#' + str(i + 1):<{tokw}} {'p':>5}" for i in range(top))
+    header = f"{'pos':>5}  {'token':<14}  {'logprob':>8}  {'rank':>4}  {'tail':>5}  {cells}"
+    lines.append(header)
+    lines.append("-" * len(header))
+    for t in pos:
+        order = np.argsort(-lps[t], kind="stable")
+        in_topk = bool((ids[t] == resp[t]).any())
+        rank = str(int(np.flatnonzero(ids[t, order] == resp[t])[0]) + 1) if in_topk else "-"
+        entries = "  ".join(
+            f"{_token_str(tok, ids[t, j], tokw):<{tokw}} {_prob(float(np.exp(lps[t, j]))):>5}"
+            for j in order[:top]
+        )
+        lines.append(
+            f"{t:>5}  {_token_str(tok, resp[t]):<14}  {tok_lp[t]:>8.3f}  {rank:>4}  "
+            f"{_prob(float(tail[t])):>5}  {entries}"
+        )
+    if len(pos) == 0:
+        lines.append("(no positions selected)")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args) -> int:
+    folder = _folder(args.dir)
+    tok = load_tokenizer(args.tokenizer, folder.metadata)
+    r = find_row(folder, args.row)
+    print(render_row(r, folder.metadata, tok, positions=args.positions, top=args.top))
+    return 0
+
+
+# ---- stats -------------------------------------------------------------------------------------
+
+
+def compute_stats(path: str | Path) -> dict:
+    """Folder statistics, streaming one record batch at a time.
+
+    Per response token, with B = the top-k and a tail bucket, renormalized as the losses do:
+    covered mass = 1 - exp(tail_logprob); entropy = -sum_B p log p (nats). The 5th percentile
+    of the covered mass is exact: the tail is stored in 1/1024-nat steps, so a histogram of
+    those steps holds the whole distribution (inverted-CDF percentile, numpy's
+    method="inverted_cdf").
+    """
+    from shards.codec import TAIL_STEPS_PER_NAT
+
+    folder = _folder(path)
+    meta = folder.metadata
+    rows = resp_tok = prompt_tok = tprompt_tok = in_topk = 0
+    cover_sum = entropy_sum = 0.0
+    hist = np.zeros(1 << 16, dtype=np.int64)
+    for fi, bi in _blocks(folder):
+        block = folder.read_block(fi, bi)
+        t = block.tensors
+        rows += len(block)
+        prompt_tok += int(block.offsets["prompt_ids"][-1])
+        tprompt_tok += int(block.offsets["teacher_prompt_ids"][-1])
+        n = len(t["response_ids"])
+        if n == 0:
+            continue
+        resp_tok += n
+        tail = t["tail_logprob"].numpy().astype(np.float64)
+        lps = t["topk_logprobs"].numpy().astype(np.float64)
+        ids = t["topk_ids"].numpy()
+        resp = t["response_ids"].numpy()
+        in_topk += int((ids == resp[:, None]).any(axis=1).sum())
+        cover_sum += float(-np.expm1(tail).sum())
+        steps = np.rint(-tail * TAIL_STEPS_PER_NAT).astype(np.int64)
+        hist += np.bincount(np.clip(steps, 0, len(hist) - 1), minlength=len(hist))
+        buckets = np.concatenate([lps, tail[:, None]], axis=1)
+        buckets -= np.logaddexp.reduce(buckets, axis=1, keepdims=True)
+        entropy_sum += float(-(np.exp(buckets) * buckets).sum())
+    files = folder.manifest.files
+    disk = sum((folder.path / e.name).stat().st_size for e in files)
+    p5 = None
+    if resp_tok:
+        # Covered mass rises with the step (a larger step is a smaller tail): the 5th
+        # percentile of the coverage is the smallest step whose cumulative count reaches 5%.
+        step = int(np.searchsorted(np.cumsum(hist), 0.05 * resp_tok, side="left"))
+        # The tail as the decoder computes it (float32), then the coverage in float64.
+        tail = float(np.float32(step) * np.float32(-1.0 / TAIL_STEPS_PER_NAT))
+        p5 = float(-np.expm1(tail))
+    return {
+        "folder": str(folder.path),
+        "rows": rows,
+        "response_tokens": resp_tok,
+        "prompt_tokens": prompt_tok,
+        "teacher_prompt_tokens": tprompt_tok,
+        "files": len(files),
+        "bytes_on_disk": disk,
+        "manifest_bytes": (folder.path / MANIFEST).stat().st_size,
+        "bytes_per_response_token": disk / resp_tok if resp_tok else None,
+        "k": meta.k,
+        "vocab_size": meta.vocab_size,
+        "teacher": meta.teacher,
+        "teacher_fingerprint": meta.teacher_fingerprint,
+        "tokenizer_fingerprint": meta.tokenizer_fingerprint,
+        "logprobs_mode": meta.logprobs_mode,
+        "schema_version": meta.schema_version,
+        "created_at": meta.created_at,
+        "topk_mass_mean": cover_sum / resp_tok if resp_tok else None,
+        "topk_mass_p5": p5,
+        "entropy_mean_nats": entropy_sum / resp_tok if resp_tok else None,
+        "response_in_topk": in_topk / resp_tok if resp_tok else None,
+    }
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def render_stats(s: dict) -> str:
+    def num(x, fmt):
+        return "n/a" if x is None else format(x, fmt)
+
+    rows = [
+        ("folder", s["folder"]),
+        ("rows", f"{s['rows']:,}"),
+        ("response tokens", f"{s['response_tokens']:,}"),
+        ("prompt tokens", f"{s['prompt_tokens']:,} (teacher view {s['teacher_prompt_tokens']:,})"),
+        ("files", f"{s['files']}"),
+        ("bytes on disk", f"{s['bytes_on_disk']:,} ({_human_bytes(s['bytes_on_disk'])})"),
+        ("bytes / response token", num(s["bytes_per_response_token"], ".1f")),
+        ("k", f"{s['k']} (vocab {s['vocab_size']:,})"),
+        ("teacher", s["teacher"]),
+        ("teacher fingerprint", s["teacher_fingerprint"]),
+        ("tokenizer fingerprint", s["tokenizer_fingerprint"]),
+        ("schema version", f"{s['schema_version']} ({s['logprobs_mode']})"),
+        ("created at", s["created_at"]),
+        (
+            "top-k mass (1 - tail)",
+            f"mean {num(s['topk_mass_mean'], '.4f')}, p5 {num(s['topk_mass_p5'], '.4f')}",
+        ),
+        ("entropy, top-k + tail", f"{num(s['entropy_mean_nats'], '.3f')} nats (mean)"),
+        ("response token in top-k", num(s["response_in_topk"], ".2%")),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def cmd_stats(args) -> int:
+    s = compute_stats(args.dir)
+    print(json.dumps(s, indent=1) if args.json else render_stats(s))
+    return 0
+
+
+# ---- verify ------------------------------------------------------------------------------------
+
+
+def verify_folder(path: str | Path) -> tuple[list[tuple[str, str]], list[str], int]:
+    """([(file, problem)] of bad files, [debris file names], files checked)."""
+    from shards.reader import ShardFolder
+
+    path = Path(path)
+    try:
+        load_manifest(path)  # the manifest's own errors name the manifest
+        folder = ShardFolder(path, verify="none")
+    except ShardError as e:
+        return [(MANIFEST, _describe(e))], [], 0
+    bad: list[tuple[str, str]] = []
+    for fi, entry in enumerate(folder.manifest.files):
+        try:
+            folder.verify_file(fi)
+            tokens = 0
+            for bi in range(len(entry.batch_rows)):
+                tokens += int(folder.read_block(fi, bi).offsets["response"][-1])
+            if tokens != entry.tokens:
+                raise ShardError(
+                    folder.path / entry.name,
+                    f"{tokens} response tokens, the manifest says {entry.tokens}",
+                )
+        except ShardError as e:
+            bad.append((entry.name, _describe(e)))
+        except Exception as e:  # anything a corrupt file makes pyarrow or numpy raise
+            bad.append((entry.name, f"unreadable: {type(e).__name__}: {e}"))
+    listed = {e.name for e in folder.manifest.files}
+    debris = sorted(
+        p.name for p in path.iterdir() if p.name not in listed and not BOOKKEEPING.fullmatch(p.name)
+    )
+    return bad, debris, len(folder.manifest.files)
+
+
+def cmd_verify(args) -> int:
+    bad, debris, checked = verify_folder(args.dir)
+    for name, problem in bad:
+        print(f"BAD  {name}: {problem}")
+    for name in debris:
+        print(
+            f"WARN {name}: in the folder but not in the manifest (debris of an interrupted write?)"
+        )
+    status = "FAILED" if bad else "ok"
+    print(f"{status}: {checked} file(s) checked, {len(bad)} bad, {len(debris)} not in the manifest")
+    return 1 if bad else 0
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.shards", description=__doc__.splitlines()[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="print one example with its teacher top-k")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--row", type=int, default=0, help="row number in manifest order")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the teacher)")
+    p.add_argument("--positions", default=None, help="response positions A:B (python slice)")
+    p.add_argument("--top", type=int, default=5, help="top-N teacher tokens per position")
+    p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("stats", help="sizes, metadata and coverage of a folder")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(fn=cmd_stats)
+
+    p = sub.add_parser("verify", help="check every file against the manifest")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(fn=cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ShardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
