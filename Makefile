@@ -10,12 +10,14 @@ PYTEST_ARGS ?=
 SETUP_STAMP := $(VENV)/.setup-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format models bench-shards demo clean-models train
+.PHONY: help setup test lint format models bench-shards bench-train bench-loss demo clean-models train \
+	default-data precompute bench-precompute
 
 help: ## list the targets
 	@echo "kdshards make targets:"
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "variables: PYTEST_ARGS='...' (extra pytest args), KDSHARDS_DEVICE=cpu|gpu (setup)"
+	@echo "  precompute: CONFIG TEACHER DATA K OUT PRECOMPUTE_ARGS"
 	@echo "  train: METHOD BETA ALPHA TEMP STEPS SHARDS STUDENT RUN GPUS ZERO ARGS"
 
 setup: $(SETUP_STAMP) ## create .venv and install everything (cpu or gpu, auto-detected)
@@ -45,6 +47,24 @@ clean-models: ## delete the converted models
 bench-shards: setup models ## benchmark shard writing/reading
 	$(PYTHON) -m tools.bench_shards
 
+# make precompute [CONFIG= TEACHER= DATA= K= OUT= PRECOMPUTE_ARGS='key=value ...']
+CONFIG  ?= configs/precompute.yaml
+PRECOMPUTE_ARGS ?=
+DEFAULT_DATA := data/default/train.jsonl
+
+$(DEFAULT_DATA): | $(SETUP_STAMP)
+	$(PYTHON) -m precompute.default_data --out data/default
+
+default-data: $(DEFAULT_DATA) ## generate the demo questions offline (data/default)
+
+precompute: setup models $(DEFAULT_DATA) ## teacher -> shards (CONFIG= TEACHER= DATA= K= OUT= PRECOMPUTE_ARGS=)
+	$(PYTHON) -m precompute --config $(CONFIG) \
+	  $(if $(TEACHER),--teacher $(TEACHER)) $(if $(DATA),--data $(DATA)) \
+	  $(if $(K),--k $(K)) $(if $(OUT),--out $(OUT)) $(PRECOMPUTE_ARGS)
+
+bench-precompute: setup models $(DEFAULT_DATA) ## vLLM vs transformers teacher throughput
+	$(PYTHON) -m tools.bench_precompute
+
 # make train METHOD=skd|seqkd|jsd|dualkl [BETA= ALPHA= TEMP= STEPS= SHARDS= STUDENT= RUN=]
 #            [GPUS=n] [ZERO=2|3] [ARGS='key=value ...']
 METHOD ?= skd
@@ -58,6 +78,12 @@ TRAIN_LAUNCH = $(if $(filter 1,$(GPUS)),$(PYTHON) -m,$(VENV)/bin/torchrun --npro
 
 train: setup ## train the student from shards (METHOD=skd|seqkd|jsd|dualkl, see configs/train)
 	$(TRAIN_LAUNCH) train configs/train/$(METHOD).yaml $(TRAIN_OVERRIDES)
+
+bench-train: setup models ## SKD from shards vs. a live teacher per batch (run make precompute first)
+	$(PYTHON) -m tools.bench_train --shards $(or $(SHARDS),out/shards)
+
+bench-loss: setup ## peak memory/time of the chunked loss vs dense (ARGS='--device cuda --V 151936 ...')
+	$(PYTHON) -m tools.bench_loss_memory $(ARGS)
 
 demo: setup models ## end-to-end demo: precompute with the teacher, train the student
 	$(PYTHON) -m tools.demo

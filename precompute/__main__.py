@@ -1,0 +1,142 @@
+"""python -m precompute: run the teacher once over a data set and write shards.
+
+The CLI is a thin overlay on configs/precompute.yaml: a few common options have flags, and
+any config key can be set as `key=value` or `--key=value` (dotted keys reach into sections,
+e.g. sampling.n=4, view.thinking=mixed, engine.tensor_parallel_size=2). Unknown keys are
+errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/precompute.yaml"
+
+# flag -> config key
+FLAGS = {
+    "teacher": "teacher",
+    "student": "student",
+    "data": "data.path",
+    "out": "out",
+    "mode": "mode",
+    "backend": "backend",
+    "k": "k",
+    "n": "sampling.n",
+    "limit": "data.limit",
+    "num_workers": "num_workers",
+    "worker_index": "worker_index",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    from precompute.config import help_lines
+
+    p = argparse.ArgumentParser(
+        prog="python -m precompute",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (key=value or --key=value; defaults before the YAML):\n"
+        + "\n".join(help_lines())
+        + "\n  engine.<any vllm.EngineArgs field>=VALUE\n      e.g. --engine.dtype=bfloat16 "
+        "--engine.max_model_len=4096 --engine.tensor_parallel_size=2",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help=f"YAML config (default: {DEFAULT_CONFIG} if it exists; '' for none)",
+    )
+    p.add_argument("--teacher", help="teacher model folder (teacher=)")
+    p.add_argument("--student", help="student folder whose tokenizer must match (student=)")
+    p.add_argument("--data", help="input file or saved datasets folder (data.path=)")
+    p.add_argument("--out", help="shard folder (out=)")
+    p.add_argument("--mode", choices=["generate", "score"], help="(mode=)")
+    p.add_argument("--backend", choices=["vllm", "hf"], help="(backend=)")
+    p.add_argument("--k", type=int, help="top-k logprobs per token (k=)")
+    p.add_argument("--n", type=int, help="samples per example, generate mode (sampling.n=)")
+    p.add_argument("--limit", type=int, help="first N valid examples only (data.limit=)")
+    p.add_argument("--num-workers", type=int, help="data-parallel processes (num_workers=)")
+    p.add_argument("--worker-index", type=int, help="this process's index (worker_index=)")
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="write invalid input rows to OUT/rejects-w<I>.jsonl and go on (default: stop)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return p
+
+
+def split_overrides(extra: list[str]) -> list[str]:
+    """`--a.b=c` and `--a.b c` (anything argparse did not know) to `a.b=c`."""
+    out, i = [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"error: unexpected argument {arg!r}")
+        key = arg[2:]
+        if "=" in key:
+            out.append(key)
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            out.append(f"{key}={extra[i + 1]}")
+            i += 1
+        else:
+            raise SystemExit(f"error: {arg} needs a value (--key=value)")
+        i += 1
+    return [o.replace("-", "_", o.index("=")) if "-" in o.split("=", 1)[0] else o for o in out]
+
+
+def resolve(argv: list[str] | None = None):
+    from precompute.config import load_config
+
+    args, extra = parser().parse_known_args(argv)
+    overrides = list(args.overrides) + split_overrides(extra)
+    for flag, key in FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.skip_invalid:
+        overrides.append("skip_invalid=true")
+    if args.no_progress:
+        overrides.append("progress=false")
+    config = args.config
+    if config is None:
+        config = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else ""
+    return args, load_config(config or None, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Before anything imports vLLM: its CPU build reserves 92% of RAM for the KV cache
+    # otherwise.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # vLLM's INFO lines would bury the progress bar and the summary.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    try:
+        args, cfg = resolve(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import dataclasses
+
+        import yaml
+
+        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
+        return 0
+    from precompute.inputs import InputError
+    from precompute.run import TokenizerMismatch, run
+    from shards.errors import ShardError
+
+    try:
+        run(cfg)
+    except (InputError, TokenizerMismatch, ShardError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # vLLM spawns processes that re-import __main__
+    raise SystemExit(main())

@@ -1,0 +1,365 @@
+"""Typed precompute configuration: one frozen dataclass per component, YAML plus overrides.
+
+`load_config("configs/precompute.yaml", ["k=32", "sampling.n=4", "engine.max_model_len=1024"])`
+reads the YAML, applies `key=value` overrides (dotted keys reach into sections, values are
+parsed as YAML scalars and checked against the field's type) and refuses unknown keys, so a
+typo fails before the teacher is loaded. The `engine` section is the exception: it is passed
+to `vllm.LLM(**engine)` as is, and checked against `vllm.EngineArgs`' fields instead, so every
+vLLM engine argument (tensor_parallel_size, dtype, gpu_memory_utilization, ...) is available
+without being re-declared here.
+
+Every field carries its help text (`metadata["help"]`), which `python -m precompute --help`
+lists, so the options are documented in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+MODES = ("generate", "score")
+BACKENDS = ("vllm", "hf")
+POSITIONS = ("system", "prefix", "suffix")
+THINKING = ("none", "true", "false", "mixed")
+
+# Engine arguments that precompute owns: the shards' meaning depends on them.
+ENGINE_RESERVED = ("model", "logprobs_mode")
+# Defaults under the YAML's `engine:` section; CPU-friendly and explicit about dtype
+# (dtype="auto" silently downcasts float32 weights to bfloat16 on the CPU).
+ENGINE_DEFAULTS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048}
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field with help text (mutable defaults go through default_factory)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = _f(
+        "data/default/train.jsonl",
+        "input: .jsonl/.json/.parquet/.csv/.arrow file, or a folder saved by datasets",
+    )
+    split: str = _f("train", "split to read from a DatasetDict folder")
+    question_field: str = _f("question", "field with the question text")
+    messages_field: str = _f(
+        "", "field with a chat `messages` list instead of a question (takes precedence)"
+    )
+    experience_field: str = _f("experience", "field with the teacher-only experience/hint")
+    answer_field: str = _f("answer", "field with the reference answer (optional)")
+    id_field: str = _f("id", "field with the example id; missing: a hash of the content")
+    response_field: str = _f(
+        "", "score mode: field with the response to score (empty: the answer field)"
+    )
+    limit: int = _f(0, "use only the first N valid examples (0: all)")
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    experience_position: str = _f(
+        "system", "where the experience goes in the teacher view: system | prefix | suffix"
+    )
+    experience_template: str = _f(
+        "{experience}", "format of the experience text ({experience} is replaced)"
+    )
+    separator: str = _f("\n\n", "between experience and question (prefix/suffix)")
+    default_experience: str = _f(
+        "", "experience for examples whose experience field is missing or empty"
+    )
+    chat_template_kwargs: dict = _f(
+        {}, "extra chat template arguments, passed to both views (e.g. {reasoning: high})"
+    )
+    thinking: str = _f(
+        "none",
+        "enable_thinking for both views: none (not passed) | true | false | mixed (drawn per "
+        "example with thinking_prob, recorded in the row)",
+    )
+    thinking_prob: float = _f(0.5, "mixed mode: probability of thinking on")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    n: int = _f(1, "generate: responses per example")
+    temperature: float = _f(1.0, "generate: sampling temperature (0: greedy)")
+    top_p: float = _f(1.0, "generate: nucleus sampling")
+    top_k: int = _f(0, "generate: top-k sampling (0: off); unrelated to the stored k")
+    max_tokens: int = _f(256, "generate: response length limit")
+    seed: int = _f(0, "per-example seeds derive from (seed, example index)")
+    per_request_seed: str = _f(
+        "auto",
+        "vllm: seed each request (samples independent of batching and resume): true | false "
+        "| auto (= false on vLLM's CPU backend, whose seeded sampling crashes once a prompt "
+        "is prefilled in chunks: 'CPU Generator does not use offset'; the engine is then "
+        "seeded once with `seed`)",
+    )
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    append_eos: bool = _f(
+        True, "score: end each response with the EOS token, so the student learns to stop"
+    )
+
+
+@dataclass(frozen=True)
+class HFConfig:
+    dtype: str = _f("float32", "transformers backend: float32 | bfloat16 | float16")
+    device: str = _f("cpu", "transformers backend: torch device")
+    batch_size: int = _f(8, "transformers backend: prompts per forward/generate call")
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    teacher: str = _f("models/smollm2-135m-instruct", "teacher model folder")
+    student: str = _f(
+        "",
+        "student model/tokenizer folder; its tokenizer fingerprint must equal the teacher's "
+        "(empty: the teacher's tokenizer is the student's)",
+    )
+    out: str = _f("out/shards", "shard folder (shared by all workers)")
+    mode: str = _f("generate", "generate | score")
+    backend: str = _f("vllm", "vllm | hf (transformers; slow, for machines without vLLM)")
+    k: int = _f(64, "top-k logprobs stored per response token")
+    commit_every: int = _f(
+        32,
+        "examples per engine call and per committed file: at most this much is redone "
+        "after a crash",
+    )
+    skip_invalid: bool = _f(
+        False, "write invalid input rows to rejects-w<I>.jsonl instead of stopping"
+    )
+    num_workers: int = _f(1, "data-parallel processes writing into `out`")
+    worker_index: int = _f(0, "this process's index in [0, num_workers)")
+    progress: bool = _f(True, "show a progress bar")
+    data: DataConfig = field(default_factory=DataConfig)
+    view: ViewConfig = field(default_factory=ViewConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    hf: HFConfig = field(default_factory=HFConfig)
+    engine: dict = _f(
+        dict(ENGINE_DEFAULTS),
+        "vllm.LLM engine arguments, checked against vllm.EngineArgs "
+        "(e.g. engine.tensor_parallel_size=2 engine.gpu_memory_utilization=0.9)",
+    )
+
+
+# Fields that say how this process runs, not what the shards contain: they stay out of
+# ShardMetadata.extra, so that workers and resumed runs agree on the folder's metadata.
+RUN_FIELDS = ("out", "skip_invalid", "num_workers", "worker_index", "progress", "commit_every")
+
+
+def _parse(value, tp, key: str):
+    """Coerce a YAML value to a dataclass field type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            try:
+                return _parse(value, a, key)
+            except ValueError:
+                pass
+        raise ValueError(f"{key}: {value!r} does not fit {tp}")
+    if tp is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            return "true" if value else "false"
+        return "" if value is None else str(value)
+    raise ValueError(f"{key}: unsupported type {tp}")
+
+
+def build(cls, data: dict, prefix: str = ""):
+    """Instantiate dataclass `cls` from a nested dict; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
+            f"known in {prefix or 'top level'}: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{name}: expected a section, got {value!r}")
+            kwargs[name] = build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _parse(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings to a nested dict (values parsed as YAML scalars)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = _scalar(raw)
+    return data
+
+
+def _scalar(raw: str):
+    """A YAML scalar, or a flow mapping/list when written as one; any other text that YAML
+    would read as a structure ("Hint: {experience}") stays the string it looks like."""
+    if not raw.strip():
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
+        return raw
+    return value
+
+
+def engine_arg_names() -> set[str]:
+    """The keyword arguments vllm.EngineArgs accepts (what `LLM(**engine)` forwards)."""
+    from vllm import EngineArgs
+
+    return {f.name for f in dataclasses.fields(EngineArgs)}
+
+
+def check_engine_args(engine: dict, names: set[str] | None = None) -> None:
+    reserved = sorted(set(engine) & set(ENGINE_RESERVED))
+    if reserved:
+        raise ValueError(
+            f"engine.{reserved[0]} is set by precompute (teacher= selects the model; "
+            "logprobs are always raw_logprobs)"
+        )
+    if names is None:
+        try:
+            names = engine_arg_names()
+        except ImportError:
+            return  # no vLLM here: the hf backend ignores the section
+    unknown = sorted(set(engine) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown vLLM engine argument(s) {', '.join('engine.' + u for u in unknown)} "
+            "(see vllm.EngineArgs)"
+        )
+
+
+def validate(cfg: PrecomputeConfig) -> PrecomputeConfig:
+    checks = [
+        (cfg.mode in MODES, f"mode must be one of {MODES}, got {cfg.mode!r}"),
+        (cfg.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {cfg.backend!r}"),
+        (cfg.k >= 1, "k must be >= 1"),
+        (cfg.commit_every >= 1, "commit_every must be >= 1"),
+        (cfg.num_workers >= 1, "num_workers must be >= 1"),
+        (
+            0 <= cfg.worker_index < cfg.num_workers,
+            f"worker_index must be in [0, {cfg.num_workers}), got {cfg.worker_index}",
+        ),
+        (
+            cfg.view.experience_position in POSITIONS,
+            f"view.experience_position must be one of {POSITIONS}",
+        ),
+        (
+            "{experience}" in cfg.view.experience_template,
+            "view.experience_template needs {experience}",
+        ),
+        (cfg.view.thinking in THINKING, f"view.thinking must be one of {THINKING}"),
+        (0.0 <= cfg.view.thinking_prob <= 1.0, "view.thinking_prob must be in [0, 1]"),
+        (
+            "enable_thinking" not in cfg.view.chat_template_kwargs,
+            "use view.thinking, not view.chat_template_kwargs.enable_thinking",
+        ),
+        (cfg.sampling.n >= 1, "sampling.n must be >= 1"),
+        (cfg.sampling.temperature >= 0, "sampling.temperature must be >= 0"),
+        (0 < cfg.sampling.top_p <= 1, "sampling.top_p must be in (0, 1]"),
+        (cfg.sampling.top_k >= 0, "sampling.top_k must be >= 0"),
+        (cfg.sampling.max_tokens >= 1, "sampling.max_tokens must be >= 1"),
+        (
+            cfg.sampling.per_request_seed in ("auto", "true", "false"),
+            "sampling.per_request_seed: auto | true | false",
+        ),
+        (cfg.data.limit >= 0, "data.limit must be >= 0"),
+        (cfg.hf.batch_size >= 1, "hf.batch_size must be >= 1"),
+        (cfg.hf.dtype in ("float32", "bfloat16", "float16"), "hf.dtype"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+    if cfg.mode == "score" and cfg.sampling.n != 1:
+        raise ValueError("score mode scores one given response per example: sampling.n=1")
+    if cfg.backend == "vllm":
+        check_engine_args(cfg.engine)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> PrecomputeConfig:
+    data = {}
+    if path:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+    data = apply_overrides(data, list(overrides))
+    # The engine section merges into the defaults, so a YAML that sets one key keeps the rest.
+    data["engine"] = {**ENGINE_DEFAULTS, **(data.get("engine") or {})}
+    return validate(build(PrecomputeConfig, data))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def content_dict(cfg: PrecomputeConfig) -> dict:
+    """The config without the per-process run fields: what ShardMetadata.extra records."""
+    d = to_dict(cfg)
+    for name in RUN_FIELDS:
+        d.pop(name)
+    d["data"].pop("limit")
+    return d
+
+
+def help_lines(cls=PrecomputeConfig, prefix: str = "") -> list[str]:
+    """`key (default): help` for every field, sections flattened with dots."""
+    out = []
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(inst, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(help_lines(type(value), f"{prefix}{f.name}."))
+        else:
+            out.append(f"  {prefix}{f.name}={value!r}\n      {f.metadata.get('help', '')}")
+    return out

@@ -1,0 +1,324 @@
+"""One precompute run: validate, split, skip what is done, run the teacher, commit shards.
+
+Order matters for cost: everything that can refuse (config, tokenizer fingerprints, input
+rows, prompt lengths, an existing folder made with other settings) is checked before the
+teacher is loaded, and nothing is loaded at all when every example is already done.
+
+Resume: every `commit_every` examples the writer closes a file and lists it in the manifest
+(the commit point). A run killed at any moment loses at most the uncommitted chunk; the next
+run skips the examples of committed files (`ShardWriter.completed_ids`) and never rewrites
+them.
+
+Data parallelism: worker I of N takes the examples whose id hashes to I mod N and writes as
+writer `w{I}` into the shared folder; the locked manifest is the merge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from precompute.config import PrecomputeConfig, content_dict
+from precompute.inputs import Example, InputError, Reject, data_fingerprint, read_examples
+from precompute.views import Views, derive_seed, make_views
+from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
+from shards.manifest import write_atomic
+from shards.schema import ShardMetadata
+from shards.writer import ShardRow, ShardWriter
+
+CONFIG_FILE = "precompute_config.yaml"
+
+
+class TokenizerMismatch(ValueError):
+    pass
+
+
+@dataclass
+class Summary:
+    examples: int = 0  # examples written by this run
+    skipped_done: int = 0  # examples already committed by an earlier run
+    rows: int = 0
+    tokens: int = 0
+    files: int = 0
+    bytes: int = 0
+    rejects: int = 0
+    retokenize_mismatches: int = 0
+    wall_s: float = 0.0
+    engine_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / self.tokens if self.tokens else 0.0
+
+    def text(self) -> str:
+        tps = self.tokens / self.engine_s if self.engine_s else 0.0
+        return (
+            f"precompute: {self.examples} examples ({self.skipped_done} already done), "
+            f"{self.rows} rows, {self.tokens} tokens, {self.files} files, "
+            f"{self.bytes_per_token:.1f} bytes/token, {self.rejects} rejected rows, "
+            f"{self.retokenize_mismatches} re-tokenization mismatches, "
+            f"teacher {tps:.0f} tokens/s, wall {self.wall_s:.1f} s"
+        )
+
+
+def worker_of(example_id: str, num_workers: int) -> int:
+    """Deterministic split by id: independent of input order and of the other workers."""
+    h = hashlib.sha256(example_id.encode()).digest()
+    return int.from_bytes(h[:8], "little") % num_workers
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def check_tokenizers(cfg: PrecomputeConfig, tokenizer) -> str:
+    """The teacher's fingerprint; refuses a student whose tokenizer differs."""
+    fp = tokenizer_fingerprint(tokenizer)
+    if cfg.student:
+        sfp = tokenizer_fingerprint(load_tokenizer(cfg.student))
+        if sfp != fp:
+            raise TokenizerMismatch(
+                f"tokenizer of student {cfg.student} ({sfp[:19]}...) differs from teacher "
+                f"{cfg.teacher}'s ({fp[:19]}...): the student could not be trained on the "
+                "teacher's token ids. Use a student with the teacher's tokenizer."
+            )
+    return fp
+
+
+def model_vocab_size(path: str) -> int:
+    """The logit dimension from config.json (may exceed the tokenizer: padded vocabularies)."""
+    from transformers import AutoConfig
+
+    conf = AutoConfig.from_pretrained(path)
+    conf = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
+    return int(conf.vocab_size)
+
+
+def response_ids(tokenizer, text: str, append_eos: bool) -> list[int]:
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if append_eos:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("score.append_eos: the tokenizer has no eos token")
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+def retokenizes(tokenizer, ids) -> bool:
+    """Does decode-then-encode give the same ids? Only then is the text an exact record
+    of what the student trains on; either way the stored ids are the teacher's, which are
+    what its logprobs refer to."""
+    ids = [int(i) for i in ids]
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) == ids
+
+
+def make_backend(cfg: PrecomputeConfig):
+    if cfg.backend == "vllm":
+        from precompute.vllm_backend import VLLMBackend
+
+        engine = {"seed": cfg.sampling.seed, **cfg.engine}
+        return VLLMBackend(cfg.teacher, cfg.k, engine, cfg.sampling.per_request_seed)
+    from precompute.hf_backend import HFBackend
+
+    return HFBackend(cfg.teacher, cfg.k, cfg.hf.dtype, cfg.hf.device, cfg.hf.batch_size)
+
+
+def metadata_for(cfg: PrecomputeConfig, tok_fp: str, vocab_size: int) -> ShardMetadata:
+    sampling = (
+        asdict(cfg.sampling) if cfg.mode == "generate" else {"append_eos": cfg.score.append_eos}
+    )
+    extra = content_dict(cfg)
+    # How the engine runs is not what the shards contain: a resume may use another
+    # tensor-parallel size or batch size. The weights' dtype is, so it stays.
+    extra.pop("engine"), extra.pop("hf"), extra.pop("backend")
+    # Paths differ between machines and spellings; the fingerprints identify the input data,
+    # the teacher's weights and the (student's = teacher's) tokenizer.
+    extra["data"].pop("path"), extra.pop("teacher"), extra.pop("student")
+    extra["teacher_dtype"] = (
+        str(cfg.engine.get("dtype", "auto")) if cfg.backend == "vllm" else cfg.hf.dtype
+    )
+    return ShardMetadata(
+        k=cfg.k,
+        vocab_size=vocab_size,
+        teacher=Path(cfg.teacher).name,
+        teacher_fingerprint=weights_fingerprint(cfg.teacher),
+        tokenizer_fingerprint=tok_fp,
+        logprobs_mode="raw_logprobs",
+        sampling={"mode": cfg.mode, **sampling},
+        data_fingerprint=data_fingerprint(cfg.data.path),
+        extra={"precompute": extra},
+    )
+
+
+def prepare(cfg: PrecomputeConfig, tokenizer, max_len: int | None):
+    """Read, validate and split the input and render both views of this worker's examples.
+    Returns ([(example, views)], this worker's rejects)."""
+    examples, rejects, total = read_examples(cfg.data, cfg.mode)
+    n, i = cfg.num_workers, cfg.worker_index
+    # Rejected rows have no trustworthy id: split them by row index instead.
+    rejects = [r for r in rejects if r.index % n == i]
+    work = []
+    for ex in examples:
+        if worker_of(ex.id, n) != i:
+            continue
+        views = make_views(tokenizer, ex, cfg.view, cfg.sampling.seed)
+        if max_len is not None:
+            need = len(views.teacher_prompt_ids) + (
+                len(response_ids(tokenizer, ex.response, cfg.score.append_eos))
+                if cfg.mode == "score"
+                else 1
+            )
+            if need > max_len:
+                rejects.append(
+                    Reject(
+                        ex.index,
+                        ex.where,
+                        cfg.data.question_field,
+                        f"teacher view needs {need} tokens, max_model_len is {max_len}",
+                        json.dumps({"id": ex.id}),
+                    )
+                )
+                continue
+        work.append((ex, views))
+    if rejects and not cfg.skip_invalid:
+        raise InputError(sorted(rejects, key=lambda r: r.index), total)
+    return work, rejects
+
+
+def _rows_for(
+    cfg: PrecomputeConfig, tokenizer, ex: Example, views: Views, samples, summary: Summary
+) -> list[ShardRow]:
+    rows = []
+    for j, s in enumerate(samples):
+        meta = {"index": ex.index}
+        if ex.answer is not None:
+            meta["answer"] = ex.answer
+        if s.finish_reason is not None:
+            meta["finish_reason"] = s.finish_reason
+        if cfg.mode == "generate" and not retokenizes(tokenizer, s.token_ids):
+            summary.retokenize_mismatches += 1
+            meta["retokenize_mismatch"] = True
+        rows.append(
+            ShardRow(
+                id=ex.id,
+                prompt_ids=views.prompt_ids,
+                teacher_prompt_ids=views.teacher_prompt_ids,
+                response_ids=s.token_ids,
+                topk_ids=s.topk_ids,
+                topk_logprobs=s.topk_logprobs,
+                token_logprobs=s.token_logprobs,
+                sample_index=j,
+                source="teacher" if cfg.mode == "generate" else "dataset",
+                thinking=views.thinking,
+                meta=meta,
+            )
+        )
+    return rows
+
+
+def run(cfg: PrecomputeConfig, backend=None, log=None) -> Summary:
+    """Run precompute for `cfg`; `backend` reuses a started engine (tests, benchmarks)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t0 = time.time()
+    summary = Summary()
+    out = Path(cfg.out)
+    tokenizer = load_tokenizer(cfg.teacher)
+    tok_fp = check_tokenizers(cfg, tokenizer)
+    vocab_size = model_vocab_size(cfg.teacher)
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"{cfg.teacher}: tokenizer has {len(tokenizer)} tokens, the model's logits only "
+            f"{vocab_size}"
+        )
+    max_len = cfg.engine.get("max_model_len") if cfg.backend == "vllm" else None
+    work, rejects = prepare(cfg, tokenizer, max_len)
+    out.mkdir(parents=True, exist_ok=True)
+    summary.rejects = len(rejects)
+    if rejects:
+        from precompute.inputs import write_rejects
+
+        path = out / f"rejects-w{cfg.worker_index}.jsonl"
+        write_rejects(path, rejects)
+        log(f"precompute: {len(rejects)} invalid row(s) skipped, listed in {path}")
+
+    metadata = metadata_for(cfg, tok_fp, vocab_size)
+    # 64 MiB files at most between commits; commit_every usually closes them first.
+    with ShardWriter(
+        out, metadata, writer_id=f"w{cfg.worker_index}", target_file_bytes=64 << 20
+    ) as writer:
+        if not (out / CONFIG_FILE).exists():
+            write_atomic(out / CONFIG_FILE, yaml.safe_dump(asdict(cfg), sort_keys=False).encode())
+        done = writer.completed_ids()
+        todo = [(ex, v) for ex, v in work if ex.id not in done]
+        summary.skipped_done = len(work) - len(todo)
+        if summary.skipped_done:
+            log(f"precompute: resuming, {summary.skipped_done} of {len(work)} examples done")
+        if todo:
+            own_backend = backend is None
+            if own_backend:
+                log(f"precompute: loading teacher {cfg.teacher} ({cfg.backend})")
+                backend = make_backend(cfg)
+            if getattr(backend, "k", cfg.k) != cfg.k:
+                raise ValueError(f"the engine was started for k={backend.k}, config k={cfg.k}")
+            if backend.vocab_size != vocab_size:
+                raise ValueError(
+                    f"engine logit dimension {backend.vocab_size} != config vocab {vocab_size}"
+                )
+            try:
+                _loop(cfg, tokenizer, backend, writer, todo, summary)
+            finally:
+                if own_backend:
+                    backend.close()
+        for entry in writer.files_written:
+            summary.files += 1
+            summary.bytes += entry.bytes
+    summary.wall_s = time.time() - t0
+    log(summary.text())
+    return summary
+
+
+def _loop(cfg, tokenizer, backend, writer: ShardWriter, todo, summary: Summary) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=len(todo), unit="ex", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True
+    )
+    try:
+        for b in range(0, len(todo), cfg.commit_every):
+            chunk = todo[b : b + cfg.commit_every]
+            t = time.time()
+            teacher_prompts = [v.teacher_prompt_ids for _, v in chunk]
+            if cfg.mode == "generate":
+                seeds = [derive_seed(cfg.sampling.seed, "sample", ex.index) for ex, _ in chunk]
+                results = backend.generate(teacher_prompts, seeds, cfg.sampling)
+            else:
+                resp = [
+                    response_ids(tokenizer, ex.response, cfg.score.append_eos) for ex, _ in chunk
+                ]
+                results = [[s] for s in backend.score(teacher_prompts, resp)]
+            summary.engine_s += time.time() - t
+            for (ex, views), samples in zip(chunk, results, strict=True):
+                rows = _rows_for(cfg, tokenizer, ex, views, samples, summary)
+                for r in rows:
+                    if np.asarray(r.response_ids).size == 0:
+                        raise RuntimeError(f"example {ex.id!r}: the teacher returned no tokens")
+                writer.add(rows)
+                summary.examples += 1
+                summary.rows += len(rows)
+                summary.tokens += sum(len(r.response_ids) for r in rows)
+            writer.flush()  # the commit point: a crash after this loses nothing of the chunk
+            bar.update(len(chunk))
+            tps = summary.tokens / summary.engine_s if summary.engine_s else 0.0
+            bar.set_postfix(tok_s=f"{tps:.0f}", ex_s=f"{summary.examples / summary.engine_s:.2f}")
+    finally:
+        bar.close()

@@ -1,0 +1,110 @@
+"""The vLLM engine: offline batched generation and teacher-forced scoring with raw top-k.
+
+vLLM on the CPU spawns its engine processes, so callers need an `if __name__ == "__main__"`
+guard (python -m precompute has one), and it reserves VLLM_CPU_KVCACHE_SPACE GiB for the KV
+cache, 92% of the node's memory when unset, which a shared machine refuses: we default it to
+1 GiB.
+"""
+
+from __future__ import annotations
+
+import os
+
+from precompute.backend import Scored, topk_from_entries
+from precompute.config import SamplingConfig, check_engine_args
+
+LOGPROBS_MODE = "raw_logprobs"
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, model: str, k: int, engine_args: dict, per_request_seed: str = "auto"):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        check_engine_args(engine_args)
+        from vllm import LLM
+
+        args = dict(engine_args)
+        # prompt_logprobs / logprobs above max_logprobs are refused per request.
+        args["max_logprobs"] = max(k, int(args.get("max_logprobs") or 0))
+        # Raw: the full-vocabulary log_softmax of the logits, before temperature, top-p and
+        # top-k; the trainer applies its own temperature.
+        args["logprobs_mode"] = LOGPROBS_MODE
+        self.llm = LLM(model=model, **args)
+        from vllm.platforms import current_platform
+
+        # vLLM 0.32 on the CPU: a seeded request whose prompt is prefilled over several steps
+        # kills the engine (torch's CPU generator has no offset to rewind). There the engine's
+        # own seed (engine.seed) makes runs reproducible, for the same batches.
+        if per_request_seed == "auto":
+            self.per_request_seed = not current_platform.is_cpu()
+        else:
+            self.per_request_seed = per_request_seed == "true"
+        self.k = k
+        cfg = self.llm.llm_engine.model_config
+        self.vocab_size = int(cfg.get_vocab_size())
+        self.max_model_len = int(cfg.max_model_len)
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        seeds: list[int],
+        sampling: SamplingConfig,
+        fixed_length: bool = False,
+    ) -> list[list[Scored]]:
+        """n samples per prompt with top-k logprobs; fixed_length (benchmarks) ignores EOS."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [
+            SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k > 0 else 0,
+                # Never past the context window: vLLM refuses such a request.
+                max_tokens=max(1, min(sampling.max_tokens, self.max_model_len - len(p))),
+                seed=seed if self.per_request_seed else None,
+                logprobs=self.k,
+                # Token ids are all we keep: decoding the text and the k candidate tokens of
+                # every position would cost more CPU time than the 135M teacher itself.
+                detokenize=False,
+                ignore_eos=fixed_length,
+            )
+            for p, seed in zip(prompts, seeds, strict=True)
+        ]
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
+        )
+        results = []
+        for out in outs:
+            samples = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                s = topk_from_entries(c.logprobs, list(c.token_ids), self.k)
+                s.finish_reason = c.finish_reason
+                samples.append(s)
+            results.append(samples)
+        return results
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> list[Scored]:
+        """Teacher forcing: prompt_logprobs over prompt + response, one generated token."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            max_tokens=1, prompt_logprobs=self.k, temperature=0.0, detokenize=False
+        )
+        full = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=f) for f in full], params, use_tqdm=False
+        )
+        results = []
+        for out, p, r in zip(outs, prompts, responses, strict=True):
+            # Entry j is the distribution that predicted token j (entry 0, with no context,
+            # is None); the response's tokens are positions len(p) .. len(p) + len(r) - 1.
+            entries = out.prompt_logprobs[len(p) : len(p) + len(r)]
+            results.append(topk_from_entries(entries, list(r), self.k))
+        return results
+
+    def close(self) -> None:
+        self.llm = None

