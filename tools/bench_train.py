@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,7 +95,7 @@ def run_mode(student_dir, batches, *, teacher=None, k: int, max_length: int, chu
             timings["teacher"] += t1 - t0
             timings["student"] += t2 - t1
             tokens += batch.num_tokens
-        losses.append(float(out.loss) / batch.num_tokens)
+        losses.append(float(out.loss.detach()) / batch.num_tokens)
     wall = timings["teacher"] + timings["student"]
     return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, **timings, "losses": losses}
 
@@ -127,7 +128,9 @@ def main(argv=None) -> None:
         len(r["teacher_prompt_ids"]) + len(r["response_ids"]) for b in batches[1:] for r in b
     )
     result = {
-        "command": "python -m tools.bench_train " + " ".join(argv or []),
+        "command": " ".join(
+            ["python -m tools.bench_train", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
