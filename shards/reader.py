@@ -396,6 +396,10 @@ class ShardReader(IterableDataset):
             if (epoch, pos) > self._positions.get(shard, (0, 0)):
                 self._positions[shard] = (epoch, pos)
 
+    def seek(self, shard: int, epoch: int, position: int) -> None:
+        """Make `shard` start at row `position` of `epoch` (e.g. a batcher's window start)."""
+        self._positions[int(shard)] = (int(epoch), int(position))
+
     def state_dict(self) -> dict:
         return {
             "seed": self.seed,

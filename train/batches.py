@@ -158,7 +158,7 @@ class ShardBatches(IterableDataset):
         shard += 0 if info is None else info.id
         skip = self._skip.get(shard)
         if skip is not None:
-            self.reader._positions[shard] = (skip[0], skip[1])
+            self.reader.seek(shard, skip[0], skip[1])
         for window in self._windows(iter(self.reader)):
             _, epoch, pos = window[0]["cursor"]
             start = pos - 1  # position of the window's first row
