@@ -15,12 +15,12 @@ lists, so the options are documented in one place.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from shards.typed_config import apply_overrides, build
 
 MODES = ("generate", "score")
 BACKENDS = ("vllm", "hf")
@@ -153,103 +153,6 @@ class PrecomputeConfig:
 # Fields that say how this process runs, not what the shards contain: they stay out of
 # ShardMetadata.extra, so that workers and resumed runs agree on the folder's metadata.
 RUN_FIELDS = ("out", "skip_invalid", "num_workers", "worker_index", "progress", "commit_every")
-
-
-def _parse(value, tp, key: str):
-    """Coerce a YAML value to a dataclass field type, or raise naming the key."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for a in typing.get_args(tp):
-            try:
-                return _parse(value, a, key)
-            except ValueError:
-                pass
-        raise ValueError(f"{key}: {value!r} does not fit {tp}")
-    if tp is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ValueError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ValueError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ValueError(f"{key}: expected a string, got {value!r}")
-        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
-            return "true" if value else "false"
-        return "" if value is None else str(value)
-    raise ValueError(f"{key}: unsupported type {tp}")
-
-
-def build(cls, data: dict, prefix: str = ""):
-    """Instantiate dataclass `cls` from a nested dict; unknown keys are errors."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(
-            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
-            f"known in {prefix or 'top level'}: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ValueError(f"{prefix}{name}: expected a section, got {value!r}")
-            kwargs[name] = build(tp, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _parse(value, tp, prefix + name)
-    return cls(**kwargs)
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b=value` strings to a nested dict (values parsed as YAML scalars)."""
-    import copy
-
-    data = copy.deepcopy(data)
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = _scalar(raw)
-    return data
-
-
-def _scalar(raw: str):
-    """A YAML scalar, or a flow mapping/list when written as one; any other text that YAML
-    would read as a structure ("Hint: {experience}") stays the string it looks like."""
-    if not raw.strip():
-        return ""
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-    if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
-        return raw
-    return value
 
 
 def engine_arg_names() -> set[str]:

@@ -9,12 +9,12 @@ before a run starts instead of being silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from shards.typed_config import apply_overrides, build
 
 METHODS = ("seqkd", "skd", "jsd", "dualkl")
 
@@ -98,88 +98,6 @@ class TrainConfig:
     stop_at: int = 0  # end this job after this step (saving), e.g. on time-limited clusters;
     # the schedule still spans max_steps, and resume=true continues
     deepspeed: str = ""  # path of a DeepSpeed config (configs/deepspeed/*.json) or empty
-
-
-def _parse(value, tp, key: str):
-    """Coerce a YAML value to a dataclass field type, or raise naming the key."""
-    origin = typing.get_origin(tp)
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_parse(v, args[0], key) for v in value)
-        if len(args) != len(value):
-            raise ValueError(f"{key}: expected {len(args)} values, got {value!r}")
-        return tuple(_parse(v, a, key) for v, a in zip(value, args, strict=True))
-    if origin in (typing.Union, types.UnionType):
-        for a in typing.get_args(tp):
-            try:
-                return _parse(value, a, key)
-            except ValueError:
-                pass
-        raise ValueError(f"{key}: {value!r} does not fit {tp}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ValueError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ValueError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        return "" if value is None else str(value)
-    raise ValueError(f"{key}: unsupported type {tp}")
-
-
-def build(cls, data: dict, prefix: str = ""):
-    """Instantiate dataclass `cls` from a nested dict; unknown keys are errors."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(
-            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
-            f"known in {prefix or 'top level'}: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ValueError(f"{prefix}{name}: expected a section, got {value!r}")
-            kwargs[name] = build(tp, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _parse(value, tp, prefix + name)
-    return cls(**kwargs)
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b=value` strings to a nested dict (values parsed as YAML scalars)."""
-    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-    return data
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
