@@ -12,6 +12,7 @@ SETUP_STAMP := $(VENV)/.setup-stamp
 .DEFAULT_GOAL := help
 .PHONY: help setup test lint format models bench-shards bench-train bench-loss demo clean-models train \
 	default-data precompute bench-precompute
+.PHONY: teacher-server bench-onpolicy
 
 help: ## list the targets
 	@echo "kdshards make targets:"
@@ -76,6 +77,9 @@ TRAIN_OVERRIDES = $(if $(BETA),loss.beta=$(BETA)) $(if $(ALPHA),loss.alpha=$(ALP
 # One process runs as is; several go through torchrun (DDP, or DeepSpeed with ZERO=).
 TRAIN_LAUNCH = $(if $(filter 1,$(GPUS)),$(PYTHON) -m,$(VENV)/bin/torchrun --nproc_per_node $(GPUS) -m)
 
+# On-policy (METHOD=onpolicy): the teacher server's address, e.g. http://localhost:8000.
+TRAIN_OVERRIDES += $(if $(TEACHER_URL),onpolicy.teacher_url=$(TEACHER_URL))
+
 train: setup ## train the student from shards (METHOD=skd|seqkd|jsd|dualkl, see configs/train)
 	$(TRAIN_LAUNCH) train configs/train/$(METHOD).yaml $(TRAIN_OVERRIDES)
 
@@ -87,3 +91,19 @@ bench-loss: setup ## peak memory/time of the chunked loss vs dense (ARGS='--devi
 
 demo: setup models ## end-to-end demo: precompute with the teacher, train the student
 	$(PYTHON) -m tools.demo
+
+# make teacher-server [TEACHER_MODEL= TEACHER_PORT=8000 TEACHER_HOST=127.0.0.1 TEACHER_DTYPE=]
+# Foreground: Ctrl-C stops it. On GPU machines TEACHER_DTYPE=bfloat16 (or auto) is usual.
+TEACHER_MODEL  ?= $(MODELS_DIR)/smollm2-135m-instruct
+TEACHER_PORT   ?= 8000
+TEACHER_HOST   ?= 127.0.0.1
+TEACHER_DTYPE  ?= float32
+TEACHER_MAXLEN ?= 2048
+
+teacher-server: setup models ## serve the teacher for on-policy training (TEACHER_PORT=8000; Ctrl-C stops)
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} exec $(PYTHON) -m vllm.entrypoints.openai.api_server \
+	  --model $(TEACHER_MODEL) --host $(TEACHER_HOST) --port $(TEACHER_PORT) \
+	  --max-model-len $(TEACHER_MAXLEN) --dtype $(TEACHER_DTYPE) --max-logprobs 64
+
+bench-onpolicy: setup models ## on-policy step time: student generation / teacher scoring / update
+	$(PYTHON) -m tools.bench_onpolicy $(ARGS)

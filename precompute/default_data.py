@@ -1,12 +1,13 @@
 """The demo's data set, generated offline: arithmetic questions with checkable answers.
 
-    python -m precompute.default_data [--out data/default] [--train 256] [--test 100]
+    python -m precompute.default_data [--out data/default] [--train 256] [--test 300] [--val 64]
     python -m precompute.default_data --measure [--task gsm_symbolic] [--n 100]
 
 Questions come from reasoning-gym (`basic_arithmetic` by default: two terms of one or two
-digits, + - *, small enough for a 135M teacher). train.jsonl and the held-out test.jsonl have
-disjoint questions. Each row carries an `experience`: three worked demonstrations (drawn from
-a third, disjoint pool), which the teacher sees before the question (configs/precompute.yaml:
+digits, + - *, small enough for a 135M teacher). train.jsonl, the held-out test.jsonl
+(evaluation) and val.jsonl (the trainer's held-out loss) have disjoint questions. Each row
+carries an `experience`: three worked demonstrations (drawn from a disjoint pool), which
+the teacher sees before the question (configs/precompute.yaml:
 view.experience_position=prefix) and the student never sees. `--measure` runs the teacher
 greedily on held-out questions without experience and with each experience style and
 position, and reports reasoning-gym's mean score of each (numbers in docs/precompute.md).
@@ -89,16 +90,24 @@ def make_items(task: str, n: int, seed: int) -> list[dict]:
 
 
 def build_splits(
-    task: str, train: int, test: int, seed: int, demo_pool: int = 64, style: str = "qa"
-):
-    """(train rows, test rows): disjoint questions, each with its own demonstrations."""
-    items = make_items(task, 3 * (train + test + demo_pool), seed)
+    task: str,
+    train: int,
+    test: int,
+    seed: int,
+    demo_pool: int = 64,
+    style: str = "qa",
+    val: int = 0,
+) -> dict[str, list[dict]]:
+    """{"train", "test", "val"} rows: disjoint questions, each with its own demonstrations.
+
+    The train questions do not depend on the test and val sizes (they come first)."""
+    items = make_items(task, 3 * (train + test + val + demo_pool), seed)
     unique, seen = [], set()
     for it in items:  # small arithmetic repeats itself: keep each question once
         if it["question"] not in seen:
             seen.add(it["question"])
             unique.append(it)
-    if len(unique) < train + test + demo_pool:
+    if len(unique) < train + test + val + demo_pool:
         raise ValueError(f"{task}: only {len(unique)} distinct questions")
     rng = random.Random(seed)
     rng.shuffle(unique)
@@ -106,6 +115,7 @@ def build_splits(
     splits = {
         "train": unique[demo_pool : demo_pool + train],
         "test": unique[demo_pool + train : demo_pool + train + test],
+        "val": unique[demo_pool + train + test : demo_pool + train + test + val],
     }
     out = {}
     for name, part in splits.items():
@@ -123,21 +133,24 @@ def build_splits(
                 }
             )
         out[name] = rows
-    return out["train"], out["test"]
+    return out
 
 
-def write(out: Path, task: str, train: int, test: int, seed: int) -> None:
+def write(out: Path, task: str, train: int, test: int, seed: int, val: int = 0) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # Generated, never committed: the folder ignores itself.
     (out / ".gitignore").write_text("*\n")
-    tr, te = build_splits(task, train, test, seed)
-    for name, rows in (("train", tr), ("test", te)):
+    splits = build_splits(task, train, test, seed, val=val)
+    for name, rows in splits.items():
+        if not rows:
+            continue
         tmp = out / f".{name}.jsonl.tmp"
         with open(tmp, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
         tmp.replace(out / f"{name}.jsonl")
-    print(f"wrote {len(tr)} train and {len(te)} test questions ({task}) to {out}")
+    sizes = ", ".join(f"{len(rows)} {name}" for name, rows in splits.items() if rows)
+    print(f"wrote {sizes} questions ({task}) to {out}")
 
 
 def score(task: str, row: dict, response: str) -> float:
@@ -171,7 +184,7 @@ def measure(task: str, n: int, seed: int, teacher: str, max_tokens: int, train: 
         (f"{style}_{pos}", style, pos) for style in STYLES for pos in ("system", "prefix")
     ]
     for name, style, pos in variants:
-        _, test = build_splits(task, train, n, seed, style=style or "qa")
+        test = build_splits(task, train, n, seed, style=style or "qa")["test"]
         prompts = []
         for r in test:
             view = ViewConfig(experience_position=pos or "system")
@@ -202,7 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="data/default", type=Path)
     p.add_argument("--task", default="basic_arithmetic", choices=sorted(TASKS))
     p.add_argument("--train", type=int, default=256)
-    p.add_argument("--test", type=int, default=100)
+    p.add_argument("--test", type=int, default=300, help="held-out questions for evaluation")
+    p.add_argument("--val", type=int, default=64, help="held-out questions for the eval loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--measure", action="store_true", help="teacher accuracy with/without")
     p.add_argument("--n", type=int, default=100, help="--measure: questions")
@@ -213,7 +227,7 @@ def main(argv=None) -> int:
         res = measure(args.task, args.n, args.seed, args.teacher, args.max_tokens, args.train)
         print(json.dumps(res, indent=1))
         return 0
-    write(args.out, args.task, args.train, args.test, args.seed)
+    write(args.out, args.task, args.train, args.test, args.seed, args.val)
     return 0
 
 

@@ -65,7 +65,7 @@ class _Bad(Exception):
         self.field, self.reason = field, reason
 
 
-def _raw_rows(path: Path, split: str):
+def raw_rows(path: Path, split: str):
     """Yield (where, row-or-_Bad, raw text) for every row of the input."""
     if path.is_dir():
         import datasets
@@ -191,7 +191,7 @@ def read_examples(cfg: DataConfig, mode: str) -> tuple[list[Example], list[Rejec
     """All valid examples and all rejects (invalid rows, duplicate ids), and the row count."""
     examples, rejects, seen = [], [], {}
     index = -1
-    for index, (where, row, raw) in enumerate(_raw_rows(Path(cfg.path), cfg.split)):
+    for index, (where, row, raw) in enumerate(raw_rows(Path(cfg.path), cfg.split)):
         if raw is None:
             raw = json.dumps(row, default=str, ensure_ascii=False)
         try:

@@ -35,7 +35,7 @@ def teacher_prompts(tokenizer, n: int) -> list[list[int]]:
     if len(rows) < n:
         from precompute.default_data import build_splits
 
-        rows = build_splits("basic_arithmetic", n, 0, 0)[0]
+        rows = build_splits("basic_arithmetic", n, 0, 0)["train"]
     prompts = []
     for i, r in enumerate(rows[:n]):
         ex = Example(

@@ -1,8 +1,9 @@
 """python -m train CONFIG.yaml [key=value ...]: distil a student from a shard folder.
 
-No teacher is loaded: its top-k logprobs come from the shards. Launch with `accelerate
-launch` for DDP or DeepSpeed (see configs/accelerate/); a plain `python -m train` is one
-process on the CPU or one GPU.
+No teacher is loaded: its top-k logprobs come from the shards, or, on-policy
+(configs/train/onpolicy.yaml), from a teacher server scoring the student's samples. Launch
+with `accelerate launch` for DDP or DeepSpeed (see configs/accelerate/); a plain
+`python -m train` is one process on the CPU or one GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import dump_config, load_config
 from train.logger import Logger
 from train.setup import build_run, evaluate, global_sum
+from train.teacher_client import TeacherUnavailable
 
 
 def main(argv=None) -> None:
@@ -49,10 +51,17 @@ def main(argv=None) -> None:
     # the mean over every trained token of the step, wherever it was.
     undo_mean = acc.num_processes * (cfg.grad_accum if run.deepspeed else 1)
 
+    def save():
+        state = {"tokens_seen": tokens_seen, "source": source.state_dict()}
+        return save_checkpoint(acc, module, run.tokenizer, cfg, step, state)
+
     last_step = min(cfg.max_steps, cfg.stop_at or cfg.max_steps)
     while step < last_step:
         t0 = time.time()
-        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        try:
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+        except TeacherUnavailable as e:  # on-policy: the teacher server is gone
+            raise TeacherUnavailable(f"{e}; saved {save()}, resume=true continues") from e
         n_tokens = global_sum(acc, sum(b.num_tokens for b in micro))
         stats = {}
         for i, batch in enumerate(micro):
@@ -78,13 +87,13 @@ def main(argv=None) -> None:
             lr=scheduler.get_last_lr()[0],
             grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
             **{"tok/s": n_tokens / (time.time() - t0)},
+            **source.pop_metrics(),  # on-policy: generation and teacher time
         )
         if cfg.eval_every and step % cfg.eval_every == 0:
             metrics["eval_loss"] = evaluate(run, cfg)
         log.log(step, metrics, write=step % cfg.log_every == 0 or step == last_step)
         if step % cfg.save_every == 0 or step == last_step:
-            state = {"tokens_seen": tokens_seen, "source": source.state_dict()}
-            save_checkpoint(acc, module, run.tokenizer, cfg, step, state)
+            save()
     log.close()
     acc.end_training()
 

@@ -44,6 +44,10 @@ class Batch:
     token_logprob: torch.Tensor
     ids: list[str] = field(default_factory=list)
     cursor: tuple[int, int, int, int] | None = None  # (shard, epoch, window start, index)
+    # Per row, the (truncated) student prompt and the teacher's prompt: what on-policy
+    # distillation samples from and sends to the teacher (train/onpolicy.py).
+    prompt_ids: list[torch.Tensor] = field(default_factory=list)
+    teacher_prompt_ids: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -68,16 +72,19 @@ class BatchSource(Protocol):
 
     def update(self, batch: Batch) -> None: ...
 
+    def pop_metrics(self) -> dict: ...
+
 
 def collate(rows: list[dict], max_length: int, pad_id: int = 0) -> Batch:
     """Rows from ShardReader -> Batch. Responses longer than the budget are cut on the right;
     a prompt that alone fills `max_length` keeps its last tokens (the question's end)."""
-    seqs, spans = [], []
+    seqs, spans, prompts = [], [], []
     for r in rows:
         prompt = r["prompt_ids"][-(max_length - 1) :] if max_length > 1 else r["prompt_ids"][:0]
         t = min(len(r["response_ids"]), max_length - len(prompt))
         seqs.append(torch.cat([prompt, r["response_ids"][:t]]))
         spans.append((len(prompt), t))
+        prompts.append(prompt)
     length = max(len(s) for s in seqs)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -103,6 +110,8 @@ def collate(rows: list[dict], max_length: int, pad_id: int = 0) -> Batch:
         tail_logprob=torch.cat(parts["tail"]).float(),
         token_logprob=torch.cat(parts["tok"]).float(),
         ids=[r["id"] for r in rows],
+        prompt_ids=prompts,
+        teacher_prompt_ids=[r.get("teacher_prompt_ids", r["prompt_ids"]) for r in rows],
     )
 
 
@@ -183,6 +192,9 @@ class ShardBatches(IterableDataset):
         """Record a batch the trainer consumed."""
         shard, epoch, start, done = batch.cursor
         self._skip[shard] = (epoch, start, done)
+
+    def pop_metrics(self) -> dict:
+        return {}
 
     def state_dict(self) -> dict:
         return {

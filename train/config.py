@@ -81,11 +81,38 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class OnPolicyConfig:
+    """On-policy distillation (GKD): live student samples scored by a teacher server.
+
+    Active when teacher_url is set. Each micro-batch is, with probability lmbda, the
+    student's samples on the prompts of a shard batch (scored by the teacher on the teacher
+    view), else the shard batch itself (the teacher's or the dataset's responses).
+    """
+
+    teacher_url: str = ""  # e.g. http://localhost:8000 (python -m vllm...api_server); "" = off
+    lmbda: float = 1.0  # probability that a micro-batch is on-policy (student samples)
+    temperature: float = 1.0  # student sampling
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    n_samples: int = 1  # samples per prompt
+    max_prompts: int = 8  # prompts taken from a shard batch for an on-policy batch
+    k: int = 0  # teacher top-k per token; 0: the shards' k
+    timeout_s: float = 120.0  # per request
+    retries: int = 3  # re-asks after an answer that does not match the request
+    backoff_s: float = 0.5  # first retry delay; doubles up to max_backoff_s
+    max_backoff_s: float = 10.0
+    give_up_after_s: float = 300.0  # a server away this long: save a checkpoint and stop
+    concurrency: int = 8  # teacher requests in flight
+    write_shards: str = ""  # also write the samples with their teacher scores here
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     out_dir: str = "runs/skd"
     max_steps: int = 100
     grad_accum: int = 1
@@ -115,6 +142,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.model.quantize in ("none", "4bit", "8bit"), "model.quantize: none | 4bit | 8bit"),
         (cfg.data.verify in ("full", "size", "none"), "data.verify: full | size | none"),
         (cfg.max_steps > 0 and cfg.grad_accum > 0, "max_steps and grad_accum must be > 0"),
+        (0.0 <= cfg.onpolicy.lmbda <= 1.0, "onpolicy.lmbda must be in [0, 1]"),
+        (cfg.onpolicy.temperature > 0, "onpolicy.temperature must be > 0"),
+        (0.0 < cfg.onpolicy.top_p <= 1.0, "onpolicy.top_p must be in (0, 1]"),
+        (cfg.onpolicy.max_new_tokens > 0, "onpolicy.max_new_tokens must be > 0"),
+        (cfg.onpolicy.n_samples > 0 and cfg.onpolicy.max_prompts > 0, "onpolicy.n_samples"),
+        (cfg.onpolicy.k >= 0 and cfg.onpolicy.concurrency > 0, "onpolicy.k, concurrency"),
+        (
+            not cfg.onpolicy.teacher_url or cfg.loss.method != "seqkd",
+            "on-policy distillation needs a KD loss (skd, jsd, dualkl), not seqkd",
+        ),
     ]
     for ok, msg in checks:
         if not ok:

@@ -13,6 +13,7 @@ from shards.reader import ShardReader
 from train.batches import ShardBatches
 from train.config import TrainConfig
 from train.model import DistillModule, kd_spec, load_student, mixed_precision
+from train.onpolicy import OnPolicyBatches, build_onpolicy
 
 
 @dataclass
@@ -21,7 +22,7 @@ class Run:
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
-    source: ShardBatches
+    source: ShardBatches | OnPolicyBatches
     tokenizer: object
     out_dir: Path
     deepspeed: bool
@@ -40,10 +41,13 @@ class Run:
             f"{acc.mixed_precision}, device {acc.device}, {trainable:,} trainable parameters"
         )
 
-    def loader(self, source: ShardBatches | None = None) -> DataLoader:
+    def loader(self, source: ShardBatches | OnPolicyBatches | None = None):
+        source = source or self.source
+        if isinstance(source, OnPolicyBatches):  # samples in this process, prompts from shards
+            return source.bind(self.loader(source.shards))
         workers = self.cfg.data.num_workers
         return DataLoader(
-            source or self.source,
+            source,
             batch_size=None,  # ShardBatches collates whole batches in the worker
             num_workers=workers,
             persistent_workers=False,
@@ -136,6 +140,8 @@ def build_run(cfg: TrainConfig) -> Run:
         # it whenever DistillModule runs.
         inner = acc.unwrap_model(module)
         ds.zero.register_external_parameter(inner, inner.head.weight)
+    if cfg.onpolicy.teacher_url and cfg.onpolicy.lmbda > 0:
+        source = build_onpolicy(cfg, source, acc, module, tokenizer)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return Run(acc, module, optimizer, scheduler, source, tokenizer, out_dir, deepspeed, cfg)

@@ -1,0 +1,312 @@
+"""On-policy distillation (GKD): a batch source of live student samples scored by a teacher.
+
+`OnPolicyBatches` wraps the shard source. For micro-batch b (step b // grad_accum, index
+b % grad_accum) a draw seeded by (seed, step, index) decides, with probability `lmbda`,
+whether the batch is on-policy: the student samples `n_samples` responses to the student
+view of the shard batch's prompts (Hugging Face `generate` with KV cache), and the teacher
+server scores each sample on the teacher view (teacher_prompt_ids + sample) with its top-k
+prompt logprobs. Otherwise the shard batch is trained as is (the teacher's responses, or
+the dataset's, whichever the shards hold). Either way the result is a `Batch` with the same
+teacher signal the offline methods use, so the losses are the ones of train/losses.py.
+
+All micro-batches of one optimizer step are sampled from the same weights, so the source
+generates them back to back while the teacher scores the previous ones (requests go out
+concurrently from a thread pool): scoring overlaps with generation within a step. The time
+spent blocked on the teacher is reported as `teacher_wait_s` and its share of wall time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shards.codec import tail_logprob_of
+from train.batches import Batch, ShardBatches, collate
+from train.config import OnPolicyConfig
+from train.teacher_client import TeacherClient
+
+MIX, SAMPLE = 0, 1  # seed streams
+
+
+def is_onpolicy(seed: int, step: int, index: int, lmbda: float) -> bool:
+    """The mixing draw of micro-batch `index` of `step`: on-policy with probability lmbda."""
+    if lmbda >= 1.0:
+        return True
+    return bool(np.random.default_rng([seed, step, index, MIX]).random() < lmbda)
+
+
+def sample_seed(seed: int, step: int, index: int) -> int:
+    return int(np.random.default_rng([seed, step, index, SAMPLE]).integers(2**62))
+
+
+def cut_at_eos(tokens: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
+    """Generated tokens up to and including the first end-of-sequence token."""
+    hits = [i for i, t in enumerate(tokens.tolist()) if t in eos_ids]
+    return tokens[: hits[0] + 1] if hits else tokens
+
+
+class OnPolicyBatches:
+    """A BatchSource: shard batches, or student samples with teacher scores (see above)."""
+
+    def __init__(
+        self,
+        shards: ShardBatches,
+        client: TeacherClient | None,
+        cfg: OnPolicyConfig,
+        *,
+        student: Callable[[], torch.nn.Module],
+        tokenizer,
+        seed: int,
+        grad_accum: int,
+        max_length: int,
+        device: torch.device | str = "cpu",
+        writer=None,
+    ):
+        self.shards, self.client, self.cfg = shards, client, cfg
+        self.student, self.seed, self.grad_accum = student, seed, grad_accum
+        self.max_length, self.device, self.writer = max_length, torch.device(device), writer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        eos = tokenizer.eos_token_id
+        gen_eos = getattr(getattr(student(), "generation_config", None), "eos_token_id", None)
+        self.eos_ids = {
+            int(e)
+            for e in ([eos] + (gen_eos if isinstance(gen_eos, list) else [gen_eos]))
+            if e is not None
+        }
+        self.consumed = 0  # micro-batches the trainer has trained on
+        self._loader = None
+        self._since = self._blank()
+
+    @staticmethod
+    def _blank() -> dict:
+        return {"t0": time.monotonic(), "onpolicy": 0, "gen_s": 0.0, "teacher_wait_s": 0.0}
+
+    def bind(self, loader) -> OnPolicyBatches:
+        """Iterate over `loader` (a DataLoader over the shard source) for prompts."""
+        self._loader = loader
+        self._since = self._blank()
+        return self
+
+    # ---- the batches -----------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Batch]:
+        shard_batches = iter(self._loader if self._loader is not None else self.shards)
+        b = self.consumed
+        while True:
+            step = b // self.grad_accum
+            # One optimizer step's micro-batches: generate each, send it to the teacher, and
+            # go on generating the next while the teacher scores it.
+            pending = []
+            for index in range(b % self.grad_accum, self.grad_accum):
+                batch = next(shard_batches)
+                if self.client is not None and is_onpolicy(self.seed, step, index, self.cfg.lmbda):
+                    pending.append(self._rollout(batch, step, index))
+                else:
+                    pending.append(batch)
+            for item in pending:
+                yield item if isinstance(item, Batch) else self._collect(*item)
+                b += 1
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+        """n_samples responses per prompt (prompt-major), cut after the first EOS."""
+        lm = self.student()
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding: generation continues every row
+            ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+        new_tokens = max(1, min(self.cfg.max_new_tokens, self.max_length - width))
+        was_training = lm.training
+        lm.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                out = lm.generate(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    do_sample=True,
+                    temperature=self.cfg.temperature,
+                    top_p=self.cfg.top_p,
+                    top_k=0,
+                    max_new_tokens=new_tokens,
+                    num_return_sequences=self.cfg.n_samples,
+                    pad_token_id=self.pad_id,
+                    eos_token_id=sorted(self.eos_ids),
+                    use_cache=True,
+                )
+        finally:
+            lm.train(was_training)
+        return [cut_at_eos(row, self.eos_ids) for row in out[:, width:].cpu()]
+
+    def _rollout(self, batch: Batch, step: int, index: int):
+        """Sample the batch's prompts and send the samples to the teacher (not waiting)."""
+        n = min(len(batch.prompt_ids), self.cfg.max_prompts)
+        prompts = batch.prompt_ids[:n]
+        t0 = time.monotonic()
+        samples = self._generate(prompts, sample_seed(self.seed, step, index))
+        self._since["gen_s"] += time.monotonic() - t0
+        limit = self.client.max_model_len or 1 << 30
+        jobs = []
+        for j, resp in enumerate(samples):
+            p = j // self.cfg.n_samples
+            teacher_prompt = batch.teacher_prompt_ids[p]
+            # The teacher's context must hold the teacher view, the sample and one more token.
+            resp = resp[: max(0, limit - 1 - len(teacher_prompt))]
+            if len(resp) == 0:
+                continue
+            future = self.client.submit(teacher_prompt.tolist(), resp.tolist())
+            jobs.append((p, j % self.cfg.n_samples, resp, future))
+        return batch, step, index, jobs
+
+    def _collect(self, batch: Batch, step: int, index: int, jobs) -> Batch:
+        """Wait for the teacher's scores and build the training batch from them."""
+        t0 = time.monotonic()
+        scores = [future.result() for *_, future in jobs]
+        self._since["teacher_wait_s"] += time.monotonic() - t0
+        self._since["onpolicy"] += 1
+        rows, examples = [], {}
+        for (p, s, resp, _), sc in zip(jobs, scores, strict=True):
+            rows.append(
+                {
+                    "id": f"{batch.ids[p]}@{step}.{index}.{s}",
+                    "prompt_ids": batch.prompt_ids[p],
+                    "teacher_prompt_ids": batch.teacher_prompt_ids[p],
+                    "response_ids": resp,
+                    "topk_ids": torch.from_numpy(sc.topk_ids),
+                    "topk_logprobs": torch.from_numpy(sc.topk_logprobs),
+                    "tail_logprob": torch.from_numpy(tail_logprob_of(sc.topk_logprobs)),
+                    "token_logprob": torch.from_numpy(sc.token_logprob),
+                }
+            )
+            examples.setdefault(p, []).append((s, rows[-1], sc))
+        if self.writer is not None:
+            self.writer.write(examples, batch.ids, f"{step}.{index}")
+        if not rows:  # every sample was cut to nothing: train the shard batch instead
+            return batch
+        out = collate(rows, self.max_length, self.pad_id)
+        out.cursor = batch.cursor
+        return out
+
+    # ---- BatchSource ---------------------------------------------------------------------
+
+    def update(self, batch: Batch) -> None:
+        self.consumed += 1
+        self.shards.update(batch)
+
+    def state_dict(self) -> dict:
+        if self.writer is not None:
+            self.writer.flush()  # samples are committed with each checkpoint
+        return {"shards": self.shards.state_dict(), "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shards.load_state_dict(state["shards"])
+        self.consumed = int(state["consumed"])
+
+    def pop_metrics(self) -> dict:
+        """Since the last call: on-policy batches, generation and teacher-wait seconds, and
+        the share of wall time spent waiting for the teacher."""
+        s, self._since = self._since, self._blank()
+        wall = max(time.monotonic() - s.pop("t0"), 1e-9)
+        s["teacher_share"] = s["teacher_wait_s"] / wall
+        s["teacher_retries"] = self.client.num_retries if self.client else 0
+        return s
+
+
+class SampleWriter:
+    """Writes on-policy samples with their teacher scores to shards (source = student), for
+    inspection with tools.shards and re-use; files are committed at each checkpoint."""
+
+    def __init__(self, folder: str | Path, metadata, writer_id: str = "r0"):
+        from shards.writer import ShardWriter
+
+        self.writer = ShardWriter(folder, metadata, writer_id=writer_id)
+
+    def write(self, examples: dict, ids: list[str], where: str) -> None:
+        from shards.writer import ShardRow
+
+        for p, samples in examples.items():
+            self.writer.add(
+                [
+                    ShardRow(
+                        id=f"{ids[p]}@{where}",
+                        prompt_ids=row["prompt_ids"].numpy(),
+                        teacher_prompt_ids=row["teacher_prompt_ids"].numpy(),
+                        response_ids=row["response_ids"].numpy(),
+                        topk_ids=sc.topk_ids,
+                        topk_logprobs=sc.topk_logprobs,
+                        token_logprobs=sc.token_logprob,
+                        sample_index=s,
+                        source="student",
+                        meta={"step": int(where.split(".")[0])},
+                    )
+                    for s, row, sc in samples
+                ]
+            )
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+
+def build_onpolicy(cfg, shards: ShardBatches, accelerator, module, tokenizer) -> OnPolicyBatches:
+    """The on-policy source of a run: connect to the teacher server and check it first."""
+    from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
+    from shards.schema import ShardMetadata
+
+    op = cfg.onpolicy
+    meta = shards.reader.metadata
+    k = op.k or meta.k
+    client = TeacherClient(
+        op.teacher_url,
+        k,
+        timeout_s=op.timeout_s,
+        retries=op.retries,
+        backoff_s=op.backoff_s,
+        max_backoff_s=op.max_backoff_s,
+        give_up_after_s=op.give_up_after_s,
+        concurrency=op.concurrency,
+    )
+    described = client.connect(tokenizer)  # refuses another tokenizer
+    if accelerator.is_main_process:
+        print(f"[train] on-policy: lmbda={op.lmbda}, k={k}, {described}", flush=True)
+    writer = None
+    if op.write_shards:
+        root = Path(client.root)
+        has_weights = root.is_dir() and any(root.glob("*.safetensors"))
+        writer = SampleWriter(
+            op.write_shards,
+            ShardMetadata(
+                k=k,
+                vocab_size=meta.vocab_size,
+                teacher=client.root,
+                teacher_fingerprint=(
+                    weights_fingerprint(root) if has_weights else f"server:{client.model}"
+                ),
+                tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                sampling={
+                    "mode": "onpolicy",
+                    "temperature": op.temperature,
+                    "top_p": op.top_p,
+                    "max_tokens": op.max_new_tokens,
+                    "n": op.n_samples,
+                },
+            ),
+            writer_id=f"r{accelerator.process_index}",
+        )
+    return OnPolicyBatches(
+        shards,
+        client,
+        op,
+        student=lambda: accelerator.unwrap_model(module).lm,
+        tokenizer=tokenizer,
+        seed=cfg.seed,
+        grad_accum=cfg.grad_accum,
+        max_length=cfg.data.max_length,
+        device=accelerator.device,
+        writer=writer,
+    )
