@@ -11,7 +11,7 @@ SETUP_STAMP := $(VENV)/.setup-stamp
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test lint format models bench-shards bench-train bench-loss demo clean-models train \
-	default-data precompute bench-precompute
+	default-data precompute bench-precompute eval
 .PHONY: teacher-server bench-onpolicy
 
 help: ## list the targets
@@ -19,7 +19,8 @@ help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "variables: PYTEST_ARGS='...' (extra pytest args), KDSHARDS_DEVICE=cpu|gpu (setup)"
 	@echo "  precompute: CONFIG TEACHER DATA K OUT PRECOMPUTE_ARGS"
-	@echo "  train: METHOD BETA ALPHA TEMP STEPS SHARDS STUDENT RUN GPUS ZERO ARGS"
+	@echo "  train: METHOD BETA ALPHA TEMP STEPS SHARDS STUDENT RUN GPUS ZERO TEACHER_URL ARGS"
+	@echo "  eval: EVAL_ARGS   demo: DEMO_ARGS (e.g. --seed 1)"
 
 setup: $(SETUP_STAMP) ## create .venv and install everything (cpu or gpu, auto-detected)
 
@@ -89,8 +90,13 @@ bench-train: setup models ## SKD from shards vs. a live teacher per batch (run m
 bench-loss: setup ## peak memory/time of the chunked loss vs dense (ARGS='--device cuda --V 151936 ...')
 	$(PYTHON) -m tools.bench_loss_memory $(ARGS)
 
-demo: setup models ## end-to-end demo: precompute with the teacher, train the student
-	$(PYTHON) -m tools.demo
+# make eval [EVAL_ARGS='--runs runs --out reports/demo --model NAME=PATH@q ...']
+EVAL_ARGS ?=
+eval: setup models $(DEFAULT_DATA) ## held-out evaluation of teacher, student before and runs -> reports/demo
+	$(PYTHON) -m tools.eval $(EVAL_ARGS)
+
+demo: setup models ## data -> precompute -> train (SKD, SeqKD) -> eval report, on the CPU
+	$(PYTHON) -m tools.demo $(DEMO_ARGS)
 
 # make teacher-server [TEACHER_MODEL= TEACHER_PORT=8000 TEACHER_HOST=127.0.0.1 TEACHER_DTYPE=]
 # Foreground: Ctrl-C stops it. On GPU machines TEACHER_DTYPE=bfloat16 (or auto) is usual.

@@ -1,13 +1,20 @@
-"""make demo: the whole offline pipeline on the default models, on the CPU.
+"""make demo: the whole offline pipeline on the default models, on the CPU, then the report.
 
-1. the default data (arithmetic questions with worked demonstrations as the experience),
-2. the teacher (SmolLM2-135M-Instruct) runs once with vLLM on Q+E and writes shards,
+1. the default data: arithmetic questions, each with three worked demonstrations as its
+   experience; train, val (held-out loss) and test (held-out evaluation) are disjoint,
+2. the teacher (SmolLM2-135M-Instruct) runs once with vLLM on Q+E and writes shards, for
+   the train and the val questions,
 3. a look into the shards (`python -m tools.shards stats`),
-4. the student (every third layer of the teacher) trains from the shards with SKD, then
-   again with SeqKD from the same shards: no teacher is loaded, nothing is recomputed.
+4. the student trains from the shards with SKD, then with SeqKD from the same shards: no
+   teacher is loaded, nothing is recomputed. The student is SmolLM2-135M-Instruct itself,
+   seeing the question alone (configs/train/skd.yaml says why),
+5. evaluation on the held-out test questions (`python -m tools.eval`): teacher with and
+   without the experience, the student before and after, with 95% intervals and plots.
 
 Every stage is an ordinary command, printed before it runs, so each can be re-run alone.
-Precompute and training resume where they stopped, so re-running the demo is cheap.
+Precompute, training and evaluation resume or reuse what is done, so re-running is cheap.
+`--seed 1` (with other --shards/--runs/--report folders) repeats it with another teacher
+sampling seed and training seed.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import time
 from pathlib import Path
 
 PY = sys.executable
+METHODS = ("skd", "seqkd")
 
 
 def stage(title: str, cmd: list[str]) -> None:
@@ -31,35 +39,45 @@ def stage(title: str, cmd: list[str]) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=60, help="training steps per method")
+    ap.add_argument("--seed", type=int, default=0, help="teacher sampling and training seed")
+    ap.add_argument("--steps", type=int, default=0, help="training steps (0: the config's)")
     ap.add_argument("--shards", default="out/shards")
-    ap.add_argument("--runs", default="runs/demo")
+    ap.add_argument("--runs", default="runs", help="runs go to RUNS/<method>")
+    ap.add_argument("--report", default="reports/demo")
     args = ap.parse_args(argv)
     t0 = time.time()
-    if not Path("data/default/train.jsonl").exists():
+    val_shards = args.shards.rstrip("/") + "-val"
+    if not Path("data/default/val.jsonl").exists():
         stage("default data", [PY, "-m", "precompute.default_data"])
-    stage("precompute: the teacher runs once", [PY, "-m", "precompute", "--out", args.shards])
-    stage("inspect the shards", [PY, "-m", "tools.shards", "stats", args.shards])
-    for method in ("skd", "seqkd"):
+    for split, out in (("train", args.shards), ("val", val_shards)):
         stage(
-            f"train {method} from the shards",
-            [
-                PY,
-                "-m",
-                "train",
-                f"configs/train/{method}.yaml",
-                f"data.shards={args.shards}",
-                f"out_dir={args.runs}/{method}",
-                f"max_steps={args.steps}",
-                f"save_every={args.steps}",
-                "resume=true",
-            ],
-        )
+            f"precompute ({split}): the teacher runs once, seeing the experience",
+            [PY, "-m", "precompute", "--out", out, "--data", f"data/default/{split}.jsonl",
+             "--no-progress", f"sampling.seed={args.seed}"],
+        )  # fmt: skip
+    stage("inspect the shards", [PY, "-m", "tools.shards", "stats", args.shards])
+    for method in METHODS:
+        cmd = [
+            PY, "-m", "train", f"configs/train/{method}.yaml", f"data.shards={args.shards}",
+            f"data.eval_shards={val_shards}", "eval_every=5", f"out_dir={args.runs}/{method}",
+            f"seed={args.seed}", "resume=true",
+        ]  # fmt: skip
+        if args.steps:
+            cmd += [f"max_steps={args.steps}", f"save_every={args.steps}"]
+        stage(f"train {method} from the shards (no teacher loaded)", cmd)
+    stage(
+        "evaluate on the held-out questions",
+        [PY, "-m", "tools.eval", "--runs", args.runs, "--out", args.report],
+    )
     print(f"\nDemo done in {time.time() - t0:.0f} s.")
-    print(f"  shards:      {args.shards}  (python -m tools.shards inspect {args.shards})")
-    for method in ("skd", "seqkd"):
-        run = Path(args.runs) / method
-        print(f"  {method:6s} run:  {run}/metrics.jsonl, checkpoints in {run}/checkpoints")
+    print(f"  report:  {args.report}/comparison_report.md (+ results.json, CSV, PNG plots)")
+    print(f"  shards:  {args.shards}  (python -m tools.shards inspect {args.shards})")
+    print(f"  runs:    {', '.join(f'{args.runs}/{m}' for m in METHODS)}")
+    print(
+        "  re-train from the same shards, then re-evaluate into the same report:\n"
+        f"    make train METHOD=jsd BETA=0.5 RUN={args.runs}/jsd && make eval "
+        f"EVAL_ARGS='--runs {args.runs} --out {args.report}'"
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """python -m tools.eval: did distillation work? Models x views on held-out questions.
 
     python -m tools.eval [--data data/default/test.jsonl] [--out reports/demo]
-        [--runs runs/demo] [--model NAME=PATH[@q|@qe] ...] [--backend vllm|hf]
+        [--runs runs] [--model NAME=PATH[@q|@qe] ...] [--backend vllm|hf]
 
 Each model generates (greedy by default) for every held-out example, in the student view
 (`@q`, the question alone) or the teacher view (`@qe`, question + experience, rendered
@@ -12,10 +12,11 @@ match for free text. The scorer is chosen per row: `test` + `entry_point` fields
 a `keywords` field means keywords, otherwise the `answer` field is a number to match.
 
 Without --model, the standard comparison: the teacher with Q+E, the teacher with Q, the
-student before distillation with Q, and every run under --runs (its latest checkpoint) with
-Q. PATH may be a model folder, a checkpoint folder or a run folder; LoRA adapters are merged
-into their base model first. Generations are cached under OUT/generations, keyed by the
-model's weights, the prompts and the sampling settings, so adding a run to the report
+student before distillation with Q (the model the runs started from), and every run under
+--runs (its latest checkpoint) with Q. PATH may be a model folder, a checkpoint folder or a
+run folder; LoRA adapters are merged into their base model first. Generations are cached
+under OUT/generations, keyed by the model's weights, the prompts and the sampling settings,
+so adding a run to the report
 (`make train METHOD=jsd` then `make eval`) only generates for the new run.
 
 Writes OUT/results.json, OUT/model_comparison.csv, OUT/comparison_report.md and the PNG
@@ -74,17 +75,32 @@ def parse_model(spec: str) -> ModelSpec:
     return ModelSpec(name.strip(), path, view)
 
 
-def standard_models(teacher: str, student: str, runs: str) -> list[ModelSpec]:
-    models = [
-        ModelSpec("teacher (Q+E)", teacher, "qe"),
-        ModelSpec("teacher (Q)", teacher, "q"),
-        ModelSpec("student before (Q)", student, "q"),
-    ]
+def run_dirs(runs: str) -> list[Path]:
     root = Path(runs)
-    if root.is_dir():
-        for run in sorted(root.iterdir()):
-            if (run / "checkpoints" / "latest").exists():
-                models.append(ModelSpec(f"{run.name} (Q)", str(run), "q"))
+    if not root.is_dir():
+        return []
+    return [r for r in sorted(root.iterdir()) if (r / "checkpoints" / "latest").exists()]
+
+
+def run_student(run: Path) -> str:
+    """The model a run started from (its resolved config, saved with every checkpoint)."""
+    import yaml
+
+    model_dir, _ = resolve_path(str(run))
+    cfg = yaml.safe_load((Path(model_dir).parent / "config.yaml").read_text())
+    return cfg["model"]["path"]
+
+
+def standard_models(teacher: str, student: str | None, runs: str) -> list[ModelSpec]:
+    """Teacher with and without the experience, each student before (the model the runs
+    started from, unless given), and each run."""
+    found = run_dirs(runs)
+    befores = [student] if student else list(dict.fromkeys(run_student(r) for r in found))
+    models = [ModelSpec("teacher (Q+E)", teacher, "qe"), ModelSpec("teacher (Q)", teacher, "q")]
+    for i, path in enumerate(befores):
+        name = "student before (Q)" if i == 0 else f"student before: {Path(path).name} (Q)"
+        models.append(ModelSpec(name, path, "q"))
+    models += [ModelSpec(f"{run.name} (Q)", str(run), "q") for run in found]
     return models
 
 
@@ -251,9 +267,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", default="data/default/test.jsonl", help="held-out examples")
     ap.add_argument("--out", default="reports/demo", help="report folder")
     ap.add_argument("--model", action="append", default=[], help="NAME=PATH[@q|@qe], repeat")
-    ap.add_argument("--runs", default="runs/demo", help="standard comparison: runs to add")
+    ap.add_argument("--runs", default="runs", help="standard comparison: runs to add")
     ap.add_argument("--teacher", help="standard comparison: teacher (default: config's)")
-    ap.add_argument("--student", help="standard comparison: student before (config's)")
+    ap.add_argument("--student", help="standard comparison: student before (the runs')")
     ap.add_argument("--backend", default="vllm", choices=("vllm", "hf"))
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -273,7 +289,7 @@ def main(argv=None) -> int:
     if args.model:
         specs = [parse_model(m) for m in args.model]
     else:
-        specs = standard_models(args.teacher or cfg.teacher, args.student or cfg.student, args.runs)
+        specs = standard_models(args.teacher or cfg.teacher, args.student, args.runs)
     results = []
     for spec in specs:
         model_dir, run_dir = resolve_path(spec.path)
