@@ -45,7 +45,8 @@ def test_model_paths_resolve_for_runs_checkpoints_and_models(tmp_path):
 
 def test_standard_comparison_takes_the_student_from_the_runs(tmp_path):
     fake_run(tmp_path, "seqkd", student="models/s")
-    fake_run(tmp_path, "skd", student="models/s")
+    _, skd_ck = fake_run(tmp_path, "skd", student="models/s")
+    fake_run(tmp_path, "two-stage", student=str(skd_ck / "model"))  # started from skd
     specs = ev.standard_models("models/t", None, str(tmp_path))
     assert [(s.name, s.path, s.view) for s in specs] == [
         ("teacher (Q+E)", "models/t", "qe"),
@@ -53,6 +54,7 @@ def test_standard_comparison_takes_the_student_from_the_runs(tmp_path):
         ("student before (Q)", "models/s", "q"),
         ("seqkd (Q)", str(tmp_path / "seqkd"), "q"),
         ("skd (Q)", str(tmp_path / "skd"), "q"),
+        ("two-stage (Q)", str(tmp_path / "two-stage"), "q"),
     ]
 
 

@@ -96,6 +96,10 @@ def standard_models(teacher: str, student: str | None, runs: str) -> list[ModelS
     started from, unless given), and each run."""
     found = run_dirs(runs)
     befores = [student] if student else list(dict.fromkeys(run_student(r) for r in found))
+    # A run that started from another run's checkpoint (on-policy after SKD) already has
+    # its "before" among the rows: that run.
+    inside = [r.resolve() for r in found]
+    befores = [b for b in befores if not any(Path(b).resolve().is_relative_to(r) for r in inside)]
     models = [ModelSpec("teacher (Q+E)", teacher, "qe"), ModelSpec("teacher (Q)", teacher, "q")]
     for i, path in enumerate(befores):
         name = "student before (Q)" if i == 0 else f"student before: {Path(path).name} (Q)"

@@ -115,16 +115,20 @@ def plot_curves(path: Path, results: list[dict]) -> bool:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    # One colour per run in every panel (a run without a metric must not shift the others').
+    colors = {name: f"C{i}" for i, (name, _) in enumerate(runs)}
     for ax, key in zip(axes[0], keys, strict=True):
         for name, m in runs:
             pts = [(rec["step"], rec[key]) for rec in m if key in rec]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="." if len(pts) < 30 else None,
-                        label=name)  # fmt: skip
-        ax.set_title(key + (" (held-out shards)" if key == "eval_loss" else " per token"))
+                        label=name, color=colors[name])  # fmt: skip
+        notes = {"eval_loss": " (held-out shards)", "kd": " per token (each run's divergence)"}
+        ax.set_title(key + notes.get(key, " per token"))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    handles = [plt.Line2D([], [], color=colors[n], label=n) for n, _ in runs]
+    axes[0][-1].legend(handles=handles, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
