@@ -182,15 +182,11 @@ def test_eval_generation_agrees_with_transformers_greedy(engine, tiny):
     """tools.eval's vLLM generation is greedy decoding, as transformers' generate does it."""
     from transformers import AutoTokenizer
 
+    from precompute.views import render
     from tools.eval_generate import generate_hf, generate_vllm
 
     tok = AutoTokenizer.from_pretrained(tiny)
-    prompts = [
-        tok.apply_chat_template([{"role": "user", "content": q["question"]}], tokenize=True,
-                                add_generation_prompt=True)
-        for q in questions(4)
-    ]  # fmt: skip
-    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+    prompts = [render(tok, [{"role": "user", "content": q["question"]}], {}) for q in questions(4)]
     fast = generate_vllm(engine.llm, prompts, 10, 0.0, 0)
     slow = generate_hf(str(tiny), prompts, 10, 0.0, 0, batch_size=1)
     assert [ids for ids, _ in fast] == [ids for ids, _ in slow]
