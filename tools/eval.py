@@ -199,7 +199,8 @@ def scorer_for(row: dict) -> str:
     return "exact_match"
 
 
-def score(row: dict, answer: str | None, prompt_text: str, response: str, timeout_s: float):
+def score(row: dict, answer: str | None, response: str, timeout_s: float) -> tuple[str, float]:
+    """(metric name, score in [0, 1]) of one response, by the row's own checker."""
     from tools import scorers
 
     kind = scorer_for(row)
@@ -226,7 +227,7 @@ def evaluate_model(spec: ModelSpec, cfg, examples, raws, args, cache: Path) -> d
     records = []
     for ex, out in zip(examples, gen["rows"], strict=True):
         row = raws[ex.index]
-        metric, value = score(row, ex.answer, "", out["text"], args.code_timeout)
+        metric, value = score(row, ex.answer, out["text"], args.code_timeout)
         task = str(row.get("task") or metric)
         t = per_task.setdefault(task, {"metric": metric, "scores": []})
         t["scores"].append(value)
