@@ -49,39 +49,23 @@ def generate_hf(
     seed: int,
     batch_size: int = 16,
 ):
-    """The same with transformers' `generate` (KV cache, left padding), for machines without
-    vLLM and for tests on tiny models."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The same with transformers' `generate`, through precompute's transformers backend
+    (left padding, cut after the end-of-sequence token), for machines without vLLM and for
+    tests on tiny models."""
+    from transformers import AutoTokenizer
+
+    from precompute.config import SamplingConfig
+    from precompute.hf_backend import HFBackend
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    eos = model.generation_config.eos_token_id
-    eos = {tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    # k=1: the backend always returns top-k logprobs; evaluation needs only the tokens.
+    backend = HFBackend(model_dir, k=1, batch_size=batch_size)
+    sampling = SamplingConfig(n=1, temperature=temperature, max_tokens=max_tokens, seed=seed)
+    seeds = [seed + i for i in range(len(prompts))]
     results = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        torch.manual_seed(seed + start)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_tokens,
-                do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=pad,
-            )
-        for row in out[:, width:].tolist():
-            # Cut at the first end-of-sequence token (generate pads after it).
-            cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-            row = row[:cut]
-            results.append((row, tok.decode(row, skip_special_tokens=True)))
+    for (sample,) in backend.generate(prompts, seeds, sampling):
+        ids = [int(t) for t in sample.token_ids]
+        results.append((ids, tok.decode(ids, skip_special_tokens=True)))
     return results
 
 
