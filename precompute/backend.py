@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
+
+from shards.topk import TopKError, topk_arrays
 
 
 @dataclass
@@ -19,21 +22,9 @@ class Scored:
 
 
 def topk_from_entries(entries: list[dict], tokens, k: int) -> Scored:
-    """vLLM-style per-token dicts (id -> Logprob) to arrays.
-
-    A dict holds k entries, or k + 1 when the chosen token is outside the top-k (it is always
-    present with its true logprob). The top k by logprob are the stored top-k; the chosen
-    token's logprob is kept separately, whether or not it is among them.
-    """
-    t = len(tokens)
-    ids = np.empty((t, k), np.int32)
-    lps = np.empty((t, k), np.float32)
-    tok_lp = np.empty(t, np.float32)
-    for i, (entry, tok) in enumerate(zip(entries, tokens, strict=True)):
-        items = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]
-        if len(items) < k:
-            raise RuntimeError(f"the engine returned {len(items)} logprobs per token, k={k}")
-        ids[i] = [a for a, _ in items]
-        lps[i] = [b.logprob for _, b in items]
-        tok_lp[i] = entry[tok].logprob
-    return Scored(np.asarray(tokens, np.int64), ids, lps, tok_lp)
+    """vLLM's per-token dicts (id -> Logprob) to arrays (shards.topk.topk_arrays)."""
+    try:
+        ids, lps, tok_lp = topk_arrays(entries, tokens, k, logprob=attrgetter("logprob"))
+    except TopKError as e:
+        raise RuntimeError(f"the engine's logprobs (k={k}): {e}") from e
+    return Scored(np.asarray(tokens, np.int64), ids.astype(np.int32), lps, tok_lp)

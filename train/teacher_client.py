@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.topk import TopKError, topk_arrays
+
 PROBE = "Knowledge distillation: 12 + 30 = 42. Paris, Berlin; def f(x): return x * 2"
 
 
@@ -190,21 +192,16 @@ class TeacherClient:
             raise bad("prompt_token_ids differ from the ids sent")
         if entries is None or len(entries) != len(sent):
             raise bad(f"{0 if entries is None else len(entries)} prompt logprobs for {len(sent)}")
-        start, k = len(sent) - n_response, self.k
-        ids = np.empty((n_response, k), np.int64)
-        lps = np.empty((n_response, k), np.float32)
-        tok = np.empty(n_response, np.float32)
-        for t in range(n_response):
-            entry, target = entries[start + t], sent[start + t]
-            if not entry or len(entry) < k:
-                raise bad(f"token {t}: {len(entry or ())} logprobs, expected {k}")
-            pairs = ((int(i), float(v["logprob"])) for i, v in entry.items())
-            items = sorted(pairs, key=lambda iv: -iv[1])[:k]
-            if str(target) not in entry:
-                raise bad(f"token {t}: the response token {target} is not in the answer")
-            ids[t] = [i for i, _ in items]
-            lps[t] = [v for _, v in items]
-            tok[t] = float(entry[str(target)]["logprob"])
+        start = len(sent) - n_response
+        # The server's JSON keys are strings: ids back to ints for the shared conversion.
+        response = [
+            {int(i): float(v["logprob"]) for i, v in entry.items()} if entry else entry
+            for entry in entries[start:]
+        ]
+        try:
+            ids, lps, tok = topk_arrays(response, sent[start:], self.k)
+        except TopKError as e:
+            raise bad(str(e)) from e
         if not (np.isfinite(lps).all() and (lps <= 1e-4).all() and np.isfinite(tok).all()):
             raise bad("non-finite or positive logprobs")
         return TeacherScore(ids, lps, tok)
