@@ -47,7 +47,7 @@ clean-models: ## delete the converted models
 	rm -rf $(MODELS_DIR)
 
 bench-shards: setup models ## benchmark shard writing/reading
-	$(PYTHON) -m tools.bench_shards
+	$(PYTHON) -m bench.shards
 
 # make precompute [CONFIG= TEACHER= DATA= K= OUT= PRECOMPUTE_ARGS='key=value ...']
 CONFIG  ?= configs/precompute.yaml
@@ -65,7 +65,7 @@ precompute: setup models $(DEFAULT_DATA) ## teacher -> shards (CONFIG= TEACHER= 
 	  $(if $(K),--k $(K)) $(if $(OUT),--out $(OUT)) $(PRECOMPUTE_ARGS)
 
 bench-precompute: setup models $(DEFAULT_DATA) ## vLLM vs transformers teacher throughput
-	$(PYTHON) -m tools.bench_precompute
+	$(PYTHON) -m bench.precompute
 
 # make train METHOD=skd|seqkd|jsd|dualkl [BETA= ALPHA= TEMP= STEPS= SHARDS= STUDENT= RUN=]
 #            [GPUS=n] [ZERO=2|3] [ARGS='key=value ...']
@@ -85,10 +85,10 @@ train: setup ## train the student from shards (METHOD=skd|seqkd|jsd|dualkl, see 
 	$(TRAIN_LAUNCH) train configs/train/$(METHOD).yaml $(TRAIN_OVERRIDES)
 
 bench-train: setup models ## SKD from shards vs. a live teacher per batch (run make precompute first)
-	$(PYTHON) -m tools.bench_train --shards $(or $(SHARDS),out/shards)
+	$(PYTHON) -m bench.train --shards $(or $(SHARDS),out/shards)
 
 bench-loss: setup ## peak memory/time of the chunked loss vs dense (ARGS='--device cuda --V 151936 ...')
-	$(PYTHON) -m tools.bench_loss_memory $(ARGS)
+	$(PYTHON) -m bench.loss_memory $(ARGS)
 
 # make eval [EVAL_ARGS='--runs runs --out reports/demo --model NAME=PATH@q ...']
 EVAL_ARGS ?=
@@ -112,4 +112,4 @@ teacher-server: setup models ## serve the teacher for on-policy training (TEACHE
 	  --max-model-len $(TEACHER_MAXLEN) --dtype $(TEACHER_DTYPE) --max-logprobs 64
 
 bench-onpolicy: setup models ## on-policy step time: student generation / teacher scoring / update
-	$(PYTHON) -m tools.bench_onpolicy $(ARGS)
+	$(PYTHON) -m bench.onpolicy $(ARGS)

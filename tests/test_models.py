@@ -1,4 +1,4 @@
-"""Tests for the model builders: tools/tiny_model.py and tools/models.py."""
+"""Tests for the model builders: tests/fixtures/tiny_model.py and tools/models.py."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tools import models as smol
-from tools.tiny_model import (
+from tests.fixtures.tiny_model import (
     CHAT_TEMPLATE,
     EOS_TOKEN,
     PAD_TOKEN,
@@ -23,6 +22,7 @@ from tools.tiny_model import (
     build_tiny_model,
     tiny_model_dir,
 )
+from tools import models as smol
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def test_tiny_model_is_deterministic(tiny_dir, tmp_path):
     # not depend on process-level state such as hash seeds or the global torch RNG.
     again = tmp_path / "again"
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.tiny_model", str(again), "--seed", "0"],
+        [sys.executable, "-m", "tests.fixtures.tiny_model", str(again), "--seed", "0"],
         cwd=REPO,
         check=True,
         capture_output=True,
@@ -163,7 +163,7 @@ def test_tiny_model_dir_is_cached(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("cached model was rebuilt")
 
-    monkeypatch.setattr("tools.tiny_model.build_tiny_model", fail)
+    monkeypatch.setattr("tests.fixtures.tiny_model.build_tiny_model", fail)
     assert tiny_model_dir(cache_dir=tmp_path, seed=3) == first
     # Explicit defaults name the same build.
     assert tiny_model_dir(cache_dir=tmp_path, seed=3, layers=2, vocab_size=512) == first

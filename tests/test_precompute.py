@@ -20,8 +20,8 @@ from precompute.inputs import InputError, read_examples
 from precompute.run import TokenizerMismatch, run, worker_of
 from precompute.views import make_views
 from shards.manifest import load_manifest
+from tests.fixtures.tiny_model import tiny_model_dir
 from tests.precompute_helpers import K, all_rows, cfg, questions, write_jsonl
-from tools.tiny_model import tiny_model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -21,6 +21,7 @@ from precompute.config import SamplingConfig  # noqa: E402
 from precompute.hf_backend import HFBackend  # noqa: E402
 from precompute.run import run  # noqa: E402
 from shards.reader import ShardFolder  # noqa: E402
+from tests.fixtures.tiny_model import tiny_model_dir  # noqa: E402
 from tests.precompute_helpers import (  # noqa: E402
     MAX_LEN,
     K,
@@ -31,7 +32,6 @@ from tests.precompute_helpers import (  # noqa: E402
     write_jsonl,
 )
 from tests.shards_helpers import quantization_bound  # noqa: E402
-from tools.tiny_model import tiny_model_dir  # noqa: E402
 
 pytestmark = pytest.mark.slow
 AGREE = 1e-4  # vLLM vs transformers, float32
@@ -183,7 +183,7 @@ def test_eval_generation_agrees_with_transformers_greedy(engine, tiny):
     from transformers import AutoTokenizer
 
     from precompute.views import render
-    from tools.eval_generate import generate_hf, generate_vllm
+    from tools.eval.generate import generate_hf, generate_vllm
 
     tok = AutoTokenizer.from_pretrained(tiny)
     prompts = [render(tok, [{"role": "user", "content": q["question"]}], {}) for q in questions(4)]

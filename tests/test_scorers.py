@@ -1,4 +1,4 @@
-"""tools/scorers.py: answer extraction, exact match, keywords, intervals, code extraction."""
+"""tools/eval/scorers.py: answer extraction, exact match, keywords, intervals, code extraction."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tools.scorers import (
+from tools.eval.scorers import (
     bootstrap_interval,
     extract_code,
     extract_number,

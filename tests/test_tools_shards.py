@@ -319,7 +319,7 @@ def test_parse_positions(spec, n, expected):
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer_dir():
-    tiny_model = pytest.importorskip("tools.tiny_model")
+    tiny_model = pytest.importorskip("tests.fixtures.tiny_model")
     try:
         return tiny_model.tiny_model_dir()
     except Exception as e:  # pragma: no cover - the builder is someone else's module

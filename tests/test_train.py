@@ -10,8 +10,8 @@ import yaml
 
 from shards.errors import ShardError
 from shards.reader import ShardReader
+from tests.fixtures.tiny_model import build_tiny_model, tiny_model_dir
 from tests.train_helpers import write_teacher_shards
-from tools.tiny_model import build_tiny_model, tiny_model_dir
 from train.__main__ import main
 from train.batches import ShardBatches, collate, plan_batches
 from train.config import TrainConfig, load_config

@@ -16,7 +16,7 @@ the head's dtype while it is cast) and the float32 gradient of the head weight, 
 tokens there are, and the logits are never recomputed: backward just scales the stored
 gradients by the incoming scalar (a custom `torch.autograd.Function`; cheaper than
 `torch.utils.checkpoint` per chunk, which runs the head matmul twice; measured by
-`tools/bench_loss_memory.py`).
+`bench/loss_memory.py`).
 
 The gradient through the vocabulary is written by hand, so autograd only ever sees the small
 (n, K) tensors. With lse = logsumexp(z), lse_rest = logsumexp(z outside ids), p = softmax(z),

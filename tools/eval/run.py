@@ -6,8 +6,8 @@
 Each model generates (greedy by default) for every held-out example, in the student view
 (`@q`, the question alone) or the teacher view (`@qe`, question + experience, rendered
 exactly as precompute renders it: same config, same chat template). Responses are scored
-with the task's own checker (tools/scorers.py): exact match of the final number for math,
-pass@1 in a sandboxed subprocess for HumanEval-style code (tools/code_runner.py), keyword
+with the task's own checker (tools/eval/scorers.py): exact match of the final number for math,
+pass@1 in a sandboxed subprocess for HumanEval-style code (tools/eval/code_runner.py), keyword
 match for free text. The scorer is chosen per row: `test` + `entry_point` fields mean code,
 a `keywords` field means keywords, otherwise the `answer` field is a number to match.
 
@@ -20,7 +20,7 @@ so adding a run to the report
 (`make train METHOD=jsd` then `make eval`) only generates for the new run.
 
 Writes OUT/results.json, OUT/model_comparison.csv, OUT/comparison_report.md and the PNG
-plots (tools/eval_report.py).
+plots (tools/eval/report.py).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.eval_report import write_report
+from tools.eval.report import write_report
 
 DEFAULT_CONFIG = "configs/precompute.yaml"
 VIEWS = {"q": "Q", "qe": "Q+E"}
@@ -180,7 +180,7 @@ def generations(spec: ModelSpec, prompts: list[dict], args, cache: Path) -> dict
     prompt_file = cache / f"{key}.prompts.json"
     prompt_file.write_text(json.dumps(prompts))
     cmd = [
-        sys.executable, "-m", "tools.eval_generate", "--model", spec.model_dir,
+        sys.executable, "-m", "tools.eval.generate", "--model", spec.model_dir,
         "--prompts", str(prompt_file), "--out", str(out), "--backend", args.backend,
         "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature),
         "--seed", str(args.seed),
@@ -201,11 +201,11 @@ def scorer_for(row: dict) -> str:
 
 def score(row: dict, answer: str | None, response: str, timeout_s: float) -> tuple[str, float]:
     """(metric name, score in [0, 1]) of one response, by the row's own checker."""
-    from tools import scorers
+    from tools.eval import scorers
 
     kind = scorer_for(row)
     if kind == "pass@1":
-        from tools.code_runner import check_humaneval
+        from tools.eval.code_runner import check_humaneval
 
         code = scorers.extract_code(response, row["prompt"])
         # check_humaneval prepends the prompt: pass the completion alone.
@@ -219,7 +219,7 @@ def score(row: dict, answer: str | None, response: str, timeout_s: float) -> tup
 
 
 def evaluate_model(spec: ModelSpec, cfg, examples, raws, args, cache: Path) -> dict:
-    from tools.scorers import bootstrap_interval, wilson_interval
+    from tools.eval.scorers import bootstrap_interval, wilson_interval
 
     prompts = build_prompts(spec.model_dir, examples, cfg, spec.view)
     gen = generations(spec, prompts, args, cache)

@@ -1,7 +1,7 @@
 """Peak memory and time of forward + backward: chunked top-k KD losses vs the dense way.
 
-    python -m tools.bench_loss_memory --device cpu
-    python -m tools.bench_loss_memory --device cuda --V 151936 --tokens 8192 --hidden 1024 \
+    python -m bench.loss_memory --device cpu
+    python -m bench.loss_memory --device cuda --V 151936 --tokens 8192 --hidden 1024 \
         --k 64 --chunk 1024
 
 Variants, each on the same random student head (hidden (N, H), weight (V, H)) and teacher
@@ -199,7 +199,7 @@ def _worker(args) -> dict:
 
 
 def _run_variant(args, loss: str, variant: str) -> dict:
-    cmd = [sys.executable, "-m", "tools.bench_loss_memory", "--worker"]
+    cmd = [sys.executable, "-m", "bench.loss_memory", "--worker"]
     for key in ("device", "V", "tokens", "hidden", "k", "chunk", "dtype", "reps", "threads"):
         value = getattr(args, key)
         if value is not None:

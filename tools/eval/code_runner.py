@@ -1,6 +1,6 @@
 """Run untrusted generated code (HumanEval completions) in a restricted subprocess.
 
-    from tools.code_runner import check_humaneval, run_code
+    from tools.eval.code_runner import check_humaneval, run_code
     run_code("assert 1 + 1 == 2", timeout_s=2.0)  # RunResult(passed=True, status="passed", ...)
 
 Each program runs as `python -I -B` (isolated: no PYTHON* variables, no user site, no
@@ -270,7 +270,7 @@ def check_humaneval(
 ) -> RunResult:
     """Run a HumanEval problem's tests on `completion`, the text that follows its prompt.
 
-    A whole program (`tools.scorers.extract_code`) works as the completion too: the prompt
+    A whole program (`tools.eval.scorers.extract_code`) works as the completion too: the prompt
     alone is a valid stub (signature + docstring) that the program then redefines.
     """
     return run_code(humaneval_program(problem, completion), timeout_s, memory_mb)

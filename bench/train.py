@@ -1,6 +1,6 @@
 """Training from cached teacher logits vs. running the teacher on every batch.
 
-python -m tools.bench_train [--shards out/shards] [--steps 12]
+python -m bench.train [--shards out/shards] [--steps 12]
 
 Both modes train the same student on the same batches with the same loss (SKD, forward KL
 on the teacher's top-k + tail bucket). "shards" reads the teacher's top-k from the shard
@@ -128,9 +128,7 @@ def main(argv=None) -> None:
         len(r["teacher_prompt_ids"]) + len(r["response_ids"]) for b in batches[1:] for r in b
     )
     result = {
-        "command": " ".join(
-            ["python -m tools.bench_train", *(sys.argv[1:] if argv is None else argv)]
-        ),
+        "command": " ".join(["python -m bench.train", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpu": platform.processor() or platform.machine(),

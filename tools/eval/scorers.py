@@ -6,7 +6,7 @@
 * `keyword_match`: free-text answers scored by the expected keywords they contain.
 * `wilson_interval` / `bootstrap_interval`: confidence intervals of an accuracy (binary
   scores) or of a mean (any scores).
-* `extract_code`: the program of a HumanEval-style response (runs in tools/code_runner.py).
+* `extract_code`: the program of a HumanEval-style response (runs in tools/eval/code_runner.py).
 """
 
 from __future__ import annotations

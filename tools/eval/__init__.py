@@ -1,0 +1,1 @@
+"""Held-out evaluation: generation per model, scorers, sandboxed code runner, report."""
