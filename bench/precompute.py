@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from shards.vllm_env import default_kvcache_space
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "precompute.json"
 DEFAULT_DATA = REPO / "data" / "default" / "train.jsonl"
@@ -61,7 +63,7 @@ def timed(backend, prompts, sampling) -> tuple[float, int]:
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    default_kvcache_space()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default=str(REPO / "models" / "smollm2-135m-instruct"))
     p.add_argument("--prompts", type=int, default=32)

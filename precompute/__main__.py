@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from shards.vllm_env import default_kvcache_space
+
 DEFAULT_CONFIG = "configs/precompute.yaml"
 
 # flag -> config key
@@ -109,9 +111,8 @@ def resolve(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before anything imports vLLM: its CPU build reserves 92% of RAM for the KV cache
-    # otherwise.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # Before anything imports vLLM, which reads it at import.
+    default_kvcache_space()
     # vLLM's INFO lines would bury the progress bar and the summary.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:

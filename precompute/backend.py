@@ -1,13 +1,18 @@
-"""What an engine returns, shared by the vLLM and transformers backends."""
+"""The teacher engine's interface (`Backend`) and what it returns (`Scored`), shared by the
+vLLM backend (precompute/vllm_backend.py) and the transformers one (precompute/hf_backend.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from operator import attrgetter
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from shards.topk import TopKError, topk_arrays
+
+if TYPE_CHECKING:
+    from precompute.config import SamplingConfig
 
 
 @dataclass
@@ -19,6 +24,36 @@ class Scored:
     topk_logprobs: np.ndarray  # (T, k) float32
     token_logprobs: np.ndarray  # (T,) float32: logprob of token_ids[t]
     finish_reason: str | None = None
+
+
+class Backend(Protocol):
+    """A started teacher engine that returns the raw top-k logprobs of every response token.
+
+    `precompute.run` drives it; a backend holds its model until `close()`.
+    """
+
+    name: str
+    k: int  # top-k width it was started for (vLLM's max_logprobs depends on it)
+    vocab_size: int  # the logit dimension, which may exceed the tokenizer's vocabulary
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        seeds: list[int],
+        sampling: SamplingConfig,
+        fixed_length: bool = False,
+    ) -> list[list[Scored]]:
+        """sampling.n samples per prompt, seeded per prompt where the engine can; with
+        fixed_length (benchmarks) every sample runs to sampling.max_tokens past EOS."""
+        ...
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> list[Scored]:
+        """Teacher forcing: the top-k of each given response token after its prompt."""
+        ...
+
+    def close(self) -> None:
+        """Release the model (and vLLM's engine processes)."""
+        ...
 
 
 def topk_from_entries(entries: list[dict], tokens, k: int) -> Scored:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import sys
 from pathlib import Path
+
+from shards.vllm_env import default_kvcache_space
 
 TASKS = {
     # Two terms, one or two digits, no parentheses or negation: a 135M model gets some right.
@@ -167,7 +168,7 @@ def score(task: str, row: dict, response: str) -> float:
 
 def measure(task: str, n: int, seed: int, teacher: str, max_tokens: int, train: int) -> dict:
     """Teacher accuracy (greedy, vLLM) on n held-out questions, with and without experience."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    default_kvcache_space()
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt

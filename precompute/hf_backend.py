@@ -25,7 +25,7 @@ def _topk(logits: torch.Tensor, tokens: torch.Tensor, k: int):
     return ids.int().numpy(), vals.numpy(), tok.numpy()
 
 
-class HFBackend:
+class HFBackend:  # implements precompute.backend.Backend
     name = "hf"
 
     def __init__(
@@ -74,7 +74,8 @@ class HFBackend:
         sampling: SamplingConfig,
         fixed_length: bool = False,
     ) -> list[list[Scored]]:
-        """n samples per prompt with top-k logprobs; fixed_length (benchmarks) ignores EOS."""
+        """Backend.generate with transformers' `generate`: one torch seed per batch (the
+        seed of its first prompt), so samples differ from vLLM's."""
         results = []
         n = sampling.n
         for b in range(0, len(prompts), self.batch_size):

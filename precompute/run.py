@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from precompute.backend import Backend
 from precompute.config import PrecomputeConfig, content_dict
 from precompute.inputs import Example, InputError, Reject, data_fingerprint, read_examples
 from precompute.views import Views, derive_seed, make_views
@@ -122,7 +123,7 @@ def retokenizes(tokenizer, ids) -> bool:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) == ids
 
 
-def make_backend(cfg: PrecomputeConfig):
+def make_backend(cfg: PrecomputeConfig) -> Backend:
     if cfg.backend == "vllm":
         from precompute.vllm_backend import VLLMBackend
 
@@ -226,7 +227,7 @@ def _rows_for(
     return rows
 
 
-def run(cfg: PrecomputeConfig, backend=None, log=None) -> Summary:
+def run(cfg: PrecomputeConfig, backend: Backend | None = None, log=None) -> Summary:
     """Run precompute for `cfg`; `backend` reuses a started engine (tests, benchmarks)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.time()
@@ -268,7 +269,7 @@ def run(cfg: PrecomputeConfig, backend=None, log=None) -> Summary:
             if own_backend:
                 log(f"precompute: loading teacher {cfg.teacher} ({cfg.backend})")
                 backend = make_backend(cfg)
-            if getattr(backend, "k", cfg.k) != cfg.k:
+            if backend.k != cfg.k:
                 raise ValueError(f"the engine was started for k={backend.k}, config k={cfg.k}")
             if backend.vocab_size != vocab_size:
                 raise ValueError(
@@ -287,7 +288,7 @@ def run(cfg: PrecomputeConfig, backend=None, log=None) -> Summary:
     return summary
 
 
-def _loop(cfg, tokenizer, backend, writer: ShardWriter, todo, summary: Summary) -> None:
+def _loop(cfg, tokenizer, backend: Backend, writer: ShardWriter, todo, summary: Summary) -> None:
     from tqdm import tqdm
 
     bar = tqdm(

@@ -1,26 +1,24 @@
 """The vLLM engine: offline batched generation and teacher-forced scoring with raw top-k.
 
 vLLM on the CPU spawns its engine processes, so callers need an `if __name__ == "__main__"`
-guard (python -m precompute has one), and it reserves VLLM_CPU_KVCACHE_SPACE GiB for the KV
-cache, 92% of the node's memory when unset, which a shared machine refuses: we default it to
-1 GiB.
+guard (python -m precompute has one), and its KV-cache size needs a default
+(shards/vllm_env.py).
 """
 
 from __future__ import annotations
 
-import os
-
 from precompute.backend import Scored, topk_from_entries
 from precompute.config import SamplingConfig, check_engine_args
+from shards.vllm_env import default_kvcache_space
 
 LOGPROBS_MODE = "raw_logprobs"
 
 
-class VLLMBackend:
+class VLLMBackend:  # implements precompute.backend.Backend
     name = "vllm"
 
     def __init__(self, model: str, k: int, engine_args: dict, per_request_seed: str = "auto"):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        default_kvcache_space()
         check_engine_args(engine_args)
         from vllm import LLM
 
@@ -52,7 +50,8 @@ class VLLMBackend:
         sampling: SamplingConfig,
         fixed_length: bool = False,
     ) -> list[list[Scored]]:
-        """n samples per prompt with top-k logprobs; fixed_length (benchmarks) ignores EOS."""
+        """Backend.generate with vLLM's sampler (seeded per request only where that is safe:
+        see __init__)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

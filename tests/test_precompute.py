@@ -4,6 +4,7 @@ The vLLM engine's tests are in test_precompute_vllm.py."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -29,12 +30,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class NoEngine:
     """A backend that fails the test if the teacher is ever asked for anything."""
 
-    vocab_size = 512
+    name, k, vocab_size = "none", K, 512
 
     def generate(self, *a, **kw):
         raise AssertionError("the teacher ran before validation finished")
 
     score = generate
+
+    def close(self) -> None:
+        pass
 
 
 @pytest.fixture(scope="module")
@@ -359,3 +363,14 @@ def test_rerun_of_a_finished_folder_loads_no_teacher(tiny, hf, data, tmp_path):
     # Other sampling settings are a different data set: refused, not mixed in.
     with pytest.raises(Exception, match="sampling"):
         run(cfg(tiny, data, tmp_path / "out", "sampling.temperature=0.5"), backend=NoEngine())
+
+
+def test_both_backends_declare_the_backend_protocol(hf):
+    from precompute.backend import Backend
+    from precompute.vllm_backend import VLLMBackend
+
+    for cls in (HFBackend, VLLMBackend):
+        for method in ("generate", "score", "close"):
+            want = inspect.signature(getattr(Backend, method))
+            assert inspect.signature(getattr(cls, method)) == want, (cls.__name__, method)
+    assert (hf.name, hf.k, hf.vocab_size) == ("hf", K, 512)

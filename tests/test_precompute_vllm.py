@@ -12,7 +12,9 @@ import os
 import numpy as np
 import pytest
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+from shards.vllm_env import default_kvcache_space
+
+default_kvcache_space()
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 pytest.importorskip("vllm")

@@ -59,6 +59,35 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return path if path.exists() else None
 
 
+def is_run(path: str | Path) -> bool:
+    """A training run's folder: it has a complete checkpoint."""
+    return latest_checkpoint(path) is not None
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """One checkpoint's folder (step-<N>/), with its saved model."""
+    model = checkpoint_model_dir(path)
+    return (model / "config.json").exists() or (model / "adapter_config.json").exists()
+
+
+def checkpoint_model_dir(checkpoint: str | Path) -> Path:
+    """The student (or its LoRA adapter) + tokenizer saved in a checkpoint."""
+    return Path(checkpoint) / "model"
+
+
+def checkpoint_config(checkpoint: str | Path) -> dict:
+    """The resolved training config saved with a checkpoint, as plain YAML data."""
+    import yaml
+
+    return yaml.safe_load((Path(checkpoint) / "config.yaml").read_text())
+
+
+def checkpoint_run(checkpoint: str | Path) -> Path | None:
+    """The run folder a checkpoint belongs to, or None for a checkpoint copied elsewhere."""
+    root = Path(checkpoint).parent
+    return root.parent if root.name == "checkpoints" else None
+
+
 def load_checkpoint(accelerator, path: Path) -> dict:
     """Restore model/optimizer/scheduler/RNG; return this rank's trainer state."""
     accelerator.load_state(str(path / "accelerate"))

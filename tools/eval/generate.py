@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from shards.vllm_env import default_kvcache_space
+
 
 def generate_vllm(llm, prompts: list[list[int]], max_tokens: int, temperature: float, seed: int):
     """[(token_ids, text)] per prompt from a `vllm.LLM` already started."""
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     prompts = [r["prompt_ids"] for r in rows]
     t_start = time.time()
     if args.backend == "vllm":
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        default_kvcache_space()
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 

@@ -28,14 +28,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from shards.vllm_env import default_kvcache_space
 from tools.eval.report import write_report
+from train import checkpoint as ckpt
 
 DEFAULT_CONFIG = "configs/precompute.yaml"
 VIEWS = {"q": "Q", "qe": "Q+E"}
@@ -53,12 +54,13 @@ class ModelSpec:
 def resolve_path(path: str) -> tuple[str, str]:
     """(model folder, run folder or "") for a model, checkpoint or run folder."""
     p = Path(path)
-    marker = p / "checkpoints" / "latest"
-    if marker.exists():  # a run folder: its newest complete checkpoint
-        return str(p / "checkpoints" / marker.read_text().strip() / "model"), str(p)
-    if (p / "model" / "config.json").exists() or (p / "model" / "adapter_config.json").exists():
-        run = p.parent.parent if p.parent.name == "checkpoints" else None
-        return str(p / "model"), str(run) if run and (run / "metrics.jsonl").exists() else ""
+    latest = ckpt.latest_checkpoint(p)
+    if latest is not None:  # a run folder: its newest complete checkpoint
+        return str(ckpt.checkpoint_model_dir(latest)), str(p)
+    if ckpt.is_checkpoint(p):
+        run = ckpt.checkpoint_run(p)
+        has_curves = run is not None and (run / "metrics.jsonl").exists()
+        return str(ckpt.checkpoint_model_dir(p)), str(run) if has_curves else ""
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such model, checkpoint or run folder")
     return str(p), ""
@@ -79,16 +81,12 @@ def run_dirs(runs: str) -> list[Path]:
     root = Path(runs)
     if not root.is_dir():
         return []
-    return [r for r in sorted(root.iterdir()) if (r / "checkpoints" / "latest").exists()]
+    return [r for r in sorted(root.iterdir()) if ckpt.is_run(r)]
 
 
 def run_student(run: Path) -> str:
     """The model a run started from (its resolved config, saved with every checkpoint)."""
-    import yaml
-
-    model_dir, _ = resolve_path(str(run))
-    cfg = yaml.safe_load((Path(model_dir).parent / "config.yaml").read_text())
-    return cfg["model"]["path"]
+    return ckpt.checkpoint_config(ckpt.latest_checkpoint(run))["model"]["path"]
 
 
 def standard_models(teacher: str, student: str | None, runs: str) -> list[ModelSpec]:
@@ -286,7 +284,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    default_kvcache_space()
     cfg, examples, raws = load_examples(args.config, args.data, args.limit)
     out = Path(args.out)
     cache = out / "generations"

@@ -1,0 +1,27 @@
+"""The vLLM CPU KV-cache default is set in one place (shards/vllm_env.py), and a value the
+user set wins."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from shards.vllm_env import KVCACHE_SPACE_VAR, default_kvcache_space
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_is_set_unless_the_user_set_it():
+    assert default_kvcache_space({}) == {KVCACHE_SPACE_VAR: "1"}
+    assert default_kvcache_space({KVCACHE_SPACE_VAR: "4"}) == {KVCACHE_SPACE_VAR: "4"}
+
+
+def test_no_other_module_sets_its_own_default():
+    setters = re.compile(r"""(setdefault|environ\.get)\(\s*["']VLLM_CPU_KVCACHE_SPACE""")
+    found = [
+        str(p.relative_to(REPO))
+        for folder in ("shards", "precompute", "train", "tools", "bench", "tests")
+        for p in (REPO / folder).rglob("*.py")
+        if setters.search(p.read_text())
+    ]
+    assert found == []
