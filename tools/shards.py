@@ -3,6 +3,8 @@
     python -m tools.shards inspect DIR [--row N] [--tokenizer PATH] [--positions A:B] [--top N]
     python -m tools.shards stats DIR [--json]
     python -m tools.shards verify DIR
+    python -m tools.shards export DIR --format parquet --out OUT   (tools/shards_exchange.py)
+    python -m tools.shards import PARQUET --tokenizer DIR --out DIR [--k K] [--skip-invalid]
 
 `inspect` prints one row: its fields, the prompt and response (decoded with --tokenizer, else
 with the manifest's `teacher` if that is a local model folder, else as ids), and per response
@@ -407,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every file against the manifest")
     p.add_argument("dir", type=Path)
     p.set_defaults(fn=cmd_verify)
+
+    from tools.shards_exchange import add_commands
+
+    add_commands(sub)  # export, import
     return parser
 
 
