@@ -92,7 +92,8 @@ def result(name, scores, run_dir="", view="Q"):
         "mean_response_tokens": 10.0,
         "tokens_per_s": 100.0,
         "backend": "hf",
-        "examples": [{"id": f"e{i}", "score": s, "response": "r"} for i, s in enumerate(scores)],
+        "examples": [{"id": f"e{i}", "task": "arith", "score": s, "response": "r"}
+                     for i, s in enumerate(scores)],
     }  # fmt: skip
 
 
@@ -168,3 +169,14 @@ def test_precompute_train_eval_pipeline_on_the_tiny_model(tmp_path):
         assert len(list(csv.DictReader(f))) == 4
     assert "| skd (Q) | Q |" in (tmp_path / "rep" / "comparison_report.md").read_text()
     assert (tmp_path / "rep" / "training_curves.png").exists()
+    # The teacher with Q is the student before (same weights, same prompts): no difference.
+    assert doc["reference"] == "student before (Q)"
+    same = doc["paired"]["teacher (Q)"]["arith"]
+    assert (same["n"], same["diff"], same["wins"], same["losses"], same["mcnemar_p"]) == (
+        5,
+        0.0,
+        0,
+        0,
+        1.0,
+    )
+    assert doc["paired"]["skd (Q)"]["arith"]["n"] == 5

@@ -2,7 +2,10 @@
 
 The report answers "did it work?": each row's metric with its 95% interval, and, against the
 baseline row (the student before distillation), the margin and whether the two intervals
-are disjoint. Training curves come from each run's metrics.jsonl (written by the trainer).
+are disjoint. Against a reference row (by default the same baseline) every row also gets the
+paired difference on the same questions, with its paired bootstrap interval and McNemar's
+p-value (tools/eval/paired.py). Training curves come from each run's metrics.jsonl (written
+by the trainer).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+
+from tools.eval.paired import paired_differences
 
 BASELINE = "student before (Q)"
 CURVES = ("loss", "kd", "ce", "eval_loss")
@@ -102,6 +107,67 @@ def plot_metrics(path: Path, results: list[dict], tasks: list[str]) -> None:
     plt.close(fig)
 
 
+def plot_paired(path: Path, paired: dict[str, dict], tasks: list[str], reference: str) -> bool:
+    """Each row's paired difference to the reference with its 95% interval, per task."""
+    tasks = [t for t in tasks if any(t in d and d[t]["n"] for d in paired.values())]
+    if not tasks:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(paired)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 0.45 * len(names) + 1.6),
+                             squeeze=False)  # fmt: skip
+    for ax, task in zip(axes[0], tasks, strict=True):
+        rows = [(i, paired[n].get(task, {})) for i, n in enumerate(names)]
+        rows = [(i, d) for i, d in rows if d.get("n")]
+        for i, d in rows:
+            # Dark when the interval excludes zero.
+            c = "#2f6aa8" if d["ci95"][0] > 0 or d["ci95"][1] < 0 else "#999999"
+            err = [[d["diff"] - d["ci95"][0]], [d["ci95"][1] - d["diff"]]]
+            ax.errorbar([d["diff"]], [i], xerr=err, fmt="o", color=c, capsize=4)
+        ax.axvline(0.0, color="black", lw=0.8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"paired difference vs. {reference} (95% bootstrap CI)")
+        ax.set_title(f"{task}: n = {rows[0][1]['n']} paired questions")
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def paired_table(paired: dict[str, dict], tasks: list[str], reference: str) -> list[str]:
+    head = ["model", "task", "n", "difference [95% CI]", "wins", "losses", "McNemar p"]
+    lines = [
+        f"## Paired differences against {reference}",
+        "",
+        "Per question, the row's score minus the reference's; the interval is a paired "
+        "bootstrap over questions. Wins: questions the row gets right and the reference "
+        "wrong; losses: the reverse. McNemar's test on those (exact binomial below "
+        "25 discordant questions, else chi-square with continuity correction).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for name, per_task in paired.items():
+        for task in tasks:
+            d = per_task.get(task)
+            if not d or not d["n"]:
+                continue
+            cells = [name, task, str(d["n"]),
+                     f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"]  # fmt: skip
+            if "mcnemar_p" in d:
+                cells += [str(d["wins"]), str(d["losses"]), f"{d['mcnemar_p']:.3g}"]
+            else:
+                cells += ["", "", "(not 0/1 scores)"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def plot_curves(path: Path, results: list[dict]) -> bool:
     """Loss parts and eval loss against steps, one line per training run."""
     runs = [(r["name"], read_metrics(r["run_dir"])) for r in results if r["run_dir"]]
@@ -136,7 +202,8 @@ def plot_curves(path: Path, results: list[dict]) -> bool:
 
 
 def markdown(results: list[dict], tasks: list[str], settings: dict, diffs: dict,
-             has_curves: bool) -> str:  # fmt: skip
+             has_curves: bool, paired: dict, reference: str,
+             has_paired_plot: bool) -> str:  # fmt: skip
     lines = [
         "# Model comparison",
         "",
@@ -168,6 +235,10 @@ def markdown(results: list[dict], tasks: list[str], settings: dict, diffs: dict,
         cells += [f"{r['mean_response_tokens']:.1f}", f"{r['tokens_per_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "![metric per model](metric_by_model.png)", ""]
+    if paired:
+        lines += paired_table(paired, tasks, reference)
+    if has_paired_plot:
+        lines += ["![paired differences](paired_differences.png)", ""]
     if has_curves:
         lines += ["![training curves](training_curves.png)", ""]
     lines += ["## Sample responses (first held-out examples)", ""]
@@ -181,15 +252,32 @@ def markdown(results: list[dict], tasks: list[str], settings: dict, diffs: dict,
     return "\n".join(lines)
 
 
-def write_report(out: Path, results: list[dict], settings: dict, baseline: str = BASELINE) -> Path:
+def write_report(
+    out: Path, results: list[dict], settings: dict, baseline: str = BASELINE,
+    reference: str | None = None,
+) -> Path:  # fmt: skip
+    """reference: the row every other row is compared with, question by question (default:
+    the baseline)."""
     out.mkdir(parents=True, exist_ok=True)
     tasks = task_names(results)
     diffs = margins(results, baseline)
-    doc = {"settings": settings, "baseline": baseline, "margins": diffs, "models": results}
+    reference = reference or baseline
+    paired = paired_differences(results, reference, seed=settings.get("seed", 0))
+    doc = {
+        "settings": settings,
+        "baseline": baseline,
+        "margins": diffs,
+        "reference": reference,
+        "paired": paired,
+        "models": results,
+    }
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     write_csv(out / "model_comparison.csv", results, tasks)
     plot_metrics(out / "metric_by_model.png", results, tasks)
     has_curves = plot_curves(out / "training_curves.png", results)
+    has_paired_plot = plot_paired(out / "paired_differences.png", paired, tasks, reference)
     report = out / "comparison_report.md"
-    report.write_text(markdown(results, tasks, settings, diffs, has_curves))
+    report.write_text(
+        markdown(results, tasks, settings, diffs, has_curves, paired, reference, has_paired_plot)
+    )
     return report

@@ -1,7 +1,7 @@
 """python -m tools.eval: did distillation work? Models x views on held-out questions.
 
     python -m tools.eval [--data data/default/test.jsonl] [--out reports/demo]
-        [--runs runs] [--model NAME=PATH[@q|@qe] ...] [--backend vllm|hf]
+        [--runs runs] [--model NAME=PATH[@q|@qe] ...] [--backend vllm|hf] [--reference NAME]
 
 Each model generates (greedy by default) for every held-out example, in the student view
 (`@q`, the question alone) or the teacher view (`@qe`, question + experience, rendered
@@ -19,6 +19,10 @@ under OUT/generations, keyed by the model's weights, the prompts and the samplin
 so adding a run to the report
 (`make train METHOD=jsd` then `make eval`) only generates for the new run.
 
+Every row is also compared with a reference row (--reference NAME, default the student
+before) on the same questions: the paired difference with its 95% paired bootstrap interval
+and McNemar's p-value (tools/eval/paired.py).
+
 Writes OUT/results.json, OUT/model_comparison.csv, OUT/comparison_report.md and the PNG
 plots (tools/eval/report.py).
 """
@@ -35,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shards.vllm_env import default_kvcache_space
-from tools.eval.report import write_report
+from tools.eval.report import BASELINE, write_report
 from train import checkpoint as ckpt
 
 DEFAULT_CONFIG = "configs/precompute.yaml"
@@ -279,6 +283,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="first N examples only (0: all)")
     ap.add_argument("--code-timeout", type=float, default=5.0, help="seconds per program")
+    ap.add_argument(
+        "--reference",
+        default=BASELINE,
+        help=f"row the others are compared with, question by question (default: {BASELINE!r})",
+    )
     return ap
 
 
@@ -293,6 +302,9 @@ def main(argv=None) -> int:
         specs = [parse_model(m) for m in args.model]
     else:
         specs = standard_models(args.teacher or cfg.teacher, args.student, args.runs)
+    names = [spec.name for spec in specs]
+    if args.reference != BASELINE and args.reference not in names:
+        raise SystemExit(f"error: --reference {args.reference!r} is none of the rows {names}")
     results = []
     for spec in specs:
         model_dir, run_dir = resolve_path(spec.path)
@@ -311,7 +323,7 @@ def main(argv=None) -> int:
         "seed": args.seed,
         "command": shlex.join(["python", "-m", "tools.eval", *(argv or sys.argv[1:])]),
     }
-    report = write_report(out, results, settings)
+    report = write_report(out, results, settings, reference=args.reference)
     print(f"[eval] report: {report}", flush=True)
     return 0
 
