@@ -71,7 +71,10 @@ def test_hf_load_gives_the_decoded_rows(folder, meta, examples):
     assert ds.column_names == shards.hf.DECODED_SCHEMA.names
     for got in ds:
         assert_row_matches(got, want[row_key(got)], meta.codebook)
-    streamed = list(shards.hf.load(folder, streaming=True))
+    stream = shards.hf.load(folder, streaming=True)
+    # One shard per file: DataLoader workers (and `split_dataset_by_node`) divide the files.
+    assert stream.num_shards == len(list(folder.glob("part-*.arrow")))
+    streamed = list(stream)
     assert [row_key(r) for r in streamed] == [row_key(r) for r in ds]
     first = streamed[0]
     assert np.asarray(first["topk_ids"]).shape == (len(first["response_ids"]), K)
