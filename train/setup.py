@@ -12,7 +12,7 @@ from shards.fingerprint import tokenizer_fingerprint
 from shards.reader import ShardReader
 from train.batches import ShardBatches
 from train.config import TrainConfig
-from train.model import DistillModule, kd_spec, load_student, mixed_precision
+from train.model import DistillModule, load_student, mixed_precision
 from train.onpolicy import OnPolicyBatches, build_onpolicy
 
 
@@ -113,7 +113,7 @@ def build_run(cfg: TrainConfig) -> Run:
             f"shards have teacher ids up to {teacher_vocab - 1} but the student's output head "
             f"has {student_vocab} rows"
         )
-    module = DistillModule(lm, kd_spec(cfg.loss), cfg.loss.chunk_tokens)
+    module = DistillModule(lm, cfg.loss, cfg.loss.chunk_tokens)
     optimizer = torch.optim.AdamW(
         [p for p in module.parameters() if p.requires_grad],
         lr=cfg.optim.lr,
