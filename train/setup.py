@@ -14,6 +14,7 @@ from train.batches import ShardBatches
 from train.config import TrainConfig
 from train.model import DistillModule, load_student, mixed_precision
 from train.onpolicy import OnPolicyBatches, build_onpolicy
+from train.step import global_sum
 
 
 @dataclass
@@ -145,13 +146,6 @@ def build_run(cfg: TrainConfig) -> Run:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return Run(acc, module, optimizer, scheduler, source, tokenizer, out_dir, deepspeed, cfg)
-
-
-def global_sum(accelerator, value: float) -> float:
-    if accelerator.num_processes == 1:
-        return float(value)
-    t = torch.tensor(float(value), device=accelerator.device, dtype=torch.float64)
-    return float(accelerator.reduce(t, reduction="sum"))
 
 
 @torch.no_grad()
