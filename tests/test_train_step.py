@@ -153,6 +153,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes that each import transformers: about 20 s on 2 cores
 def test_two_ddp_processes_equal_one_process(model_dir, start_weights, tmp_path):
     vocab = vocab_of(model_dir)
     # Per rank 2 micro-batches (grad_accum = 2, DDP's no_sync path), rank 1 with more tokens.
