@@ -139,7 +139,7 @@ def _worker(args) -> dict:
 
     def step():
         if args.variant == "chunked":
-            loss = kd_loss(LinearHead(hidden, weight), teacher, spec=spec, chunk_size=args.chunk)
+            loss = kd_loss(LinearHead(hidden, weight), teacher, spec=spec, chunk_tokens=args.chunk)
             loss = loss.loss
         elif args.variant == "dense":
             loss = dense_part(hidden, weight, t["ids"], t["logprobs"], t["tail_logprob"])

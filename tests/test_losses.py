@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.chunked import DEFAULT_CHUNK_SIZE, LinearHead, chunked_loss, student_logprobs
+from train.chunked import DEFAULT_CHUNK_TOKENS, LinearHead, chunked_loss, student_logprobs
 from train.losses import KDSpec, TeacherSignal, generalized_jsd_tokens, kd_loss
 
 F64 = torch.float64
@@ -125,10 +125,10 @@ def ref_loss(case, student_logits64, divergence, tail, temperature, beta=0.5, ma
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def kd_sum(student, teacher, mask=None, *, targets=None, chunk_size=DEFAULT_CHUNK_SIZE, **spec):
+def kd_sum(student, teacher, mask=None, *, targets=None, chunk_tokens=DEFAULT_CHUNK_TOKENS, **spec):
     """The loss sum of KDSpec(**spec), computed the way the trainer does: kd_loss(...).loss."""
     out = kd_loss(
-        student, teacher, spec=KDSpec(**spec), targets=targets, mask=mask, chunk_size=chunk_size
+        student, teacher, spec=KDSpec(**spec), targets=targets, mask=mask, chunk_tokens=chunk_tokens
     )
     return out.loss
 
@@ -138,10 +138,10 @@ reverse_kl_sum = partial(kd_sum, divergence="reverse_kl")
 jsd_sum = partial(kd_sum, divergence="jsd")
 
 
-def dual_kl(student, teacher, *, tau, targets=None, chunk_size=DEFAULT_CHUNK_SIZE, **spec):
+def dual_kl(student, teacher, *, tau, targets=None, chunk_tokens=DEFAULT_CHUNK_TOKENS, **spec):
     """kd_loss of the dual KL with gate_tau = tau: the loss and its "gate" / "tokens" stats."""
     spec = KDSpec(divergence="dual_kl", gate_tau=tau, **spec)
-    return kd_loss(student, teacher, spec=spec, targets=targets, chunk_size=chunk_size)
+    return kd_loss(student, teacher, spec=spec, targets=targets, chunk_tokens=chunk_tokens)
 
 
 def grads(loss, inputs):
@@ -197,7 +197,7 @@ def test_divergence_matches_reference(n, v, k, divergence, beta, tail, student_k
     fn, kw = divergence_fn(divergence, beta)
     temperature = 1.0 if student_kind == "logits" else 2.0
     loss, our_grads, ref_in, to_logits = run_ours(
-        case, student_kind, fn, tail=tail, temperature=temperature, chunk_size=5, **kw
+        case, student_kind, fn, tail=tail, temperature=temperature, chunk_tokens=5, **kw
     )
     ref = ref_loss(case, to_logits(ref_in), divergence, tail, temperature, beta or 0.5)
     check_against_ref(loss, our_grads, ref, ref_in)
@@ -249,7 +249,7 @@ def test_tail_bucket_temperature_is_the_one_bucket_approximation():
 @pytest.mark.parametrize("student_kind", ["logits", "head"])
 def test_jsd_endpoints_are_exactly_the_kls(tail, student_kind):
     case = make_case(13, 257, 3, seed=21)
-    kw = dict(tail=tail, temperature=1.5, chunk_size=4)
+    kw = dict(tail=tail, temperature=1.5, chunk_tokens=4)
     for beta, kl_fn in ((0.0, forward_kl_sum), (1.0, reverse_kl_sum)):
         jsd, jsd_grads, _, _ = run_ours(case, student_kind, jsd_sum, beta=beta, **kw)
         kl, kl_grads, _, _ = run_ours(case, student_kind, kl_fn, **kw)
@@ -290,18 +290,18 @@ def test_chunked_equals_unchunked(student_kind, spec):
     mask = torch.ones(13, dtype=torch.bool)
     mask[[2, 9]] = False
 
-    def run(chunk_size):
+    def run(chunk_tokens):
         return run_ours(
             case,
             student_kind,
             lambda s, t: kd_loss(
-                s, t, spec=spec, targets=case.targets, mask=mask, chunk_size=chunk_size
+                s, t, spec=spec, targets=case.targets, mask=mask, chunk_tokens=chunk_tokens
             ),
         )[:2]
 
     whole, whole_grads = run(13)
-    for chunk_size in (1, 4, 5, 11, 64):
-        loss, our_grads = run(chunk_size)
+    for chunk_tokens in (1, 4, 5, 11, 64):
+        loss, our_grads = run(chunk_tokens)
         torch.testing.assert_close(loss, whole, rtol=1e-6, atol=1e-6)
         for a, b in zip(our_grads, whole_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
@@ -335,7 +335,7 @@ def test_all_masked_is_zero_without_nan(spec, student_kind):
 
     def fn(s, t):
         nonlocal out
-        out = kd_loss(s, t, spec=spec, targets=case.targets, mask=mask, chunk_size=3)
+        out = kd_loss(s, t, spec=spec, targets=case.targets, mask=mask, chunk_tokens=3)
         return out.loss
 
     loss, our_grads, _, _ = run_ours(case, student_kind, fn)
@@ -354,7 +354,7 @@ def test_masked_rows_equal_the_subset(student_kind):
     loss, our_grads, ref_in, to_logits = run_ours(
         case,
         student_kind,
-        lambda s, t: kd_loss(s, t, spec=spec, mask=mask, chunk_size=4).loss,
+        lambda s, t: kd_loss(s, t, spec=spec, mask=mask, chunk_tokens=4).loss,
     )
     ref = ref_loss(case, to_logits(ref_in), "jsd", "tail_bucket", 1.3, 0.4, mask=mask)
     check_against_ref(loss, our_grads, ref, ref_in)
@@ -424,7 +424,9 @@ def test_head_dtypes(dtype, rtol, atol, divergence, beta):
     """
     case = make_case(13, 257, 3, seed=61, h=32)
     fn, kw = divergence_fn(divergence, beta)
-    loss, our_grads, ref_in, to_logits = run_ours(case, "head", fn, dtype=dtype, chunk_size=6, **kw)
+    loss, our_grads, ref_in, to_logits = run_ours(
+        case, "head", fn, dtype=dtype, chunk_tokens=6, **kw
+    )
     assert loss.dtype == torch.float32
     assert [g.dtype for g in our_grads] == [dtype] * 3
     ref = ref_loss(case, to_logits(ref_in), divergence, "tail_bucket", 1.0, beta or 0.5)
@@ -462,7 +464,7 @@ def test_dual_kl_matches_reference(gate, fkl, tail, student_kind):
 
     def fn(s, t):
         nonlocal out
-        out = dual_kl(s, t, temperature=temperature, chunk_size=4, **kw)
+        out = dual_kl(s, t, temperature=temperature, chunk_tokens=4, **kw)
         return out.loss
 
     loss, our_grads, ref_in, to_logits = run_ours(case, student_kind, fn)
@@ -515,7 +517,7 @@ def test_mc_reverse_kl_is_unbiased_in_value_and_gradient():
     )
     row32 = row.detach().float().requires_grad_()
     logits = row32.expand(samples, v)
-    loss = reverse_kl_sum(logits, teacher, reverse_kl_estimator="mc", targets=y, chunk_size=8192)
+    loss = reverse_kl_sum(logits, teacher, reverse_kl_estimator="mc", targets=y, chunk_tokens=8192)
     (grad,) = grads(loss, [row32])
     mean, mean_grad = loss.item() / samples, grad.to(F64) / samples
 
@@ -545,7 +547,7 @@ def test_ce_matches_reference(student_kind):
     loss, our_grads, ref_in, to_logits = run_ours(
         case,
         student_kind,
-        lambda s, t: kd_sum(s, None, mask, alpha=0.0, targets=case.targets, chunk_size=5),
+        lambda s, t: kd_sum(s, None, mask, alpha=0.0, targets=case.targets, chunk_tokens=5),
     )
     logp = to_logits(ref_in).log_softmax(1)
     ref = -logp.gather(1, case.targets[:, None])[:, 0][mask].sum()
@@ -561,7 +563,7 @@ def test_skd_mix_and_stats(student_kind):
 
     def fn(s, teacher):
         nonlocal out
-        out = kd_loss(s, teacher, spec=spec, targets=case.targets, chunk_size=4)
+        out = kd_loss(s, teacher, spec=spec, targets=case.targets, chunk_tokens=4)
         return out.loss
 
     loss, our_grads, ref_in, to_logits = run_ours(case, student_kind, fn)
@@ -595,25 +597,25 @@ def test_no_grad_and_frozen_inputs():
     case = make_case(7, 257, 3, seed=95)
     h, w, b = case.leaves()
     with torch.no_grad():
-        value = jsd_sum(LinearHead(h, w, b), case.teacher, chunk_size=3)
+        value = jsd_sum(LinearHead(h, w, b), case.teacher, chunk_tokens=3)
     assert not value.requires_grad
     w_frozen = w.detach()
-    loss = jsd_sum(LinearHead(h, w_frozen), case.teacher, chunk_size=3)
+    loss = jsd_sum(LinearHead(h, w_frozen), case.teacher, chunk_tokens=3)
     (gh,) = grads(loss, [h])
     ref_in = [h.detach().to(F64).requires_grad_()]
     ref = ref_loss(case, ref_in[0].to(F64) @ w_frozen.to(F64).T, "jsd", "tail_bucket", 1.0)
     check_against_ref(loss, [gh], ref, ref_in)
     torch.testing.assert_close(
-        value, jsd_sum(LinearHead(h, w, b), case.teacher, chunk_size=7).detach()
+        value, jsd_sum(LinearHead(h, w, b), case.teacher, chunk_tokens=7).detach()
     )
 
 
 def test_backward_scales_with_the_upstream_gradient():
     case = make_case(7, 257, 3, seed=97)
     h, w, b = case.leaves()
-    loss = forward_kl_sum(LinearHead(h, w, b), case.teacher, chunk_size=3)
+    loss = forward_kl_sum(LinearHead(h, w, b), case.teacher, chunk_tokens=3)
     (g1,) = grads(loss, [w])
-    loss = forward_kl_sum(LinearHead(h, w, b), case.teacher, chunk_size=3)
+    loss = forward_kl_sum(LinearHead(h, w, b), case.teacher, chunk_tokens=3)
     (g2,) = grads(loss / 7.0, [w])
     torch.testing.assert_close(g2, g1 / 7.0)
 
@@ -642,7 +644,7 @@ def test_chunked_loss_with_a_custom_divergence():
         ids=case.ids,
         row_inputs=[case.teacher.logprobs],
         num_stats=1,
-        chunk_size=3,
+        chunk_tokens=3,
     )
     ref_logits = logits.detach().to(F64).requires_grad_()
     s = student_logprobs(ref_logits, case.ids)

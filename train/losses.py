@@ -10,7 +10,7 @@ Conventions (read these before wiring a loss into a trainer)
   float32 chunk by chunk; the result is float32 whatever the input dtype.
 * **Student input.** Either plain logits (N, V), for small models and tests, or a
   `LinearHead` (hidden (N, H), lm_head weight (V, H), optional bias): the memory-bounded path,
-  which never materializes the logits of more than `chunk_size` tokens (see train/chunked.py).
+  which never materializes the logits of more than `chunk_tokens` tokens (see train/chunked.py).
   Both go through the same chunking and the same divergence code. `mask` (N,) bool selects the
   tokens that count; passing only the valid tokens' hidden states (mask None) is cheaper.
 * **Teacher signal** (`TeacherSignal`): per token the K top-k ids (unsorted), their raw
@@ -133,7 +133,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from train.chunked import (
-    DEFAULT_CHUNK_SIZE,
+    DEFAULT_CHUNK_TOKENS,
     LinearHead,
     Student,
     StudentLogprobs,
@@ -145,7 +145,7 @@ if TYPE_CHECKING:
     from shards.codec import TeacherTopK
 
 __all__ = [
-    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_CHUNK_TOKENS",
     "LOG_FLOOR",
     "KDSpec",
     "LinearHead",
@@ -502,7 +502,7 @@ def kd_loss(
     spec: KDSpec,
     targets: Tensor | None = None,
     mask: Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> LossOutput:
     """The loss of `spec` summed over the valid tokens, with logging stats.
 
@@ -510,7 +510,7 @@ def kd_loss(
     teacher: the teacher signal for the same N tokens (None only for a pure CE spec).
     targets: (N,) response token ids; needed when spec's CE weight > 0 or for MC reverse KL.
     mask: (N,) bool, the tokens that count (None: all).
-    chunk_size: tokens per chunk. Peak memory is about one (chunk_size, V) float32 buffer
+    chunk_tokens: tokens per chunk. Peak memory is about one (chunk_tokens, V) float32 buffer
         (plus its copy in the head's dtype) and, for a `LinearHead`, a (V, H) float32
         gradient accumulator for the weight.
     """
@@ -533,7 +533,7 @@ def kd_loss(
         targets=targets,
         mask=mask,
         num_stats=len(STAT_NAMES),
-        chunk_size=chunk_size,
+        chunk_tokens=chunk_tokens,
     )
     n = student.num_tokens if isinstance(student, LinearHead) else student.shape[0]
     count = mask.sum() if mask is not None else torch.tensor(n)

@@ -111,5 +111,5 @@ class DistillModule(nn.Module):
             teacher if self.spec.alpha > 0 else None,  # SeqKD: CE only, skip the KD work
             spec=self.spec,
             targets=batch.targets,
-            chunk_size=self.chunk_tokens,
+            chunk_tokens=self.chunk_tokens,
         )
