@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "loss_memory.json"
 VARIANTS = ("dense", "checkpoint", "chunked")
 LOSSES = {
-    "fkl": dict(divergence="fkl", tail="tail_bucket"),
+    "fkl": dict(divergence="forward_kl", tail="tail_bucket"),
     "jsd": dict(divergence="jsd", beta=0.5, tail="tail_bucket"),
 }
 SIZES = {  # device -> defaults (the CPU ones finish in well under 2 minutes on 2 cores)
@@ -139,7 +139,7 @@ def _worker(args) -> dict:
 
     def step():
         if args.variant == "chunked":
-            loss = kd_loss(LinearHead(hidden, weight), teacher, spec=spec, chunk_size=args.chunk)
+            loss = kd_loss(LinearHead(hidden, weight), teacher, spec=spec, chunk_tokens=args.chunk)
             loss = loss.loss
         elif args.variant == "dense":
             loss = dense_part(hidden, weight, t["ids"], t["logprobs"], t["tail_logprob"])

@@ -71,7 +71,7 @@ def run_mode(student_dir, batches, *, teacher=None, k: int, max_length: int, chu
 
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
-    module = DistillModule(lm, KDSpec(divergence="fkl", tail="tail_bucket"), chunk)
+    module = DistillModule(lm, KDSpec(divergence="forward_kl", tail="tail_bucket"), chunk)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-5)
     timings = {"teacher": 0.0, "student": 0.0}
     tokens, losses = 0, []

@@ -1,8 +1,11 @@
 """Frozen dataclasses from YAML plus `key=value` overrides, for both phases' configs.
 
-precompute/ and train/ never import each other, so the overlay both use lives here, beside
-the shard contract they share. `build(Cls, apply_overrides(yaml_dict, ["a.b=1"]))` checks
-every value against the field's type and refuses unknown keys, naming them.
+precompute/ and train/ never import each other, so the overlay both use lives here, in the
+shared kernel (see shards/__init__.py). `build(Cls, apply_overrides(yaml_dict, ["a.b=1"]))`
+checks every value against the field's type (a `Literal[...]` is a choice: the error lists
+the allowed values), refuses unknown keys, naming them (with a hint for a renamed key), and
+prefixes the errors a dataclass's own `__post_init__` raises with its section
+("loss.beta must be in [0, 1]"), so each range is checked once, where the field is declared.
 """
 
 from __future__ import annotations
@@ -18,6 +21,12 @@ import yaml
 def parse_value(value, tp, key: str):
     """Coerce a YAML value to a dataclass field type, or raise naming the key."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) or value not in choices:
+            allowed = " | ".join(str(c) for c in choices)
+            raise ValueError(f"{key}: expected one of {allowed}, got {value!r}")
+        return value
     if origin in (tuple, list):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -68,15 +77,21 @@ def parse_value(value, tp, key: str):
     raise ValueError(f"{key}: unsupported type {tp}")
 
 
-def build(cls, data: dict, prefix: str = ""):
-    """Instantiate dataclass `cls` from a nested dict; unknown keys are errors."""
+def build(cls, data: dict, prefix: str = "", renamed: dict[str, str] | None = None):
+    """Instantiate dataclass `cls` from a nested dict; unknown keys are errors.
+
+    renamed: dotted old key -> what replaced it, named in the error when an old key is used.
+    """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
+        said = [prefix + u for u in unknown]
+        moved = [f"{k} is now {renamed[k]}" for k in said if k in (renamed or {})]
         raise ValueError(
-            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
-            f"known in {prefix or 'top level'}: {', '.join(sorted(names))}"
+            f"unknown config key(s) {', '.join(said)}"
+            + (f" ({'; '.join(moved)})" if moved else "")
+            + f"; known in {prefix or 'top level'}: {', '.join(sorted(names))}"
         )
     kwargs = {}
     for name, value in data.items():
@@ -84,10 +99,13 @@ def build(cls, data: dict, prefix: str = ""):
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ValueError(f"{prefix}{name}: expected a section, got {value!r}")
-            kwargs[name] = build(tp, value, f"{prefix}{name}.")
+            kwargs[name] = build(tp, value, f"{prefix}{name}.", renamed)
         else:
             kwargs[name] = parse_value(value, tp, prefix + name)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a range check in __post_init__, which names the field
+        raise ValueError(f"{prefix}{e}") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

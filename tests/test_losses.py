@@ -10,23 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
-from train.chunked import LinearHead, chunked_loss, student_logprobs
-from train.losses import (
-    KDSpec,
-    TeacherSignal,
-    ce_sum,
-    dual_kl_sum,
-    forward_kl_sum,
-    generalized_jsd_tokens,
-    jsd_sum,
-    kd_loss,
-    reverse_kl_sum,
-)
+from train.chunked import DEFAULT_CHUNK_TOKENS, LinearHead, chunked_loss, student_logprobs
+from train.losses import KDSpec, TeacherSignal, generalized_jsd_tokens, kd_loss
 
 F64 = torch.float64
 
@@ -106,9 +97,9 @@ def ref_jsd(p, q, beta):
 
 def ref_divergence(q, p, divergence: str, beta: float = 0.5):
     """JSD's endpoints are the KLs by definition (the mixture formula would give 0)."""
-    if divergence == "fkl" or (divergence == "jsd" and beta == 0.0):
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
         return ref_kl(p, q)
-    if divergence == "rkl" or (divergence == "jsd" and beta == 1.0):
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
         return ref_kl(q, p)
     return ref_jsd(p, q, beta)
 
@@ -132,6 +123,25 @@ def ref_loss(case, student_logits64, divergence, tail, temperature, beta=0.5, ma
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
+
+def kd_sum(student, teacher, mask=None, *, targets=None, chunk_tokens=DEFAULT_CHUNK_TOKENS, **spec):
+    """The loss sum of KDSpec(**spec), computed the way the trainer does: kd_loss(...).loss."""
+    out = kd_loss(
+        student, teacher, spec=KDSpec(**spec), targets=targets, mask=mask, chunk_tokens=chunk_tokens
+    )
+    return out.loss
+
+
+forward_kl_sum = partial(kd_sum, divergence="forward_kl")
+reverse_kl_sum = partial(kd_sum, divergence="reverse_kl")
+jsd_sum = partial(kd_sum, divergence="jsd")
+
+
+def dual_kl(student, teacher, *, tau, targets=None, chunk_tokens=DEFAULT_CHUNK_TOKENS, **spec):
+    """kd_loss of the dual KL with gate_tau = tau: the loss and its "gate" / "tokens" stats."""
+    spec = KDSpec(divergence="dual_kl", gate_tau=tau, **spec)
+    return kd_loss(student, teacher, spec=spec, targets=targets, chunk_tokens=chunk_tokens)
 
 
 def grads(loss, inputs):
@@ -167,15 +177,12 @@ def check_against_ref(loss, our_grads, ref_loss_value, ref_in, rtol=2e-5, atol=2
 
 
 SHAPES = [(1, 11, 1), (7, 11, 3), (13, 11, 11), (7, 257, 1), (13, 257, 3)]
-DIVERGENCES = [("fkl", None), ("rkl", None), ("jsd", 0.5), ("jsd", 0.2)]
+DIVERGENCES = [("forward_kl", None), ("reverse_kl", None), ("jsd", 0.5), ("jsd", 0.2)]
 
 
 def divergence_fn(divergence, beta):
-    if divergence == "fkl":
-        return forward_kl_sum, {}
-    if divergence == "rkl":
-        return reverse_kl_sum, {}
-    return jsd_sum, {"beta": beta}
+    kw = {} if beta is None else {"beta": beta}
+    return partial(kd_sum, divergence=divergence), kw
 
 
 # ---- divergences vs the reference ------------------------------------------------------------
@@ -190,7 +197,7 @@ def test_divergence_matches_reference(n, v, k, divergence, beta, tail, student_k
     fn, kw = divergence_fn(divergence, beta)
     temperature = 1.0 if student_kind == "logits" else 2.0
     loss, our_grads, ref_in, to_logits = run_ours(
-        case, student_kind, fn, tail=tail, temperature=temperature, chunk_size=5, **kw
+        case, student_kind, fn, tail=tail, temperature=temperature, chunk_tokens=5, **kw
     )
     ref = ref_loss(case, to_logits(ref_in), divergence, tail, temperature, beta or 0.5)
     check_against_ref(loss, our_grads, ref, ref_in)
@@ -242,7 +249,7 @@ def test_tail_bucket_temperature_is_the_one_bucket_approximation():
 @pytest.mark.parametrize("student_kind", ["logits", "head"])
 def test_jsd_endpoints_are_exactly_the_kls(tail, student_kind):
     case = make_case(13, 257, 3, seed=21)
-    kw = dict(tail=tail, temperature=1.5, chunk_size=4)
+    kw = dict(tail=tail, temperature=1.5, chunk_tokens=4)
     for beta, kl_fn in ((0.0, forward_kl_sum), (1.0, reverse_kl_sum)):
         jsd, jsd_grads, _, _ = run_ours(case, student_kind, jsd_sum, beta=beta, **kw)
         kl, kl_grads, _, _ = run_ours(case, student_kind, kl_fn, **kw)
@@ -275,37 +282,37 @@ def test_jsd_mixture_vanishes_at_the_endpoints():
 @pytest.mark.parametrize("student_kind", ["logits", "head"])
 @pytest.mark.parametrize("spec", [
     KDSpec(divergence="jsd", beta=0.3, temperature=2.0),
-    KDSpec(divergence="dual_kl", rkl_estimator="mc", alpha=0.7, sft_alpha=0.1),
-    KDSpec(divergence="fkl", tail="renormalize", fkl_support="argmax"),
+    KDSpec(divergence="dual_kl", reverse_kl_estimator="mc", alpha=0.7, sft_alpha=0.1),
+    KDSpec(divergence="forward_kl", tail="renormalize", forward_kl_support="argmax"),
 ])  # fmt: skip
 def test_chunked_equals_unchunked(student_kind, spec):
     case = make_case(13, 257, 3, seed=31)
     mask = torch.ones(13, dtype=torch.bool)
     mask[[2, 9]] = False
 
-    def run(chunk_size):
+    def run(chunk_tokens):
         return run_ours(
             case,
             student_kind,
             lambda s, t: kd_loss(
-                s, t, spec=spec, targets=case.targets, mask=mask, chunk_size=chunk_size
+                s, t, spec=spec, targets=case.targets, mask=mask, chunk_tokens=chunk_tokens
             ),
         )[:2]
 
     whole, whole_grads = run(13)
-    for chunk_size in (1, 4, 5, 11, 64):
-        loss, our_grads = run(chunk_size)
+    for chunk_tokens in (1, 4, 5, 11, 64):
+        loss, our_grads = run(chunk_tokens)
         torch.testing.assert_close(loss, whole, rtol=1e-6, atol=1e-6)
         for a, b in zip(our_grads, whole_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
 
 
 ALL_SPECS = [
-    KDSpec(divergence="fkl"),
-    KDSpec(divergence="rkl", tail="renormalize", temperature=2.0),
+    KDSpec(divergence="forward_kl"),
+    KDSpec(divergence="reverse_kl", tail="renormalize", temperature=2.0),
     KDSpec(divergence="jsd", beta=0.5),
-    KDSpec(divergence="dual_kl", gate="hard", fkl_support="argmax"),
-    KDSpec(divergence="rkl", rkl_estimator="mc"),
+    KDSpec(divergence="dual_kl", gate="hard", forward_kl_support="argmax"),
+    KDSpec(divergence="reverse_kl", reverse_kl_estimator="mc"),
     KDSpec(alpha=0.0),  # pure CE
     KDSpec(divergence="jsd", alpha=0.5, sft_alpha=1.0),
 ]
@@ -328,7 +335,7 @@ def test_all_masked_is_zero_without_nan(spec, student_kind):
 
     def fn(s, t):
         nonlocal out
-        out = kd_loss(s, t, spec=spec, targets=case.targets, mask=mask, chunk_size=3)
+        out = kd_loss(s, t, spec=spec, targets=case.targets, mask=mask, chunk_tokens=3)
         return out.loss
 
     loss, our_grads, _, _ = run_ours(case, student_kind, fn)
@@ -347,7 +354,7 @@ def test_masked_rows_equal_the_subset(student_kind):
     loss, our_grads, ref_in, to_logits = run_ours(
         case,
         student_kind,
-        lambda s, t: kd_loss(s, t, spec=spec, mask=mask, chunk_size=4).loss,
+        lambda s, t: kd_loss(s, t, spec=spec, mask=mask, chunk_tokens=4).loss,
     )
     ref = ref_loss(case, to_logits(ref_in), "jsd", "tail_bucket", 1.3, 0.4, mask=mask)
     check_against_ref(loss, our_grads, ref, ref_in)
@@ -399,7 +406,7 @@ def test_tiny_student_tail_is_exact(student_kind):
     ref_in = logits.detach().to(F64).requires_grad_()
     q = ref_in.log_softmax(1)
     assert (torch.logsumexp(q.masked_fill(~outside, -math.inf), 1) < -20).all()
-    ref = ref_loss(case, ref_in, "fkl", "tail_bucket", 1.0)
+    ref = ref_loss(case, ref_in, "forward_kl", "tail_bucket", 1.0)
     check_against_ref(loss, grads(loss, [logits]), ref, [ref_in])
 
 
@@ -409,7 +416,7 @@ def test_tiny_student_tail_is_exact(student_kind):
 @pytest.mark.parametrize(
     "dtype,rtol,atol", [(torch.float32, 2e-5, 2e-5), (torch.bfloat16, 3e-2, 3e-2)]
 )
-@pytest.mark.parametrize("divergence,beta", [("fkl", None), ("jsd", 0.5)])
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", None), ("jsd", 0.5)])
 def test_head_dtypes(dtype, rtol, atol, divergence, beta):
     """bf16 hidden / weight: the head matmul rounds the logits to bf16, hence looser tolerances.
 
@@ -417,7 +424,9 @@ def test_head_dtypes(dtype, rtol, atol, divergence, beta):
     """
     case = make_case(13, 257, 3, seed=61, h=32)
     fn, kw = divergence_fn(divergence, beta)
-    loss, our_grads, ref_in, to_logits = run_ours(case, "head", fn, dtype=dtype, chunk_size=6, **kw)
+    loss, our_grads, ref_in, to_logits = run_ours(
+        case, "head", fn, dtype=dtype, chunk_tokens=6, **kw
+    )
     assert loss.dtype == torch.float32
     assert [g.dtype for g in our_grads] == [dtype] * 3
     ref = ref_loss(case, to_logits(ref_in), divergence, "tail_bucket", 1.0, beta or 0.5)
@@ -450,12 +459,12 @@ def test_dual_kl_matches_reference(gate, fkl, tail, student_kind):
     q, p = ref_buckets(logits64.log_softmax(1), case.teacher_logp, case.ids, tail, temperature)
     rkl = ref_kl(q, p)
     tau = rkl.median().item() + 1e-3  # a mix of both sides of the gate, no ties
-    kw = dict(tau=tau, gate=gate, gate_alpha=gate_alpha, fkl=fkl, tail=tail)
+    kw = dict(tau=tau, gate=gate, gate_alpha=gate_alpha, forward_kl_support=fkl, tail=tail)
     out = None
 
     def fn(s, t):
         nonlocal out
-        out = dual_kl_sum(s, t, temperature=temperature, chunk_size=4, **kw)
+        out = dual_kl(s, t, temperature=temperature, chunk_tokens=4, **kw)
         return out.loss
 
     loss, our_grads, ref_in, to_logits = run_ours(case, student_kind, fn)
@@ -469,18 +478,18 @@ def test_dual_kl_matches_reference(gate, fkl, tail, student_kind):
     fkl_t = ref_argmax_fkl(q, p, 3) if fkl == "argmax" else ref_kl(p, q)
     ref = temperature**2 * (lam * rkl + (1 - lam) * fkl_t).sum()
     check_against_ref(loss, our_grads, ref, ref_in)
-    assert_close64(out.gate_sum, lam.sum(), rtol=1e-5, atol=1e-5)
-    assert out.count.item() == 13
+    assert_close64(out.stats["gate"], lam.sum(), rtol=1e-5, atol=1e-5)
+    assert out.stats["tokens"].item() == 13
     if gate == "hard":
-        assert 0 < out.gate_sum.item() < 13
+        assert 0 < out.stats["gate"].item() < 13
 
 
 def test_dual_kl_gate_extremes():
     case = make_case(7, 257, 3, seed=73)
     logits = case.logits64(case.hidden, case.weight, case.bias).float()
-    always_rkl = dual_kl_sum(logits, case.teacher, tau=math.inf, gate="hard")
-    never_rkl = dual_kl_sum(logits, case.teacher, tau=-math.inf, gate="hard")
-    assert always_rkl.gate_sum.item() == 7 and never_rkl.gate_sum.item() == 0
+    always_rkl = dual_kl(logits, case.teacher, tau=math.inf, gate="hard")
+    never_rkl = dual_kl(logits, case.teacher, tau=-math.inf, gate="hard")
+    assert always_rkl.stats["gate"].item() == 7 and never_rkl.stats["gate"].item() == 0
     torch.testing.assert_close(always_rkl.loss, reverse_kl_sum(logits, case.teacher))
     torch.testing.assert_close(never_rkl.loss, forward_kl_sum(logits, case.teacher))
 
@@ -508,7 +517,7 @@ def test_mc_reverse_kl_is_unbiased_in_value_and_gradient():
     )
     row32 = row.detach().float().requires_grad_()
     logits = row32.expand(samples, v)
-    loss = reverse_kl_sum(logits, teacher, estimator="mc", targets=y, chunk_size=8192)
+    loss = reverse_kl_sum(logits, teacher, reverse_kl_estimator="mc", targets=y, chunk_tokens=8192)
     (grad,) = grads(loss, [row32])
     mean, mean_grad = loss.item() / samples, grad.to(F64) / samples
 
@@ -523,7 +532,7 @@ def test_mc_reverse_kl_is_unbiased_in_value_and_gradient():
     assert exact_grad.abs().max() > 10 * tol.max()
 
     # the same estimator inside dual KL with the gate pinned to reverse KL
-    dual = dual_kl_sum(logits, teacher, tau=math.inf, gate="hard", rkl="mc", targets=y)
+    dual = dual_kl(logits, teacher, tau=math.inf, gate="hard", reverse_kl_estimator="mc", targets=y)
     torch.testing.assert_close(dual.loss, loss)
 
 
@@ -531,12 +540,14 @@ def test_mc_reverse_kl_is_unbiased_in_value_and_gradient():
 
 
 @pytest.mark.parametrize("student_kind", ["logits", "head"])
-def test_ce_sum_matches_reference(student_kind):
+def test_ce_matches_reference(student_kind):
     case = make_case(13, 257, 3, seed=91)
     mask = torch.ones(13, dtype=torch.bool)
     mask[0] = False
     loss, our_grads, ref_in, to_logits = run_ours(
-        case, student_kind, lambda s, t: ce_sum(s, case.targets, mask, chunk_size=5)
+        case,
+        student_kind,
+        lambda s, t: kd_sum(s, None, mask, alpha=0.0, targets=case.targets, chunk_tokens=5),
     )
     logp = to_logits(ref_in).log_softmax(1)
     ref = -logp.gather(1, case.targets[:, None])[:, 0][mask].sum()
@@ -552,7 +563,7 @@ def test_skd_mix_and_stats(student_kind):
 
     def fn(s, teacher):
         nonlocal out
-        out = kd_loss(s, teacher, spec=spec, targets=case.targets, chunk_size=4)
+        out = kd_loss(s, teacher, spec=spec, targets=case.targets, chunk_tokens=4)
         return out.loss
 
     loss, our_grads, ref_in, to_logits = run_ours(case, student_kind, fn)
@@ -572,7 +583,7 @@ def test_pure_kd_needs_no_targets_and_pure_ce_no_teacher():
     kd = kd_loss(logits, case.teacher, spec=KDSpec())
     assert set(kd.stats) == {"tokens", "kd"}
     ce = kd_loss(logits, None, spec=KDSpec(alpha=0.0), targets=case.targets)
-    torch.testing.assert_close(ce.loss, ce_sum(logits, case.targets))
+    torch.testing.assert_close(ce.loss, kd_sum(logits, None, alpha=0.0, targets=case.targets))
     with pytest.raises(ValueError, match="targets"):
         kd_loss(logits, case.teacher, spec=KDSpec(alpha=0.5))
     with pytest.raises(ValueError, match="teacher"):
@@ -586,25 +597,25 @@ def test_no_grad_and_frozen_inputs():
     case = make_case(7, 257, 3, seed=95)
     h, w, b = case.leaves()
     with torch.no_grad():
-        value = jsd_sum(LinearHead(h, w, b), case.teacher, chunk_size=3)
+        value = jsd_sum(LinearHead(h, w, b), case.teacher, chunk_tokens=3)
     assert not value.requires_grad
     w_frozen = w.detach()
-    loss = jsd_sum(LinearHead(h, w_frozen), case.teacher, chunk_size=3)
+    loss = jsd_sum(LinearHead(h, w_frozen), case.teacher, chunk_tokens=3)
     (gh,) = grads(loss, [h])
     ref_in = [h.detach().to(F64).requires_grad_()]
     ref = ref_loss(case, ref_in[0].to(F64) @ w_frozen.to(F64).T, "jsd", "tail_bucket", 1.0)
     check_against_ref(loss, [gh], ref, ref_in)
     torch.testing.assert_close(
-        value, jsd_sum(LinearHead(h, w, b), case.teacher, chunk_size=7).detach()
+        value, jsd_sum(LinearHead(h, w, b), case.teacher, chunk_tokens=7).detach()
     )
 
 
 def test_backward_scales_with_the_upstream_gradient():
     case = make_case(7, 257, 3, seed=97)
     h, w, b = case.leaves()
-    loss = forward_kl_sum(LinearHead(h, w, b), case.teacher, chunk_size=3)
+    loss = forward_kl_sum(LinearHead(h, w, b), case.teacher, chunk_tokens=3)
     (g1,) = grads(loss, [w])
-    loss = forward_kl_sum(LinearHead(h, w, b), case.teacher, chunk_size=3)
+    loss = forward_kl_sum(LinearHead(h, w, b), case.teacher, chunk_tokens=3)
     (g2,) = grads(loss / 7.0, [w])
     torch.testing.assert_close(g2, g1 / 7.0)
 
@@ -633,7 +644,7 @@ def test_chunked_loss_with_a_custom_divergence():
         ids=case.ids,
         row_inputs=[case.teacher.logprobs],
         num_stats=1,
-        chunk_size=3,
+        chunk_tokens=3,
     )
     ref_logits = logits.detach().to(F64).requires_grad_()
     s = student_logprobs(ref_logits, case.ids)
@@ -668,9 +679,9 @@ def test_teacher_signal_from_shard_arrays():
         dict(beta=1.5),
         dict(alpha=-0.1),
         dict(sft_alpha=-1.0),
-        dict(divergence="jsd", rkl_estimator="mc"),
-        dict(divergence="rkl", rkl_estimator="mc", temperature=2.0),
-        dict(divergence="rkl", fkl_support="argmax"),
+        dict(divergence="jsd", reverse_kl_estimator="mc"),
+        dict(divergence="reverse_kl", reverse_kl_estimator="mc", temperature=2.0),
+        dict(divergence="reverse_kl", forward_kl_support="argmax"),
     ],
 )
 def test_spec_validation(kwargs):

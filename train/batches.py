@@ -62,7 +62,8 @@ class Batch:
 
 
 class BatchSource(Protocol):
-    """Where the trainer's batches come from: shards now, live student samples later."""
+    """Where the trainer's batches come from: shards (`ShardBatches`) or live student samples
+    (train/onpolicy.py). `update` gets each consumed batch after its optimizer step."""
 
     def __iter__(self) -> Iterator[Batch]: ...
 

@@ -47,7 +47,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_CHUNK_TOKENS = 1024
 
 
 class StudentLogprobs(NamedTuple):
@@ -158,7 +158,7 @@ def _chunk_loss_and_grad(
 class _Config:
     loss_fn: TokenLossFn
     num_stats: int
-    chunk_size: int
+    chunk_tokens: int
     need_grad: bool
     num_row_inputs: int
 
@@ -184,8 +184,8 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=device) if want_b else None
         need_grad = want_x or want_w or want_b
 
-        for start in range(0, rows.numel(), cfg.chunk_size):
-            r = rows[start : start + cfg.chunk_size]
+        for start in range(0, rows.numel(), cfg.chunk_tokens):
+            r = rows[start : start + cfg.chunk_tokens]
             if weight is None:
                 z = x.index_select(0, r).to(torch.float32)  # index_select copies: z is ours
                 h = None
@@ -247,7 +247,7 @@ def chunked_loss(
     targets: Tensor | None = None,
     mask: Tensor | None = None,
     num_stats: int = 0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> tuple[Tensor, Tensor]:
     """Sum over valid tokens of ``loss_fn(StudentLogprobs, *row_inputs)``, chunk by chunk.
 
@@ -264,8 +264,8 @@ def chunked_loss(
     Returns (loss, stats): a float32 scalar, differentiable w.r.t. the logits or the hidden
     states, weight and bias, and the (S,) float32 sums of the stats (no gradient).
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if isinstance(student, LinearHead):
         x, weight, bias = student.hidden, student.weight, student.bias
         if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
@@ -291,5 +291,5 @@ def chunked_loss(
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias)
     )
-    cfg = _Config(loss_fn, num_stats, chunk_size, need_grad, len(row_inputs))
+    cfg = _Config(loss_fn, num_stats, chunk_tokens, need_grad, len(row_inputs))
     return _ChunkedLoss.apply(cfg, rows, ids, targets, x, weight, bias, *row_inputs)

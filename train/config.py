@@ -2,8 +2,15 @@
 
 `load_config("configs/train/skd.yaml", ["loss.beta=0.5", "max_steps=100"])` reads the YAML,
 applies `key=value` overrides (dotted keys reach into sections; values are parsed as YAML
-scalars and checked against the field's type) and refuses unknown keys, so a typo fails
-before a run starts instead of being silently ignored.
+scalars and checked against the field's type; a `Literal` field takes one of its values) and
+refuses unknown keys, so a typo fails before a run starts instead of being silently ignored.
+Each dataclass checks its own ranges in `__post_init__`; `TrainConfig` adds the checks that
+span sections.
+
+The `loss:` section is `train.losses.KDSpec` itself (plus `chunk_tokens`): the YAML keys are
+the spec's field names, so a loss knob has one name from the YAML to the loss code. The
+recipes of configs/train/ are values: seqkd is `alpha: 0`, skd `divergence: forward_kl` with
+`alpha < 1`, jsd `divergence: jsd`, dualkl `divergence: dual_kl`.
 """
 
 from __future__ import annotations
@@ -11,18 +18,27 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from shards.typed_config import apply_overrides, build
+from train.losses import KDSpec
 
-METHODS = ("seqkd", "skd", "jsd", "dualkl")
+# Keys of older configs, and what replaced them (named in the unknown-key error).
+RENAMED = {
+    "loss.method": "loss.divergence: forward_kl | reverse_kl | jsd | dual_kl "
+    "(seqkd: loss.alpha=0; skd: forward_kl with loss.alpha < 1; dualkl: dual_kl)",
+    "loss.direction": "loss.divergence: forward_kl | reverse_kl",
+    "loss.reverse": "loss.reverse_kl_estimator",
+    "loss.forward": "loss.forward_kl_support",
+}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "models/smollm2-student"
-    dtype: str = "auto"  # auto: bfloat16 on a GPU that supports it, else float32
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on a capable GPU
     lora: bool = False
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -37,7 +53,7 @@ class ModelConfig:
         "down_proj",
     )
     gradient_checkpointing: bool = False
-    quantize: str = "none"  # none | 4bit | 8bit (QLoRA; needs CUDA and bitsandbytes)
+    quantize: Literal["none", "4bit", "8bit"] = "none"  # QLoRA; needs CUDA and bitsandbytes
 
 
 @dataclass(frozen=True)
@@ -50,24 +66,19 @@ class DataConfig:
     sort_window: int = 256  # rows sorted by length together before batching
     window_blocks: int = 4  # shard reader shuffle window, in record batches
     num_workers: int = 0  # DataLoader workers
-    verify: str = "full"  # full | size | none (shard checksums)
+    verify: Literal["full", "size", "none"] = "full"  # shard checksums
 
 
 @dataclass(frozen=True)
-class LossConfig:
-    method: str = "skd"  # seqkd | skd | jsd | dualkl
-    alpha: float = 1.0  # SKD: alpha * KD + (1 - alpha) * CE; alpha = 1 is pure KD
-    direction: str = "forward"  # SKD divergence: forward KL(teacher||student) | reverse
-    beta: float = 0.5  # JSD(beta): 0 = forward KL, 1 = reverse KL
-    temperature: float = 1.0
-    tail: str = "tail_bucket"  # tail_bucket | renormalize
-    sft_alpha: float = 0.0  # weight of an extra SFT (CE) term added to any KD loss
-    gate: str = "soft"  # dual-KL gate: soft | hard
-    gate_alpha: float = 10.0
-    gate_tau: float = 0.5
-    reverse: str = "exact"  # dual-KL reverse KL: exact | mc (sampled token)
-    forward: str = "topk"  # dual-KL forward KL: topk | argmax
+class LossConfig(KDSpec):
+    """The loss (every field of `KDSpec`, documented there) and how it is chunked."""
+
     chunk_tokens: int = 1024  # tokens per loss chunk: bounds the logits held in memory
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
 
 
 @dataclass(frozen=True)
@@ -76,7 +87,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 10
-    schedule: str = "cosine"  # cosine | linear | constant
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float = 1.0
 
 
@@ -105,6 +116,19 @@ class OnPolicyConfig:
     concurrency: int = 8  # teacher requests in flight
     write_shards: str = ""  # also write the samples with their teacher scores here
 
+    def __post_init__(self) -> None:
+        checks = [
+            (0.0 <= self.lmbda <= 1.0, f"lmbda must be in [0, 1], got {self.lmbda}"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (self.max_new_tokens > 0, "max_new_tokens must be > 0"),
+            (self.n_samples > 0 and self.max_prompts > 0, "n_samples, max_prompts must be > 0"),
+            (self.k >= 0 and self.concurrency > 0, "k must be >= 0 and concurrency > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -126,37 +150,13 @@ class TrainConfig:
     # the schedule still spans max_steps, and resume=true continues
     deepspeed: str = ""  # path of a DeepSpeed config (configs/deepspeed/*.json) or empty
 
-
-def validate(cfg: TrainConfig) -> TrainConfig:
-    checks = [
-        (cfg.loss.method in METHODS, f"loss.method must be one of {METHODS}"),
-        (cfg.loss.direction in ("forward", "reverse"), "loss.direction: forward | reverse"),
-        (cfg.loss.tail in ("tail_bucket", "renormalize"), "loss.tail: tail_bucket | renormalize"),
-        (0.0 <= cfg.loss.beta <= 1.0, "loss.beta must be in [0, 1]"),
-        (0.0 <= cfg.loss.alpha <= 1.0, "loss.alpha must be in [0, 1]"),
-        (cfg.loss.temperature > 0, "loss.temperature must be > 0"),
-        (cfg.loss.gate in ("soft", "hard"), "loss.gate: soft | hard"),
-        (cfg.loss.reverse in ("exact", "mc"), "loss.reverse: exact | mc"),
-        (cfg.loss.forward in ("topk", "argmax"), "loss.forward: topk | argmax"),
-        (cfg.optim.schedule in ("cosine", "linear", "constant"), "optim.schedule"),
-        (cfg.model.quantize in ("none", "4bit", "8bit"), "model.quantize: none | 4bit | 8bit"),
-        (cfg.data.verify in ("full", "size", "none"), "data.verify: full | size | none"),
-        (cfg.max_steps > 0 and cfg.grad_accum > 0, "max_steps and grad_accum must be > 0"),
-        (0.0 <= cfg.onpolicy.lmbda <= 1.0, "onpolicy.lmbda must be in [0, 1]"),
-        (cfg.onpolicy.temperature > 0, "onpolicy.temperature must be > 0"),
-        (0.0 < cfg.onpolicy.top_p <= 1.0, "onpolicy.top_p must be in (0, 1]"),
-        (cfg.onpolicy.max_new_tokens > 0, "onpolicy.max_new_tokens must be > 0"),
-        (cfg.onpolicy.n_samples > 0 and cfg.onpolicy.max_prompts > 0, "onpolicy.n_samples"),
-        (cfg.onpolicy.k >= 0 and cfg.onpolicy.concurrency > 0, "onpolicy.k, concurrency"),
-        (
-            not cfg.onpolicy.teacher_url or cfg.loss.method != "seqkd",
-            "on-policy distillation needs a KD loss (skd, jsd, dualkl), not seqkd",
-        ),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ValueError(msg)
-    return cfg
+    def __post_init__(self) -> None:
+        if not (self.max_steps > 0 and self.grad_accum > 0):
+            raise ValueError("max_steps and grad_accum must be > 0")
+        if self.onpolicy.teacher_url and self.loss.alpha == 0:
+            raise ValueError(
+                "on-policy distillation needs a KD loss (loss.alpha > 0), not seqkd (alpha 0)"
+            )
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
@@ -165,7 +165,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
-    return validate(build(TrainConfig, apply_overrides(data, list(overrides))))
+    return build(TrainConfig, apply_overrides(data, list(overrides)), renamed=RENAMED)
 
 
 def to_dict(cfg) -> dict:

@@ -36,7 +36,8 @@ class Logger:
                     self.tb.add_scalar(k, v, step)
         self.bar.update(1)
         shown = {k: metrics[k] for k in ("loss", "tok/s", "gate") if k in metrics}
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+        if shown:  # steps that are not written keep the last written values on the bar
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
 
     def close(self) -> None:
         if self.enabled:

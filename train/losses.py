@@ -10,7 +10,7 @@ Conventions (read these before wiring a loss into a trainer)
   float32 chunk by chunk; the result is float32 whatever the input dtype.
 * **Student input.** Either plain logits (N, V), for small models and tests, or a
   `LinearHead` (hidden (N, H), lm_head weight (V, H), optional bias): the memory-bounded path,
-  which never materializes the logits of more than `chunk_size` tokens (see train/chunked.py).
+  which never materializes the logits of more than `chunk_tokens` tokens (see train/chunked.py).
   Both go through the same chunking and the same divergence code. `mask` (N,) bool selects the
   tokens that count; passing only the valid tokens' hidden states (mask None) is cheaper.
 * **Teacher signal** (`TeacherSignal`): per token the K top-k ids (unsorted), their raw
@@ -60,14 +60,21 @@ is always at T = 1, unscaled. How T enters each policy:
 Divergences (per token, on the buckets; P = teacher, Q = student)
 -----------------------------------------------------------------
 
+`KDSpec.divergence` names one of them: ``forward_kl``, ``reverse_kl``, ``jsd``, ``dual_kl``.
+These names, and every other `KDSpec` field name, are also the keys of the training config's
+`loss:` section (train/config.py's `LossConfig` is a `KDSpec`), so one knob has one name from
+the YAML to this file. The recipes are values of them: SeqKD is ``alpha: 0`` (CE on the
+teacher's responses, no KD term; the divergence is unused), SKD is ``forward_kl`` (or
+``reverse_kl``) with 0 < alpha <= 1.
+
 * forward KL  KL(P || Q) = sum_b P_b (log P_b - log Q_b): mass-covering.
 * reverse KL  KL(Q || P) = sum_b Q_b (log Q_b - log P_b): mode-seeking.
 * generalized JSD(beta): M = beta P + (1 - beta) Q,
   JSD_beta = beta KL(P || M) + (1 - beta) KL(Q || M); beta = 0.5 is the symmetric JSD.
   The mixture formula goes to 0 at both ends (JSD_beta ~ beta FKL as beta -> 0 and
   ~ (1 - beta) RKL as beta -> 1), so the endpoints are defined by branching: beta = 0 IS the
-  forward KL and beta = 1 IS the reverse KL, computed by the same code as `forward_kl_sum` /
-  `reverse_kl_sum` (bitwise equal). The loss is therefore discontinuous at the endpoints
+  forward KL and beta = 1 IS the reverse KL, computed by the same code as ``forward_kl`` /
+  ``reverse_kl`` (bitwise equal). The loss is therefore discontinuous at the endpoints
   (JSD_0.01 is about 100x smaller than JSD_0) and is not rescaled in between.
   This is TRL's convention: `GKDTrainer.generalized_jsd_loss` (and the GKD paper, Agarwal et
   al. 2024, eq. 1) uses the same M = beta * teacher + (1 - beta) * student, the same weights
@@ -84,24 +91,25 @@ Divergences (per token, on the buckets; P = teacher, Q = student)
   (D_t < tau): there mode-seeking refinement is safe and sharpens the student onto the
   teacher's modes. Where the student is far, it falls back to FORWARD KL, whose gradient
   covers all of the teacher's mass and pulls the student towards it; reverse KL there is
-  zero-forcing and can lock the student onto one wrong mode. For logging, the sum of the gate
-  and the token count are returned (mean gate = gate_sum / count).
+  zero-forcing and can lock the student onto one wrong mode. For logging, `kd_loss` returns the
+  sum of the gate and the token count (stats "gate" and "tokens"; mean gate = their ratio).
 
-  Reverse KL can be exact on the buckets (``"exact"``) or a Monte Carlo estimate on the
-  response token y (``"mc"``): RKL_t ~ log q(y) - log p(y) with the student's and teacher's
-  FULL-vocabulary logprobs (`token_logprob`), so it estimates the full-vocabulary reverse KL,
-  not the bucketed one, and it is unbiased only if y was sampled from the current student
-  (on-policy data; with teacher-written or stale responses it is not the reverse KL). The
-  plain difference has the wrong gradient: d/dtheta of log q(y) has expectation 0 under
-  y ~ q. The gradient of KL(q || p) is E_{y~q}[(log q(y) - log p(y)) grad log q(y)] (score
-  function; the extra term E[grad log q] is 0), so the per-token term is built as
-  d + d * (log q(y) - stop_grad(log q(y))) with d = stop_grad(log q(y) - log p(y)): its value
-  is the estimate d and its gradient is d grad log q(y), unbiased. No baseline is
-  subtracted. MC needs T = 1 (the teacher's tempered token logprob is unknown).
+  Reverse KL (``reverse_kl_estimator``) can be exact on the buckets (``"exact"``) or a Monte
+  Carlo estimate on the response token y (``"mc"``): RKL_t ~ log q(y) - log p(y) with the
+  student's and teacher's FULL-vocabulary logprobs (`token_logprob`), so it estimates the
+  full-vocabulary reverse KL, not the bucketed one, and it is unbiased only if y was sampled
+  from the current student (on-policy data; with teacher-written or stale responses it is not
+  the reverse KL). The plain difference has the wrong gradient: d/dtheta of log q(y) has
+  expectation 0 under y ~ q. The gradient of KL(q || p) is
+  E_{y~q}[(log q(y) - log p(y)) grad log q(y)] (score function; the extra term E[grad log q]
+  is 0), so the per-token term is built as d + d * (log q(y) - stop_grad(log q(y))) with
+  d = stop_grad(log q(y) - log p(y)): its value is the estimate d and its gradient is
+  d grad log q(y), unbiased. No baseline is subtracted. MC needs T = 1 (the teacher's
+  tempered token logprob is unknown).
 
-  Forward KL can use the whole top-k (``"topk"``) or the teacher's argmax only
-  (``"argmax"``): the bucket distributions collapsed to two buckets, {argmax, everything
-  else} (a binary KL; by data processing it is <= the top-k forward KL).
+  Forward KL (``forward_kl_support``) can use the whole top-k (``"topk"``) or the teacher's
+  argmax only (``"argmax"``): the bucket distributions collapsed to two buckets, {argmax,
+  everything else} (a binary KL; by data processing it is <= the top-k forward KL).
 
 SKD mix: the CE weight
 ----------------------
@@ -125,7 +133,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from train.chunked import (
-    DEFAULT_CHUNK_SIZE,
+    DEFAULT_CHUNK_TOKENS,
     LinearHead,
     Student,
     StudentLogprobs,
@@ -137,34 +145,32 @@ if TYPE_CHECKING:
     from shards.codec import TeacherTopK
 
 __all__ = [
-    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_CHUNK_TOKENS",
     "LOG_FLOOR",
-    "DualKLOutput",
     "KDSpec",
     "LinearHead",
     "LossOutput",
     "Student",
+    "Divergence",
+    "ForwardKLSupport",
+    "GateKind",
+    "ReverseKLEstimator",
     "TailPolicy",
     "TeacherSignal",
     "bucket_logprobs",
-    "ce_sum",
     "collapse_to_argmax",
     "dual_gate",
-    "dual_kl_sum",
-    "forward_kl_sum",
     "generalized_jsd_tokens",
-    "jsd_sum",
     "kd_loss",
     "kl_tokens",
     "mc_reverse_kl_tokens",
-    "reverse_kl_sum",
     "token_loss_fn",
 ]
 
 TailPolicy = Literal["renormalize", "tail_bucket"]
-Divergence = Literal["fkl", "rkl", "jsd", "dual_kl"]
-RklEstimator = Literal["exact", "mc"]
-FklSupport = Literal["topk", "argmax"]
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "dual_kl"]
+ReverseKLEstimator = Literal["exact", "mc"]
+ForwardKLSupport = Literal["topk", "argmax"]
 GateKind = Literal["soft", "hard"]
 
 # Log-probabilities are clamped here: exp(LOG_FLOOR) is exactly 0 in float32, so an empty
@@ -340,28 +346,33 @@ def mc_reverse_kl_tokens(student_token_logprob: Tensor, teacher_token_logprob: T
 class KDSpec:
     """What to compute per token. See the module docstring for every convention.
 
-    divergence: "fkl" | "rkl" | "jsd" | "dual_kl".
+    The training config's `loss:` section is this dataclass (plus chunk_tokens): its field
+    names are the YAML keys, and `__post_init__` is the one place they are checked.
+
+    divergence: "forward_kl" | "reverse_kl" | "jsd" | "dual_kl".
     tail: the tail policy, "renormalize" | "tail_bucket".
     temperature: T > 0, for the KD term only (which is multiplied by T^2).
     beta: generalized JSD mixture weight of the teacher (0 = FKL, 1 = RKL, 0.5 symmetric).
     alpha: SKD mix, loss = alpha * KD + (1 - alpha) * CE; 1 = pure KD. Other tools use the
         opposite convention.
     sft_alpha: extra CE (SFT) weight added to any KD loss.
-    rkl_estimator: "exact" on the buckets, or "mc" on the response token (rkl, dual_kl).
-    fkl_support: "topk", or "argmax" (binary {teacher argmax, rest}) (fkl, dual_kl).
+    reverse_kl_estimator: "exact" on the buckets, or "mc" on the response token
+        (reverse_kl, dual_kl).
+    forward_kl_support: "topk", or "argmax" (binary {teacher argmax, rest})
+        (forward_kl, dual_kl).
     gate, gate_tau, gate_alpha: dual-KL gate; lambda = sigmoid(gate_alpha (gate_tau - RKL))
         ("soft") or 1[RKL < gate_tau] ("hard"); tau in nats of per-token bucket RKL. The
         defaults are placeholders: tune them.
     """
 
-    divergence: Divergence = "fkl"
+    divergence: Divergence = "forward_kl"
     tail: TailPolicy = "tail_bucket"
     temperature: float = 1.0
     beta: float = 0.5
     alpha: float = 1.0
     sft_alpha: float = 0.0
-    rkl_estimator: RklEstimator = "exact"
-    fkl_support: FklSupport = "topk"
+    reverse_kl_estimator: ReverseKLEstimator = "exact"
+    forward_kl_support: ForwardKLSupport = "topk"
     gate: GateKind = "soft"
     gate_tau: float = 0.5
     gate_alpha: float = 10.0
@@ -370,12 +381,13 @@ class KDSpec:
         for name, lit in (
             ("divergence", Divergence),
             ("tail", TailPolicy),
-            ("rkl_estimator", RklEstimator),
-            ("fkl_support", FklSupport),
+            ("reverse_kl_estimator", ReverseKLEstimator),
+            ("forward_kl_support", ForwardKLSupport),
             ("gate", GateKind),
         ):
             if getattr(self, name) not in get_args(lit):
-                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {get_args(lit)}")
+                allowed = " | ".join(get_args(lit))
+                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.beta <= 1.0:
@@ -384,13 +396,17 @@ class KDSpec:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.sft_alpha < 0:
             raise ValueError(f"sft_alpha must be >= 0, got {self.sft_alpha}")
-        if self.rkl_estimator == "mc":
-            if self.divergence not in ("rkl", "dual_kl"):
-                raise ValueError("rkl_estimator='mc' applies to divergence 'rkl' or 'dual_kl'")
+        if self.reverse_kl_estimator == "mc":
+            if self.divergence not in ("reverse_kl", "dual_kl"):
+                raise ValueError(
+                    "reverse_kl_estimator=mc applies to divergence reverse_kl or dual_kl only"
+                )
             if self.temperature != 1.0:
-                raise ValueError("the Monte Carlo reverse KL needs temperature 1")
-        if self.fkl_support == "argmax" and self.divergence not in ("fkl", "dual_kl"):
-            raise ValueError("fkl_support='argmax' applies to divergence 'fkl' or 'dual_kl'")
+                raise ValueError("reverse_kl_estimator=mc (Monte Carlo) needs temperature 1")
+        if self.forward_kl_support == "argmax" and self.divergence not in ("forward_kl", "dual_kl"):
+            raise ValueError(
+                "forward_kl_support=argmax applies to divergence forward_kl or dual_kl only"
+            )
 
     @property
     def kd_weight(self) -> float:
@@ -402,17 +418,17 @@ class KDSpec:
 
     @property
     def needs_targets(self) -> bool:
-        return self.ce_weight > 0 or (self.rkl_estimator == "mc" and self.alpha > 0)
+        return self.ce_weight > 0 or (self.reverse_kl_estimator == "mc" and self.alpha > 0)
 
 
 def _forward_kl(spec: KDSpec, log_q: Tensor, log_p: Tensor, k: int) -> Tensor:
-    if spec.fkl_support == "argmax":
+    if spec.forward_kl_support == "argmax":
         log_q, log_p = collapse_to_argmax(log_q, log_p, k)
     return kl_tokens(log_p, log_q)
 
 
 def _reverse_kl(spec, log_q, log_p, student_target, teacher_token) -> Tensor:
-    if spec.rkl_estimator == "mc":
+    if spec.reverse_kl_estimator == "mc":
         return mc_reverse_kl_tokens(student_target, teacher_token.float())
     return kl_tokens(log_q, log_p)
 
@@ -439,9 +455,9 @@ def token_loss_fn(spec: KDSpec) -> TokenLossFn:
                 temperature=spec.temperature,
             )
             k = t_logprobs.shape[1]
-            if spec.divergence == "fkl":
+            if spec.divergence == "forward_kl":
                 kd = _forward_kl(spec, log_q, log_p, k)
-            elif spec.divergence == "rkl":
+            elif spec.divergence == "reverse_kl":
                 kd = _reverse_kl(spec, log_q, log_p, s.target, t_token)
             elif spec.divergence == "jsd":
                 kd = generalized_jsd_tokens(log_p, log_q, spec.beta)
@@ -479,14 +495,6 @@ class LossOutput(NamedTuple):
     stats: dict[str, Tensor]
 
 
-class DualKLOutput(NamedTuple):
-    """loss: the sum over valid tokens; gate_sum / count is the mean gate (1 = reverse KL)."""
-
-    loss: Tensor
-    gate_sum: Tensor
-    count: Tensor
-
-
 def kd_loss(
     student: Student,
     teacher: TeacherSignal | None,
@@ -494,7 +502,7 @@ def kd_loss(
     spec: KDSpec,
     targets: Tensor | None = None,
     mask: Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> LossOutput:
     """The loss of `spec` summed over the valid tokens, with logging stats.
 
@@ -502,7 +510,7 @@ def kd_loss(
     teacher: the teacher signal for the same N tokens (None only for a pure CE spec).
     targets: (N,) response token ids; needed when spec's CE weight > 0 or for MC reverse KL.
     mask: (N,) bool, the tokens that count (None: all).
-    chunk_size: tokens per chunk. Peak memory is about one (chunk_size, V) float32 buffer
+    chunk_tokens: tokens per chunk. Peak memory is about one (chunk_tokens, V) float32 buffer
         (plus its copy in the head's dtype) and, for a `LinearHead`, a (V, H) float32
         gradient accumulator for the weight.
     """
@@ -510,7 +518,7 @@ def kd_loss(
         raise ValueError("a KD loss (alpha > 0) needs the teacher signal")
     if spec.needs_targets and targets is None:
         raise ValueError("this loss needs targets (CE weight > 0 or Monte Carlo reverse KL)")
-    if teacher is not None and spec.rkl_estimator == "mc" and teacher.token_logprob is None:
+    if teacher is not None and spec.reverse_kl_estimator == "mc" and teacher.token_logprob is None:
         raise ValueError("the Monte Carlo reverse KL needs teacher.token_logprob")
     if teacher is None:
         ids, row_inputs = None, ()
@@ -525,7 +533,7 @@ def kd_loss(
         targets=targets,
         mask=mask,
         num_stats=len(STAT_NAMES),
-        chunk_size=chunk_size,
+        chunk_tokens=chunk_tokens,
     )
     n = student.num_tokens if isinstance(student, LinearHead) else student.shape[0]
     count = mask.sum() if mask is not None else torch.tensor(n)
@@ -537,93 +545,3 @@ def kd_loss(
     if teacher is not None and spec.divergence == "dual_kl":
         stats["gate"] = sums[2]
     return LossOutput(loss, stats)
-
-
-def ce_sum(
-    student: Student,
-    targets: Tensor,
-    mask: Tensor | None = None,
-    *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> Tensor:
-    """Sum over valid tokens of -log q(target) at T = 1 (SeqKD / SFT). targets: (N,)."""
-    spec = KDSpec(alpha=0.0)
-    return kd_loss(student, None, spec=spec, targets=targets, mask=mask, chunk_size=chunk_size)[0]
-
-
-def forward_kl_sum(
-    student: Student,
-    teacher: TeacherSignal,
-    mask: Tensor | None = None,
-    *,
-    tail: TailPolicy = "tail_bucket",
-    temperature: float = 1.0,
-    support: FklSupport = "topk",
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> Tensor:
-    """Sum over valid tokens of T^2 KL(teacher || student) on the buckets."""
-    spec = KDSpec(divergence="fkl", tail=tail, temperature=temperature, fkl_support=support)
-    return kd_loss(student, teacher, spec=spec, mask=mask, chunk_size=chunk_size)[0]
-
-
-def reverse_kl_sum(
-    student: Student,
-    teacher: TeacherSignal,
-    mask: Tensor | None = None,
-    *,
-    tail: TailPolicy = "tail_bucket",
-    temperature: float = 1.0,
-    estimator: RklEstimator = "exact",
-    targets: Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> Tensor:
-    """Sum over valid tokens of T^2 KL(student || teacher): exact on the buckets, or the Monte
-    Carlo estimate on `targets` (full vocabulary, on-policy samples, T = 1)."""
-    spec = KDSpec(divergence="rkl", tail=tail, temperature=temperature, rkl_estimator=estimator)
-    out = kd_loss(student, teacher, spec=spec, targets=targets, mask=mask, chunk_size=chunk_size)
-    return out.loss
-
-
-def jsd_sum(
-    student: Student,
-    teacher: TeacherSignal,
-    mask: Tensor | None = None,
-    *,
-    beta: float = 0.5,
-    tail: TailPolicy = "tail_bucket",
-    temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> Tensor:
-    """Sum over valid tokens of T^2 JSD_beta (TRL/GKD convention; beta 0 = FKL, 1 = RKL)."""
-    spec = KDSpec(divergence="jsd", tail=tail, temperature=temperature, beta=beta)
-    return kd_loss(student, teacher, spec=spec, mask=mask, chunk_size=chunk_size)[0]
-
-
-def dual_kl_sum(
-    student: Student,
-    teacher: TeacherSignal,
-    mask: Tensor | None = None,
-    *,
-    tau: float,
-    gate: GateKind = "soft",
-    gate_alpha: float = 10.0,
-    rkl: RklEstimator = "exact",
-    fkl: FklSupport = "topk",
-    targets: Tensor | None = None,
-    tail: TailPolicy = "tail_bucket",
-    temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> DualKLOutput:
-    """Sum over valid tokens of T^2 (lambda_t RKL_t + (1 - lambda_t) FKL_t), and the gate stats."""
-    spec = KDSpec(
-        divergence="dual_kl",
-        tail=tail,
-        temperature=temperature,
-        rkl_estimator=rkl,
-        fkl_support=fkl,
-        gate=gate,
-        gate_tau=tau,
-        gate_alpha=gate_alpha,
-    )
-    out = kd_loss(student, teacher, spec=spec, targets=targets, mask=mask, chunk_size=chunk_size)
-    return DualKLOutput(out.loss, out.stats["gate"], out.stats["tokens"])

@@ -111,31 +111,5 @@ class DistillModule(nn.Module):
             teacher if self.spec.alpha > 0 else None,  # SeqKD: CE only, skip the KD work
             spec=self.spec,
             targets=batch.targets,
-            chunk_size=self.chunk_tokens,
+            chunk_tokens=self.chunk_tokens,
         )
-
-
-def kd_spec(loss_cfg) -> KDSpec:
-    """The loss of a method, from the `loss` config section."""
-    method = loss_cfg.method
-    if method == "seqkd":
-        # Cross-entropy on the teacher's responses: KD weight 0, CE weight 1.
-        return KDSpec(divergence="fkl", alpha=0.0, tail=loss_cfg.tail, sft_alpha=0.0)
-    divergence = {
-        "skd": "fkl" if loss_cfg.direction == "forward" else "rkl",
-        "jsd": "jsd",
-        "dualkl": "dual_kl",
-    }[method]
-    return KDSpec(
-        divergence=divergence,
-        tail=loss_cfg.tail,
-        temperature=loss_cfg.temperature,
-        beta=loss_cfg.beta,
-        alpha=loss_cfg.alpha if method == "skd" else 1.0,
-        sft_alpha=loss_cfg.sft_alpha,
-        rkl_estimator=loss_cfg.reverse if divergence in ("rkl", "dual_kl") else "exact",
-        fkl_support=loss_cfg.forward if divergence in ("fkl", "dual_kl") else "topk",
-        gate=loss_cfg.gate,
-        gate_tau=loss_cfg.gate_tau,
-        gate_alpha=loss_cfg.gate_alpha,
-    )

@@ -12,8 +12,9 @@ from shards.fingerprint import tokenizer_fingerprint
 from shards.reader import ShardReader
 from train.batches import ShardBatches
 from train.config import TrainConfig
-from train.model import DistillModule, kd_spec, load_student, mixed_precision
+from train.model import DistillModule, load_student, mixed_precision
 from train.onpolicy import OnPolicyBatches, build_onpolicy
+from train.step import global_sum
 
 
 @dataclass
@@ -113,7 +114,7 @@ def build_run(cfg: TrainConfig) -> Run:
             f"shards have teacher ids up to {teacher_vocab - 1} but the student's output head "
             f"has {student_vocab} rows"
         )
-    module = DistillModule(lm, kd_spec(cfg.loss), cfg.loss.chunk_tokens)
+    module = DistillModule(lm, cfg.loss, cfg.loss.chunk_tokens)
     optimizer = torch.optim.AdamW(
         [p for p in module.parameters() if p.requires_grad],
         lr=cfg.optim.lr,
@@ -145,13 +146,6 @@ def build_run(cfg: TrainConfig) -> Run:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return Run(acc, module, optimizer, scheduler, source, tokenizer, out_dir, deepspeed, cfg)
-
-
-def global_sum(accelerator, value: float) -> float:
-    if accelerator.num_processes == 1:
-        return float(value)
-    t = torch.tensor(float(value), device=accelerator.device, dtype=torch.float64)
-    return float(accelerator.reduce(t, reduction="sum"))
 
 
 @torch.no_grad()
