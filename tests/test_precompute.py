@@ -77,7 +77,7 @@ def test_bad_rows_named_before_any_teacher_time(tiny, tmp_path):
     assert f"{path}, line 4, field 'question': expected a string, got int" in msg
     assert f"{path}, line 6, field 'experience': expected a string, got list" in msg
     assert f"{path}, line 7, field '<row>': expected a JSON object" in msg
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not list((tmp_path / "out").glob("*"))
 
 
 def test_skip_invalid_writes_rejects_and_goes_on(tiny, hf, tmp_path):
@@ -86,7 +86,7 @@ def test_skip_invalid_writes_rejects_and_goes_on(tiny, hf, tmp_path):
     out = tmp_path / "out"
     s = run(cfg(tiny, path, out, "skip_invalid=true", "sampling.temperature=0"), backend=hf)
     assert (s.examples, s.rejects) == (4, 3)
-    rejects = [json.loads(x) for x in (out / "rejects-w0.jsonl").read_text().splitlines()]
+    rejects = [json.loads(x) for x in (out / "rejects-w0-00000.jsonl").read_text().splitlines()]
     assert [r["where"] for r in rejects] == [f"{path}, line {n}" for n in (5, 6, 7)]
     assert rejects[0]["row"] == "{oops"
     assert rejects[1]["field"] == "question" and rejects[1]["reason"] == "missing"
@@ -323,7 +323,7 @@ def test_resume_after_kill_9(tiny, tmp_path):
     )
     deadline = time.time() + 120
     while time.time() < deadline:
-        m = out / "manifest.json"
+        m = out / "manifest-w0.json"
         if m.exists() and len(load_manifest(out).files) >= 2:
             break
         assert proc.poll() is None, proc.stderr.read().decode()

@@ -99,7 +99,7 @@ def test_generate_writes_valid_shards(engine, model, tiny, data, tmp_path):
     meta = ShardFolder(out).metadata
     assert meta.logprobs_mode == "raw_logprobs" and meta.k == K and meta.vocab_size == 512
     assert meta.sampling["n"] == 2 and meta.sampling["mode"] == "generate"
-    assert (out / "precompute_config.yaml").exists()
+    assert [p.name for p in out.glob("precompute_config*")] == ["precompute_config-w0-00000.yaml"]
     by_id = {}
     for r in rows:
         by_id.setdefault(r["id"], []).append(r)
