@@ -174,7 +174,9 @@ def file_checksums(path: Path, batch_ends: list[int]) -> dict:
         try:
             # Arrow writes the schema with the first batch: the first batch starts after the
             # magic (8 bytes), the continuation marker and length (8) and the schema message.
-            (schema_len,) = struct.unpack_from("<i", view, 12)
+            marker, schema_len = struct.unpack_from("<Ii", view, 8)
+            if marker != 0xFFFFFFFF:  # the Arrow >= 0.15 IPC format that pyarrow writes
+                raise ShardError(path, "unexpected Arrow IPC layout: no continuation marker")
             offsets = [16 + schema_len, *batch_ends]
 
             def xxh(a: int, b: int) -> str:
