@@ -66,6 +66,9 @@ class FileEntry:
     batch_xxh3: list[str] | None = None
     head_xxh3: str | None = None
     foot_xxh3: str | None = None
+    # A merge of earlier files of this writer (ShardWriter.compact): their entries, each
+    # {"name", "commit", "rows", "tokens"}, which keep their commit numbers accounted for.
+    replaces: list[dict] | None = None
 
     @property
     def checksummed(self) -> bool:
@@ -126,6 +129,24 @@ class WriterManifest:
         )
         return replace(self, commits=self.commits + 1, files=(*self.files, entry))
 
+    def with_merge(self, entry: FileEntry, replaced: list[FileEntry]) -> WriterManifest:
+        """This manifest plus one commit that lists `entry` instead of `replaced` (entry
+        holds exactly their rows, so the running totals do not move)."""
+        gone = {f.name for f in replaced}
+        entry = replace(
+            entry,
+            writer=self.writer,
+            commit=self.commits,
+            rows_total=self.rows,
+            tokens_total=self.tokens,
+            replaces=[
+                {"name": f.name, "commit": f.commit, "rows": f.rows, "tokens": f.tokens}
+                for f in replaced
+            ],
+        )
+        files = tuple(f for f in self.files if f.name not in gone)
+        return replace(self, commits=self.commits + 1, files=(*files, entry))
+
     def with_extra(self, entry: ExtraEntry) -> WriterManifest:
         entry = replace(entry, writer=self.writer, commit=self.commits)
         return replace(self, commits=self.commits + 1, extras=(*self.extras, entry))
@@ -171,18 +192,40 @@ class WriterManifest:
         """Sequence numbers without gaps or repeats, running totals that add up, and entries
         that belong to this writer: a dropped or duplicated entry cannot pass."""
         seen: dict[int, str] = {}
+
+        def claim(commit, name: str) -> None:
+            if not isinstance(commit, int):
+                raise ShardError(path, f"entry {name!r} has no commit number", field="commit")
+            if commit in seen:
+                raise ShardError(path, f"commit {commit} is listed twice ({seen[commit]}, {name})")
+            seen[commit] = name
+
+        events = []  # (commit, rows, tokens, entry whose running totals to check)
         for e in (*self.files, *self.extras):
             owned = parse_owned(e.name)
             kind = e.kind if isinstance(e, ExtraEntry) else DATA_KIND
             if e.writer != self.writer or owned is None or owned[:2] != (kind, self.writer):
                 raise ShardError(path, f"entry {e.name!r} is not a {kind} file of this writer")
-            if not isinstance(e.commit, int):
-                raise ShardError(path, f"entry {e.name!r} has no commit number", field="commit")
-            if e.commit in seen:
+            claim(e.commit, e.name)
+            if isinstance(e, ExtraEntry):
+                continue
+            if not e.replaces:
+                events.append((e.commit, e.rows, e.tokens, e))
+                continue
+            events.append((e.commit, 0, 0, e))
+            for r in e.replaces:
+                if not isinstance(r, dict) or set(r) != {"name", "commit", "rows", "tokens"}:
+                    raise ShardError(path, f"{e.name}: malformed replaced entry {r!r}")
+                owned = parse_owned(str(r["name"]))
+                if owned is None or owned[:2] != (DATA_KIND, self.writer):
+                    raise ShardError(path, f"{e.name} replaces {r['name']!r}, not this writer's")
+                claim(r["commit"], r["name"])
+                events.append((r["commit"], int(r["rows"]), int(r["tokens"]), None))
+            got = (sum(r["rows"] for r in e.replaces), sum(r["tokens"] for r in e.replaces))
+            if got != (e.rows, e.tokens):
                 raise ShardError(
-                    path, f"commit {e.commit} is listed twice ({seen[e.commit]}, {e.name})"
+                    path, f"{e.name}: rows/tokens {e.rows}/{e.tokens}, it replaced {got}"
                 )
-            seen[e.commit] = e.name
         missing = sorted(set(range(self.commits)) - set(seen))
         extra = sorted(set(seen) - set(range(self.commits)))
         if missing or extra:
@@ -195,8 +238,10 @@ class WriterManifest:
                 field="commits",
             )
         r = t = 0
-        for f in sorted(self.files, key=lambda f: f.commit):
-            r, t = r + f.rows, t + f.tokens
+        for _, dr, dt, f in sorted(events, key=lambda ev: ev[0]):
+            r, t = r + dr, t + dt
+            if f is None:
+                continue
             if (f.rows_total, f.tokens_total) != (r, t):
                 raise ShardError(
                     path,
@@ -286,6 +331,7 @@ class Manifest:
     files: list[FileEntry] = field(default_factory=list)
     extras: list[ExtraEntry] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # manifest file names, sorted
+    replaced: set[str] = field(default_factory=set)  # files merged into others: debris
 
     @property
     def rows(self) -> int:
@@ -347,7 +393,8 @@ def load_manifest(folder: str | Path, *, missing_ok: bool = False) -> Manifest |
                 f"metadata disagrees with {first.name}'s (writers with other settings in one "
                 "folder): " + "; ".join(diff),
             )
-    by_name: dict[str, int] = {}
+    replaced = {r["name"] for f in files for r in f.replaces or ()}
+    by_name: dict[str, int] = dict.fromkeys(replaced, 1)
     by_hash: dict[str, str] = {}
     for e in (*files, *extras):
         if e.name in by_name:
@@ -360,7 +407,13 @@ def load_manifest(folder: str | Path, *, missing_ok: bool = False) -> Manifest |
                 f"same content (sha256) as {by_hash[f.sha256]}: its rows would be read twice",
             )
         by_hash[f.sha256] = f.name
-    return Manifest(metadata=metadata, files=files, extras=extras, sources=[p.name for p in paths])
+    return Manifest(
+        metadata=metadata,
+        files=files,
+        extras=extras,
+        sources=[p.name for p in paths],
+        replaced=replaced,
+    )
 
 
 def check_listing(folder: str | Path, manifest: Manifest) -> tuple[list[ShardError], list[str]]:
@@ -369,8 +422,9 @@ def check_listing(folder: str | Path, manifest: Manifest) -> tuple[list[ShardErr
     A writer-owned file (part-w0-00003.arrow) that is not listed while a later file of the
     same writer and kind is, was committed and then dropped from the manifest: an error.
     One past the writer's last commit is debris of an interrupted write (written or renamed,
-    then the process died before its commit), as are temporary files. Call after loading the
-    manifest: a commit racing this listing then only ever looks like debris.
+    then the process died before its commit), as are temporary files and files merged into
+    another (ShardWriter.compact) but not deleted yet. Call after loading the manifest: a
+    commit racing this listing then only ever looks like debris.
     """
     folder = Path(folder)
     listed = {e.name for e in (*manifest.files, *manifest.extras)}
@@ -386,7 +440,7 @@ def check_listing(folder: str | Path, manifest: Manifest) -> tuple[list[ShardErr
         if name in listed or is_bookkeeping(name):
             continue
         owned = parse_owned(name)
-        if owned and owned[2] < last.get(owned[:2], -1):
+        if owned and owned[2] < last.get(owned[:2], -1) and name not in manifest.replaced:
             errors.append(
                 ShardError(
                     p,

@@ -41,6 +41,7 @@ from shards.manifest import (
     manifest_name,
     owned_name,
     parse_owned,
+    sha256_file,
     write_atomic,
     write_manifest,
 )
@@ -283,6 +284,7 @@ class ShardWriter:
         lost: refuse rather than delete it."""
         listed = load_manifest(self.folder, missing_ok=True)
         names = set() if listed is None else {e.name for e in (*listed.files, *listed.extras)}
+        merged = set() if listed is None else listed.replaced
         last: dict[str, int] = {}
         for name in names:
             owned = parse_owned(name)
@@ -300,6 +302,10 @@ class ShardWriter:
                 continue
             owned = parse_owned(p.name)
             if not owned or owned[1] != self.writer_id or p.name in names:
+                continue
+            if p.name in merged:
+                log.warning("removing %s: merged into another file (interrupted compact)", p)
+                p.unlink()
                 continue
             if owned[2] < last.get(owned[0], -1):
                 raise ShardError(
@@ -441,6 +447,12 @@ class ShardWriter:
 
     def _finish_file(self) -> None:
         f, self._file = self._file, None
+        entry = self._seal(f)
+        self._commit(self._manifest.with_file(entry))
+        self.files_written.append(self._manifest.files[-1])
+
+    def _seal(self, f: _OpenFile) -> FileEntry:
+        """Close, fsync, checksum and rename a finished file; the caller commits it."""
         f.writer.close()
         f.sink.close()
         fd = os.open(f.tmp, os.O_RDONLY)
@@ -458,14 +470,94 @@ class ShardWriter:
         )
         os.replace(f.tmp, f.final)
         fsync_dir(self.folder)
-        self._commit(self._manifest.with_file(entry))
-        self.files_written.append(self._manifest.files[-1])
+        return entry
 
     def flush(self) -> None:
         """Commit everything added so far (ends the current file)."""
         self._write_batch()
         if self._file is not None:
             self._finish_file()
+
+    # ---- merging small files ---------------------------------------------------------------
+
+    def compact(
+        self, max_bytes: int | None = None, only: set[str] | None = None
+    ) -> list[FileEntry]:
+        """Merge runs of this writer's small committed files (under half of `max_bytes`,
+        default target_file_bytes; of the names in `only` if given, e.g. the files of this
+        run) into files of up to `max_bytes`, each with one rank order
+        built from all its rows. Every merge is one commit that lists the new file in place
+        of the old ones, which are deleted after it; a kill at any point leaves the old files
+        or the new one committed, never both or neither (the next writer start deletes the
+        leftovers). Rows and every decoded value stay the same. Returns the new entries."""
+        self.flush()
+        limit = max_bytes or self.target_file_bytes
+        groups, run, size = [], [], 0
+        for f in [*self._manifest.files, None]:
+            small = (
+                f is not None
+                and not f.replaces
+                and f.bytes < limit // 2
+                and (only is None or f.name in only)
+            )
+            if run and (not small or size + f.bytes > limit):
+                if len(run) > 1:
+                    groups.append(run)
+                run, size = [], 0
+            if small:
+                run.append(f)
+                size += f.bytes
+        return [self._merge(group) for group in groups]
+
+    def _merge(self, group: list[FileEntry]) -> FileEntry:
+        from shards.compact import merged_order, rebuild
+
+        sources = []
+        for f in group:
+            p = self.folder / f.name
+            # Never launder a damaged file into a new one with fresh checksums.
+            if p.stat().st_size != f.bytes or sha256_file(p) != f.sha256:
+                raise ShardError(p, "differs from its manifest entry: not merged")
+            reader = pa.ipc.open_file(pa.memory_map(str(p)))
+            file_meta = reader.schema.metadata
+            order = codec.unpack_order(file_meta[RANK_ORDER_KEY], self.metadata.vocab_size)
+            meta = file_meta[META_KEY]
+            sources += [(reader.get_batch(b), order) for b in range(reader.num_record_batches)]
+        k = self.metadata.k
+        order, packed = merged_order(sources, k, self.metadata.vocab_size)
+        rank_of = codec.invert_order(order)
+        table = pa.Table.from_batches([rebuild(b, k, o, rank_of) for b, o in sources])
+        # Record batches of about batch_tokens again (the small files' were cut by commits).
+        lens = np.diff(table.column("response_ids").combine_chunks().offsets.to_numpy())
+        cuts, acc = [0], 0
+        for i, n in enumerate(lens):
+            acc += int(n)
+            if acc >= self.batch_tokens:
+                cuts.append(i + 1)
+                acc = 0
+        if cuts[-1] != len(lens):
+            cuts.append(len(lens))
+        name = f"part-{self.writer_id}-{self._seq:05d}.arrow"
+        self._seq += 1
+        schema = self._schema.with_metadata({META_KEY: meta, RANK_ORDER_KEY: packed})
+        out = _OpenFile(
+            self.folder / f".{name}.tmp", self.folder / name, schema, order, self.compression_level
+        )
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            batch = table.slice(a, b - a).combine_chunks().to_batches()[0]
+            out.writer.write_batch(batch)
+            out.batch_rows.append(batch.num_rows)
+            out.batch_ends.append(out.sink.tell())
+        out.tokens = sum(f.tokens for f in group)
+        entry = self._seal(out)
+        self._commit(self._manifest.with_merge(entry, group))
+        for f in group:
+            (self.folder / f.name).unlink()
+        fsync_dir(self.folder)
+        gone = {f.name for f in group}
+        new = self._manifest.files[-1]
+        self.files_written = [f for f in self.files_written if f.name not in gone] + [new]
+        return new
 
     def close(self) -> None:
         if self._lock.closed:
