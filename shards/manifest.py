@@ -100,15 +100,8 @@ def _dump(head: dict, lists: dict[str, list[dict]]) -> bytes:
     return ("".join(out) + "\n}\n").encode()
 
 
-@dataclass(frozen=True)
-class WriterManifest:
-    """manifest-<writer>.json: everything one writer committed, in commit order."""
-
-    writer: str
-    metadata: ShardMetadata
-    commits: int = 0
-    files: tuple[FileEntry, ...] = ()
-    extras: tuple[ExtraEntry, ...] = ()
+class _Totals:
+    files: tuple[FileEntry, ...] | list[FileEntry]
 
     @property
     def rows(self) -> int:
@@ -117,6 +110,17 @@ class WriterManifest:
     @property
     def tokens(self) -> int:
         return sum(f.tokens for f in self.files)
+
+
+@dataclass(frozen=True)
+class WriterManifest(_Totals):
+    """manifest-<writer>.json: everything one writer committed, in commit order."""
+
+    writer: str
+    metadata: ShardMetadata
+    commits: int = 0
+    files: tuple[FileEntry, ...] = ()
+    extras: tuple[ExtraEntry, ...] = ()
 
     def with_file(self, entry: FileEntry) -> WriterManifest:
         """This manifest plus one commit listing `entry`."""
@@ -323,7 +327,7 @@ def _read(path: Path) -> bytes:
 
 
 @dataclass
-class Manifest:
+class Manifest(_Totals):
     """The merged view of a folder: every writer's committed files, in (writer, commit)
     order after the legacy manifest's (a pure function of the manifests' contents)."""
 
@@ -332,14 +336,6 @@ class Manifest:
     extras: list[ExtraEntry] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # manifest file names, sorted
     replaced: set[str] = field(default_factory=set)  # files merged into others: debris
-
-    @property
-    def rows(self) -> int:
-        return sum(f.rows for f in self.files)
-
-    @property
-    def tokens(self) -> int:
-        return sum(f.tokens for f in self.files)
 
 
 def manifest_paths(folder: str | Path) -> list[Path]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -161,6 +162,19 @@ def write_examples(
         for rows in examples:
             w.add(rows)
     return w
+
+
+def several_files(path, seed: int) -> Path:
+    """30 examples in files of about 12 kB with record batches of 200 tokens."""
+    write_examples(path, make_examples(seed, 30), batch_tokens=200, target_file_bytes=12_000)
+    return path
+
+
+def private_copy(src, tmp_path) -> Path:
+    """A copy of a module's pristine folder, for one test to damage."""
+    path = Path(tmp_path) / "shards"
+    shutil.copytree(src, path)
+    return path
 
 
 def row_key(row) -> tuple[str, int]:

@@ -5,7 +5,6 @@ same and verifies clean after the writer's next start."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from shards.errors import ShardError
 from shards.manifest import load_manifest
 from shards.reader import read_rows
 from shards.writer import ShardWriter
-from tests.shards_helpers import make_examples, metadata, row_key
+from tests.shards_helpers import make_examples, metadata, private_copy, row_key
 from tools import shards as cli
 
 WRITER = dict(compression_level=1, batch_tokens=200)
@@ -53,9 +52,7 @@ def small_files(tmp_path_factory):
 
 @pytest.fixture
 def folder(small_files, tmp_path):
-    path = tmp_path / "s"
-    shutil.copytree(small_files, path)
-    return path
+    return private_copy(small_files, tmp_path)
 
 
 def verify_lines(capsys, folder) -> list[str]:

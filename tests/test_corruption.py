@@ -16,7 +16,9 @@ from shards.reader import ShardFolder, ShardReader
 from tests.shards_helpers import (
     make_examples,
     manifest_json,
+    private_copy,
     row_key,
+    several_files,
     write_arrow,
     write_examples,
     write_manifest_json,
@@ -27,17 +29,14 @@ VICTIM = "part-w0-00001.arrow"
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pristine")
-    write_examples(path, make_examples(41, 30), batch_tokens=200, target_file_bytes=12_000)
+    path = several_files(tmp_path_factory.mktemp("pristine"), 41)
     assert len(manifest_json(path)["files"]) >= 3
     return path
 
 
 @pytest.fixture
 def folder(pristine, tmp_path):
-    path = tmp_path / "shards"
-    shutil.copytree(pristine, path)
-    return path
+    return private_copy(pristine, tmp_path)
 
 
 def read_all(folder, verify="full"):

@@ -27,7 +27,9 @@ from tests.shards_helpers import (
     assert_row_matches,
     make_examples,
     metadata,
+    private_copy,
     row_key,
+    several_files,
     write_examples,
 )
 from tools import shards as cli
@@ -37,16 +39,12 @@ LEGACY = Path(__file__).parent / "fixtures" / "legacy_v1"
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pristine")
-    write_examples(path, make_examples(51, 30), batch_tokens=200, target_file_bytes=12_000)
-    return path
+    return several_files(tmp_path_factory.mktemp("pristine"), 51)
 
 
 @pytest.fixture
 def folder(pristine, tmp_path):
-    path = tmp_path / "shards"
-    shutil.copytree(pristine, path)
-    return path
+    return private_copy(pristine, tmp_path)
 
 
 def the_manifest(folder) -> Path:
