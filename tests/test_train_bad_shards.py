@@ -15,6 +15,7 @@ from tests.shards_helpers import REPO
 from tests.train_helpers import write_teacher_shards
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_damaged_batch_stops_training_with_one_line(tmp_path, workers):
     shards = write_teacher_shards(tmp_path / "s", tiny_model_dir(), examples=24)
