@@ -23,7 +23,6 @@ from shards.errors import ShardError
 from shards.schema import FORMAT, ShardMetadata, check_schema_version
 
 LEGACY_MANIFEST = "manifest.json"
-MANIFEST = LEGACY_MANIFEST  # the name before per-writer manifests; kept for old imports
 WRITER_ID = r"[A-Za-z0-9_.]+"
 _MANIFEST_NAME = re.compile(rf"manifest-({WRITER_ID})\.json")
 # Files a writer owns: <kind>-<writer>-<seq>.<ext> (part-w0-00003.arrow, rejects-w0-00000.jsonl).
