@@ -411,40 +411,48 @@ def load_manifest(folder: str | Path, *, missing_ok: bool = False) -> Manifest |
     )
 
 
-def check_listing(folder: str | Path, manifest: Manifest) -> tuple[list[ShardError], list[str]]:
+def check_listing(
+    folder: str | Path, manifest: Manifest | None
+) -> tuple[list[ShardError], list[str]]:
     """Files in the folder that no manifest lists: (errors, debris names).
 
-    A writer-owned file (part-w0-00003.arrow) that is not listed while a later file of the
-    same writer and kind is, was committed and then dropped from the manifest: an error.
-    One past the writer's last commit is debris of an interrupted write (written or renamed,
-    then the process died before its commit), as are temporary files and files merged into
-    another (ShardWriter.compact) but not deleted yet. Call after loading the manifest: a
-    commit racing this listing then only ever looks like debris.
+    A writer creates its manifest before it writes any file, and a commit only ever adds
+    files after the writer's last. So a writer-owned file (part-w0-00003.arrow) that no
+    manifest lists is an error (committed, then its entry or its writer's whole manifest was
+    lost) when a later file of the same writer and kind is listed, or when the writer has no
+    manifest at all (in a folder without a legacy manifest.json). Otherwise it is debris of an
+    interrupted write (written or renamed, then the process died before its commit), as are
+    temporary files and files merged into another (ShardWriter.compact) but not deleted yet.
+    Call after loading the manifest: a commit racing this listing then only looks like debris.
     """
     folder = Path(folder)
-    listed = {e.name for e in (*manifest.files, *manifest.extras)}
+    files = [] if manifest is None else [*manifest.files, *manifest.extras]
+    listed = {e.name for e in files}
+    replaced = set() if manifest is None else manifest.replaced
     last: dict[tuple[str, str], int] = {}
     for name in listed:
         owned = parse_owned(name)
         if owned:
             key = owned[:2]
             last[key] = max(last.get(key, -1), owned[2])
+    present = sorted(p.name for p in folder.iterdir())
     errors, debris = [], []
-    for p in sorted(folder.iterdir()):
-        name = p.name
+    for name in present:
         if name in listed or is_bookkeeping(name):
             continue
         owned = parse_owned(name)
-        if owned and owned[2] < last.get(owned[:2], -1) and name not in manifest.replaced:
-            errors.append(
-                ShardError(
-                    p,
-                    f"no manifest lists it, but writer {owned[1]!r} committed later "
-                    f"{owned[0]} files: an entry was dropped from {manifest_name(owned[1])}",
-                )
-            )
-        else:
-            debris.append(name)
+        if owned and name not in replaced:
+            kind, writer, seq = owned
+            if seq < last.get((kind, writer), -1):
+                why = f"writer {writer!r} committed later {kind} files: an entry was dropped"
+            elif manifest_name(writer) not in present and LEGACY_MANIFEST not in present:
+                why = f"its writer {writer!r} has no manifest: it was lost"
+            else:
+                why = None
+            if why:
+                errors.append(ShardError(folder / name, f"no manifest lists it, but {why}"))
+                continue
+        debris.append(name)
     return errors, debris
 
 

@@ -35,6 +35,7 @@ from shards.manifest import (
     ExtraEntry,
     FileEntry,
     WriterManifest,
+    check_listing,
     fsync_dir,
     load_manifest,
     load_writer_manifest,
@@ -278,44 +279,36 @@ class ShardWriter:
             raise
 
     def _clean_debris(self) -> None:
-        """Delete this writer's temporary files and files past its last commit (written or
-        renamed when the process died); set the next sequence numbers. A file of this writer
-        that no manifest lists, below one that is listed, is committed data whose entry was
-        lost: refuse rather than delete it."""
+        """Delete this writer's debris (temporary files, files past its last commit, files
+        merged into another); set the next sequence numbers. A file of this writer that was
+        committed and then lost from its manifest (`check_listing`) is refused, not deleted."""
         listed = load_manifest(self.folder, missing_ok=True)
-        names = set() if listed is None else {e.name for e in (*listed.files, *listed.extras)}
-        merged = set() if listed is None else listed.replaced
-        last: dict[str, int] = {}
-        for name in names:
-            owned = parse_owned(name)
-            if owned and owned[1] == self.writer_id:
-                last[owned[0]] = max(last.get(owned[0], -1), owned[2])
-        for p in sorted(self.folder.iterdir()):
-            if p.name.startswith(".") and p.name.endswith(".tmp"):
+        errors, debris = check_listing(self.folder, listed)
+        for e in errors:
+            if parse_owned(Path(e.path).name)[1] == self.writer_id:
+                raise ShardError(
+                    e.path,
+                    f"{e.message}. Restore the manifest entry, or move the file away and re-run",
+                )
+        for name in debris:
+            if name.startswith(".") and name.endswith(".tmp"):
                 # .part-w0-00002.arrow.tmp, .<name>.<random>.tmp (write_atomic)
-                inner = p.name[1:-4]
+                inner = name[1:-4]
                 if not parse_owned(inner):
                     inner = inner.rsplit(".", 1)[0]
-                owned = parse_owned(inner)
-                if inner == manifest_name(self.writer_id) or (owned and owned[1] == self.writer_id):
-                    p.unlink()
-                continue
-            owned = parse_owned(p.name)
-            if not owned or owned[1] != self.writer_id or p.name in names:
-                continue
-            if p.name in merged:
-                log.warning("removing %s: merged into another file (interrupted compact)", p)
-                p.unlink()
-                continue
-            if owned[2] < last.get(owned[0], -1):
-                raise ShardError(
-                    p,
-                    f"committed file missing from {manifest_name(self.writer_id)} (a later "
-                    f"file of writer {self.writer_id!r} is listed): restore the manifest "
-                    "entry, or move the file away and re-run",
-                )
-            log.warning("removing %s: past the last commit (interrupted write)", p)
-            p.unlink()
+                mine = inner == manifest_name(self.writer_id)
+            else:
+                inner, mine = name, False
+            owned = parse_owned(inner)
+            if mine or (owned and owned[1] == self.writer_id):
+                if inner == name:
+                    log.warning("removing %s: never committed, or merged into another", name)
+                (self.folder / name).unlink()
+        last: dict[str, int] = {}
+        for e in [] if listed is None else (*listed.files, *listed.extras):
+            owned = parse_owned(e.name)
+            if owned and owned[1] == self.writer_id:
+                last[owned[0]] = max(last.get(owned[0], -1), owned[2])
         self._seq = last.get(DATA_KIND, -1) + 1
         self._extra_seq = {k: v + 1 for k, v in last.items() if k != DATA_KIND}
 

@@ -144,9 +144,24 @@ def test_dropped_entry_with_consistent_totals_is_still_an_error(folder, capsys):
     assert lost in str(err.value)
     code, lines = verify(capsys, folder)
     assert code == 1 and f"BAD  {lost}: " in "\n".join(lines)
-    with pytest.raises(ShardError, match="committed file missing"):
+    with pytest.raises(ShardError, match="an entry was dropped"):
         ShardWriter(folder, metadata(), compression_level=1)  # never deletes it as debris
     assert (folder / lost).exists()
+
+
+def test_lost_manifest_of_a_writer_is_an_error(tmp_path, capsys):
+    """A writer creates its manifest before any file: its files without it were committed."""
+    write_examples(tmp_path, make_examples(53, 4), writer_id="w0")
+    write_examples(tmp_path, make_examples(54, 4), writer_id="w1")
+    lost = sorted(p.name for p in tmp_path.glob("part-w1-*.arrow"))
+    (tmp_path / "manifest-w1.json").unlink()
+    with pytest.raises(ShardError, match="its writer 'w1' has no manifest"):
+        keys(tmp_path, verify="none")
+    code, lines = verify(capsys, tmp_path)
+    assert code == 1 and [line.split(":")[0] for line in lines[:-1]] == [f"BAD  {lost[0]}"]
+    with pytest.raises(ShardError, match="has no manifest"):
+        ShardWriter(tmp_path, metadata(), writer_id="w1", compression_level=1)
+    assert sorted(p.name for p in tmp_path.glob("part-w1-*.arrow")) == lost
 
 
 def test_changed_totals_are_an_error(folder):
