@@ -91,9 +91,16 @@ def rebuild(batch: pa.RecordBatch, k: int, order: np.ndarray, rank_of: np.ndarra
     return pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
 
 
-def merged_order(batches_orders, k: int, vocab_size: int) -> tuple[np.ndarray, bytes]:
-    """A rank order built from the top-k ids of every batch (most frequent first), and its
-    packed form for the file's schema."""
-    ids = np.concatenate([topk_ids(b, k, order)[0].ravel() for b, order in batches_orders])
+def merged_order(batches_orders, k: int, vocab_size: int, tokens: int) -> tuple[np.ndarray, bytes]:
+    """A rank order from the top-k ids of the first `tokens` response tokens (most frequent
+    first; as ShardWriter ranks by a file's first record batch: a longer sample stores more
+    seen ids in the schema and measured no smaller), and its packed form for the schema."""
+    ids, n = [], 0
+    for b, order in batches_orders:
+        if n >= tokens:
+            break
+        ids.append(topk_ids(b, k, order)[0].ravel())
+        n += len(ids[-1]) // k
+    ids = np.concatenate(ids)
     order = codec.build_rank_order(ids, vocab_size)
     return order, codec.pack_order(order, ids)

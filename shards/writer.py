@@ -478,11 +478,12 @@ class ShardWriter:
     ) -> list[FileEntry]:
         """Merge runs of this writer's small committed files (under half of `max_bytes`,
         default target_file_bytes; of the names in `only` if given, e.g. the files of this
-        run) into files of up to `max_bytes`, each with one rank order
-        built from all its rows. Every merge is one commit that lists the new file in place
-        of the old ones, which are deleted after it; a kill at any point leaves the old files
-        or the new one committed, never both or neither (the next writer start deletes the
-        leftovers). Rows and every decoded value stay the same. Returns the new entries."""
+        run) into files of up to `max_bytes`, each with one rank order (from its first
+        batch_tokens tokens, as for a written file). Every merge is one commit that lists the
+        new file in place of the old ones, which are deleted after it; a kill at any point
+        leaves the old files or the new one committed, never both or neither (the next
+        writer start deletes the leftovers). Rows and every decoded value stay the same.
+        Returns the new entries."""
         self.flush()
         limit = max_bytes or self.target_file_bytes
         groups, run, size = [], [], 0
@@ -517,7 +518,7 @@ class ShardWriter:
             meta = file_meta[META_KEY]
             sources += [(reader.get_batch(b), order) for b in range(reader.num_record_batches)]
         k = self.metadata.k
-        order, packed = merged_order(sources, k, self.metadata.vocab_size)
+        order, packed = merged_order(sources, k, self.metadata.vocab_size, self.batch_tokens)
         rank_of = codec.invert_order(order)
         table = pa.Table.from_batches([rebuild(b, k, o, rank_of) for b, o in sources])
         # Record batches of about batch_tokens again (the small files' were cut by commits).
