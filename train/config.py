@@ -41,8 +41,19 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ShardSource:
+    """One shard folder of the training data and its share of the trained tokens."""
+
+    path: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    shards: str = "out/shards"
+    # One folder, or a weighted mixture (train/mixture.py). YAML: `shards: out/shards`, or
+    # `shards: [{path: a, weight: 0.7}, {path: b, weight: 0.3}]`; key=value:
+    # `data.shards=a:0.7,b:0.3` (a folder without `:weight` weighs 1).
+    shards: tuple[ShardSource, ...] = (ShardSource("out/shards"),)
     eval_shards: str = ""  # a held-out shard folder for periodic evaluation loss
     batch_tokens: int = 4096  # padded tokens per micro-batch (length-aware batching)
     max_rows: int = 64  # rows per micro-batch at most
@@ -141,6 +152,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.optim.schedule in ("cosine", "linear", "constant"), "optim.schedule"),
         (cfg.model.quantize in ("none", "4bit", "8bit"), "model.quantize: none | 4bit | 8bit"),
         (cfg.data.verify in ("full", "size", "none"), "data.verify: full | size | none"),
+        (len(cfg.data.shards) > 0, "data.shards: at least one shard folder"),
+        (all(s.weight > 0 for s in cfg.data.shards), "data.shards: every weight must be > 0"),
+        (
+            len({s.path for s in cfg.data.shards}) == len(cfg.data.shards),
+            "data.shards: a folder is listed twice",
+        ),
+        (
+            len(cfg.data.shards) == 1 or not cfg.onpolicy.teacher_url,
+            "on-policy distillation takes its prompts from one shard folder, not a mixture",
+        ),
         (cfg.max_steps > 0 and cfg.grad_accum > 0, "max_steps and grad_accum must be > 0"),
         (0.0 <= cfg.onpolicy.lmbda <= 1.0, "onpolicy.lmbda must be in [0, 1]"),
         (cfg.onpolicy.temperature > 0, "onpolicy.temperature must be > 0"),
@@ -165,7 +186,34 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
-    return validate(build(TrainConfig, apply_overrides(data, list(overrides))))
+    data = apply_overrides(data, list(overrides))
+    if isinstance(data.get("data"), dict) and "shards" in data["data"]:
+        data["data"]["shards"] = shard_sources(data["data"]["shards"])
+    return validate(build(TrainConfig, data))
+
+
+def shard_sources(value) -> list:
+    """`data.shards` in any of its spellings -> a list of {path, weight} mappings.
+
+    "a" and ["a", "b"] weigh 1 each; "a:0.7,b:0.3" is the key=value form. A `:suffix`
+    counts as the weight only when it is a number, so s3://bucket/x stays one path.
+    """
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"data.shards: expected a folder or a list of folders, got {value!r}")
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            path, _, weight = item.rpartition(":")
+            try:
+                item = {"path": path, "weight": float(weight)} if path else {"path": item}
+            except ValueError:
+                item = {"path": item}
+        out.append(item)
+    return out
 
 
 def to_dict(cfg) -> dict:
