@@ -115,7 +115,8 @@ def training_source(cfg: TrainConfig, accelerator, tokenizer) -> ShardBatches | 
             m, man = part.reader.metadata, part.reader.folder.manifest
             print(
                 f"[train] mixture: {s.path} weight {w:.3g}: {man.rows} rows, {man.tokens} "
-                f"tokens, teacher {m.teacher}, k={m.k}, sampling {m.sampling}, extra {m.extra}",
+                f"tokens, teacher {m.teacher}, k={m.k}, sampling {m.sampling}, "
+                f"tags {m.extra.get('tags', {})}",
                 flush=True,
             )
     return mix
