@@ -264,6 +264,7 @@ def run_round(args, work: Path, state: State, r: int) -> None:
             [PY, "-m", "train", args.train_config, f"model.path={student}",
              f"data.shards={mixture(args, work, r)}", f"out_dir={d / 'train'}",
              f"max_steps={args.steps}", f"seed={args.seed + r}", "resume=true",
+             "onpolicy.teacher_url=",  # offline: the teacher's scores are in the shards
              *shlex.split(args.train_args)],
         )  # fmt: skip
         state.finish(r, "train")
