@@ -98,7 +98,9 @@ def rounds(args, steps: int) -> dict:
         f"save_every={steps} optim.warmup_steps=0",
     ]  # fmt: skip
     t0 = time.time()
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ).stdout
     total = time.time() - t0
     # tools.rounds prints "--- round 1: <title>: <seconds> s" after each command.
     titles = {"samples its": "sample_s", "scores the": "score_s", "trains on": "train_s"}
@@ -108,10 +110,18 @@ def rounds(args, steps: int) -> dict:
         for words, key in titles.items()
         if words in m.group(1)
     }
+    # precompute's summaries: "... N tokens, ... teacher X tokens/s, wall Y s"; N / X is the
+    # time in the engine's generate/score calls, the rest of a step is start-up.
+    engine = [
+        int(m.group(1)) / float(m.group(2))
+        for m in re.finditer(r"(\d+) tokens, .*teacher ([\d.]+) tokens/s", out)
+        if float(m.group(2)) > 0
+    ]
     samples = sum(1 for _ in open(work / "round-001" / "responses.jsonl"))
     log = [json.loads(line) for line in open(work / "round-001" / "train" / "metrics.jsonl")]
     return {
         **times,
+        "engine_calls_s": engine,  # [sampling, scoring]
         "total_s": total,
         "steps": len(log),
         "student_samples": samples,
