@@ -12,7 +12,7 @@ SETUP_STAMP := $(VENV)/.setup-stamp
 .DEFAULT_GOAL := help
 .PHONY: help setup test lint format models bench-shards bench-train bench-loss demo clean-models train \
 	default-data precompute bench-precompute eval
-.PHONY: teacher-server bench-onpolicy
+.PHONY: teacher-server bench-onpolicy onpolicy-rounds bench-rounds
 
 help: ## list the targets
 	@echo "kdshards make targets:"
@@ -21,6 +21,7 @@ help: ## list the targets
 	@echo "  precompute: CONFIG TEACHER DATA K OUT PRECOMPUTE_ARGS"
 	@echo "  train: METHOD BETA ALPHA TEMP STEPS SHARDS STUDENT RUN GPUS ZERO TEACHER_URL ARGS"
 	@echo "  eval: EVAL_ARGS   demo: DEMO_ARGS (e.g. --seed 1)"
+	@echo "  onpolicy-rounds: ROUNDS STUDENT DATA WORK ROUNDS_METHOD STEPS ROUNDS_ARGS"
 
 setup: $(SETUP_STAMP) ## create .venv and install everything (cpu or gpu, auto-detected)
 
@@ -113,3 +114,17 @@ teacher-server: setup models ## serve the teacher for on-policy training (TEACHE
 
 bench-onpolicy: setup models ## on-policy step time: student generation / teacher scoring / update
 	$(PYTHON) -m bench.onpolicy $(ARGS)
+
+# make onpolicy-rounds ROUNDS=2 [STUDENT= DATA= WORK=runs/rounds ROUNDS_METHOD=jsd STEPS=]
+#   [ROUNDS_ARGS='--n 2 --teacher-shards out/shards --teacher-weight 0.5 --previous-weight 0.5
+#    --train-args "loss.beta=1" ...']   (python -m tools.rounds --help lists the options)
+ROUNDS        ?= 2
+ROUNDS_METHOD ?= jsd
+onpolicy-rounds: setup models $(DEFAULT_DATA) ## on-policy as data: R rounds of student samples -> teacher scores -> training
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(PYTHON) -m tools.rounds --rounds $(ROUNDS) \
+	  --teacher $(TEACHER_MODEL) --student $(or $(STUDENT),$(MODELS_DIR)/smollm2-student) \
+	  --data $(or $(DATA),data/default/train.jsonl) --work $(or $(WORK),runs/rounds) \
+	  --train-config configs/train/$(ROUNDS_METHOD).yaml $(if $(STEPS),--steps $(STEPS)) $(ROUNDS_ARGS)
+
+bench-rounds: setup models $(DEFAULT_DATA) ## rounds vs live on-policy: time to train on N student samples
+	$(PYTHON) -m bench.rounds $(ARGS)

@@ -26,6 +26,8 @@ MODES = ("generate", "score")
 BACKENDS = ("vllm", "hf")
 POSITIONS = ("system", "prefix", "suffix")
 THINKING = ("none", "true", "false", "mixed")
+VIEWS = ("teacher", "student")
+SOURCES = ("auto", "teacher", "dataset", "student")
 
 # Engine arguments that precompute owns: the shards' meaning depends on them.
 ENGINE_RESERVED = ("model", "logprobs_mode")
@@ -106,6 +108,11 @@ class ScoreConfig:
     append_eos: bool = _f(
         True, "score: end each response with the EOS token, so the student learns to stop"
     )
+    response_ids_field: str = _f(
+        "",
+        "score: field holding the response as token ids, scored exactly as given (e.g. a "
+        "student's samples: no re-tokenization of their text); empty: tokenize the text",
+    )
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,19 @@ class PrecomputeConfig:
     )
     out: str = _f("out/shards", "shard folder (shared by all workers)")
     mode: str = _f("generate", "generate | score")
+    generator_view: str = _f(
+        "teacher",
+        "generate: the view the model generates from: teacher (Q+E) | student (Q, e.g. a "
+        "student checkpoint as `teacher=` sampling its own responses for on-policy rounds)",
+    )
+    source: str = _f(
+        "auto",
+        "rows' source column: auto (teacher when generating, dataset when scoring) | teacher "
+        "| dataset | student (responses sampled from the student, e.g. on-policy rounds)",
+    )
+    tags: dict = _f(
+        {}, "free-form values recorded in the shards' metadata (extra.tags), e.g. the round"
+    )
     backend: str = _f("vllm", "vllm | hf (transformers; slow, for machines without vLLM)")
     k: int = _f(64, "top-k logprobs stored per response token")
     commit_every: int = _f(
@@ -185,6 +205,8 @@ def check_engine_args(engine: dict, names: set[str] | None = None) -> None:
 def validate(cfg: PrecomputeConfig) -> PrecomputeConfig:
     checks = [
         (cfg.mode in MODES, f"mode must be one of {MODES}, got {cfg.mode!r}"),
+        (cfg.generator_view in VIEWS, f"generator_view must be one of {VIEWS}"),
+        (cfg.source in SOURCES, f"source must be one of {SOURCES}"),
         (cfg.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {cfg.backend!r}"),
         (cfg.k >= 1, "k must be >= 1"),
         (cfg.commit_every >= 1, "commit_every must be >= 1"),

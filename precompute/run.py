@@ -154,6 +154,7 @@ def metadata_for(cfg: PrecomputeConfig, tok_fp: str, vocab_size: int) -> ShardMe
     extra["teacher_dtype"] = (
         str(cfg.engine.get("dtype", "auto")) if cfg.backend == "vllm" else cfg.hf.dtype
     )
+    tags = extra.pop("tags")
     return ShardMetadata(
         k=cfg.k,
         vocab_size=vocab_size,
@@ -163,7 +164,7 @@ def metadata_for(cfg: PrecomputeConfig, tok_fp: str, vocab_size: int) -> ShardMe
         logprobs_mode="raw_logprobs",
         sampling={"mode": cfg.mode, **sampling},
         data_fingerprint=data_fingerprint(cfg.data.path),
-        extra={"precompute": extra},
+        extra={"precompute": extra, **({"tags": tags} if tags else {})},
     )
 
 
@@ -180,7 +181,7 @@ def prepare(cfg: PrecomputeConfig, tokenizer, max_len: int | None):
             continue
         views = make_views(tokenizer, ex, cfg.view, cfg.sampling.seed)
         if max_len is not None:
-            need = len(views.teacher_prompt_ids) + (
+            need = len(generator_prompt(cfg, views)) + (
                 len(response_ids(tokenizer, ex.response, cfg.score.append_eos))
                 if cfg.mode == "score"
                 else 1
@@ -200,6 +201,38 @@ def prepare(cfg: PrecomputeConfig, tokenizer, max_len: int | None):
     if rejects and not cfg.skip_invalid:
         raise InputError(sorted(rejects, key=lambda r: r.index), total)
     return work, rejects
+
+
+def generator_prompt(cfg: PrecomputeConfig, views: Views) -> list[int]:
+    """What the model sees: the teacher view, or in generate mode with generator_view=student
+    the student's (a student sampling its own responses)."""
+    student = cfg.mode == "generate" and cfg.generator_view == "student"
+    return views.prompt_ids if student else views.teacher_prompt_ids
+
+
+def row_source(cfg: PrecomputeConfig) -> str:
+    if cfg.source != "auto":
+        return cfg.source
+    return "teacher" if cfg.mode == "generate" else "dataset"
+
+
+def given_response_ids(cfg: PrecomputeConfig, indices: set[int], vocab_size: int) -> dict:
+    """Score mode with score.response_ids_field: the token ids of rows `indices`, by index."""
+    from precompute.inputs import raw_rows
+
+    name, out = cfg.score.response_ids_field, {}
+    for index, (where, row, _) in enumerate(raw_rows(Path(cfg.data.path), cfg.data.split)):
+        if index not in indices:
+            continue
+        ids = row.get(name)
+        ok = isinstance(ids, list) and ids and all(type(i) is int for i in ids)
+        if not ok or not all(0 <= i < vocab_size for i in ids):
+            raise ValueError(
+                f"{where}, field {name!r}: expected a non-empty list of token ids in "
+                f"[0, {vocab_size}), got {str(ids)[:80]}"
+            )
+        out[index] = ids
+    return out
 
 
 def _rows_for(
@@ -225,7 +258,7 @@ def _rows_for(
                 topk_logprobs=s.topk_logprobs,
                 token_logprobs=s.token_logprobs,
                 sample_index=j,
-                source="teacher" if cfg.mode == "generate" else "dataset",
+                source=row_source(cfg),
                 thinking=views.thinking,
                 meta=meta,
             )
@@ -275,7 +308,12 @@ def run(cfg: PrecomputeConfig, backend: Backend | None = None, log=None) -> Summ
                     f"engine logit dimension {backend.vocab_size} != config vocab {vocab_size}"
                 )
             try:
-                _loop(cfg, tokenizer, backend, writer, todo, summary)
+                given = (
+                    given_response_ids(cfg, {ex.index for ex, _ in todo}, vocab_size)
+                    if cfg.mode == "score" and cfg.score.response_ids_field
+                    else None
+                )
+                _loop(cfg, tokenizer, backend, writer, todo, summary, given)
             finally:
                 if own_backend:
                     backend.close()
@@ -314,7 +352,9 @@ def commit_records(writer: ShardWriter, cfg: PrecomputeConfig, rejects, log) -> 
     log(f"precompute: {len(rejects)} invalid row(s) skipped, {where}")
 
 
-def _loop(cfg, tokenizer, backend: Backend, writer: ShardWriter, todo, summary: Summary) -> None:
+def _loop(
+    cfg, tokenizer, backend: Backend, writer: ShardWriter, todo, summary: Summary, given=None
+) -> None:
     from tqdm import tqdm
 
     bar = tqdm(
@@ -324,13 +364,16 @@ def _loop(cfg, tokenizer, backend: Backend, writer: ShardWriter, todo, summary: 
         for b in range(0, len(todo), cfg.commit_every):
             chunk = todo[b : b + cfg.commit_every]
             t = time.time()
-            teacher_prompts = [v.teacher_prompt_ids for _, v in chunk]
+            teacher_prompts = [generator_prompt(cfg, v) for _, v in chunk]
             if cfg.mode == "generate":
                 seeds = [derive_seed(cfg.sampling.seed, "sample", ex.index) for ex, _ in chunk]
                 results = backend.generate(teacher_prompts, seeds, cfg.sampling)
             else:
                 resp = [
-                    response_ids(tokenizer, ex.response, cfg.score.append_eos) for ex, _ in chunk
+                    given[ex.index] + ([tokenizer.eos_token_id] if cfg.score.append_eos else [])
+                    if given is not None
+                    else response_ids(tokenizer, ex.response, cfg.score.append_eos)
+                    for ex, _ in chunk
                 ]
                 results = [[s] for s in backend.score(teacher_prompts, resp)]
             summary.engine_s += time.time() - t

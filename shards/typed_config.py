@@ -45,6 +45,10 @@ def parse_value(value, tp, key: str):
             except ValueError:
                 pass
         raise ValueError(f"{key}: {value!r} does not fit {tp}")
+    if dataclasses.is_dataclass(tp):  # e.g. tuple[ShardSource, ...] items written as mappings
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        return build(tp, value, key + ".")
     if tp is dict:
         if value is None:
             return {}

@@ -44,6 +44,7 @@ class Batch:
     token_logprob: torch.Tensor
     ids: list[str] = field(default_factory=list)
     cursor: tuple[int, int, int, int] | None = None  # (shard, epoch, window start, index)
+    folder: int = 0  # which folder of a mixture (train/mixture.py) the rows came from
     # Per row, the (truncated) student prompt and the teacher's prompt: what on-policy
     # distillation samples from and sends to the teacher (train/onpolicy.py).
     prompt_ids: list[torch.Tensor] = field(default_factory=list)

@@ -57,8 +57,19 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ShardSource:
+    """One shard folder of the training data and its share of the trained tokens."""
+
+    path: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    shards: str = "out/shards"
+    # One folder, or a weighted mixture (train/mixture.py). YAML: `shards: out/shards`, or
+    # `shards: [{path: a, weight: 0.7}, {path: b, weight: 0.3}]`; key=value:
+    # `data.shards=a:0.7,b:0.3` (a folder without `:weight` weighs 1).
+    shards: tuple[ShardSource, ...] = (ShardSource("out/shards"),)
     eval_shards: str = ""  # a held-out shard folder for periodic evaluation loss
     batch_tokens: int = 4096  # padded tokens per micro-batch (length-aware batching)
     max_rows: int = 64  # rows per micro-batch at most
@@ -67,6 +78,14 @@ class DataConfig:
     window_blocks: int = 4  # shard reader shuffle window, in record batches
     num_workers: int = 0  # DataLoader workers
     verify: Literal["full", "size", "none"] = "full"  # shard checksums
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ValueError("shards: at least one shard folder")
+        if not all(s.weight > 0 for s in self.shards):
+            raise ValueError("shards: every weight must be > 0")
+        if len({s.path for s in self.shards}) != len(self.shards):
+            raise ValueError("shards: a folder is listed twice")
 
 
 @dataclass(frozen=True)
@@ -157,6 +176,10 @@ class TrainConfig:
             raise ValueError(
                 "on-policy distillation needs a KD loss (loss.alpha > 0), not seqkd (alpha 0)"
             )
+        if len(self.data.shards) > 1 and self.onpolicy.teacher_url:
+            raise ValueError(
+                "on-policy distillation takes its prompts from one shard folder, not a mixture"
+            )
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
@@ -165,7 +188,34 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
-    return build(TrainConfig, apply_overrides(data, list(overrides)), renamed=RENAMED)
+    data = apply_overrides(data, list(overrides))
+    if isinstance(data.get("data"), dict) and "shards" in data["data"]:
+        data["data"]["shards"] = shard_sources(data["data"]["shards"])
+    return build(TrainConfig, data, renamed=RENAMED)
+
+
+def shard_sources(value) -> list:
+    """`data.shards` in any of its spellings -> a list of {path, weight} mappings.
+
+    "a" and ["a", "b"] weigh 1 each; "a:0.7,b:0.3" is the key=value form. A `:suffix`
+    counts as the weight only when it is a number, so s3://bucket/x stays one path.
+    """
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"data.shards: expected a folder or a list of folders, got {value!r}")
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            path, _, weight = item.rpartition(":")
+            try:
+                item = {"path": path, "weight": float(weight)} if path else {"path": item}
+            except ValueError:
+                item = {"path": item}
+        out.append(item)
+    return out
 
 
 def to_dict(cfg) -> dict:

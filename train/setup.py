@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from shards.errors import ShardError
 from shards.fingerprint import tokenizer_fingerprint
-from shards.reader import ShardReader
+from shards.reader import ShardFolder, ShardReader
 from train.batches import ShardBatches
 from train.config import TrainConfig
+from train.mixture import MixtureBatches
 from train.model import DistillModule, load_student, mixed_precision
 from train.onpolicy import OnPolicyBatches, build_onpolicy
 from train.step import global_sum
@@ -23,7 +25,7 @@ class Run:
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
-    source: ShardBatches | OnPolicyBatches
+    source: ShardBatches | MixtureBatches | OnPolicyBatches
     tokenizer: object
     out_dir: Path
     deepspeed: bool
@@ -42,10 +44,12 @@ class Run:
             f"{acc.mixed_precision}, device {acc.device}, {trainable:,} trainable parameters"
         )
 
-    def loader(self, source: ShardBatches | OnPolicyBatches | None = None):
+    def loader(self, source: ShardBatches | MixtureBatches | OnPolicyBatches | None = None):
         source = source or self.source
         if isinstance(source, OnPolicyBatches):  # samples in this process, prompts from shards
             return source.bind(self.loader(source.shards))
+        if isinstance(source, MixtureBatches):  # one loader (and its workers) per folder
+            return source.bind([self.loader(part) for part in source.parts])
         workers = self.cfg.data.num_workers
         return DataLoader(
             source,
@@ -86,6 +90,39 @@ def shard_batches(cfg: TrainConfig, folder: str, accelerator, tokenizer, *, trai
     )
 
 
+def training_source(cfg: TrainConfig, accelerator, tokenizer) -> ShardBatches | MixtureBatches:
+    """The shard batches of `data.shards`: one folder, or a weighted mixture of several."""
+    sources = cfg.data.shards
+    if len(sources) == 1:
+        return shard_batches(cfg, sources[0].path, accelerator, tokenizer, train=True)
+    # Folders against each other first, so that the error names the two folders.
+    first = ShardFolder(sources[0].path, verify="none")
+    for s in sources[1:]:
+        other = ShardFolder(s.path, verify="none")
+        if other.metadata.tokenizer_fingerprint != first.metadata.tokenizer_fingerprint:
+            raise ShardError(
+                other.path / "manifest.json",
+                f"tokenizer fingerprint {other.metadata.tokenizer_fingerprint} differs from "
+                f"{first.metadata.tokenizer_fingerprint} of {first.path}: a mixture's folders "
+                "must share one tokenizer",
+                field="tokenizer_fingerprint",
+            )
+    parts = [shard_batches(cfg, s.path, accelerator, tokenizer, train=True) for s in sources]
+    mix = MixtureBatches(
+        parts, [s.path for s in sources], [s.weight for s in sources], seed=cfg.seed
+    )
+    if accelerator.is_main_process:
+        for s, w, part in zip(sources, mix.weights, parts, strict=True):
+            m, man = part.reader.metadata, part.reader.folder.manifest
+            print(
+                f"[train] mixture: {s.path} weight {w:.3g}: {man.rows} rows, {man.tokens} "
+                f"tokens, teacher {m.teacher}, k={m.k}, sampling {m.sampling}, "
+                f"tags {m.extra.get('tags', {})}",
+                flush=True,
+            )
+    return mix
+
+
 def build_run(cfg: TrainConfig) -> Run:
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, set_seed
@@ -104,8 +141,9 @@ def build_run(cfg: TrainConfig) -> Run:
     )
     set_seed(cfg.seed)
     lm, tokenizer = load_student(cfg.model)
-    source = shard_batches(cfg, cfg.data.shards, acc, tokenizer, train=True)
-    teacher_vocab = source.reader.metadata.vocab_size
+    source = training_source(cfg, acc, tokenizer)
+    parts = source.parts if isinstance(source, MixtureBatches) else [source]
+    teacher_vocab = max(p.reader.metadata.vocab_size for p in parts)
     head = lm.get_output_embeddings()
     # out_features, not weight.shape: under ZeRO-3 the weight is partitioned (shape 0).
     student_vocab = getattr(head, "out_features", None) or head.weight.shape[0]

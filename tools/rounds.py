@@ -1,0 +1,297 @@
+"""On-policy rounds, the offline form of on-policy distillation: every round is data.
+
+    python -m tools.rounds --rounds R --teacher T --student S --data Q.jsonl --work DIR
+    (make onpolicy-rounds ROUNDS=R TEACHER=T STUDENT=S DATA=Q.jsonl WORK=DIR)
+
+Round r (1-based) runs four ordinary commands, each printed before it runs:
+
+1. samples: the current student (S in round 1, then the final checkpoint of round r-1)
+   generates responses to the student view Q with vLLM (`python -m precompute` in generate
+   mode, `teacher=` the student's folder, `generator_view=student`, k=1: the student's own
+   top-k is not needed);
+2. responses: those samples become a score-mode input file, each response as its exact token
+   ids (`score.response_ids_field`, no re-tokenization), beside the example's messages,
+   experience and answer;
+3. shards: the teacher scores the samples on the teacher view Q+E (`python -m precompute`
+   in score mode, `source=student`); the metadata's `extra.tags` records the round and the
+   student's folder and weights fingerprint;
+4. train: `python -m train` from the student of step 1 on this round's shards, mixed (see
+   train/mixture.py) with the earlier rounds' shards (`--previous-weight`, split evenly) and
+   the teacher's own shards (`--teacher-shards`, `--teacher-weight`): the offline analogue
+   of on-policy's lmbda. Each round is a fresh run of `--steps` steps in its own folder,
+   starting from the previous round's weights (a fresh optimizer state per round).
+
+Resume: `DIR/rounds.json` (written atomically) lists the steps finished per round; a re-run
+skips them, so a finished round is never redone, and continues the interrupted step with
+the step's own resume: precompute skips the examples of committed files, train continues
+from its latest checkpoint (resume=true). Nothing is lost or duplicated. Re-running with a
+larger --rounds adds rounds; other settings than the first run's are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PY = sys.executable
+STATE = "rounds.json"
+STEPS = ("samples", "responses", "shards", "train")
+# Settings that decide what the rounds produce: a re-run must use the same ones.
+IDENTITY = (
+    "teacher",
+    "student",
+    "data",
+    "train_config",
+    "precompute_config",
+    "steps",
+    "n",
+    "max_tokens",
+    "temperature",
+    "k",
+    "seed",
+    "teacher_shards",
+    "teacher_weight",
+    "previous_weight",
+    "backend",
+    "precompute_args",
+    "train_args",
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m tools.rounds", description=__doc__.split("\n\n")[0]
+    )
+    ap.add_argument("--rounds", type=int, required=True, help="rounds to have finished")
+    ap.add_argument("--teacher", required=True, help="teacher model folder (scores on Q+E)")
+    ap.add_argument("--student", required=True, help="initial student model folder (not LoRA)")
+    ap.add_argument("--data", required=True, help="prompts: a precompute input (question, ...)")
+    ap.add_argument("--work", required=True, help="folder of the rounds' shards, runs, state")
+    ap.add_argument("--train-config", default="configs/train/jsd.yaml", help="KD method YAML")
+    ap.add_argument(
+        "--precompute-config", default="configs/precompute.yaml", help="precompute YAML ('': none)"
+    )
+    ap.add_argument("--steps", type=int, default=20, help="training steps per round")
+    ap.add_argument("--n", type=int, default=1, help="student samples per prompt")
+    ap.add_argument("--max-tokens", type=int, default=128, help="student response length limit")
+    ap.add_argument("--temperature", type=float, default=1.0, help="student sampling")
+    ap.add_argument("--k", type=int, default=64, help="teacher top-k per token")
+    ap.add_argument("--seed", type=int, default=0, help="round r samples with seed + r")
+    ap.add_argument("--teacher-shards", default="", help="the teacher's own shards, to mix in")
+    ap.add_argument("--teacher-weight", type=float, default=0.0, help="their mixture weight")
+    ap.add_argument(
+        "--previous-weight",
+        type=float,
+        default=0.0,
+        help="mixture weight of the earlier rounds' shards (split evenly); this round's is 1",
+    )
+    ap.add_argument("--backend", default="vllm", choices=["vllm", "hf"], help="precompute engine")
+    ap.add_argument(
+        "--precompute-args",
+        default="",
+        help="key=value for both precompute steps (data.* ones: the samples step only)",
+    )
+    ap.add_argument("--train-args", default="", help="key=value for every round's training")
+    return ap
+
+
+def step(title: str, cmd: list[str]) -> None:
+    print(f"\n=== {title}\n$ {shlex.join(cmd)}", flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    print(f"--- {title}: {time.time() - t0:.1f} s", flush=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class State:
+    """DIR/rounds.json: the settings of the first run and the steps finished per round."""
+
+    def __init__(self, work: Path, identity: dict):
+        self.path = work / STATE
+        if self.path.exists():
+            self.data = json.loads(self.path.read_text())
+            if self.data["settings"] != identity:
+                diff = [k for k in identity if self.data["settings"].get(k) != identity[k]]
+                raise SystemExit(
+                    f"{self.path}: the rounds there were made with other settings "
+                    f"({', '.join(diff)}); use another --work folder"
+                )
+        else:
+            self.data = {"settings": identity, "done": {}}
+            self.save()
+
+    def done(self, r: int, name: str) -> bool:
+        return name in self.data["done"].get(str(r), [])
+
+    def finish(self, r: int, name: str) -> None:
+        self.data["done"].setdefault(str(r), []).append(name)
+        self.save()
+
+    def save(self) -> None:
+        write_atomic(self.path, json.dumps(self.data, indent=1) + "\n")
+
+
+def round_dir(work: Path, r: int) -> Path:
+    return work / f"round-{r:03d}"
+
+
+def student_of(args, work: Path, r: int) -> Path:
+    """Round r's sampler: the initial student, then the final checkpoint of round r-1."""
+    if r == 1:
+        return Path(args.student)
+    from train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(round_dir(work, r - 1) / "train")
+    if ckpt is None:
+        raise SystemExit(f"round {r - 1} is marked finished but has no checkpoint")
+    return ckpt / "model"
+
+
+def split_args(text: str) -> tuple[list[str], list[str]]:
+    """(data.* overrides, the others) of a precompute argument string."""
+    items = shlex.split(text)
+    return [a for a in items if a.startswith("data.")], [
+        a for a in items if not a.startswith("data.")
+    ]
+
+
+def write_responses(args, samples: Path, out: Path) -> int:
+    """The samples as a score-mode input: one row per sample, its token ids exact."""
+    from transformers import AutoTokenizer
+
+    from precompute.config import load_config
+    from precompute.inputs import read_examples
+    from shards.reader import read_rows
+
+    data_args, _ = split_args(args.precompute_args)
+    cfg = load_config(args.precompute_config or None, [f"data.path={args.data}", *data_args])
+    examples = {ex.id: ex for ex in read_examples(cfg.data, "generate")[0]}
+    tok = AutoTokenizer.from_pretrained(args.teacher)
+    rows = sorted(read_rows(samples, verify="full"), key=lambda r: (r["id"], r["sample_index"]))
+    lines = []
+    for row in rows:
+        ex = examples[row["id"]]
+        ids = [int(i) for i in row["response_ids"]]
+        text = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        lines.append(
+            json.dumps(
+                {
+                    "id": f"{ex.id}#s{row['sample_index']}",
+                    "messages": list(ex.messages),
+                    "experience": ex.experience or "",
+                    "answer": ex.answer,
+                    # For people and for the input check only (it must not be blank): the
+                    # teacher scores response_ids as they are.
+                    "response": text if text.strip() else f"<{len(ids)} token ids>",
+                    "response_ids": ids,
+                },
+                ensure_ascii=False,
+            )
+        )
+    write_atomic(out, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def mixture(args, work: Path, r: int) -> str:
+    """data.shards of round r: this round's shards, earlier rounds', the teacher's."""
+    parts = [(round_dir(work, r) / "shards", 1.0)]
+    if args.previous_weight > 0 and r > 1:
+        parts += [
+            (round_dir(work, p) / "shards", args.previous_weight / (r - 1)) for p in range(1, r)
+        ]
+    if args.teacher_shards and args.teacher_weight > 0:
+        parts.append((Path(args.teacher_shards), args.teacher_weight))
+    if len(parts) == 1:
+        return str(parts[0][0])
+    return ",".join(f"{p}:{w:.6g}" for p, w in parts)
+
+
+def run_round(args, work: Path, state: State, r: int) -> None:
+    from shards.fingerprint import weights_fingerprint
+
+    d = round_dir(work, r)
+    d.mkdir(parents=True, exist_ok=True)
+    student = student_of(args, work, r)
+    _, common = split_args(args.precompute_args)
+    if not state.done(r, "samples"):
+        step(
+            f"round {r}: the student samples its responses to Q",
+            [PY, "-m", "precompute", "--mode", "generate", "--backend", args.backend,
+             "--config", args.precompute_config, "--teacher", str(student),
+             "--student", str(student), "--data", args.data, "--out", str(d / "samples"),
+             "--k", "1", "--n", str(args.n), "--no-progress", "generator_view=student",
+             "source=student", f"sampling.max_tokens={args.max_tokens}",
+             f"sampling.temperature={args.temperature}", f"sampling.seed={args.seed + r}",
+             f"tags.round={r}", *shlex.split(args.precompute_args)],
+        )  # fmt: skip
+        state.finish(r, "samples")
+    if not state.done(r, "responses"):
+        n = write_responses(args, d / "samples", d / "responses.jsonl")
+        print(f"--- round {r}: {n} samples -> {d / 'responses.jsonl'}", flush=True)
+        state.finish(r, "responses")
+    if not state.done(r, "shards"):
+        step(
+            f"round {r}: the teacher scores the samples on Q+E",
+            [PY, "-m", "precompute", "--mode", "score", "--backend", args.backend,
+             "--config", args.precompute_config, "--teacher", args.teacher,
+             "--student", str(student),
+             "--data", str(d / "responses.jsonl"), "--out", str(d / "shards"),
+             "--k", str(args.k), "--no-progress", "source=student",
+             "score.response_ids_field=response_ids", "score.append_eos=false",
+             "data.id_field=id", "data.messages_field=messages",
+             "data.experience_field=experience", "data.answer_field=answer",
+             "data.response_field=response", f"tags.round={r}", f"tags.student={student}",
+             f"tags.student_fingerprint={weights_fingerprint(student)}", *common],
+        )  # fmt: skip
+        state.finish(r, "shards")
+    if not state.done(r, "train"):
+        step(
+            f"round {r}: the student trains on the scored samples",
+            [PY, "-m", "train", args.train_config, f"model.path={student}",
+             f"data.shards={mixture(args, work, r)}", f"out_dir={d / 'train'}",
+             f"max_steps={args.steps}", f"seed={args.seed + r}", "resume=true",
+             "onpolicy.teacher_url=",  # offline: the teacher's scores are in the shards
+             *shlex.split(args.train_args)],
+        )  # fmt: skip
+        state.finish(r, "train")
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    if "view.thinking=mixed" in args.precompute_args:
+        # The draw is per row index, and the scoring input's rows are not the prompts' rows.
+        raise SystemExit("view.thinking=mixed: a round's two views would draw differently")
+    if "model.lora=true" in args.train_args:
+        raise SystemExit("rounds sample with vLLM from full checkpoints: model.lora=true is not")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    state = State(work, {k: getattr(args, k) for k in IDENTITY})
+    t0 = time.time()
+    for r in range(1, args.rounds + 1):
+        if all(state.done(r, s) for s in STEPS):
+            print(f"round {r}: finished earlier", flush=True)
+            continue
+        run_round(args, work, state, r)
+    print(
+        f"\n{args.rounds} round(s) in {time.time() - t0:.0f} s; the student: "
+        f"{student_of(args, work, args.rounds + 1)}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
