@@ -7,7 +7,7 @@ from operator import attrgetter
 
 import numpy as np
 
-from shards.topk import TopKError, topk_arrays
+from shards.topk import TopKError, topk_arrays, topk_from_flat
 
 
 @dataclass
@@ -28,3 +28,15 @@ def topk_from_entries(entries: list[dict], tokens, k: int) -> Scored:
     except TopKError as e:
         raise RuntimeError(f"the engine's logprobs (k={k}): {e}") from e
     return Scored(np.asarray(tokens, np.int64), ids.astype(np.int32), lps, tok_lp)
+
+
+def topk_from_flat_logprobs(flat, tokens, k: int, first: int = 0) -> Scored:
+    """vLLM's FlatLogprobs (positions first .. first + T - 1) to arrays, without a per-token
+    loop (shards.topk.topk_from_flat); equal to `topk_from_entries` on the same output."""
+    try:
+        ids, lps, tok_lp = topk_from_flat(
+            flat.token_ids, flat.logprobs, flat.start_indices, flat.end_indices, tokens, k, first
+        )
+    except TopKError as e:
+        raise RuntimeError(f"the engine's logprobs (k={k}): {e}") from e
+    return Scored(np.asarray(tokens, np.int64), ids, lps, tok_lp)

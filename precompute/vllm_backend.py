@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from precompute.backend import Scored, topk_from_entries
+from precompute.backend import Scored, topk_from_entries, topk_from_flat_logprobs
 from precompute.config import SamplingConfig, check_engine_args
 
 LOGPROBS_MODE = "raw_logprobs"
@@ -19,7 +19,14 @@ LOGPROBS_MODE = "raw_logprobs"
 class VLLMBackend:
     name = "vllm"
 
-    def __init__(self, model: str, k: int, engine_args: dict, per_request_seed: str = "auto"):
+    def __init__(
+        self,
+        model: str,
+        k: int,
+        engine_args: dict,
+        per_request_seed: str = "auto",
+        flat_logprobs: bool = True,
+    ):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         check_engine_args(engine_args)
         from vllm import LLM
@@ -41,6 +48,11 @@ class VLLMBackend:
         else:
             self.per_request_seed = per_request_seed == "true"
         self.k = k
+        # Flat: vLLM keeps each request's logprobs in a few flat lists instead of a dict of
+        # Logprob objects per position, and shards.topk converts them with array operations
+        # (about 10x less host time per token, BENCHMARKS.md). False: the dicts (tests
+        # compare the two).
+        self.flat_logprobs = flat_logprobs
         cfg = self.llm.llm_engine.model_config
         self.vocab_size = int(cfg.get_vocab_size())
         self.max_model_len = int(cfg.max_model_len)
@@ -66,6 +78,7 @@ class VLLMBackend:
                 max_tokens=max(1, min(sampling.max_tokens, self.max_model_len - len(p))),
                 seed=seed if self.per_request_seed else None,
                 logprobs=self.k,
+                flat_logprobs=self.flat_logprobs,
                 # Token ids are all we keep: decoding the text and the k candidate tokens of
                 # every position would cost more CPU time than the 135M teacher itself.
                 detokenize=False,
@@ -80,7 +93,7 @@ class VLLMBackend:
         for out in outs:
             samples = []
             for c in sorted(out.outputs, key=lambda c: c.index):
-                s = topk_from_entries(c.logprobs, list(c.token_ids), self.k)
+                s = self._topk(c.logprobs, list(c.token_ids))
                 s.finish_reason = c.finish_reason
                 samples.append(s)
             results.append(samples)
@@ -92,7 +105,11 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(
-            max_tokens=1, prompt_logprobs=self.k, temperature=0.0, detokenize=False
+            max_tokens=1,
+            prompt_logprobs=self.k,
+            flat_logprobs=self.flat_logprobs,
+            temperature=0.0,
+            detokenize=False,
         )
         full = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
         outs = self.llm.generate(
@@ -102,9 +119,14 @@ class VLLMBackend:
         for out, p, r in zip(outs, prompts, responses, strict=True):
             # Entry j is the distribution that predicted token j (entry 0, with no context,
             # is None); the response's tokens are positions len(p) .. len(p) + len(r) - 1.
-            entries = out.prompt_logprobs[len(p) : len(p) + len(r)]
-            results.append(topk_from_entries(entries, list(r), self.k))
+            results.append(self._topk(out.prompt_logprobs, list(r), len(p)))
         return results
+
+    def _topk(self, logprobs, tokens: list[int], first: int = 0) -> Scored:
+        """Positions first .. first + len(tokens) - 1 of a request's logprobs as arrays."""
+        if isinstance(logprobs, list):  # dicts: flat_logprobs=False
+            return topk_from_entries(logprobs[first : first + len(tokens)], tokens, self.k)
+        return topk_from_flat_logprobs(logprobs, tokens, self.k, first)
 
     def close(self) -> None:
         self.llm = None
