@@ -15,7 +15,7 @@ import time
 import torch
 
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from train.config import dump_config, load_config
+from train.config import dump_config, load_config, to_dict
 from train.logger import Logger
 from train.setup import build_run, evaluate, global_sum
 from train.teacher_client import TeacherUnavailable
@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     if acc.is_main_process:
         dump_config(cfg, run.out_dir / "config.yaml")
         print(f"[train] {run.describe()}; from step {step}", flush=True)
-    log = Logger(run.out_dir, cfg.max_steps, step, acc.is_main_process)
+    log = Logger(run.out_dir, cfg.max_steps, step, acc.is_main_process, acc, to_dict(cfg))
     batches = iter(run.loader())
     # The loss is a sum over tokens; DDP/DeepSpeed average gradients over ranks (and
     # DeepSpeed over accumulation steps), which this factor undoes, so that the update is

@@ -125,6 +125,7 @@ class TrainConfig:
     stop_at: int = 0  # end this job after this step (saving), e.g. on time-limited clusters;
     # the schedule still spans max_steps, and resume=true continues
     deepspeed: str = ""  # path of a DeepSpeed config (configs/deepspeed/*.json) or empty
+    log_with: str = ""  # extra trackers via accelerate, e.g. "wandb,mlflow" (train/logger.py)
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -156,6 +157,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    from train.logger import tracker_names
+
+    tracker_names(cfg.log_with)
     return cfg
 
 

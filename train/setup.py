@@ -12,6 +12,7 @@ from shards.fingerprint import tokenizer_fingerprint
 from shards.reader import ShardReader
 from train.batches import ShardBatches
 from train.config import TrainConfig
+from train.logger import tracker_names
 from train.model import DistillModule, kd_spec, load_student, mixed_precision
 from train.onpolicy import OnPolicyBatches, build_onpolicy
 
@@ -100,6 +101,8 @@ def build_run(cfg: TrainConfig) -> Run:
         mixed_precision=mixed_precision(cfg.model.dtype),
         deepspeed_plugin=plugin,
         step_scheduler_with_optimizer=False,
+        log_with=tracker_names(cfg.log_with) or None,  # train/logger.py starts them
+        project_dir=cfg.out_dir,
     )
     set_seed(cfg.seed)
     lm, tokenizer = load_student(cfg.model)

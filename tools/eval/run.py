@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools.eval.report import write_report
+from tools.eval.trackers import log_results
+from train.logger import tracker_names
 
 DEFAULT_CONFIG = "configs/precompute.yaml"
 VIEWS = {"q": "Q", "qe": "Q+E"}
@@ -281,11 +283,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="first N examples only (0: all)")
     ap.add_argument("--code-timeout", type=float, default=5.0, help="seconds per program")
+    ap.add_argument("--log-with", default="", help="trackers, e.g. wandb,mlflow (accelerate)")
     return ap
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    tracker_names(args.log_with, "--log-with")  # refused before any model runs
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cfg, examples, raws = load_examples(args.config, args.data, args.limit)
     out = Path(args.out)
@@ -314,6 +318,7 @@ def main(argv=None) -> int:
         "command": shlex.join(["python", "-m", "tools.eval", *(argv or sys.argv[1:])]),
     }
     report = write_report(out, results, settings)
+    log_results(args.log_with, out, results, settings)
     print(f"[eval] report: {report}", flush=True)
     return 0
 
