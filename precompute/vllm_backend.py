@@ -89,11 +89,15 @@ class VLLMBackend:
         outs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
         )
+        completions = [sorted(out.outputs, key=lambda c: c.index) for out in outs]
+        scored = iter(
+            self._topk([(c.logprobs, list(c.token_ids), 0) for cs in completions for c in cs])
+        )
         results = []
-        for out in outs:
+        for cs in completions:
             samples = []
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                s = self._topk(c.logprobs, list(c.token_ids))
+            for c in cs:
+                s = next(scored)
                 s.finish_reason = c.finish_reason
                 samples.append(s)
             results.append(samples)
@@ -115,18 +119,21 @@ class VLLMBackend:
         outs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=f) for f in full], params, use_tqdm=False
         )
-        results = []
-        for out, p, r in zip(outs, prompts, responses, strict=True):
-            # Entry j is the distribution that predicted token j (entry 0, with no context,
-            # is None); the response's tokens are positions len(p) .. len(p) + len(r) - 1.
-            results.append(self._topk(out.prompt_logprobs, list(r), len(p)))
-        return results
+        # Entry j is the distribution that predicted token j (entry 0, with no context, is
+        # None); the response's tokens are positions len(p) .. len(p) + len(r) - 1.
+        return self._topk(
+            [
+                (out.prompt_logprobs, list(r), len(p))
+                for out, p, r in zip(outs, prompts, responses, strict=True)
+            ]
+        )
 
-    def _topk(self, logprobs, tokens: list[int], first: int = 0) -> Scored:
-        """Positions first .. first + len(tokens) - 1 of a request's logprobs as arrays."""
-        if isinstance(logprobs, list):  # dicts: flat_logprobs=False
-            return topk_from_entries(logprobs[first : first + len(tokens)], tokens, self.k)
-        return topk_from_flat_logprobs(logprobs, tokens, self.k, first)
+    def _topk(self, requests: list[tuple]) -> list[Scored]:
+        """(logprobs, tokens, first position) per response -> arrays, positions first ..
+        first + len(tokens) - 1; flat logprobs all at once."""
+        if requests and all(isinstance(lp, list) for lp, _, _ in requests):  # dicts
+            return [topk_from_entries(lp[a : a + len(t)], t, self.k) for lp, t, a in requests]
+        return topk_from_flat_logprobs(requests, self.k)
 
     def close(self) -> None:
         self.llm = None

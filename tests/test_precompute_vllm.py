@@ -238,7 +238,7 @@ def test_flat_logprobs_write_the_shards_of_the_dict_logprobs(engine, tiny, tmp_p
         for c in out.outputs:
             assert type(c.logprobs).__name__ == "FlatLogprobs"
             toks = list(c.token_ids)
-            scored[True].append(topk_from_flat_logprobs(c.logprobs, toks, K))
+            scored[True].append(topk_from_flat_logprobs([(c.logprobs, toks, 0)], K)[0])
             scored[False].append(topk_from_entries(list(c.logprobs), toks, K))
             # The engine's dicts are what the flat lists become position by position.
             ids, _, _ = topk_arrays(list(c.logprobs), toks, K, logprob=attrgetter("logprob"))

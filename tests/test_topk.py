@@ -128,3 +128,29 @@ def test_flat_refuses_bad_layouts():
         convert_flat(flat, tokens, k, 5)
     empty = convert_flat(flat, [], k, 10)
     assert empty[0].shape == (0, k) and empty[2].shape == (0,)
+
+
+def test_batch_equals_one_request_at_a_time():
+    """One engine call's requests converted together: each gets its own rows, as alone."""
+    from shards.topk import FlatRequest, topk_from_flat_batch
+
+    rng = np.random.default_rng(3)
+    k = 6
+    shapes = [(30, False), (1, False), (17, True), (44, False)]
+    made = [engine_like(rng, n, k, prompt=prompt) for n, prompt in shapes]
+    # Score mode: position j + 1 predicts tokens[j]; the "response" is tokens[5:].
+    reqs = [
+        FlatRequest.of(flat, tokens[5:], 6) if prompt else FlatRequest.of(flat, tokens)
+        for (flat, _, tokens), (_, prompt) in zip(made, shapes, strict=True)
+    ]
+    reqs.insert(2, FlatRequest.of(made[0][0], [], 30))  # an empty response
+    got = topk_from_flat_batch(reqs, k)
+    assert [len(g[0]) for g in got] == [30, 1, 0, 12, 44]
+    for r, g in zip(reqs, got, strict=True):
+        alone = convert_flat(r, list(r.tokens), k, r.first)
+        for a, b in zip(g, alone, strict=True):
+            np.testing.assert_array_equal(a, b)
+    bad = list(reqs)
+    bad[3] = FlatRequest.of(made[2][0], [(made[2][2][6] + 1) % VOCAB, *made[2][2][7:]], 6)
+    with pytest.raises(TopKError, match="request 3 token 0: the engine's chosen token"):
+        topk_from_flat_batch(bad, k)
