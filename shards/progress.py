@@ -52,6 +52,7 @@ def progress(
     desc: str,
     unit: str,
     *,
+    iterable=None,
     initial: int = 0,
     file=None,
     disable: bool = False,
@@ -61,6 +62,8 @@ def progress(
     """A tqdm bar on a terminal, else a `LineProgress` writing a line every `interval` s."""
     file = sys.stderr if file is None else file
     common = {"total": total, "desc": desc, "unit": unit, "initial": initial, "file": file}
+    if iterable is not None:
+        common["iterable"] = iterable
     if disable:
         return tqdm(disable=True, **common)
     isatty = getattr(file, "isatty", None)
@@ -74,10 +77,12 @@ def line_progress_factory(**defaults):
     """A tqdm factory for libraries that take one (vLLM's `use_tqdm=`): `progress` with the
     library's arguments."""
 
-    def make(*args, **kwargs):
-        total = kwargs.pop("total", args[0] if args else None)
+    def make(iterable=None, **kwargs):
+        total = kwargs.pop("total", None)
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
         desc = kwargs.pop("desc", defaults.get("desc", ""))
         unit = kwargs.pop("unit", defaults.get("unit", "it"))
-        return progress(total, desc, unit, **kwargs)
+        return progress(total, desc, unit, iterable=iterable, **kwargs)
 
     return make

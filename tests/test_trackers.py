@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shards.progress import LineProgress, progress
+from shards.progress import LineProgress, line_progress_factory, progress
 from tests.fixtures.tiny_model import build_tiny_model, tiny_model_dir
 from tests.train_helpers import write_teacher_shards
 from train.config import load_config
@@ -201,3 +201,17 @@ def test_progress_is_plain_lines_off_a_terminal():
     bar.update(3)
     bar.close()
     assert "\r" in tty.getvalue()
+
+
+def test_progress_factory_takes_tqdm_calls_as_vllm_makes_them():
+    """vLLM calls its `use_tqdm` factory both ways: tqdm(total=..., postfix=...) for the bar
+    and tqdm(iterable, desc=...) around its requests."""
+    out = io.StringIO()
+    make = line_progress_factory()
+    assert list(make(["a", "b", "c"], desc="Adding requests", file=out)) == ["a", "b", "c"]
+    bar = make(total=2, desc="Processed prompts", dynamic_ncols=True, postfix="x", file=out)
+    bar.update(2)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert lines[-1].startswith("Processed prompts: 100%") and "2/2" in lines[-1]
+    assert any(line.startswith("Adding requests: 100%") and "3/3" in line for line in lines)
