@@ -50,7 +50,7 @@ class VLLMBackend:
         self.k = k
         # Flat: vLLM keeps each request's logprobs in a few flat lists instead of a dict of
         # Logprob objects per position, and shards.topk converts them with array operations
-        # (about 10x less host time per token, BENCHMARKS.md). False: the dicts (tests
+        # (about 5x less host time per token, BENCHMARKS.md). False: the dicts (tests
         # compare the two).
         self.flat_logprobs = flat_logprobs
         cfg = self.llm.llm_engine.model_config
