@@ -12,7 +12,7 @@ SETUP_STAMP := $(VENV)/.setup-stamp
 .DEFAULT_GOAL := help
 .PHONY: help setup test lint format models bench-shards bench-train bench-loss demo clean-models train \
 	default-data precompute bench-precompute eval
-.PHONY: teacher-server bench-onpolicy onpolicy-rounds bench-rounds
+.PHONY: teacher-server bench-onpolicy onpolicy-rounds bench-rounds bench-precompute-host
 
 help: ## list the targets
 	@echo "kdshards make targets:"
@@ -67,6 +67,9 @@ precompute: setup models $(DEFAULT_DATA) ## teacher -> shards (CONFIG= TEACHER= 
 
 bench-precompute: setup models $(DEFAULT_DATA) ## vLLM vs transformers teacher throughput
 	$(PYTHON) -m bench.precompute
+
+bench-precompute-host: setup ## host cost per token: vLLM logprobs -> top-k -> shards (no model run)
+	$(PYTHON) -m bench.precompute_host $(ARGS)
 
 # make train METHOD=skd|seqkd|jsd|dualkl [BETA= ALPHA= TEMP= STEPS= SHARDS= STUDENT= RUN=]
 #            [GPUS=n] [ZERO=2|3] [ARGS='key=value ...']

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from shards.topk import TopKError, topk_arrays
+from shards.topk import FlatRequest, TopKError, topk_arrays, topk_from_flat_batch
 
 if TYPE_CHECKING:
     from precompute.config import SamplingConfig
@@ -63,3 +63,19 @@ def topk_from_entries(entries: list[dict], tokens, k: int) -> Scored:
     except TopKError as e:
         raise RuntimeError(f"the engine's logprobs (k={k}): {e}") from e
     return Scored(np.asarray(tokens, np.int64), ids.astype(np.int32), lps, tok_lp)
+
+
+def topk_from_flat_logprobs(requests: list[tuple], k: int) -> list[Scored]:
+    """vLLM's FlatLogprobs to arrays, all requests of an engine call at once, without a
+    per-token loop (shards.topk.topk_from_flat_batch); equal to `topk_from_entries`.
+
+    requests: (flat logprobs, tokens, first position) per response.
+    """
+    try:
+        arrays = topk_from_flat_batch([FlatRequest.of(f, t, first) for f, t, first in requests], k)
+    except TopKError as e:
+        raise RuntimeError(f"the engine's logprobs (k={k}): {e}") from e
+    return [
+        Scored(np.asarray(t, np.int64), ids, lps, tok_lp)
+        for (_, t, _), (ids, lps, tok_lp) in zip(requests, arrays, strict=True)
+    ]

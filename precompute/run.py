@@ -355,11 +355,9 @@ def commit_records(writer: ShardWriter, cfg: PrecomputeConfig, rejects, log) -> 
 def _loop(
     cfg, tokenizer, backend: Backend, writer: ShardWriter, todo, summary: Summary, given=None
 ) -> None:
-    from tqdm import tqdm
+    from shards.progress import progress
 
-    bar = tqdm(
-        total=len(todo), unit="ex", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True
-    )
+    bar = progress(len(todo), "precompute", "ex", disable=not cfg.progress, file=sys.stderr)
     try:
         for b in range(0, len(todo), cfg.commit_every):
             chunk = todo[b : b + cfg.commit_every]

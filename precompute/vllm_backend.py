@@ -7,7 +7,7 @@ guard (python -m precompute has one), and its KV-cache size needs a default
 
 from __future__ import annotations
 
-from precompute.backend import Scored, topk_from_entries
+from precompute.backend import Scored, topk_from_entries, topk_from_flat_logprobs
 from precompute.config import SamplingConfig, check_engine_args
 from shards.vllm_env import default_kvcache_space
 
@@ -17,7 +17,14 @@ LOGPROBS_MODE = "raw_logprobs"
 class VLLMBackend:  # implements precompute.backend.Backend
     name = "vllm"
 
-    def __init__(self, model: str, k: int, engine_args: dict, per_request_seed: str = "auto"):
+    def __init__(
+        self,
+        model: str,
+        k: int,
+        engine_args: dict,
+        per_request_seed: str = "auto",
+        flat_logprobs: bool = True,
+    ):
         default_kvcache_space()
         check_engine_args(engine_args)
         from vllm import LLM
@@ -39,6 +46,11 @@ class VLLMBackend:  # implements precompute.backend.Backend
         else:
             self.per_request_seed = per_request_seed == "true"
         self.k = k
+        # Flat: vLLM keeps each request's logprobs in a few flat lists instead of a dict of
+        # Logprob objects per position, and shards.topk converts them with array operations
+        # (about 5x less host time per token, BENCHMARKS.md). False: the dicts (tests
+        # compare the two).
+        self.flat_logprobs = flat_logprobs
         cfg = self.llm.llm_engine.model_config
         self.vocab_size = int(cfg.get_vocab_size())
         self.max_model_len = int(cfg.max_model_len)
@@ -65,6 +77,7 @@ class VLLMBackend:  # implements precompute.backend.Backend
                 max_tokens=max(1, min(sampling.max_tokens, self.max_model_len - len(p))),
                 seed=seed if self.per_request_seed else None,
                 logprobs=self.k,
+                flat_logprobs=self.flat_logprobs,
                 # Token ids are all we keep: decoding the text and the k candidate tokens of
                 # every position would cost more CPU time than the 135M teacher itself.
                 detokenize=False,
@@ -75,11 +88,15 @@ class VLLMBackend:  # implements precompute.backend.Backend
         outs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
         )
+        completions = [sorted(out.outputs, key=lambda c: c.index) for out in outs]
+        scored = iter(
+            self._topk([(c.logprobs, list(c.token_ids), 0) for cs in completions for c in cs])
+        )
         results = []
-        for out in outs:
+        for cs in completions:
             samples = []
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                s = topk_from_entries(c.logprobs, list(c.token_ids), self.k)
+            for c in cs:
+                s = next(scored)
                 s.finish_reason = c.finish_reason
                 samples.append(s)
             results.append(samples)
@@ -91,19 +108,31 @@ class VLLMBackend:  # implements precompute.backend.Backend
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(
-            max_tokens=1, prompt_logprobs=self.k, temperature=0.0, detokenize=False
+            max_tokens=1,
+            prompt_logprobs=self.k,
+            flat_logprobs=self.flat_logprobs,
+            temperature=0.0,
+            detokenize=False,
         )
         full = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
         outs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=f) for f in full], params, use_tqdm=False
         )
-        results = []
-        for out, p, r in zip(outs, prompts, responses, strict=True):
-            # Entry j is the distribution that predicted token j (entry 0, with no context,
-            # is None); the response's tokens are positions len(p) .. len(p) + len(r) - 1.
-            entries = out.prompt_logprobs[len(p) : len(p) + len(r)]
-            results.append(topk_from_entries(entries, list(r), self.k))
-        return results
+        # Entry j is the distribution that predicted token j (entry 0, with no context, is
+        # None); the response's tokens are positions len(p) .. len(p) + len(r) - 1.
+        return self._topk(
+            [
+                (out.prompt_logprobs, list(r), len(p))
+                for out, p, r in zip(outs, prompts, responses, strict=True)
+            ]
+        )
+
+    def _topk(self, requests: list[tuple]) -> list[Scored]:
+        """(logprobs, tokens, first position) per response -> arrays, positions first ..
+        first + len(tokens) - 1; flat logprobs all at once."""
+        if requests and all(isinstance(lp, list) for lp, _, _ in requests):  # dicts
+            return [topk_from_entries(lp[a : a + len(t)], t, self.k) for lp, t, a in requests]
+        return topk_from_flat_logprobs(requests, self.k)
 
     def close(self) -> None:
         self.llm = None

@@ -73,10 +73,41 @@ class Codebook:
         neg = -self.levels
         return (neg[:-1] + neg[1:]) / 2
 
+    @functools.cached_property
+    def _grid(self) -> tuple[float, np.ndarray, np.ndarray]:
+        # A uniform grid over the negated logprobs, fine enough that no cell holds two
+        # boundaries: per cell, the boundaries below it and the one inside it (+inf if none).
+        # Cells and values are found with the same float operation (floor(x * scale)), which
+        # is monotone, so a boundary in a lower cell is below the value, one in a higher cell
+        # above it, and one in the value's cell is compared: searchsorted's answer, exactly.
+        bnd = self._boundaries
+        gaps = np.diff(bnd)
+        scale = 2.0 / float(gaps.min()) if len(gaps) else 1.0
+        cell = np.floor(bnd * scale).astype(np.int64)
+        n_cells = int(cell[-1]) + 2 if len(bnd) else 1
+        below = np.zeros(n_cells, np.int64)
+        np.add.at(below, np.minimum(cell + 1, n_cells - 1), 1)
+        below = np.cumsum(below)
+        inside = np.full(n_cells, np.inf)
+        inside[cell] = bnd
+        if len(np.unique(cell)) != len(cell):  # cannot happen: cells are half the smallest gap
+            raise AssertionError("codebook grid cell with two boundaries")
+        return scale, below, inside
+
     def quantize(self, logprobs: np.ndarray) -> np.ndarray:
-        """Nearest level index of each logprob (any shape), as uint16."""
+        """Nearest level index of each logprob (any shape), as uint16.
+
+        Equal to np.searchsorted(boundaries, -logprob), found in a grid (`_grid`): two
+        lookups per value instead of a binary search over about a thousand boundaries.
+        """
         neg = -np.nan_to_num(np.asarray(logprobs, dtype=np.float64), neginf=LOWEST_LOGPROB)
-        return np.searchsorted(self._boundaries, neg).astype(np.uint16)
+        scale, below, inside = self._grid
+        cell = np.floor(neg * scale)
+        np.clip(cell, 0, len(below) - 1, out=cell)
+        cell = cell.astype(np.intp)
+        idx = below[cell]
+        idx += neg > inside[cell]
+        return idx.astype(np.uint16)
 
     def to_json(self) -> dict:
         return {"step_top": self.step_top, "step_max": self.step_max}
@@ -208,10 +239,16 @@ def encode_tokens(
     levels = codebook.quantize(lps)
     # The response token gets the largest rank so that sorting moves it to the last column,
     # which is then dropped: its id is response_ids, its logprob token_level.
-    ranks = rank_of[ids]
+    ranks = np.asarray(rank_of[ids], dtype=np.int64)
     ranks[hit] = vocab
-    order = np.argsort(ranks, axis=1, kind="stable")
-    ranks = np.take_along_axis(ranks, order, axis=1)
+    # A stable argsort by rank, as one plain sort of (rank, column) packed in an integer:
+    # unique keys, so any sort gives the stable order, and numpy's is much faster on values.
+    shift = max(1, (k - 1).bit_length())
+    key = ranks << shift
+    key |= np.arange(k, dtype=np.int64)
+    key.sort(axis=1)
+    order = key & ((1 << shift) - 1)
+    ranks = key >> shift
     levels = np.take_along_axis(levels, order, axis=1)
     if k > 1 and (ranks[:, 1:] == ranks[:, :-1]).any():
         bad = int(np.argmax((ranks[:, 1:] == ranks[:, :-1]).any(1)))

@@ -361,3 +361,81 @@ def test_mean_kl_check_detects_a_coarse_codebook(lm_distributions):
     fine = Codebook.for_k(64)
     coarse = Codebook(step_top=fine.step_top * 4, step_max=fine.step_max)
     assert mean_kl(lm_distributions, 64, coarse, seed=64)[0] > 1e-4
+
+
+@pytest.mark.parametrize("k", [1, 2, 20, 64, 128, 1000])
+def test_quantize_grid_equals_binary_search(k):
+    """The grid lookup gives np.searchsorted's level for every value: random ones, the
+    boundaries themselves and their float neighbours, the levels, and out-of-range ones."""
+    book = Codebook.for_k(k)
+    bnd = book._boundaries
+    rng = np.random.default_rng(k)
+    vals = np.concatenate(
+        [
+            -bnd,
+            -np.nextafter(bnd, np.inf),
+            -np.nextafter(bnd, -np.inf),
+            book.levels,
+            rng.uniform(-70, 0.5, 20000),
+            -np.abs(rng.standard_normal(5000)) * 1e-3,
+            [0.0, -0.0, 1e-3, 2.0, -64.0, -64.5, -1e9, -np.inf, np.inf, np.nan],
+        ]
+    )
+    for x in (vals, vals.astype(np.float32)):
+        neg = -np.nan_to_num(np.asarray(x, dtype=np.float64), neginf=codec.LOWEST_LOGPROB)
+        want = np.searchsorted(bnd, neg).astype(np.uint16)
+        got = book.quantize(x)
+        assert got.dtype == np.uint16
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(book.quantize(x.reshape(-1, 1)), want.reshape(-1, 1))
+
+
+def _encode_reference(ids, lps, resp, token_lp, rank_of, book):
+    """encode_tokens' streams built token by token with Python sorts (float64-free, naive)."""
+    vocab, k = len(rank_of), ids.shape[1]
+    m = k - 1
+    out = {n: [] for n in ("delta", "level", "in", "tok", "extra_delta", "extra_level")}
+    levels = np.searchsorted(book._boundaries, -np.asarray(lps, np.float64))
+    for t in range(len(ids)):
+        entries = sorted(
+            (vocab if ids[t, j] == resp[t] else int(rank_of[ids[t, j]]), j) for j in range(k)
+        )
+        ranks = [r for r, _ in entries]
+        lev = [int(levels[t, j]) for _, j in entries]
+        prev = 0
+        for r in ranks[:m]:
+            out["delta"].append(r - prev)
+            prev = r
+        out["level"] += lev[:m]
+        hit = ranks[-1] == vocab
+        out["in"].append(hit)
+        if not hit:
+            out["extra_delta"].append(ranks[m] - (ranks[m - 1] if m else 0))
+            out["extra_level"].append(lev[m])
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 16, 64])
+def test_encode_equals_a_per_token_reference(k):
+    """The packed-key sort orders each token's top-k as a per-token Python sort by rank."""
+    rng = np.random.default_rng(k)
+    vocab, n = 5000, 300
+    full = random_distributions(rng, n, vocab)
+    ids = np.argsort(-full, axis=1)[:, :k]
+    lps = np.take_along_axis(full, ids, axis=1).astype(np.float32)
+    resp = np.where(rng.random(n) < 0.7, ids[np.arange(n), rng.integers(0, k, n)], vocab - 1)
+    token_lp = full[np.arange(n), resp].astype(np.float32)
+    order = codec.build_rank_order(ids.ravel(), vocab)
+    rank_of = codec.invert_order(order)
+    book = Codebook.for_k(k)
+    got = codec.encode_tokens(ids, lps, resp, token_lp, rank_of, book)
+    ref = _encode_reference(ids, lps, resp, token_lp, rank_of, book)
+    delta = got["topk_rank_delta_lo"].astype(np.int64) | (
+        got["topk_rank_delta_hi"].astype(np.int64) << 8
+    )
+    level = got["topk_level_lo"].astype(np.int64) | (got["topk_level_hi"].astype(np.int64) << 8)
+    np.testing.assert_array_equal(delta, ref["delta"])
+    np.testing.assert_array_equal(level, ref["level"])
+    np.testing.assert_array_equal(got["token_in_topk"], ref["in"])
+    np.testing.assert_array_equal(got["extra_rank_delta"], ref["extra_delta"])
+    np.testing.assert_array_equal(got["extra_level"], ref["extra_level"])

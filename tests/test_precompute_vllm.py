@@ -193,3 +193,87 @@ def test_eval_generation_agrees_with_transformers_greedy(engine, tiny):
     slow = generate_hf(str(tiny), prompts, 10, 0.0, 0, batch_size=1)
     assert [ids for ids, _ in fast] == [ids for ids, _ in slow]
     assert all(len(ids) > 0 for ids, _ in fast)
+
+
+def test_flat_logprobs_write_the_shards_of_the_dict_logprobs(engine, tiny, tmp_path):
+    """vLLM's flat logprobs converted with array operations (shards.topk.topk_from_flat) give
+    the arrays, and the shard files byte for byte, of its per-position dicts through the
+    per-token loop: teacher forcing and greedy generation run in both modes in one engine,
+    and sampled generations (different per run) are converted both ways from one output."""
+    from operator import attrgetter
+
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from precompute.backend import topk_from_entries, topk_from_flat_logprobs
+    from shards.schema import ShardMetadata
+    from shards.topk import topk_arrays
+    from shards.writer import ShardRow, ShardWriter
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    prompts = [
+        tok(f"Question {i}: what is {i} + {3 * i}? Answer:", add_special_tokens=False)["input_ids"]
+        for i in range(8)
+    ]
+    responses = [
+        tok(f" {4 * i}, of course.", add_special_tokens=False)["input_ids"] for i in range(8)
+    ]
+    greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=20)
+    scored = {}
+    try:
+        for flat in (False, True):
+            engine.flat_logprobs = flat
+            scored[flat] = engine.score(prompts, responses) + [
+                s[0] for s in engine.generate(prompts, list(range(8)), greedy)
+            ]
+    finally:
+        engine.flat_logprobs = True
+    # Sampled at temperature 1, with n=2 samples per prompt, converted both ways.
+    params = SamplingParams(
+        n=2, temperature=1.0, max_tokens=24, logprobs=K, flat_logprobs=True, detokenize=False
+    )
+    outs = engine.llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+    )
+    for out in outs:
+        for c in out.outputs:
+            assert type(c.logprobs).__name__ == "FlatLogprobs"
+            toks = list(c.token_ids)
+            scored[True].append(topk_from_flat_logprobs([(c.logprobs, toks, 0)], K)[0])
+            scored[False].append(topk_from_entries(list(c.logprobs), toks, K))
+            # The engine's dicts are what the flat lists become position by position.
+            ids, _, _ = topk_arrays(list(c.logprobs), toks, K, logprob=attrgetter("logprob"))
+            assert ids.shape == (len(toks), K)
+    assert len(scored[False]) == len(scored[True]) == 32
+    for a, b in zip(scored[False], scored[True], strict=True):
+        np.testing.assert_array_equal(a.token_ids, b.token_ids)
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
+        np.testing.assert_array_equal(a.token_logprobs, b.token_logprobs)
+    meta = ShardMetadata(
+        k=K,
+        vocab_size=engine.vocab_size,
+        teacher="tiny",
+        teacher_fingerprint="-",
+        tokenizer_fingerprint="-",
+        created_at="2026-12-01T00:00:00+00:00",
+    )
+    files = {}
+    for flat in (False, True):
+        with ShardWriter(tmp_path / str(flat), meta, batch_tokens=64) as w:
+            for i, s in enumerate(scored[flat]):
+                prompt = prompts[i % 8]
+                w.add(
+                    ShardRow(
+                        id=f"ex{i}",
+                        prompt_ids=prompt,
+                        teacher_prompt_ids=prompt,
+                        response_ids=s.token_ids,
+                        topk_ids=s.topk_ids,
+                        topk_logprobs=s.topk_logprobs,
+                        token_logprobs=s.token_logprobs,
+                    )
+                )
+        files[flat] = [p.read_bytes() for p in sorted((tmp_path / str(flat)).glob("*.arrow"))]
+    assert files[False] and files[False] == files[True]

@@ -17,7 +17,7 @@ import torch
 
 from shards.errors import ShardError
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from train.config import dump_config, load_config
+from train.config import dump_config, load_config, to_dict
 from train.logger import Logger
 from train.setup import build_run, evaluate
 from train.step import train_step
@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     if acc.is_main_process:
         dump_config(cfg, run.out_dir / "config.yaml")
         print(f"[train] {run.describe()}; from step {step}", flush=True)
-    log = Logger(run.out_dir, cfg.max_steps, step, acc.is_main_process)
+    log = Logger(run.out_dir, cfg.max_steps, step, acc.is_main_process, acc, to_dict(cfg))
     batches = iter(run.loader())
 
     def save():

@@ -168,6 +168,7 @@ class TrainConfig:
     stop_at: int = 0  # end this job after this step (saving), e.g. on time-limited clusters;
     # the schedule still spans max_steps, and resume=true continues
     deepspeed: str = ""  # path of a DeepSpeed config (configs/deepspeed/*.json) or empty
+    log_with: str = ""  # extra trackers via accelerate, e.g. "wandb,mlflow" (train/logger.py)
 
     def __post_init__(self) -> None:
         if not (self.max_steps > 0 and self.grad_accum > 0):
@@ -180,6 +181,9 @@ class TrainConfig:
             raise ValueError(
                 "on-policy distillation takes its prompts from one shard folder, not a mixture"
             )
+        from train.logger import tracker_names  # train.logger imports this module
+
+        tracker_names(self.log_with)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:

@@ -13,6 +13,7 @@ from shards.fingerprint import tokenizer_fingerprint
 from shards.reader import ShardFolder, ShardReader
 from train.batches import ShardBatches
 from train.config import TrainConfig
+from train.logger import tracker_names
 from train.mixture import MixtureBatches
 from train.model import DistillModule, load_student, mixed_precision
 from train.onpolicy import OnPolicyBatches, build_onpolicy
@@ -101,7 +102,7 @@ def training_source(cfg: TrainConfig, accelerator, tokenizer) -> ShardBatches | 
         other = ShardFolder(s.path, verify="none")
         if other.metadata.tokenizer_fingerprint != first.metadata.tokenizer_fingerprint:
             raise ShardError(
-                other.path / "manifest.json",
+                other.path,
                 f"tokenizer fingerprint {other.metadata.tokenizer_fingerprint} differs from "
                 f"{first.metadata.tokenizer_fingerprint} of {first.path}: a mixture's folders "
                 "must share one tokenizer",
@@ -138,6 +139,8 @@ def build_run(cfg: TrainConfig) -> Run:
         mixed_precision=mixed_precision(cfg.model.dtype),
         deepspeed_plugin=plugin,
         step_scheduler_with_optimizer=False,
+        log_with=tracker_names(cfg.log_with) or None,  # train/logger.py starts them
+        project_dir=cfg.out_dir,
     )
     set_seed(cfg.seed)
     lm, tokenizer = load_student(cfg.model)

@@ -39,7 +39,14 @@ def generate_vllm(llm, prompts: list[list[int]], max_tokens: int, temperature: f
         )
         for p in prompts
     ]
-    outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params)
+    from shards.progress import line_progress_factory
+
+    # vLLM's own bar (prompts, tokens/s, ETA), as plain lines when the output is a log.
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+        params,
+        use_tqdm=line_progress_factory(),
+    )
     return [(list(o.outputs[0].token_ids), o.outputs[0].text) for o in outs]
 
 

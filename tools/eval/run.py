@@ -40,7 +40,9 @@ from pathlib import Path
 
 from shards.vllm_env import default_kvcache_space
 from tools.eval.report import BASELINE, write_report
+from tools.eval.trackers import log_results
 from train import checkpoint as ckpt
+from train.logger import tracker_names
 
 DEFAULT_CONFIG = "configs/precompute.yaml"
 VIEWS = {"q": "Q", "qe": "Q+E"}
@@ -288,11 +290,13 @@ def parser() -> argparse.ArgumentParser:
         default=BASELINE,
         help=f"row the others are compared with, question by question (default: {BASELINE!r})",
     )
+    ap.add_argument("--log-with", default="", help="trackers, e.g. wandb,mlflow (accelerate)")
     return ap
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    tracker_names(args.log_with, "--log-with")  # refused before any model runs
     default_kvcache_space()
     cfg, examples, raws = load_examples(args.config, args.data, args.limit)
     out = Path(args.out)
@@ -324,6 +328,7 @@ def main(argv=None) -> int:
         "command": shlex.join(["python", "-m", "tools.eval", *(argv or sys.argv[1:])]),
     }
     report = write_report(out, results, settings, reference=args.reference)
+    log_results(args.log_with, out, results, settings)
     print(f"[eval] report: {report}", flush=True)
     return 0
 
