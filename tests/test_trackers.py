@@ -115,7 +115,7 @@ def mlflow_store(tmp_path, monkeypatch):
 def test_training_logs_to_wandb_offline(tmp_path, shards, wandb_offline):
     out, log = train(tmp_path, shards, "log_with=wandb")
     config, history = wandb_history(out)
-    assert config["loss.method"] == "skd" and config["max_steps"] == 3
+    assert config["loss.divergence"] == "forward_kl" and config["max_steps"] == 3
     assert [h["_step"] for h in history] == [1, 2, 3]
     for h, r in zip(history, log, strict=True):
         assert h["loss"] == pytest.approx(r["loss"], rel=1e-12)
@@ -127,7 +127,7 @@ def test_training_logs_to_mlflow_file_store(tmp_path, shards, mlflow_store):
     exp = mlflow_store.get_experiment_by_name("kdshards")
     (run,) = mlflow_store.search_runs([exp.experiment_id])
     assert run.info.run_name == out.name
-    assert run.data.params["loss.method"] == "skd"
+    assert run.data.params["loss.divergence"] == "forward_kl"
     history = mlflow_store.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3]
     assert [m.value for m in history] == pytest.approx([r["loss"] for r in log], rel=1e-12)
