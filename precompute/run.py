@@ -10,7 +10,8 @@ run skips the examples of committed files (`ShardWriter.completed_ids`) and neve
 them.
 
 Data parallelism: worker I of N takes the examples whose id hashes to I mod N and writes as
-writer `w{I}` into the shared folder; the locked manifest is the merge.
+writer `w{I}` into the shared folder; the locked manifest is the merge. `run` is one worker;
+precompute/jobs.py starts all of them (local processes, or Ray tasks).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -226,9 +228,23 @@ def _rows_for(
     return rows
 
 
-def run(cfg: PrecomputeConfig, backend=None, log=None) -> Summary:
-    """Run precompute for `cfg`; `backend` reuses a started engine (tests, benchmarks)."""
+def run(
+    cfg: PrecomputeConfig,
+    backend=None,
+    log=None,
+    progress: Callable[[Summary, int], None] | None = None,
+) -> Summary:
+    """Run worker `cfg.worker_index` of `cfg.num_workers` (-1 with at most one worker: the
+    only one); `backend` reuses a started engine (tests, benchmarks). `progress(summary,
+    todo)` is called once the examples left to do are known, then after every commit."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if cfg.worker_index < 0:
+        if cfg.num_workers > 1:
+            raise ValueError(
+                f"num_workers={cfg.num_workers}: run() is one worker; set worker_index or "
+                "start them all with precompute.jobs.run_job"
+            )
+        cfg = replace(cfg, num_workers=1, worker_index=0)
     t0 = time.time()
     summary = Summary()
     out = Path(cfg.out)
@@ -263,6 +279,8 @@ def run(cfg: PrecomputeConfig, backend=None, log=None) -> Summary:
         summary.skipped_done = len(work) - len(todo)
         if summary.skipped_done:
             log(f"precompute: resuming, {summary.skipped_done} of {len(work)} examples done")
+        if progress is not None:
+            progress(summary, len(todo))
         if todo:
             own_backend = backend is None
             if own_backend:
@@ -275,19 +293,22 @@ def run(cfg: PrecomputeConfig, backend=None, log=None) -> Summary:
                     f"engine logit dimension {backend.vocab_size} != config vocab {vocab_size}"
                 )
             try:
-                _loop(cfg, tokenizer, backend, writer, todo, summary)
+                _loop(cfg, tokenizer, backend, writer, todo, summary, progress)
             finally:
                 if own_backend:
                     backend.close()
-        for entry in writer.files_written:
-            summary.files += 1
-            summary.bytes += entry.bytes
+    _count_files(writer, summary)
     summary.wall_s = time.time() - t0
     log(summary.text())
     return summary
 
 
-def _loop(cfg, tokenizer, backend, writer: ShardWriter, todo, summary: Summary) -> None:
+def _count_files(writer: ShardWriter, summary: Summary) -> None:
+    summary.files = len(writer.files_written)
+    summary.bytes = sum(entry.bytes for entry in writer.files_written)
+
+
+def _loop(cfg, tokenizer, backend, writer: ShardWriter, todo, summary: Summary, progress) -> None:
     from tqdm import tqdm
 
     bar = tqdm(
@@ -317,6 +338,9 @@ def _loop(cfg, tokenizer, backend, writer: ShardWriter, todo, summary: Summary) 
                 summary.rows += len(rows)
                 summary.tokens += sum(len(r.response_ids) for r in rows)
             writer.flush()  # the commit point: a crash after this loses nothing of the chunk
+            if progress is not None:
+                _count_files(writer, summary)
+                progress(summary, len(todo))
             bar.update(len(chunk))
             tps = summary.tokens / summary.engine_s if summary.engine_s else 0.0
             bar.set_postfix(tok_s=f"{tps:.0f}", ex_s=f"{summary.examples / summary.engine_s:.2f}")
