@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import tempfile
 
 import pytest
@@ -20,7 +19,13 @@ os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 from precompute.jobs import run_job  # noqa: E402
 from shards.manifest import load_manifest  # noqa: E402
 from tests.fixtures.tiny_model import tiny_model_dir  # noqa: E402
-from tests.precompute_helpers import all_rows, cfg, questions, write_jsonl  # noqa: E402
+from tests.precompute_helpers import (  # noqa: E402
+    all_rows,
+    cfg,
+    kill_after_first_commit,
+    questions,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,20 +84,11 @@ def test_ray_workers_write_every_example_once(cluster, tiny, tmp_path):
 def test_ray_retries_a_killed_worker_which_resumes(cluster, tiny, tmp_path):
     path, ids = data(tmp_path, 24)
     out = tmp_path / "out"
-    events, killed = [], []
-
-    def kill_w0_after_its_first_commit(ev):
-        if ev["worker"] == 0 and ev["summary"]["examples"] > 0 and not killed:
-            os.kill(ev["pid"], signal.SIGKILL)
-            killed.append(ev)
-        events.append(ev)
-
-    s = run_job(
-        ray_cfg(tiny, path, out, "commit_every=1", "sampling.max_tokens=48"),
-        on_event=kill_w0_after_its_first_commit,
-    )
+    events = []
+    hook = kill_after_first_commit(0, events)
+    s = run_job(ray_cfg(tiny, path, out, "commit_every=1", "sampling.max_tokens=48"), on_event=hook)
     first, *retried = attempts(events, 0)
-    assert killed and first == killed[0]["attempt"] and len(retried) == 1
+    assert hook.killed and first == hook.killed[0]["attempt"] and len(retried) == 1
     # The kill landed mid-run: the retry found part of w0's slice done, and did the rest.
     resumed = next(ev for ev in events if ev["attempt"] == retried[0])
     assert resumed["summary"]["skipped_done"] > 0 and resumed["todo"] > 0
