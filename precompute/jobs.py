@@ -38,11 +38,15 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def engine_gpus(cfg: PrecomputeConfig) -> tuple[dict, list[str]]:
-    """(engine arguments that size a worker, GPUs it can use on this machine)."""
-    if cfg.backend == "vllm":
-        return cfg.engine, visible_gpus()
-    return {}, (visible_gpus() if cfg.hf.device.startswith("cuda") else [])
+def worker_engine(cfg: PrecomputeConfig) -> dict:
+    """The engine arguments that size one worker (its GPUs: tensor x pipeline parallel)."""
+    return cfg.engine if cfg.backend == "vllm" else {}
+
+
+def local_gpus(cfg: PrecomputeConfig) -> list[str]:
+    if cfg.backend == "hf" and not cfg.hf.device.startswith("cuda"):
+        return []
+    return visible_gpus()
 
 
 def absolute_paths(cfg: PrecomputeConfig) -> PrecomputeConfig:
@@ -70,8 +74,9 @@ def run_job(cfg: PrecomputeConfig, log=None, on_event=None) -> Summary:
         from precompute.ray_runner import run_ray
 
         return run_ray(cfg, log, on_event)
-    engine, gpus = engine_gpus(cfg)
-    slots = local_plan(cfg.num_workers, cfg.worker_index, engine, gpus, allowed_cpus())
+    slots = local_plan(
+        cfg.num_workers, cfg.worker_index, worker_engine(cfg), local_gpus(cfg), allowed_cpus()
+    )
     if len(slots) == 1 and not slots[0].env:
         return run(cfg, log=log)
     return _run_local(cfg, slots, log, on_event)

@@ -3,9 +3,10 @@
 `python -m precompute --ray` connects to the cluster at RAY_ADDRESS (`ray start --head` /
 `ray start --address=...` on each node), or starts a local one for the job. A task asks
 for its engine's tensor x pipeline parallel GPUs (`num_gpus`; one CPU on a cluster without
-GPUs), so Ray places the workers and sets each one's CUDA_VISIBLE_DEVICES. Every node needs
-kdshards installed and the shard folder (and the data, the teacher) on a shared filesystem
-at the same path.
+GPUs), so Ray places the workers and sets each one's CUDA_VISIBLE_DEVICES; vLLM then runs
+the engine's tensor-parallel ranks as processes on those GPUs (a worker stays on one node).
+Every node needs kdshards installed and the shard folder (and the data, the teacher) on a
+shared filesystem at the same path.
 
 A task whose process dies (killed, out of memory, node lost) is retried by Ray up to
 `max_retries` times; the retried worker resumes its slice from the manifest. An error raised
@@ -19,7 +20,7 @@ import os
 from dataclasses import replace
 
 from precompute.config import PrecomputeConfig
-from precompute.jobs import WorkerFailed, absolute_paths, engine_gpus
+from precompute.jobs import WorkerFailed, absolute_paths, worker_engine
 from precompute.launch import ray_workers
 from precompute.progress import JobProgress, event, reporter
 from precompute.run import Summary
@@ -49,9 +50,8 @@ def run_ray(cfg: PrecomputeConfig, log, on_event=None) -> Summary:
     refs: dict = {}
     try:
         alive = [n for n in ray.nodes() if n.get("Alive")]
-        engine, _ = engine_gpus(cfg)
         n, resources = ray_workers(
-            cfg.num_workers, engine, ray.cluster_resources().get("GPU", 0), len(alive)
+            cfg.num_workers, worker_engine(cfg), ray.cluster_resources().get("GPU", 0), len(alive)
         )
         log(
             f"precompute: {n} Ray workers on {len(alive)} node(s), each with "
