@@ -29,6 +29,7 @@ def local_cfg(tiny, path, out, *extra):
     return cfg(tiny, path, out, "backend=hf", "num_workers=2", "sampling.temperature=0", *extra)
 
 
+@pytest.mark.slow
 def test_local_workers_restart_a_killed_worker_and_finish(tiny, tmp_path):
     rows = [{**q, "id": f"q{i}"} for i, q in enumerate(questions(24))]
     path = write_jsonl(tmp_path / "q.jsonl", rows)

@@ -81,6 +81,7 @@ def test_ray_workers_write_every_example_once(cluster, tiny, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_ray_retries_a_killed_worker_which_resumes(cluster, tiny, tmp_path):
     path, ids = data(tmp_path, 24)
     out = tmp_path / "out"
