@@ -57,7 +57,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, help="top-k logprobs per token (k=)")
     p.add_argument("--n", type=int, help="samples per example, generate mode (sampling.n=)")
     p.add_argument("--limit", type=int, help="first N valid examples only (data.limit=)")
-    p.add_argument("--num-workers", type=int, help="data-parallel processes (num_workers=)")
+    p.add_argument(
+        "--num-workers", type=int, help="workers splitting the data, 0: auto (num_workers=)"
+    )
     p.add_argument(
         "--worker-index", type=int, help="run only this worker of the split (worker_index=)"
     )
