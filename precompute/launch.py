@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 # Workers on a CPU-only machine when num_workers=0 (auto). vLLM's CPU engine keeps a core
-# for its scheduler; on 2 cores one worker beat two (BENCHMARKS.md, "precompute workers").
+# for its scheduler; on 2 cores one worker was as fast as two, whose engines start up on the
+# same cores (BENCHMARKS.md, "Precompute workers on one machine").
 CPU_WORKERS = 1
 
 
