@@ -16,6 +16,7 @@ ray = pytest.importorskip("ray")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
+from precompute.__main__ import main  # noqa: E402
 from precompute.jobs import run_job  # noqa: E402
 from shards.manifest import load_manifest  # noqa: E402
 from tests.fixtures.tiny_model import tiny_model_dir  # noqa: E402
@@ -58,7 +59,7 @@ def attempts(events, worker):
     return list(dict.fromkeys(ev["attempt"] for ev in events if ev["worker"] == worker))
 
 
-def test_ray_workers_write_every_example_once(cluster, tiny, tmp_path):
+def test_ray_workers_write_every_example_once(cluster, tiny, tmp_path, capfd):
     path, ids = data(tmp_path, 12)
     out = tmp_path / "out"
     events = []
@@ -74,10 +75,12 @@ def test_ray_workers_write_every_example_once(cluster, tiny, tmp_path):
     )
     assert sum(ev["todo"] for ev in events if ev["summary"]["examples"] == 0) == 12
 
-    # A second run over the finished folder starts no engine and writes nothing.
+    # A second run over the finished folder (from the CLI) starts no engine, writes nothing.
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    s2 = run_job(ray_cfg(tiny, path, out, "commit_every=2"))
-    assert (s2.examples, s2.skipped_done, s2.files) == (0, 12, 0)
+    args = ["--config", "", "--teacher", str(tiny), "--data", str(path), "--out", str(out)]
+    args += ["--backend", "hf", "--k", "8", "--ray", "--num-workers", "2", "--no-progress"]
+    assert main([*args, "sampling.temperature=0", "sampling.max_tokens=12"]) == 0
+    assert "precompute: 0 examples (12 already done)" in capfd.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
