@@ -72,7 +72,8 @@ def visible_gpus(env: Mapping[str, str] | None = None) -> list[str]:
         import torch
     except ImportError:
         return []
-    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    # device_count asks NVML and leaves CUDA uninitialized for the engine in this process.
+    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 def allowed_cpus() -> list[int]:
