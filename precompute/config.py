@@ -138,7 +138,8 @@ class PrecomputeConfig:
     num_workers: int = _f(
         0,
         "workers the data is split across, all writing into `out`; 0: auto (one per GPU group "
-        "of tensor x pipeline parallel size, on this machine or the Ray cluster; on a CPU: 1)",
+        "of tensor x pipeline parallel size, on this machine or the Ray cluster; on a CPU: 2 vLLM "
+        "workers, at most one per core)",
     )
     worker_index: int = _f(
         -1,

@@ -25,7 +25,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from precompute.config import PrecomputeConfig
-from precompute.launch import WorkerSlot, allowed_cpus, local_plan, visible_gpus
+from precompute.launch import (
+    CPU_WORKERS,
+    WorkerSlot,
+    allowed_cpus,
+    local_plan,
+    visible_gpus,
+)
 from precompute.progress import JobProgress, event, reporter
 from precompute.run import Summary, run
 
@@ -74,8 +80,15 @@ def run_job(cfg: PrecomputeConfig, log=None, on_event=None) -> Summary:
         from precompute.ray_runner import run_ray
 
         return run_ray(cfg, log, on_event)
+    # The CPU default was measured with vLLM's engine; transformers uses every core itself.
+    cpu_workers = CPU_WORKERS if cfg.backend == "vllm" else 1
     slots = local_plan(
-        cfg.num_workers, cfg.worker_index, worker_engine(cfg), local_gpus(cfg), allowed_cpus()
+        cfg.num_workers,
+        cfg.worker_index,
+        worker_engine(cfg),
+        local_gpus(cfg),
+        allowed_cpus(),
+        cpu_workers,
     )
     if len(slots) == 1 and not slots[0].env:
         return run(cfg, log=log)

@@ -5,7 +5,7 @@ Pure functions (no GPU, no Ray needed) so that the arithmetic is tested on any m
 - `slurm_overrides`: in a SLURM job array, task I of N is worker I of N.
 - `local_plan`: one machine; one worker per group of tensor x pipeline parallel GPUs
   (8 GPUs, TP=2: 4 workers, CUDA_VISIBLE_DEVICES=0,1 / 2,3 / 4,5 / 6,7), or on a CPU
-  `CPU_WORKERS` workers, each engine bound to its own cores.
+  `CPU_WORKERS` vLLM workers, each engine bound to its own cores.
 - `ray_workers`: how many workers a Ray cluster holds, and each one's resources.
 """
 
@@ -15,10 +15,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-# Workers on a CPU-only machine when num_workers=0 (auto). vLLM's CPU engine keeps a core
-# for its scheduler; on 2 cores one worker was as fast as two, whose engines start up on the
-# same cores (BENCHMARKS.md, "Precompute workers on one machine").
-CPU_WORKERS = 1
+# vLLM workers on a CPU-only machine when num_workers=0 (auto). One vLLM CPU engine runs its
+# model on one core and keeps one for its scheduler; on 2 cores two workers, each engine
+# bound to its own core, did the default data in 179 s against 246 s for one (BENCHMARKS.md,
+# "Precompute workers on one machine"). Never more than the allowed cores.
+CPU_WORKERS = 2
 
 
 class LaunchError(ValueError):
@@ -96,7 +97,7 @@ def local_plan(
 
     worker_index >= 0 (a flag or a SLURM array task): just that worker, on every visible
     device. Otherwise every worker of the split: num_workers of them, or with 0 (auto) one
-    per GPU group, or `cpu_workers` on a machine without GPUs."""
+    per GPU group, or on a machine without GPUs `cpu_workers` (at most one per core)."""
     if worker_index >= 0:
         return [WorkerSlot(worker_index)]
     if gpus:
@@ -112,7 +113,7 @@ def local_plan(
         if n == 1:
             return [WorkerSlot(0)]
         return [WorkerSlot(i, {"CUDA_VISIBLE_DEVICES": ",".join(groups[i])}) for i in range(n)]
-    n = num_workers or cpu_workers
+    n = num_workers or max(1, min(cpu_workers, len(cpus)))
     if n == 1:
         return [WorkerSlot(0)]
     if n > len(cpus):
@@ -136,13 +137,13 @@ def ray_workers(
     engine: Mapping,
     cluster_gpus: float,
     cluster_nodes: int,
-    cpu_workers: int = CPU_WORKERS,
 ) -> tuple[int, dict]:
     """(workers, Ray resources of one worker) on a cluster with these GPUs and alive nodes.
 
     With GPUs each worker holds its engine's tensor x pipeline parallel GPUs, and auto makes
-    as many workers as fit; without, each holds one CPU and auto gives `cpu_workers` per
-    node (a vLLM CPU engine uses the node's cores by itself)."""
+    as many workers as fit; without, each holds one CPU and auto gives one per node (a vLLM
+    CPU engine binds its threads to the node's cores by itself, so two on a node would share
+    them: ask for more with num_workers and pin them with VLLM_CPU_OMP_THREADS_BIND)."""
     if cluster_gpus > 0:
         per = gpus_per_worker(engine)
         fit = int(cluster_gpus) // per
@@ -152,4 +153,4 @@ def ray_workers(
                 f"has {cluster_gpus:g}"
             )
         return num_workers or fit, {"num_gpus": per}
-    return num_workers or cluster_nodes * cpu_workers, {"num_cpus": 1}
+    return num_workers or cluster_nodes, {"num_cpus": 1}

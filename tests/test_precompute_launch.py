@@ -65,7 +65,9 @@ def test_gpu_plan_with_an_explicit_count_or_index():
 
 
 def test_cpu_plan_gives_each_worker_its_own_cores():
-    assert len(local_plan(0, -1, {}, [], [0, 1, 2, 3])) == CPU_WORKERS  # auto
+    assert len(local_plan(0, -1, {}, [], [0, 1, 2, 3])) == CPU_WORKERS == 2  # auto
+    assert local_plan(0, -1, {}, [], [0]) == [WorkerSlot(0)]  # auto: at most one per core
+    assert local_plan(0, -1, {}, [], [0, 1], cpu_workers=1) == [WorkerSlot(0)]
     assert local_plan(1, -1, {}, [], [0, 1]) == [WorkerSlot(0)]
     plan = local_plan(2, -1, {}, [], [0, 1, 2, 3, 4])
     assert [s.env["VLLM_CPU_OMP_THREADS_BIND"] for s in plan] == ["0,1", "2,3"]
@@ -78,7 +80,7 @@ def test_ray_worker_count_and_resources():
     tp2 = {"tensor_parallel_size": 2}
     assert ray_workers(0, tp2, 16.0, 2) == (8, {"num_gpus": 2})
     assert ray_workers(3, tp2, 16.0, 2) == (3, {"num_gpus": 2})  # more queue for GPUs
-    assert ray_workers(0, {}, 0, 3) == (3 * CPU_WORKERS, {"num_cpus": 1})
+    assert ray_workers(0, {}, 0, 3) == (3, {"num_cpus": 1})  # one engine per CPU node
     assert ray_workers(2, {}, 0, 1) == (2, {"num_cpus": 1})
     with pytest.raises(LaunchError, match="needs 4 GPUs .* cluster has 2"):
         ray_workers(0, {"tensor_parallel_size": 4}, 2.0, 1)
