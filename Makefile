@@ -11,14 +11,14 @@ SETUP_STAMP := $(VENV)/.setup-stamp
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test lint format models bench-shards bench-train bench-loss demo clean-models train \
-	default-data precompute bench-precompute eval
+	default-data precompute bench-precompute bench-precompute-workers eval
 .PHONY: teacher-server bench-onpolicy onpolicy-rounds bench-rounds bench-precompute-host
 
 help: ## list the targets
 	@echo "kdshards make targets:"
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "variables: PYTEST_ARGS='...' (extra pytest args), KDSHARDS_DEVICE=cpu|gpu (setup)"
-	@echo "  precompute: CONFIG TEACHER DATA K OUT PRECOMPUTE_ARGS"
+	@echo "  precompute: CONFIG TEACHER DATA K OUT WORKERS RAY=1 PRECOMPUTE_ARGS"
 	@echo "  train: METHOD BETA ALPHA TEMP STEPS SHARDS STUDENT RUN GPUS ZERO TEACHER_URL ARGS"
 	@echo "  eval: EVAL_ARGS   demo: DEMO_ARGS (e.g. --seed 1)"
 	@echo "  onpolicy-rounds: ROUNDS STUDENT DATA WORK ROUNDS_METHOD STEPS ROUNDS_ARGS"
@@ -50,7 +50,9 @@ clean-models: ## delete the converted models
 bench-shards: setup models ## benchmark shard writing/reading
 	$(PYTHON) -m bench.shards
 
-# make precompute [CONFIG= TEACHER= DATA= K= OUT= PRECOMPUTE_ARGS='key=value ...']
+# make precompute [CONFIG= TEACHER= DATA= K= OUT= WORKERS= RAY=1 PRECOMPUTE_ARGS='key=value ...']
+# WORKERS=N splits the data over N local workers (default: one per GPU group); RAY=1 runs
+# them as Ray tasks on the cluster at RAY_ADDRESS (or a local one).
 CONFIG  ?= configs/precompute.yaml
 PRECOMPUTE_ARGS ?=
 DEFAULT_DATA := data/default/train.jsonl
@@ -60,16 +62,20 @@ $(DEFAULT_DATA): | $(SETUP_STAMP)
 
 default-data: $(DEFAULT_DATA) ## generate the demo questions offline (data/default)
 
-precompute: setup models $(DEFAULT_DATA) ## teacher -> shards (CONFIG= TEACHER= DATA= K= OUT= PRECOMPUTE_ARGS=)
+precompute: setup models $(DEFAULT_DATA) ## teacher -> shards (CONFIG= TEACHER= DATA= K= OUT= WORKERS= RAY=1 PRECOMPUTE_ARGS=)
 	$(PYTHON) -m precompute --config $(CONFIG) \
 	  $(if $(TEACHER),--teacher $(TEACHER)) $(if $(DATA),--data $(DATA)) \
-	  $(if $(K),--k $(K)) $(if $(OUT),--out $(OUT)) $(PRECOMPUTE_ARGS)
+	  $(if $(K),--k $(K)) $(if $(OUT),--out $(OUT)) $(if $(WORKERS),--num-workers $(WORKERS)) \
+	  $(if $(filter 1,$(RAY)),--ray) $(PRECOMPUTE_ARGS)
 
 bench-precompute: setup models $(DEFAULT_DATA) ## vLLM vs transformers teacher throughput
 	$(PYTHON) -m bench.precompute
 
 bench-precompute-host: setup ## host cost per token: vLLM logprobs -> top-k -> shards (no model run)
 	$(PYTHON) -m bench.precompute_host $(ARGS)
+
+bench-precompute-workers: setup models $(DEFAULT_DATA) ## precompute with 1 vs 2 local workers
+	$(PYTHON) -m bench.precompute_workers $(ARGS)
 
 # make train METHOD=skd|seqkd|jsd|dualkl [BETA= ALPHA= TEMP= STEPS= SHARDS= STUDENT= RUN=]
 #            [GPUS=n] [ZERO=2|3] [ARGS='key=value ...']

@@ -59,8 +59,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, help="top-k logprobs per token (k=)")
     p.add_argument("--n", type=int, help="samples per example, generate mode (sampling.n=)")
     p.add_argument("--limit", type=int, help="first N valid examples only (data.limit=)")
-    p.add_argument("--num-workers", type=int, help="data-parallel processes (num_workers=)")
-    p.add_argument("--worker-index", type=int, help="this process's index (worker_index=)")
+    p.add_argument(
+        "--num-workers", type=int, help="workers splitting the data, 0: auto (num_workers=)"
+    )
+    p.add_argument(
+        "--worker-index", type=int, help="run only this worker of the split (worker_index=)"
+    )
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="run the workers as Ray tasks on the cluster at RAY_ADDRESS, else a local one",
+    )
     p.add_argument(
         "--skip-invalid",
         action="store_true",
@@ -93,15 +102,19 @@ def split_overrides(extra: list[str]) -> list[str]:
 
 def resolve(argv: list[str] | None = None):
     from precompute.config import load_config
+    from precompute.launch import slurm_overrides
 
     args, extra = parser().parse_known_args(argv)
-    overrides = list(args.overrides) + split_overrides(extra)
+    # A SLURM array task is one worker of the split; explicit settings (later) win.
+    overrides = slurm_overrides(os.environ) + list(args.overrides) + split_overrides(extra)
     for flag, key in FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
     if args.skip_invalid:
         overrides.append("skip_invalid=true")
+    if args.ray:
+        overrides.append("ray=true")
     if args.no_progress:
         overrides.append("progress=false")
     config = args.config
@@ -128,12 +141,21 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
         return 0
     from precompute.inputs import InputError
-    from precompute.run import TokenizerMismatch, run
+    from precompute.jobs import WorkerFailed, run_job
+    from precompute.launch import LaunchError
+    from precompute.run import TokenizerMismatch
     from shards.errors import ShardError
 
     try:
-        run(cfg)
-    except (InputError, TokenizerMismatch, ShardError, FileNotFoundError) as e:
+        run_job(cfg)
+    except (
+        InputError,
+        TokenizerMismatch,
+        ShardError,
+        FileNotFoundError,
+        WorkerFailed,
+        LaunchError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

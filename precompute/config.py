@@ -155,8 +155,23 @@ class PrecomputeConfig:
     skip_invalid: bool = _f(
         False, "write invalid input rows to rejects-w<I>.jsonl instead of stopping"
     )
-    num_workers: int = _f(1, "data-parallel processes writing into `out`")
-    worker_index: int = _f(0, "this process's index in [0, num_workers)")
+    num_workers: int = _f(
+        0,
+        "workers the data is split across, all writing into `out`; 0: auto (one per GPU group "
+        "of tensor x pipeline parallel size, on this machine or the Ray cluster; on a CPU: 2 vLLM "
+        "workers, at most one per core)",
+    )
+    worker_index: int = _f(
+        -1,
+        "-1: this launch runs every worker; I: run only worker I of num_workers (default from "
+        "SLURM_ARRAY_TASK_ID)",
+    )
+    ray: bool = _f(
+        False, "run the workers as Ray tasks on the cluster at RAY_ADDRESS (else a local one)"
+    )
+    max_retries: int = _f(
+        3, "a worker process that dies is restarted this many times; it resumes from the manifest"
+    )
     progress: bool = _f(True, "show a progress bar")
     data: DataConfig = field(default_factory=DataConfig)
     view: ViewConfig = field(default_factory=ViewConfig)
@@ -172,7 +187,16 @@ class PrecomputeConfig:
 
 # Fields that say how this process runs, not what the shards contain: they stay out of
 # ShardMetadata.extra, so that workers and resumed runs agree on the folder's metadata.
-RUN_FIELDS = ("out", "skip_invalid", "num_workers", "worker_index", "progress", "commit_every")
+RUN_FIELDS = (
+    "out",
+    "skip_invalid",
+    "num_workers",
+    "worker_index",
+    "ray",
+    "max_retries",
+    "progress",
+    "commit_every",
+)
 
 
 def engine_arg_names() -> set[str]:
@@ -210,11 +234,17 @@ def validate(cfg: PrecomputeConfig) -> PrecomputeConfig:
         (cfg.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {cfg.backend!r}"),
         (cfg.k >= 1, "k must be >= 1"),
         (cfg.commit_every >= 1, "commit_every must be >= 1"),
-        (cfg.num_workers >= 1, "num_workers must be >= 1"),
+        (cfg.num_workers >= 0, "num_workers must be >= 0 (0: auto)"),
         (
-            0 <= cfg.worker_index < cfg.num_workers,
-            f"worker_index must be in [0, {cfg.num_workers}), got {cfg.worker_index}",
+            cfg.worker_index == -1 or 0 <= cfg.worker_index < cfg.num_workers,
+            f"worker_index must be -1 (all) or in [0, num_workers={cfg.num_workers}), got "
+            f"{cfg.worker_index}",
         ),
+        (
+            not (cfg.ray and cfg.worker_index >= 0),
+            "ray runs every worker of the split: do not set worker_index with ray",
+        ),
+        (cfg.max_retries >= 0, "max_retries must be >= 0"),
         (
             cfg.view.experience_position in POSITIONS,
             f"view.experience_position must be one of {POSITIONS}",

@@ -12,6 +12,7 @@ them. At its end a run merges its own files into files of up to 64 MiB, in one m
 
 Data parallelism: worker I of N takes the examples whose id hashes to I mod N and writes as
 writer `w{I}` into the shared folder, committing in its own manifest; readers merge them.
+`run` is one worker; precompute/jobs.py starts all of them (local processes, or Ray tasks).
 
 The run's config and its rejected input rows are committed like shards, by the writer and
 append-only (precompute_config-w{I}-<n>.yaml when the config changed, rejects-w{I}-<n>.jsonl
@@ -24,7 +25,8 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -266,9 +268,23 @@ def _rows_for(
     return rows
 
 
-def run(cfg: PrecomputeConfig, backend: Backend | None = None, log=None) -> Summary:
-    """Run precompute for `cfg`; `backend` reuses a started engine (tests, benchmarks)."""
+def run(
+    cfg: PrecomputeConfig,
+    backend: Backend | None = None,
+    log=None,
+    progress: Callable[[Summary, int], None] | None = None,
+) -> Summary:
+    """Run worker `cfg.worker_index` of `cfg.num_workers` (-1 with at most one worker: the
+    only one); `backend` reuses a started engine (tests, benchmarks). `progress(summary,
+    todo)` is called once the examples left to do are known, then after every commit."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if cfg.worker_index < 0:
+        if cfg.num_workers > 1:
+            raise ValueError(
+                f"num_workers={cfg.num_workers}: run() is one worker; set worker_index or "
+                "start them all with precompute.jobs.run_job"
+            )
+        cfg = replace(cfg, num_workers=1, worker_index=0)
     t0 = time.time()
     summary = Summary()
     out = Path(cfg.out)
@@ -290,12 +306,14 @@ def run(cfg: PrecomputeConfig, backend: Backend | None = None, log=None) -> Summ
     with ShardWriter(
         out, metadata, writer_id=f"w{cfg.worker_index}", target_file_bytes=64 << 20
     ) as writer:
-        commit_records(writer, cfg, rejects, log)
         done = writer.completed_ids()
         todo = [(ex, v) for ex, v in work if ex.id not in done]
+        commit_records(writer, cfg, rejects, log, config=bool(todo))
         summary.skipped_done = len(work) - len(todo)
         if summary.skipped_done:
             log(f"precompute: resuming, {summary.skipped_done} of {len(work)} examples done")
+        if progress is not None:
+            progress(summary, len(todo))
         if todo:
             own_backend = backend is None
             if own_backend:
@@ -313,30 +331,31 @@ def run(cfg: PrecomputeConfig, backend: Backend | None = None, log=None) -> Summ
                     if cfg.mode == "score" and cfg.score.response_ids_field
                     else None
                 )
-                _loop(cfg, tokenizer, backend, writer, todo, summary, given)
+                _loop(cfg, tokenizer, backend, writer, todo, summary, given, progress)
             finally:
                 if own_backend:
                     backend.close()
             # Commits every commit_every examples make small files (resume granularity); one
             # file per run costs fewer bytes per token (one rank order, longer zstd streams).
             writer.compact(only={f.name for f in writer.files_written})
-        for entry in writer.files_written:
-            summary.files += 1
-            summary.bytes += entry.bytes
+    _count_files(writer, summary)
     summary.wall_s = time.time() - t0
     log(summary.text())
     return summary
 
 
-def commit_records(writer: ShardWriter, cfg: PrecomputeConfig, rejects, log) -> None:
-    """Commit the run's config (when it differs from this writer's last) and the rejected
-    rows that no earlier run of the folder committed."""
+def commit_records(
+    writer: ShardWriter, cfg: PrecomputeConfig, rejects, log, config: bool = True
+) -> None:
+    """Commit the run's config (when `config`, the run has examples to do, and it differs
+    from this writer's last) and the rejected rows that no earlier run of the folder
+    committed. A run over a finished folder thus writes nothing."""
     from precompute.inputs import rejects_jsonl
 
-    config = yaml.safe_dump(asdict(cfg), sort_keys=False).encode()
+    text = yaml.safe_dump(asdict(cfg), sort_keys=False).encode()
     last = writer.extras(CONFIG_KIND)
-    if not last or last[-1].sha256 != hashlib.sha256(config).hexdigest():
-        writer.add_extra(CONFIG_KIND, config, ".yaml")
+    if config and (not last or last[-1].sha256 != hashlib.sha256(text).hexdigest()):
+        writer.add_extra(CONFIG_KIND, text, ".yaml")
     if not rejects:
         return
     earlier = set()
@@ -352,12 +371,24 @@ def commit_records(writer: ShardWriter, cfg: PrecomputeConfig, rejects, log) -> 
     log(f"precompute: {len(rejects)} invalid row(s) skipped, {where}")
 
 
-def _loop(
-    cfg, tokenizer, backend: Backend, writer: ShardWriter, todo, summary: Summary, given=None
-) -> None:
-    from shards.progress import progress
+def _count_files(writer: ShardWriter, summary: Summary) -> None:
+    summary.files = len(writer.files_written)
+    summary.bytes = sum(entry.bytes for entry in writer.files_written)
 
-    bar = progress(len(todo), "precompute", "ex", disable=not cfg.progress, file=sys.stderr)
+
+def _loop(
+    cfg,
+    tokenizer,
+    backend: Backend,
+    writer: ShardWriter,
+    todo,
+    summary: Summary,
+    given=None,
+    progress=None,
+) -> None:
+    from shards.progress import progress as progress_bar
+
+    bar = progress_bar(len(todo), "precompute", "ex", disable=not cfg.progress, file=sys.stderr)
     try:
         for b in range(0, len(todo), cfg.commit_every):
             chunk = todo[b : b + cfg.commit_every]
@@ -385,6 +416,9 @@ def _loop(
                 summary.rows += len(rows)
                 summary.tokens += sum(len(r.response_ids) for r in rows)
             writer.flush()  # the commit point: a crash after this loses nothing of the chunk
+            if progress is not None:
+                _count_files(writer, summary)
+                progress(summary, len(todo))
             bar.update(len(chunk))
             tps = summary.tokens / summary.engine_s if summary.engine_s else 0.0
             bar.set_postfix(tok_s=f"{tps:.0f}", ex_s=f"{summary.examples / summary.engine_s:.2f}")

@@ -70,3 +70,19 @@ def hf_logprobs(model, prompt, response) -> np.ndarray:
         logits = model(input_ids=ids).logits[0].float()
     lp = torch.log_softmax(logits, dim=-1)
     return lp[len(prompt) - 1 : len(prompt) + len(response) - 1].numpy()
+
+
+def kill_after_first_commit(worker: int, events: list):
+    """A precompute job's on_event hook: SIGKILLs `worker`'s process once, after its first
+    commit; records every event in `events` and the killing one in `hook.killed`."""
+    import os
+    import signal
+
+    def hook(ev):
+        if ev["worker"] == worker and ev["summary"]["examples"] > 0 and not hook.killed:
+            os.kill(ev["pid"], signal.SIGKILL)
+            hook.killed.append(ev)
+        events.append(ev)
+
+    hook.killed = []
+    return hook
