@@ -2,8 +2,13 @@
 
 The CLI is a thin overlay on configs/precompute.yaml: a few common options have flags, and
 any config key can be set as `key=value` or `--key=value` (dotted keys reach into sections,
-e.g. sampling.n=4, view.thinking=mixed, engine.tensor_parallel_size=2). Unknown keys are
-errors.
+e.g. sampling.n=4, view.thinking=mixed, engine.tensor_parallel_size=2), anywhere among the
+arguments. Unknown keys are errors.
+
+Expected failures (bad input rows, a config that cannot work, shard folder conflicts, an
+output folder that cannot be written) end with one line per problem,
+`precompute: error: FILE:LINE: FIELD: MESSAGE` (the parts that apply), and exit status 2; a
+traceback means a bug.
 """
 
 from __future__ import annotations
@@ -71,12 +76,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def split_overrides(extra: list[str]) -> list[str]:
-    """`--a.b=c` and `--a.b c` (anything argparse did not know) to `a.b=c`."""
+    """`--a.b=c`, `--a.b c` and `a.b=c` (anything argparse did not take) to `a.b=c`.
+
+    argparse gives its positional `overrides` only the first run of key=value words; the
+    ones after a later flag (`--out X a=1 --data F b=2`) arrive here."""
     out, i = [], 0
     while i < len(extra):
         arg = extra[i]
         if not arg.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {arg!r}")
+            if "=" not in arg or arg.startswith("="):
+                raise ValueError(f"unexpected argument {arg!r} (config overrides are key=value)")
+            out.append(arg)
+            i += 1
+            continue
         key = arg[2:]
         if "=" in key:
             out.append(key)
@@ -84,7 +96,7 @@ def split_overrides(extra: list[str]) -> list[str]:
             out.append(f"{key}={extra[i + 1]}")
             i += 1
         else:
-            raise SystemExit(f"error: {arg} needs a value (--key=value)")
+            raise ValueError(f"{arg} needs a value (--key=value)")
         i += 1
     return [o.replace("-", "_", o.index("=")) if "-" in o.split("=", 1)[0] else o for o in out]
 
@@ -108,6 +120,32 @@ def resolve(argv: list[str] | None = None):
     return args, load_config(config or None, overrides)
 
 
+def error_lines(e: BaseException) -> list[str]:
+    """`FILE:LINE: FIELD: MESSAGE` lines (the parts that apply) for an expected error."""
+    from precompute.inputs import InputError, InputFileError
+    from shards.errors import ShardError
+
+    if isinstance(e, InputError):
+        lines = [r.message() for r in e.rejects]
+        lines.append(
+            f"{len(e.rejects)} invalid input row(s) of {e.total}: fix them, or pass "
+            "--skip-invalid to list them in a rejects file and go on"
+        )
+        return lines
+    if isinstance(e, InputFileError):
+        return [f"{e.path}:{e.line}: {e.message}" if e.line else f"{e.path}: {e.message}"]
+    if isinstance(e, ShardError):
+        where = [e.path] if e.path else []
+        if e.row is not None:
+            where.append(f"row {e.row}")
+        if e.field:
+            where.append(e.field)
+        return [": ".join([":".join(where[:2]), *where[2:], e.message] if where else [e.message])]
+    if isinstance(e, OSError) and e.filename is not None:
+        return [f"{e.filename}: {e.strerror or e}"]
+    return [" ".join(str(e).split())]
+
+
 def main(argv: list[str] | None = None) -> int:
     # Before anything imports vLLM: its CPU build reserves 92% of RAM for the KV cache
     # otherwise.
@@ -116,9 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         args, cfg = resolve(argv)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # a bad override or config file, an invalid value
+        return fail(e)
     if args.print_config:
         import dataclasses
 
@@ -126,16 +163,29 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
         return 0
-    from precompute.inputs import InputError
+    from precompute.config import ConfigError
+    from precompute.inputs import InputError, InputFileError
     from precompute.run import TokenizerMismatch, run
     from shards.errors import ShardError
 
     try:
         run(cfg)
-    except (InputError, TokenizerMismatch, ShardError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (
+        InputError,
+        InputFileError,
+        ConfigError,
+        TokenizerMismatch,
+        ShardError,
+        OSError,  # the output folder: read-only, a full disk, a missing parent ...
+    ) as e:
+        return fail(e)
     return 0
+
+
+def fail(e: BaseException) -> int:
+    for line in error_lines(e):
+        print(f"precompute: error: {line}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # vLLM spawns processes that re-import __main__

@@ -16,7 +16,6 @@ writer `w{I}` into the shared folder; the locked manifest is the merge.
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,8 +24,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from precompute.config import PrecomputeConfig, content_dict
-from precompute.inputs import Example, InputError, Reject, data_fingerprint, read_examples
+from precompute.config import ConfigError, PrecomputeConfig, content_dict
+from precompute.inputs import (
+    Example,
+    InputError,
+    Reject,
+    data_fingerprint,
+    raw_text_of,
+    read_examples,
+)
 from precompute.views import Views, derive_seed, make_views
 from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
 from shards.manifest import write_atomic
@@ -38,6 +44,17 @@ CONFIG_FILE = "precompute_config.yaml"
 
 class TokenizerMismatch(ValueError):
     pass
+
+
+def check_model_folder(role: str, path: str) -> None:
+    """A local model folder, before transformers would take a missing path for a hub id
+    ("Repo id must be in the form ...") and try to download it."""
+    if not Path(path).is_dir():
+        raise ConfigError(
+            f"{role}={path}: {'not a folder' if Path(path).exists() else 'no such folder'}; "
+            "precompute reads a local model folder and downloads nothing (fetch the model "
+            "first, e.g. `huggingface-cli download REPO --local-dir DIR`)"
+        )
 
 
 @dataclass
@@ -167,7 +184,7 @@ def prepare(cfg: PrecomputeConfig, tokenizer, max_len: int | None):
     n, i = cfg.num_workers, cfg.worker_index
     # Rejected rows have no trustworthy id: split them by row index instead.
     rejects = [r for r in rejects if r.index % n == i]
-    work = []
+    work, too_long = [], []
     for ex in examples:
         if worker_of(ex.id, n) != i:
             continue
@@ -179,17 +196,13 @@ def prepare(cfg: PrecomputeConfig, tokenizer, max_len: int | None):
                 else 1
             )
             if need > max_len:
-                rejects.append(
-                    Reject(
-                        ex.index,
-                        ex.where,
-                        cfg.data.question_field,
-                        f"teacher view needs {need} tokens, max_model_len is {max_len}",
-                        json.dumps({"id": ex.id}),
-                    )
-                )
+                why = f"teacher view needs {need} tokens, max_model_len is {max_len}"
+                too_long.append((ex, why))
                 continue
         work.append((ex, views))
+    raws = raw_text_of(cfg.data, [ex.index for ex, _ in too_long])
+    field = cfg.data.messages_field or cfg.data.question_field
+    rejects += [Reject.of(ex.index, ex.where, field, why, raws[ex.index]) for ex, why in too_long]
     if rejects and not cfg.skip_invalid:
         raise InputError(sorted(rejects, key=lambda r: r.index), total)
     return work, rejects
@@ -232,6 +245,9 @@ def run(cfg: PrecomputeConfig, backend=None, log=None) -> Summary:
     t0 = time.time()
     summary = Summary()
     out = Path(cfg.out)
+    check_model_folder("teacher", cfg.teacher)
+    if cfg.student:
+        check_model_folder("student", cfg.student)
     tokenizer = load_tokenizer(cfg.teacher)
     tok_fp = check_tokenizers(cfg, tokenizer)
     vocab_size = model_vocab_size(cfg.teacher)
@@ -240,6 +256,8 @@ def run(cfg: PrecomputeConfig, backend=None, log=None) -> Summary:
             f"{cfg.teacher}: tokenizer has {len(tokenizer)} tokens, the model's logits only "
             f"{vocab_size}"
         )
+    if cfg.k > vocab_size:
+        raise ConfigError(f"k={cfg.k} is above the teacher's vocabulary size ({vocab_size})")
     max_len = cfg.engine.get("max_model_len") if cfg.backend == "vllm" else None
     work, rejects = prepare(cfg, tokenizer, max_len)
     out.mkdir(parents=True, exist_ok=True)
