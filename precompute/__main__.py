@@ -120,7 +120,7 @@ def resolve(argv: list[str] | None = None):
     return args, load_config(config or None, overrides)
 
 
-def error_lines(e: BaseException) -> list[str]:
+def error_lines(e: BaseException, out: str | None = None) -> list[str]:
     """`FILE:LINE: FIELD: MESSAGE` lines (the parts that apply) for an expected error."""
     from precompute.inputs import InputError, InputFileError
     from shards.errors import ShardError
@@ -141,8 +141,11 @@ def error_lines(e: BaseException) -> list[str]:
         if e.field:
             where.append(e.field)
         return [": ".join([":".join(where[:2]), *where[2:], e.message] if where else [e.message])]
-    if isinstance(e, OSError) and e.filename is not None:
-        return [f"{e.filename}: {e.strerror or e}"]
+    if isinstance(e, OSError):
+        if e.filename is not None:
+            return [f"{e.filename}: {e.strerror or e}"]
+        if out is not None:  # pyarrow's write errors name no file: the output folder's
+            return [f"{out}: {' '.join(str(e).split())}"]
     return [" ".join(str(e).split())]
 
 
@@ -178,12 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         ShardError,
         OSError,  # the output folder: read-only, a full disk, a missing parent ...
     ) as e:
-        return fail(e)
+        return fail(e, cfg.out)
     return 0
 
 
-def fail(e: BaseException) -> int:
-    for line in error_lines(e):
+def fail(e: BaseException, out: str | None = None) -> int:
+    for line in error_lines(e, out):
         print(f"precompute: error: {line}", file=sys.stderr)
     return 2
 
