@@ -127,7 +127,8 @@ def test_csv_row_with_wrong_field_count_is_one_line(tiny, tmp_path, capsys):
     path = bad_csv(tmp_path)
     rc, lines = cli(capsys, tiny, path, tmp_path / "out")
     assert rc == 2
-    assert error_lines(lines)[0] == f"precompute: error: {path}:3: <csv>: 3 fields, the header has 2"
+    expected = f"precompute: error: {path}:3: <csv>: 3 fields, the header has 2"
+    assert error_lines(lines)[0] == expected
 
 
 def test_csv_row_with_wrong_field_count_is_rejected_alone(tmp_path):
