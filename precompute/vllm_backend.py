@@ -12,6 +12,7 @@ import os
 
 from precompute.backend import Scored, topk_from_entries
 from precompute.config import SamplingConfig, check_engine_args
+from shards.lifetime import guard_children
 
 LOGPROBS_MODE = "raw_logprobs"
 
@@ -30,6 +31,8 @@ class VLLMBackend:
         # Raw: the full-vocabulary log_softmax of the logits, before temperature, top-p and
         # top-k; the trainer applies its own temperature.
         args["logprobs_mode"] = LOGPROBS_MODE
+        # vLLM's engine processes must not outlive this one (kill -9 included).
+        guard_children()
         self.llm = LLM(model=model, **args)
         from vllm.platforms import current_platform
 
