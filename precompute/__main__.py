@@ -144,7 +144,7 @@ def error_lines(e: BaseException, out: str | None = None) -> list[str]:
     if isinstance(e, OSError):
         if e.filename is not None:
             return [f"{e.filename}: {e.strerror or e}"]
-        if out is not None:  # pyarrow's write errors name no file: the output folder's
+        if out is not None and e.errno is not None:  # pyarrow's write errors name no file
             return [f"{out}: {' '.join(str(e).split())}"]
     return [" ".join(str(e).split())]
 

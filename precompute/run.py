@@ -55,6 +55,8 @@ def check_model_folder(role: str, path: str) -> None:
             "precompute reads a local model folder and downloads nothing (fetch the model "
             "first, e.g. `huggingface-cli download REPO --local-dir DIR`)"
         )
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{role}={path}: no config.json, not a Hugging Face model folder")
 
 
 @dataclass
@@ -95,7 +97,11 @@ def worker_of(example_id: str, num_workers: int) -> int:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # transformers' several-line explanations
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ConfigError(f"{path}: cannot load its tokenizer: {first.strip()}") from e
 
 
 def check_tokenizers(cfg: PrecomputeConfig, tokenizer) -> str:

@@ -310,6 +310,21 @@ def test_missing_config_file_and_bad_yaml_are_one_line(tmp_path, capsys):
         assert err.startswith(f"precompute: error: {config}: ") and err.count("\n") == 1
 
 
+def test_output_path_that_is_a_file_and_an_empty_teacher_folder(tiny, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "q.jsonl", questions(2))
+    out = tmp_path / "out"
+    out.write_text("a file, not a folder")
+    rc, lines = cli(capsys, tiny, data, out)
+    assert rc == 2
+    assert error_lines(lines) == [f"precompute: error: {out}: File exists"]
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    rc, lines = cli(capsys, empty, data, tmp_path / "out2")
+    assert rc == 2
+    (line,) = error_lines(lines)
+    assert line.startswith("precompute: error: ") and str(empty) in line
+
+
 # ---- the output folder: read-only, a full disk ------------------------------------------------
 
 
