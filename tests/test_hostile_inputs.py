@@ -10,7 +10,9 @@ vLLM engine is started here.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,8 @@ from precompute.run import load_tokenizer, prepare
 from shards.reader import ShardFolder
 from tests.fixtures.tiny_model import tiny_model_dir
 from tests.precompute_helpers import K, all_rows, cfg, questions, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -351,11 +355,42 @@ def tmpfs(tmp_path):
 
 def test_read_only_output_folder_is_one_line(tiny, tmp_path, capsys, tmpfs):
     data = write_jsonl(tmp_path / "q.jsonl", questions(2))
-    out = tmpfs("1m", ro=True)
+    if os.geteuid() == 0:  # root writes through file modes: a read-only mount instead
+        out = tmpfs("1m", ro=True)
+    else:
+        out = tmp_path / "ro"
+        out.mkdir()
+        out.chmod(0o555)
     rc, lines = cli(capsys, tiny, data, out)
     assert rc == 2
     (line,) = error_lines(lines)
-    assert line.startswith(f"precompute: error: {out}/") and "Read-only file system" in line
+    assert line.startswith(f"precompute: error: {out}/")
+    assert "Read-only file system" in line or "Permission denied" in line
+
+
+def test_file_size_limit_is_one_line(tiny, tmp_path):
+    """A full disk where no tmpfs can be mounted: RLIMIT_FSIZE makes writes fail (EFBIG)."""
+    import resource
+
+    data = write_jsonl(tmp_path / "q.jsonl", questions(4))
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "precompute", "--config", "", "--teacher", str(tiny),
+        "--backend", "hf", "--data", str(data), "--out", str(out), "--k", str(K),
+        "--no-progress", "sampling.max_tokens=4",
+    ]  # fmt: skip
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(
+        cmd, cwd=REPO, env=env, preexec_fn=limit, capture_output=True, text=True, check=False
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("precompute: error: ")]
+    assert line.startswith(f"precompute: error: {out}") and "File too large" in line
 
 
 def test_full_disk_keeps_what_was_committed_and_resumes(tiny, tmp_path, capsys, tmpfs):
