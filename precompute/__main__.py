@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/precompute.yaml"
+SHOWN_REJECTS = 20  # bad rows listed on stderr; --skip-invalid's rejects file holds them all
 
 # flag -> config key
 FLAGS = {
@@ -126,7 +127,9 @@ def error_lines(e: BaseException, out: str | None = None) -> list[str]:
     from shards.errors import ShardError
 
     if isinstance(e, InputError):
-        lines = [r.message() for r in e.rejects]
+        lines = [r.message() for r in e.rejects[:SHOWN_REJECTS]]
+        if len(e.rejects) > SHOWN_REJECTS:
+            lines.append(f"... and {len(e.rejects) - SHOWN_REJECTS} more invalid row(s)")
         lines.append(
             f"{len(e.rejects)} invalid input row(s) of {e.total}: fix them, or pass "
             "--skip-invalid to list them in a rejects file and go on"
