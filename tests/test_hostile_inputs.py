@@ -304,6 +304,18 @@ def test_folder_of_jsonl_files_is_read_in_name_order(tmp_path):
         read(cfg(tiny_model_dir(), folder, tmp_path / "o"))
 
 
+def test_json_array_that_is_not_utf8_or_not_json_is_one_line(tiny, tmp_path, capsys):
+    path = tmp_path / "q.json"
+    for body, expected in (
+        (b'[\n {"question": "a"},\n {"question": "\xff"}\n]', "3: not valid UTF-8"),
+        (b'[\n {"question": "a"},\n {"question": }\n]', "3: not valid JSON: Expecting value"),
+    ):
+        path.write_bytes(body)
+        rc, lines = cli(capsys, tiny, path, tmp_path / "out")
+        assert rc == 2
+        assert error_lines(lines) == [f"precompute: error: {path}:{expected}"]
+
+
 def test_missing_config_file_and_bad_yaml_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("k: [1,\n")
