@@ -72,6 +72,9 @@ def guard_children(pid: int | None = None) -> subprocess.Popen | None:
     (default: this process) once `pid` has ended. Returns the watchdog, or None where
     processes cannot be watched (not Linux, or no psutil)."""
     pid = os.getpid() if pid is None else pid
+    for watched, d in list(_watched.items()):  # reap the watchdogs whose work is done
+        if watched != pid and d.poll() is not None:
+            del _watched[watched]
     dog = _watched.get(pid)
     if dog is not None and dog.poll() is None:
         return dog
