@@ -46,6 +46,20 @@ def _cmdline(p) -> str:
         return ""
 
 
+def _name(p) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return ""
+
+
+def _kids(p) -> list:
+    try:
+        return p.children()
+    except psutil.Error:
+        return []
+
+
 def _alive(p) -> bool:
     """Running, and not a zombie: an exited process that its (new) parent has not reaped
     yet, e.g. under a container's PID 1 that reaps nothing, holds no memory."""
@@ -167,8 +181,8 @@ def test_precompute_vllm_engine_dies_with_kill_9_of_precompute(tmp_path):
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             tree = wait_for_tree(proc, 1, timeout=240)
-            titles = " ".join(_cmdline(p) + " " + p.name() for p in tree if p.is_running())
-            if "EngineCore" in titles and "Worker" in titles:
+            cores = [p for p in tree if "EngineCore" in _cmdline(p) + _name(p)]
+            if cores and _kids(cores[0]):
                 break
             time.sleep(0.5)
         else:
