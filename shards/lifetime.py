@@ -9,9 +9,9 @@ an engine gets started:
 - `guard_children()`: called by a process before it starts an engine in itself
   (`vllm.LLM(...)`: precompute, tools.eval.generate, train's on-policy student engine). It
   starts a small watchdog process that keeps a list of this process's descendants (its
-  children every FAST_S seconds, the whole tree every POLL_S) and, once this process has
-  ended, for whatever reason, SIGKILLs every one of them that is still running and whatever
-  they started since.
+  children every FAST_S seconds while processes come and go, the whole tree every POLL_S)
+  and, once this process has ended, for whatever reason, SIGKILLs every one of them that
+  is still running and whatever they started since.
 - `spawn_guarded(cmd)`: starts a command (e.g. a vLLM OpenAI server) that dies with the
   caller (the kernel's parent-death signal, prctl PR_SET_PDEATHSIG), and whose own
   descendants are SIGKILLed by a watchdog once it has ended.
@@ -25,8 +25,9 @@ starts a process per rank. The watchdog covers every process that descends from 
 guarded one, whatever started it; vLLM's own death pipe (a Worker exits when EngineCore is
 gone) remains a second line.
 
-Limits: a process started by the guarded one less than FAST_S before it dies may be missed
-(deeper ones are found at kill time through their parents); processes that
+Limits: a process started by the guarded one less than FAST_S before it dies may be missed,
+or less than POLL_S before when the tree had been steady for STEADY_S (deeper ones are found
+at kill time through their parents); processes that
 do not descend from the guarded one (Ray actors, remote nodes' workers) need their own
 cluster's lifetime; the parent-death signal of `spawn_guarded` fires when the *thread* that
 started the command ends, so call it from a thread that lives as long as the command should.
@@ -46,7 +47,8 @@ import time
 from pathlib import Path
 
 POLL_S = 0.5  # the whole tree
-FAST_S = 0.05  # the guarded process's own children
+FAST_S = 0.05  # the guarded process's own children, while the tree changes
+STEADY_S = 10.0  # ... and for this long after its last change
 _PR_SET_PDEATHSIG = 1
 _watched: dict[int, subprocess.Popen] = {}  # watched pid -> its watchdog
 
@@ -172,27 +174,33 @@ def _watch(pid: int, poll_s: float = POLL_S, fast_s: float = FAST_S) -> None:
     print("ready", flush=True)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # the guarded process closed its end of the pipe
-    last_full = time.monotonic()
+    last_full = last_change = time.monotonic()
     while True:
-        # The guarded process's own children are looked for often: they are the ones its
-        # death orphans. Deeper ones stay reachable through their parents, and are
-        # looked for less often.
+        # The guarded process's own children are looked for often (they are the ones its
+        # death orphans; deeper ones stay reachable through their parents) while processes
+        # come and go, as at an engine's start, and as often as the whole tree once the
+        # tree has been steady for STEADY_S.
+        steady = time.monotonic() - last_change > STEADY_S
+        wait = poll_s if steady else fast_s
         if pidfd is not None:
             # Readable as soon as the process has exited (a zombie not yet reaped counts).
-            if select.select([pidfd], [], [], fast_s)[0]:
+            if select.select([pidfd], [], [], wait)[0]:
                 break
         else:
-            time.sleep(fast_s)
+            time.sleep(wait)
             with contextlib.suppress(psutil.Error):
                 if target.status() == psutil.STATUS_ZOMBIE:
                     break
             if not target.is_running():
                 break
+        before = set(known)
         _add(known, _children(pid), me)
         if time.monotonic() - last_full >= poll_s:
             known = {p: c for p, c in known.items() if c.is_running()}  # pid reuse safe
             _add_tree(known, [pid], me)
             last_full = time.monotonic()
+        if set(known) != before:
+            last_change = time.monotonic()
     _add(known, _children(pid), me)  # a zombie keeps its children list until reaped
     victims = {p: c for p, c in known.items() if c.is_running()}
     _add_tree(victims, list(victims), me)  # and whatever they started since
