@@ -326,6 +326,16 @@ def test_missing_config_file_and_bad_yaml_are_one_line(tmp_path, capsys):
         assert err.startswith(f"precompute: error: {config}: ") and err.count("\n") == 1
 
 
+def test_folder_made_with_another_k_is_one_line(tiny, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "q.jsonl", questions(2))
+    out = tmp_path / "out"
+    assert cli(capsys, tiny, data, out)[0] == 0
+    rc, lines = cli(capsys, tiny, data, out, "--k", "4")
+    assert rc == 2
+    (line,) = error_lines(lines)
+    assert line.startswith(f"precompute: error: {out}") and "k" in line
+
+
 def test_output_path_that_is_a_file_and_an_empty_teacher_folder(tiny, tmp_path, capsys):
     data = write_jsonl(tmp_path / "q.jsonl", questions(2))
     out = tmp_path / "out"
