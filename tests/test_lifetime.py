@@ -114,7 +114,7 @@ def test_unguarded_tree_outlives_kill_9(tmp_path):
     script = tmp_path / "parent.py"
     script.write_text(PARENT.format(sleeper=SLEEPER).replace("    guard_children()\n", ""))
     proc = start(script)
-    tree = wait_for_tree(proc, 2)
+    tree = wait_for_tree(proc, 3)  # "engine core" started up far enough to start its worker
     with pytest.raises(AssertionError, match="alive 2.0 s after kill -9"):
         kill_9_and_check(proc, tree, within_s=2.0)
 
