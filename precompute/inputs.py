@@ -119,7 +119,7 @@ def input_files(path: Path) -> list[Path]:
 
     A folder that `datasets.save_to_disk` did not write is read as its data files, all of one
     format, in name order (files starting with '.' and other suffixes, e.g. a `.tmp` of a
-    copy in progress, are not data)."""
+    copy in progress, are not data); data files in its subfolders are refused."""
     if is_saved_dataset(path):
         return [path]
     if path.is_dir():
@@ -133,6 +133,21 @@ def input_files(path: Path) -> list[Path]:
                 path,
                 "folder holds no data file (" + ", ".join(FILE_FORMATS) + ") and was not "
                 "saved by datasets.save_to_disk",
+            )
+        nested = sorted(
+            str(q.relative_to(path))
+            for q in path.rglob("*")
+            if q.is_file()
+            and q.parent != path
+            and q.suffix.lower() in FILE_FORMATS
+            and not any(part.startswith(".") for part in q.relative_to(path).parts)
+        )
+        if nested:  # reading only the top level would drop them without a word
+            raise InputFileError(
+                path,
+                f"data files in subfolders ({', '.join(nested[:3])}"
+                f"{', ...' if len(nested) > 3 else ''}): only the files directly in the "
+                "folder are read; point data.path at one folder of files",
             )
         kinds = sorted({p.suffix.lower() for p in files})
         if len(kinds) > 1:

@@ -302,6 +302,11 @@ def test_folder_of_jsonl_files_is_read_in_name_order(tmp_path):
     (folder / "c.csv").write_text("question\nc?\n")
     with pytest.raises(ValueError, match="mixes formats"):
         read(cfg(tiny_model_dir(), folder, tmp_path / "o"))
+    (folder / "c.csv").unlink()
+    (folder / "more").mkdir()
+    write_jsonl(folder / "more" / "d.jsonl", [{"question": "d?"}])
+    with pytest.raises(ValueError, match=r"data files in subfolders \(more/d.jsonl\)"):
+        read(cfg(tiny_model_dir(), folder, tmp_path / "o"))
 
 
 def test_json_array_that_is_not_utf8_or_not_json_is_one_line(tiny, tmp_path, capsys):
