@@ -13,31 +13,30 @@ an engine gets started:
   and, once this process has ended, for whatever reason, SIGKILLs every one of them that
   is still running and whatever they started since.
 - `spawn_guarded(cmd)`: starts a command (e.g. a vLLM OpenAI server) that dies with the
-  caller (the kernel's parent-death signal, prctl PR_SET_PDEATHSIG), and whose own
-  descendants are SIGKILLed by a watchdog once it has ended.
+  caller (the caller's watchdog), and whose own descendants die with it (a watchdog of its
+  own).
 
-Why a watchdog and not the parent-death signal alone: the signal must be set inside each
-child, and vLLM's children are started by vLLM's code; it also is not inherited across
-fork. Why not vLLM's in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0): it moves the
-scheduler into the caller's process (slower on the CPU backend, whose vLLM code wants the
-multiprocess executor), does not exist for the OpenAI server, and tensor parallelism still
-starts a process per rank. The watchdog covers every process that descends from the
+Why a watchdog and not the kernel's parent-death signal (prctl PR_SET_PDEATHSIG): the signal
+must be set inside each child, and vLLM's children are started by vLLM's code; it is not
+inherited across fork; and it fires when the *thread* that started the child ends, so a
+server restarted from a short-lived thread (tests/test_onpolicy.py does) would die at once.
+Why not vLLM's in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0): it moves the scheduler
+into the caller's process (slower on the CPU backend, whose vLLM code wants the multiprocess
+executor), does not exist for the OpenAI server, and tensor parallelism still starts a
+process per rank. The watchdog covers every process that descends from the
 guarded one, whatever started it; vLLM's own death pipe (a Worker exits when EngineCore is
 gone) remains a second line.
 
 Limits: a process started by the guarded one less than FAST_S before it dies may be missed,
 or less than POLL_S before when the tree had been steady for STEADY_S (deeper ones are found
-at kill time through their parents); processes that
-do not descend from the guarded one (Ray actors, remote nodes' workers) need their own
-cluster's lifetime; the parent-death signal of `spawn_guarded` fires when the *thread* that
-started the command ends, so call it from a thread that lives as long as the command should.
-Linux only (prctl, /proc); elsewhere both are no-ops.
+at kill time through their parents); processes that do not descend from the guarded one
+(Ray actors, remote nodes' workers) need their own cluster's lifetime. Linux only (/proc,
+pidfd); elsewhere both start no watchdog.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import select
 import signal
@@ -49,24 +48,7 @@ from pathlib import Path
 POLL_S = 0.5  # the whole tree
 FAST_S = 0.05  # the guarded process's own children, while the tree changes
 STEADY_S = 10.0  # ... and for this long after its last change
-_PR_SET_PDEATHSIG = 1
 _watched: dict[int, subprocess.Popen] = {}  # watched pid -> its watchdog
-
-
-def set_parent_death_signal(sig: int = signal.SIGKILL, parent: int | None = None) -> bool:
-    """Have the kernel send `sig` to this process when its parent thread ends. Linux only;
-    for `subprocess.Popen(preexec_fn=...)` (it survives exec). False where unsupported.
-
-    `parent`: the pid the parent had; if this process already has another parent (it died
-    before the prctl, which then never fires), the signal is sent at once."""
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-        return False
-    if parent is not None and os.getppid() != parent:
-        os.kill(os.getpid(), sig)
-    return True
 
 
 def guard_children(pid: int | None = None) -> subprocess.Popen | None:
@@ -108,15 +90,11 @@ def guard_children(pid: int | None = None) -> subprocess.Popen | None:
 
 
 def spawn_guarded(cmd: list[str], **popen_kwargs) -> subprocess.Popen:
-    """subprocess.Popen(cmd) that dies with the calling thread's process (parent-death
-    signal), and whose descendants are SIGKILLed once it has ended (a watchdog)."""
-    if "preexec_fn" in popen_kwargs:
-        raise ValueError("spawn_guarded sets preexec_fn itself")
-    me = os.getpid()
-    proc = subprocess.Popen(
-        cmd, preexec_fn=lambda: set_parent_death_signal(signal.SIGKILL, me), **popen_kwargs
-    )
-    guard_children(proc.pid)
+    """subprocess.Popen(cmd) that dies with this process, and whose own descendants die with
+    it, kill -9 included: two watchdogs (this process's, and the command's)."""
+    guard_children()  # this process's children, the command included, die with it
+    proc = subprocess.Popen(cmd, **popen_kwargs)
+    guard_children(proc.pid)  # the command's children die with the command
     return proc
 
 

@@ -1,5 +1,5 @@
 """Engine processes die with the process that started them, kill -9 included (issue 15,
-item 3): shards.lifetime's watchdog and parent-death signal, first on stand-in process trees
+item 3): shards.lifetime's watchdogs, first on stand-in process trees
 (fast), then on precompute's real vLLM engine (slow, one engine)."""
 
 from __future__ import annotations
@@ -120,12 +120,19 @@ def test_unguarded_tree_outlives_kill_9(tmp_path):
 
 
 LAUNCHER = """
-import sys, time
+import sys, threading, time
 from shards.lifetime import spawn_guarded
 
-if __name__ == "__main__":  # like TeacherServer.start: a server that starts an engine
+def start():  # like TeacherServer.start: a server that starts an engine
     server = spawn_guarded([sys.executable, "-c", {server!r}], start_new_session=True)
     print(server.pid, flush=True)
+
+if __name__ == "__main__":
+    # From a thread that ends at once, as tests/test_onpolicy.py restarts its server: the
+    # server must live on (a parent-death signal would kill it when the thread ends).
+    t = threading.Thread(target=start)
+    t.start()
+    t.join()
     time.sleep(600)
 """
 SERVER = f"import subprocess, time; subprocess.Popen({SLEEPER!r}); time.sleep(600)"
@@ -140,12 +147,17 @@ def test_spawn_guarded_command_and_its_children_die(tmp_path, victim):
         [sys.executable, str(script)], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True
     )
     server_pid = int(proc.stdout.readline())
-    tree = wait_for_tree(proc, 3)  # watchdog, server, the server's child
+    tree = wait_for_tree(proc, 4)  # two watchdogs, server, the server's child
+    time.sleep(1)
+    assert _alive(psutil.Process(server_pid)), "the server died with the thread that started it"
     if victim == "launcher":
         kill_9_and_check(proc, tree)
     else:  # the server alone: its engine (child) must follow it
         try:
-            kill_9_and_check(_Pid(server_pid), [p for p in tree if p.pid != server_pid])
+            # The launcher lives on, and so does its own watchdog.
+            own_dog = f"shards.lifetime {proc.pid}"
+            rest = [p for p in tree if p.pid != server_pid and not _cmdline(p).endswith(own_dog)]
+            kill_9_and_check(_Pid(server_pid), rest)
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
