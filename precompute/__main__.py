@@ -2,8 +2,13 @@
 
 The CLI is a thin overlay on configs/precompute.yaml: a few common options have flags, and
 any config key can be set as `key=value` or `--key=value` (dotted keys reach into sections,
-e.g. sampling.n=4, view.thinking=mixed, engine.tensor_parallel_size=2). Unknown keys are
-errors.
+e.g. sampling.n=4, view.thinking=mixed, engine.tensor_parallel_size=2), anywhere among the
+arguments. Unknown keys are errors.
+
+Expected failures (bad input rows, a config that cannot work, shard folder conflicts, an
+output folder that cannot be written) end with one line per problem,
+`precompute: error: FILE:LINE: FIELD: MESSAGE` (the parts that apply), and exit status 2; a
+traceback means a bug.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 from shards.vllm_env import default_kvcache_space
 
 DEFAULT_CONFIG = "configs/precompute.yaml"
+SHOWN_REJECTS = 20  # bad rows listed on stderr; --skip-invalid's rejects file holds them all
 
 # flag -> config key
 FLAGS = {
@@ -82,12 +88,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def split_overrides(extra: list[str]) -> list[str]:
-    """`--a.b=c` and `--a.b c` (anything argparse did not know) to `a.b=c`."""
+    """`--a.b=c`, `--a.b c` and `a.b=c` (anything argparse did not take) to `a.b=c`.
+
+    argparse gives its positional `overrides` only the first run of key=value words; the
+    ones after a later flag (`--out X a=1 --data F b=2`) arrive here."""
     out, i = [], 0
     while i < len(extra):
         arg = extra[i]
         if not arg.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {arg!r}")
+            if "=" not in arg or arg.startswith("="):
+                raise ValueError(f"unexpected argument {arg!r} (config overrides are key=value)")
+            out.append(arg)
+            i += 1
+            continue
         key = arg[2:]
         if "=" in key:
             out.append(key)
@@ -95,7 +108,7 @@ def split_overrides(extra: list[str]) -> list[str]:
             out.append(f"{key}={extra[i + 1]}")
             i += 1
         else:
-            raise SystemExit(f"error: {arg} needs a value (--key=value)")
+            raise ValueError(f"{arg} needs a value (--key=value)")
         i += 1
     return [o.replace("-", "_", o.index("=")) if "-" in o.split("=", 1)[0] else o for o in out]
 
@@ -123,6 +136,37 @@ def resolve(argv: list[str] | None = None):
     return args, load_config(config or None, overrides)
 
 
+def error_lines(e: BaseException, out: str | None = None) -> list[str]:
+    """`FILE:LINE: FIELD: MESSAGE` lines (the parts that apply) for an expected error."""
+    from precompute.inputs import InputError, InputFileError
+    from shards.errors import ShardError
+
+    if isinstance(e, InputError):
+        lines = [r.message() for r in e.rejects[:SHOWN_REJECTS]]
+        if len(e.rejects) > SHOWN_REJECTS:
+            lines.append(f"... and {len(e.rejects) - SHOWN_REJECTS} more invalid row(s)")
+        lines.append(
+            f"{len(e.rejects)} invalid input row(s) of {e.total}: fix them, or pass "
+            "--skip-invalid to list them in a rejects file and go on"
+        )
+        return lines
+    if isinstance(e, InputFileError):
+        return [f"{e.path}:{e.line}: {e.message}" if e.line else f"{e.path}: {e.message}"]
+    if isinstance(e, ShardError):
+        where = [e.path] if e.path else []
+        if e.row is not None:
+            where.append(f"row {e.row}")
+        if e.field:
+            where.append(e.field)
+        return [": ".join([":".join(where[:2]), *where[2:], e.message] if where else [e.message])]
+    if isinstance(e, OSError):
+        if e.filename is not None:
+            return [f"{e.filename}: {e.strerror or e}"]
+        if out is not None and e.errno is not None:  # pyarrow's write errors name no file
+            return [f"{out}: {' '.join(str(e).split())}"]
+    return [" ".join(str(e).split())]
+
+
 def main(argv: list[str] | None = None) -> int:
     # Before anything imports vLLM, which reads it at import.
     default_kvcache_space()
@@ -130,9 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         args, cfg = resolve(argv)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # a bad override or config file, an invalid value
+        return fail(e)
     if args.print_config:
         import dataclasses
 
@@ -140,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
         return 0
-    from precompute.inputs import InputError
+    from precompute.config import ConfigError
+    from precompute.inputs import InputError, InputFileError
     from precompute.jobs import WorkerFailed, run_job
     from precompute.launch import LaunchError
     from precompute.run import TokenizerMismatch
@@ -150,15 +194,22 @@ def main(argv: list[str] | None = None) -> int:
         run_job(cfg)
     except (
         InputError,
+        InputFileError,
+        ConfigError,
         TokenizerMismatch,
         ShardError,
-        FileNotFoundError,
         WorkerFailed,
         LaunchError,
+        OSError,  # the output folder: read-only, a full disk, a missing parent ...
     ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(e, cfg.out)
     return 0
+
+
+def fail(e: BaseException, out: str | None = None) -> int:
+    for line in error_lines(e, out):
+        print(f"precompute: error: {line}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # vLLM spawns processes that re-import __main__

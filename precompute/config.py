@@ -36,6 +36,11 @@ ENGINE_RESERVED = ("model", "logprobs_mode")
 ENGINE_DEFAULTS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048}
 
 
+class ConfigError(ValueError):
+    """A config that cannot work (a bad value, a missing model folder, k above the
+    vocabulary): `python -m precompute` prints it as one line."""
+
+
 def _f(default, help: str, **kw):
     """A dataclass field with help text (mutable defaults go through default_factory)."""
     if isinstance(default, (dict, list)):
@@ -209,7 +214,7 @@ def engine_arg_names() -> set[str]:
 def check_engine_args(engine: dict, names: set[str] | None = None) -> None:
     reserved = sorted(set(engine) & set(ENGINE_RESERVED))
     if reserved:
-        raise ValueError(
+        raise ConfigError(
             f"engine.{reserved[0]} is set by precompute (teacher= selects the model; "
             "logprobs are always raw_logprobs)"
         )
@@ -220,7 +225,7 @@ def check_engine_args(engine: dict, names: set[str] | None = None) -> None:
             return  # no vLLM here: the hf backend ignores the section
     unknown = sorted(set(engine) - names)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown vLLM engine argument(s) {', '.join('engine.' + u for u in unknown)} "
             "(see vllm.EngineArgs)"
         )
@@ -274,9 +279,9 @@ def validate(cfg: PrecomputeConfig) -> PrecomputeConfig:
     ]
     for ok, msg in checks:
         if not ok:
-            raise ValueError(msg)
+            raise ConfigError(msg)
     if cfg.mode == "score" and cfg.sampling.n != 1:
-        raise ValueError("score mode scores one given response per example: sampling.n=1")
+        raise ConfigError("score mode scores one given response per example: sampling.n=1")
     if cfg.backend == "vllm":
         check_engine_args(cfg.engine)
     return cfg
@@ -285,13 +290,23 @@ def validate(cfg: PrecomputeConfig) -> PrecomputeConfig:
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> PrecomputeConfig:
     data = {}
     if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-    data = apply_overrides(data, list(overrides))
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        data = apply_overrides(data, list(overrides))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     # The engine section merges into the defaults, so a YAML that sets one key keeps the rest.
     data["engine"] = {**ENGINE_DEFAULTS, **(data.get("engine") or {})}
-    return validate(build(PrecomputeConfig, data))
+    try:
+        cfg = build(PrecomputeConfig, data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return validate(cfg)
 
 
 def to_dict(cfg) -> dict:

@@ -22,7 +22,6 @@ with the rows no earlier run rejected), so a refused or resumed run loses no ear
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -33,8 +32,15 @@ import numpy as np
 import yaml
 
 from precompute.backend import Backend
-from precompute.config import PrecomputeConfig, content_dict
-from precompute.inputs import Example, InputError, Reject, data_fingerprint, read_examples
+from precompute.config import ConfigError, PrecomputeConfig, content_dict
+from precompute.inputs import (
+    Example,
+    InputError,
+    Reject,
+    data_fingerprint,
+    raw_text_of,
+    read_examples,
+)
 from precompute.views import Views, derive_seed, make_views
 from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
 from shards.manifest import load_manifest, read_extra
@@ -47,6 +53,19 @@ REJECTS_KIND = "rejects"  # committed as rejects-w<I>-<n>.jsonl
 
 class TokenizerMismatch(ValueError):
     pass
+
+
+def check_model_folder(role: str, path: str) -> None:
+    """A local model folder, before transformers would take a missing path for a hub id
+    ("Repo id must be in the form ...") and try to download it."""
+    if not Path(path).is_dir():
+        raise ConfigError(
+            f"{role}={path}: {'not a folder' if Path(path).exists() else 'no such folder'}; "
+            "precompute reads a local model folder and downloads nothing (fetch the model "
+            "first, e.g. `huggingface-cli download REPO --local-dir DIR`)"
+        )
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{role}={path}: no config.json, not a Hugging Face model folder")
 
 
 @dataclass
@@ -87,7 +106,11 @@ def worker_of(example_id: str, num_workers: int) -> int:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # transformers' several-line explanations
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ConfigError(f"{path}: cannot load its tokenizer: {first.strip()}") from e
 
 
 def check_tokenizers(cfg: PrecomputeConfig, tokenizer) -> str:
@@ -174,10 +197,11 @@ def prepare(cfg: PrecomputeConfig, tokenizer, max_len: int | None):
     """Read, validate and split the input and render both views of this worker's examples.
     Returns ([(example, views)], this worker's rejects)."""
     examples, rejects, total = read_examples(cfg.data, cfg.mode)
-    n, i = cfg.num_workers, cfg.worker_index
+    # num_workers 0 (auto) / worker_index -1 (every worker) reach here only for one worker.
+    n, i = max(cfg.num_workers, 1), max(cfg.worker_index, 0)
     # Rejected rows have no trustworthy id: split them by row index instead.
     rejects = [r for r in rejects if r.index % n == i]
-    work = []
+    work, too_long = [], []
     for ex in examples:
         if worker_of(ex.id, n) != i:
             continue
@@ -189,17 +213,13 @@ def prepare(cfg: PrecomputeConfig, tokenizer, max_len: int | None):
                 else 1
             )
             if need > max_len:
-                rejects.append(
-                    Reject(
-                        ex.index,
-                        ex.where,
-                        cfg.data.question_field,
-                        f"teacher view needs {need} tokens, max_model_len is {max_len}",
-                        json.dumps({"id": ex.id}),
-                    )
-                )
+                why = f"teacher view needs {need} tokens, max_model_len is {max_len}"
+                too_long.append((ex, why))
                 continue
         work.append((ex, views))
+    raws = raw_text_of(cfg.data, [ex.index for ex, _ in too_long])
+    field = cfg.data.messages_field or cfg.data.question_field
+    rejects += [Reject.of(ex.index, ex.where, field, why, raws[ex.index]) for ex, why in too_long]
     if rejects and not cfg.skip_invalid:
         raise InputError(sorted(rejects, key=lambda r: r.index), total)
     return work, rejects
@@ -288,6 +308,9 @@ def run(
     t0 = time.time()
     summary = Summary()
     out = Path(cfg.out)
+    check_model_folder("teacher", cfg.teacher)
+    if cfg.student:
+        check_model_folder("student", cfg.student)
     tokenizer = load_tokenizer(cfg.teacher)
     tok_fp = check_tokenizers(cfg, tokenizer)
     vocab_size = model_vocab_size(cfg.teacher)
@@ -296,6 +319,8 @@ def run(
             f"{cfg.teacher}: tokenizer has {len(tokenizer)} tokens, the model's logits only "
             f"{vocab_size}"
         )
+    if cfg.k > vocab_size:
+        raise ConfigError(f"k={cfg.k} is above the teacher's vocabulary size ({vocab_size})")
     max_len = cfg.engine.get("max_model_len") if cfg.backend == "vllm" else None
     work, rejects = prepare(cfg, tokenizer, max_len)
     out.mkdir(parents=True, exist_ok=True)
@@ -350,25 +375,30 @@ def commit_records(
     """Commit the run's config (when `config`, the run has examples to do, and it differs
     from this writer's last) and the rejected rows that no earlier run of the folder
     committed. A run over a finished folder thus writes nothing."""
-    from precompute.inputs import rejects_jsonl
-
     text = yaml.safe_dump(asdict(cfg), sort_keys=False).encode()
     last = writer.extras(CONFIG_KIND)
     if config and (not last or last[-1].sha256 != hashlib.sha256(text).hexdigest()):
         writer.add_extra(CONFIG_KIND, text, ".yaml")
     if not rejects:
         return
+    entry = commit_rejects(writer, rejects)
+    where = f"listed in {writer.folder / entry.name}" if entry else "listed by an earlier run"
+    log(f"precompute: {len(rejects)} invalid row(s) skipped, {where}")
+
+
+def commit_rejects(writer: ShardWriter, rejects: list[Reject]):
+    """Commit the rejected rows that no earlier run of the folder committed, as one
+    append-only rejects file of this writer; returns its entry, or None."""
+    from precompute.inputs import rejects_jsonl
+
     earlier = set()
     for e in load_manifest(writer.folder).extras:
         if e.kind == REJECTS_KIND:
             earlier.update(read_extra(writer.folder, e).splitlines())
     new = [line for line in rejects_jsonl(rejects) if line not in earlier]
-    if new:
-        entry = writer.add_extra(REJECTS_KIND, b"\n".join(new) + b"\n", ".jsonl")
-        where = f"listed in {writer.folder / entry.name}"
-    else:
-        where = "listed by an earlier run"
-    log(f"precompute: {len(rejects)} invalid row(s) skipped, {where}")
+    if not new:
+        return None
+    return writer.add_extra(REJECTS_KIND, b"\n".join(new) + b"\n", ".jsonl")
 
 
 def _count_files(writer: ShardWriter, summary: Summary) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from precompute.backend import Scored, topk_from_entries, topk_from_flat_logprobs
 from precompute.config import SamplingConfig, check_engine_args
+from shards.lifetime import guard_children
 from shards.vllm_env import default_kvcache_space
 
 LOGPROBS_MODE = "raw_logprobs"
@@ -35,6 +36,8 @@ class VLLMBackend:  # implements precompute.backend.Backend
         # Raw: the full-vocabulary log_softmax of the logits, before temperature, top-p and
         # top-k; the trainer applies its own temperature.
         args["logprobs_mode"] = LOGPROBS_MODE
+        # vLLM's engine processes must not outlive this one (kill -9 included).
+        guard_children()
         self.llm = LLM(model=model, **args)
         from vllm.platforms import current_platform
 

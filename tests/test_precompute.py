@@ -78,11 +78,11 @@ def test_bad_rows_named_before_any_teacher_time(tiny, tmp_path):
         run(cfg(tiny, path, tmp_path / "out"), backend=NoEngine())
     msg = str(e.value)
     assert "5 invalid input row(s) of 6" in msg
-    assert f"{path}, line 2, field '<json>': not valid JSON" in msg
-    assert f"{path}, line 3, field 'question': missing" in msg
-    assert f"{path}, line 4, field 'question': expected a string, got int" in msg
-    assert f"{path}, line 6, field 'experience': expected a string, got list" in msg
-    assert f"{path}, line 7, field '<row>': expected a JSON object" in msg
+    assert f"{path}:2: <json>: not valid JSON" in msg
+    assert f"{path}:3: question: missing" in msg
+    assert f"{path}:4: question: expected a string, got int" in msg
+    assert f"{path}:6: experience: expected a string, got list" in msg
+    assert f"{path}:7: <row>: expected a JSON object" in msg
     assert not list((tmp_path / "out").glob("*"))
 
 
@@ -199,7 +199,7 @@ def test_row_numbers_of_datasets_formats(tmp_path):
     path.write_text(json.dumps([{"question": "a"}, {"question": ""}]))
     c = load_config(None, [f"data.path={path}"])
     _, rejects, _ = read_examples(c.data, "generate")
-    assert [r.message() for r in rejects] == [f"{path}, row 1, field 'question': empty"]
+    assert [r.message() for r in rejects] == [f"{path}:row 1: question: empty"]
 
 
 def test_messages_field_ids_and_score_responses(tmp_path):

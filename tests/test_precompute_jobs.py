@@ -54,7 +54,7 @@ def test_local_workers_restart_a_killed_worker_and_finish(tiny, tmp_path):
 
 def test_a_worker_error_stops_the_job_with_its_message(tiny, tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [*questions(4), {"question": ""}])
-    with pytest.raises(WorkerFailed, match=r"(?s)worker w0: .*line 5, field .question.: empty"):
+    with pytest.raises(WorkerFailed, match=r"(?s)worker w0: .*q.jsonl:5: question: empty"):
         run_job(local_cfg(tiny, path, tmp_path / "out", "max_retries=0"))
 
 

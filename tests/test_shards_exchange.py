@@ -16,6 +16,7 @@ import shards.hf
 from precompute.inputs import InputError
 from shards.codec import Codebook
 from shards.fingerprint import tokenizer_fingerprint
+from shards.manifest import load_manifest
 from shards.reader import read_rows
 from shards.schema import ShardMetadata
 from shards.writer import ShardWriter
@@ -137,7 +138,7 @@ def test_round_trip_shards_parquet_shards(folder, tmp_path, tiny, meta):
         implied = np.maximum(1.0 - np.exp(lps.astype(np.float64)).sum(axis=1), 0.0)
         np.testing.assert_allclose(np.exp(g["tail_logprob"]), implied, rtol=0, atol=1e-3)
         np.testing.assert_allclose(np.exp(g["tail_logprob"]), np.exp(r["tail_logprob"]), atol=0.05)
-    m = ShardMetadata.from_json(json.loads((back / "manifest.json").read_text())["metadata"])
+    m = load_manifest(back).metadata
     assert (m.teacher, m.teacher_fingerprint, m.sampling) == ("t", "tf", meta.sampling)
     # Re-running resumes: nothing is written twice.
     s2 = import_parquet(pq_path, tiny, back)
@@ -212,7 +213,7 @@ def test_a_bad_row_is_named_by_file_row_and_field(tmp_path, tiny, case):
     src = write_plain(tmp_path / "in.parquet", rows)
     with pytest.raises(InputError) as e:
         import_parquet(src, tiny, tmp_path / "a", k=6)
-    assert f"{src}, row 3, field {field!r}" in str(e.value)
+    assert f"{src}:row 3: {field}: " in str(e.value)
     s = import_parquet(src, tiny, tmp_path / "b", k=6, skip_invalid=True)
     assert (s.rows, s.rejects) == (4, 1)
     (rec,) = [json.loads(x) for x in Path(s.rejects_file).read_text().splitlines()]

@@ -23,8 +23,8 @@ Each row is validated like precompute's (ids inside the vocabulary, K distinct i
 log-probabilities that are <= 0 and sum to at most 1, a given tail that agrees with the mass
 outside the top-k); a wider top-k is cut to its K most probable entries. The first bad row
 stops the import with one error naming file, row and field; with --skip-invalid bad rows go
-to DIR/rejects-import.jsonl and the rest is imported. Rows already in DIR (by id) are
-skipped, so an interrupted import resumes.
+to a rejects file committed in DIR (rejects-import-<n>.jsonl) and the rest is imported.
+Rows already in DIR (by id) are skipped, so an interrupted import resumes.
 """
 
 from __future__ import annotations
@@ -294,7 +294,8 @@ def import_parquet(
     vocab_size: int | None = None,
     batch_size: int = 256,
 ) -> ImportSummary:
-    from precompute.inputs import InputError, Reject, write_rejects
+    from precompute.inputs import InputError, Reject, Where
+    from precompute.run import commit_rejects
 
     path, out = Path(parquet), Path(out)
     pf = pq.ParquetFile(path)
@@ -308,7 +309,8 @@ def import_parquet(
     total = pf.metadata.num_rows
 
     def reject(index: int, fld: str, reason: str, rec: dict) -> None:
-        rejects.append(Reject(index, f"{path}, row {index}", fld, reason, json.dumps(rec)[:2000]))
+        where = Where(str(path), "row", index)
+        rejects.append(Reject.of(index, where, fld, reason, json.dumps(rec, default=str)))
         if not skip_invalid:
             raise InputError(rejects, total)
 
@@ -357,12 +359,11 @@ def import_parquet(
                 else:
                     example.append((index, rec, row))
         flush()
+        if rejects:  # committed by the writer, append-only, like precompute's rejects
+            entry = commit_rejects(writer, rejects)
+            summary.rejects_file = str(out / entry.name) if entry else ""
     summary.files = [f.name for f in writer.files_written]
     summary.rejects = len(rejects)
-    if rejects:
-        target = out / f"rejects-{IMPORT_WRITER_ID}.jsonl"
-        write_rejects(target, rejects)
-        summary.rejects_file = str(target)
     return summary
 
 

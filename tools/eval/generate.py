@@ -97,6 +97,9 @@ def main(argv=None) -> int:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
+        from shards.lifetime import guard_children
+
+        guard_children()  # vLLM's engine processes must not outlive this one (kill -9 too)
         llm = LLM(
             model=args.model,
             dtype="float32",

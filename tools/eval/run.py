@@ -190,7 +190,11 @@ def generations(spec: ModelSpec, prompts: list[dict], args, cache: Path) -> dict
         "--seed", str(args.seed),
     ]  # fmt: skip
     print(f"[eval] {spec.name}: {len(prompts)} prompts\n$ {shlex.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True)
+    from shards.lifetime import spawn_guarded
+
+    proc = spawn_guarded(cmd)  # dies with this process (kill -9 too), its engine with it
+    if proc.wait() != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
     prompt_file.unlink()
     return json.loads(out.read_text())
 
