@@ -79,6 +79,8 @@ def main(argv=None) -> None:
         for batch in micro:
             source.update(batch)
         step += 1
+        if hasattr(source, "after_step"):  # on-policy: the student engine gets the new weights
+            source.after_step(step)
         tokens_seen += n_tokens
         sums = {k: global_sum(acc, v) for k, v in stats.items()}
         metrics = {f"{k}": v / max(n_tokens, 1) for k, v in sums.items() if k != "tokens"}
