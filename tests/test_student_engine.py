@@ -21,7 +21,6 @@ import torch
 from tests.fixtures.tiny_model import tiny_model_dir
 from train.onpolicy import sample_seed
 
-pytestmark = pytest.mark.slow
 AGREE = 1e-4
 SEQ = [5, 17, 99, 3, 250, 42, 7, 7, 130, 61, 18, 300, 2, 77, 141, 9]
 
@@ -68,6 +67,33 @@ def reference_logprobs(lm) -> torch.Tensor:
     return lp.gather(1, torch.tensor(SEQ[1:])[:, None])[:, 0].float()
 
 
+def test_trainer_weights_are_the_checkpoint_names_and_lora_is_merged(tiny):
+    """No engine: the pushed tensors are named as in the model folder, and for LoRA each
+    adapted weight is W + scale * B @ A (peft's own merge, in float64, as the reference)."""
+    from peft import LoraConfig, get_peft_model
+
+    from train.student_engine import trainer_weights
+
+    lm = load(tiny)
+    assert [n for n, _ in trainer_weights(lm)] == [n for n, _ in lm.named_parameters()]
+    peft = get_peft_model(load(tiny), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)
+    ref = copy.deepcopy(peft).double().merge_and_unload()
+    got = dict(trainer_weights(peft))
+    assert list(got) == [n for n, _ in ref.named_parameters()]
+    assert any("q_proj" in n for n in got) and not any("lora_" in n for n in got)
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(got[n].double(), p, atol=1e-6, rtol=0)
+    assert (
+        got["model.layers.0.self_attn.q_proj.weight"]
+        - load(tiny).state_dict()["model.layers.0.self_attn.q_proj.weight"]
+    ).abs().max() > 1e-3  # the merge did something
+
+
+@pytest.mark.slow
 def test_pushed_weights_give_the_trainers_logprobs(engine, tiny):
     from train.student_engine import trainer_weights
 
@@ -84,6 +110,7 @@ def test_pushed_weights_give_the_trainers_logprobs(engine, tiny):
     torch.testing.assert_close(engine.token_logprobs(SEQ), start, atol=AGREE, rtol=0)
 
 
+@pytest.mark.slow
 def test_lora_pushes_merged_weights_without_touching_the_trainers(engine, tiny):
     from peft import LoraConfig, get_peft_model
 
@@ -107,6 +134,7 @@ def test_lora_pushes_merged_weights_without_touching_the_trainers(engine, tiny):
     engine.push(trainer_weights(load(tiny)))
 
 
+@pytest.mark.slow
 def test_samples_are_seeded_per_sample_whatever_the_batch(engine):
     kw = {"temperature": 1.0, "top_p": 1.0, "stop_ids": [2]}
     prompts = [SEQ[:5], SEQ[:9], SEQ[:3]]
@@ -130,6 +158,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_trainer_leaves_no_engine_process(tiny, tmp_path):
     """Issue 15 item 3: EngineCore and its worker run in the trainer's process, so a
     SIGKILL of that process leaves nothing behind."""

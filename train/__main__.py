@@ -97,6 +97,8 @@ def main(argv=None) -> None:
         if step % cfg.save_every == 0 or step == last_step:
             save()
     log.close()
+    if hasattr(source, "close"):  # on-policy: the teacher client's threads, the student engine
+        source.close()
     acc.end_training()
 
 

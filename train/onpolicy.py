@@ -260,6 +260,12 @@ class OnPolicyBatches:
         self.consumed = int(state["consumed"])
         self._stale = self.engine is not None
 
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.engine is not None:
+            self.engine.close()
+
     def pop_metrics(self) -> dict:
         """Since the last call: on-policy batches, generation, teacher-wait and weight-sync
         seconds, and the share of wall time spent waiting for the teacher."""
@@ -353,6 +359,12 @@ def build_onpolicy(cfg, shards: ShardBatches, accelerator, module, tokenizer) ->
     engine = None
     if op.sampler == "vllm":
         from train.student_engine import VLLMStudent
+
+        if cfg.model.quantize != "none":
+            raise ValueError(
+                "onpolicy.sampler=vllm cannot push quantized (QLoRA) weights into the "
+                "engine; use onpolicy.sampler=hf with model.quantize"
+            )
 
         lm = accelerator.unwrap_model(module).lm
         bf16 = accelerator.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16"
