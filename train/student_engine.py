@@ -84,6 +84,18 @@ def gathered(params: list, zero3: bool):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
+def _reprocess_tied_heads(model: torch.nn.Module) -> int:
+    """An output head tied to the embeddings gets no weights of its own in a reload, so
+    vLLM does not re-run its post-load processing; on the CPU that processing packs the
+    weight for oneDNN, and the old packed copy would keep computing the logits."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    heads = [m for m in model.modules() if isinstance(m, ParallelLMHead)]
+    for head in heads:
+        head.quant_method.process_weights_after_loading(head)
+    return len(heads)
+
+
 class VLLMStudent:
     """A vLLM engine for the student in this process (see the module docstring)."""
 
@@ -191,6 +203,7 @@ class VLLMStudent:
     def push(self, weights) -> None:
         """Copy (name, tensor) pairs into the engine's model in place."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.apply_model(_reprocess_tied_heads)
         # Cached prompt KV blocks were computed with the old weights.
         self.llm.reset_prefix_cache()
 
