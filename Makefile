@@ -121,7 +121,7 @@ teacher-server: setup models ## serve the teacher for on-policy training (TEACHE
 	  --model $(TEACHER_MODEL) --host $(TEACHER_HOST) --port $(TEACHER_PORT) \
 	  --max-model-len $(TEACHER_MAXLEN) --dtype $(TEACHER_DTYPE) --max-logprobs 64
 
-bench-onpolicy: setup models ## on-policy step time: student generation / teacher scoring / update
+bench-onpolicy: setup models ## on-policy step: generation / teacher wait / sync / update, sampler hf vs vllm, and TRL
 	$(PYTHON) -m bench.onpolicy $(ARGS)
 
 # make onpolicy-rounds ROUNDS=2 [STUDENT= DATA= WORK=runs/rounds ROUNDS_METHOD=jsd STEPS=]

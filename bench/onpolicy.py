@@ -1,25 +1,30 @@
 """On-policy distillation: wall time per step split into student generation, teacher scoring
-(time blocked on the teacher server) and the update.
+(time blocked on the teacher server), weight sync and the update; side by side with TRL.
 
-python -m bench.onpolicy [--steps 5] [--max-prompts 4] [--max-new-tokens 48]
+python -m bench.onpolicy [--steps 5] [--max-prompts 4] [--max-new-tokens 48] [--no-trl]
 
 Starts a vLLM teacher server for --teacher (or uses --teacher-url), writes a small prompt
 shard folder (the default data's questions, the teacher view with its demonstrations) under
 bench/cache/ if there is none, then runs the real trainer (`python -m train
-configs/train/onpolicy.yaml`, lmbda = 1) for --steps steps per setting and reads the split
-from its metrics.jsonl. Step 1 (warm-up) is left out. Settings: grad_accum 1 (scoring waits
+configs/train/onpolicy.yaml`, lmbda = 1, one process per setting, its peak RSS from
+wait4) for --steps steps per setting and reads the split from its metrics.jsonl. Step 1
+(warm-up) is left out. Settings: onpolicy.sampler hf (transformers generate) and vllm (the
+colocated engine, weights pushed after every step), each with grad_accum 1 (scoring waits
 for the whole batch) and 2 (the second micro-batch is generated while the first is scored).
-The student is sampled with Hugging Face `generate` (KV cache); a vLLM student is not built.
-Results: bench/results/onpolicy.json.
+Then TRL's DistillationTrainer (bench/trl_onpolicy.py) with the same student, teacher,
+prompts, max_new_tokens, micro-batch, grad_accum 2 and steps. Results:
+bench/results/onpolicy.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +35,6 @@ from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
 from shards.schema import ShardMetadata
 from shards.writer import ShardRow, ShardWriter
 from tests.fixtures.teacher_server import TeacherServer
-from train.__main__ import main as train_main
 from train.teacher_client import TeacherClient
 
 CACHE = Path("bench/cache/onpolicy")
@@ -71,7 +75,26 @@ def prompt_shards(folder: Path, data: Path, teacher: str, url: str, n: int, k: i
     return folder
 
 
-def run_setting(name, url, shards, args, grad_accum: int) -> dict:
+def tree_rss_gib(pid: int) -> float:
+    """Resident memory of a process and its descendants now (the teacher server's engine)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**30
+
+
+def run_child(cmd: list[str], log: Path) -> int:
+    """Run `cmd` (PYTHONPATH = here); return its peak RSS in bytes (wait4's ru_maxrss)."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed, see {log}")
+    return usage.ru_maxrss * 1024
+
+
+def run_setting(name, url, shards, args, grad_accum: int, sampler: str) -> dict:
     out = CACHE / f"run-{name}"
     shutil.rmtree(out, ignore_errors=True)
     overrides = [
@@ -87,8 +110,12 @@ def run_setting(name, url, shards, args, grad_accum: int) -> dict:
         "onpolicy.lmbda=1",
         f"onpolicy.max_prompts={args.max_prompts}",
         f"onpolicy.max_new_tokens={args.max_new_tokens}",
+        f"onpolicy.sampler={sampler}",
+        f"optim.lr={args.lr}",
     ]
-    train_main(["configs/train/onpolicy.yaml", *overrides])
+    cmd = [sys.executable, "-m", "train", "configs/train/onpolicy.yaml", *overrides]
+    out.mkdir(parents=True, exist_ok=True)
+    peak = run_child(cmd, CACHE / f"{name}.log")
     log = [json.loads(line) for line in open(out / "metrics.jsonl")]
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the final save: not timed, big
     steps = []
@@ -99,7 +126,8 @@ def run_setting(name, url, shards, args, grad_accum: int) -> dict:
                 "wall_s": wall,
                 "generate_s": r["gen_s"],
                 "teacher_wait_s": r["teacher_wait_s"],
-                "update_s": wall - r["gen_s"] - r["teacher_wait_s"],
+                "sync_s": r["sync_s"],
+                "update_s": wall - r["gen_s"] - r["teacher_wait_s"] - r["sync_s"],
                 "tokens": r["tokens"],
             }
         )
@@ -107,12 +135,38 @@ def run_setting(name, url, shards, args, grad_accum: int) -> dict:
     def med(key):
         return statistics.median(s[key] for s in steps)
 
-    summary = {k: med(k) for k in ("wall_s", "generate_s", "teacher_wait_s", "update_s")}
+    keys = ("wall_s", "generate_s", "teacher_wait_s", "sync_s", "update_s")
+    summary = {k: med(k) for k in keys}
     summary["teacher_share"] = sum(s["teacher_wait_s"] for s in steps) / sum(
         s["wall_s"] for s in steps
     )
     summary["tokens_per_step"] = med("tokens")
-    return {"grad_accum": grad_accum, "summary": summary, "steps": steps}
+    summary["peak_rss_gib"] = peak / 2**30
+    return {"sampler": sampler, "grad_accum": grad_accum, "summary": summary, "steps": steps}
+
+
+def run_trl(args, grad_accum: int) -> dict:
+    """TRL's DistillationTrainer in its own process (bench/trl_onpolicy.py)."""
+    result = CACHE / "trl.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.trl_onpolicy",
+        f"--student={args.student}",
+        f"--teacher={args.teacher}",
+        f"--data={args.data}",
+        f"--steps={args.steps + 1}",
+        f"--batch={args.max_prompts}",
+        f"--grad-accum={grad_accum}",
+        f"--max-new-tokens={args.max_new_tokens}",
+        f"--lr={args.lr}",
+        f"--out={result}",
+    ]
+    peak = run_child(cmd, CACHE / "trl.log")
+    r = json.loads(result.read_text())
+    walls = r["step_s"][1:]  # step 1: warm-up
+    summary = {"wall_s": statistics.median(walls), "peak_rss_gib": peak / 2**30}
+    return {"trainer": r["trainer"], "grad_accum": grad_accum, "summary": summary, "step_s": walls}
 
 
 def main(argv=None) -> None:
@@ -125,6 +179,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-prompts", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--no-trl", dest="trl", action="store_false", help="skip the TRL run")
     ap.add_argument("--out", default="bench/results/onpolicy.json")
     args = ap.parse_args(argv)
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -137,11 +193,15 @@ def main(argv=None) -> None:
     try:
         shards = prompt_shards(CACHE / "prompts", Path(args.data), args.teacher, url, 64, args.k)
         settings = {}
-        for g in (1, 2):
-            settings[f"hf-generate, grad_accum={g}"] = run_setting(f"ga{g}", url, shards, args, g)
+        for sampler in ("hf", "vllm"):
+            for g in (1, 2):
+                name = f"sampler={sampler}, grad_accum={g}"
+                settings[name] = run_setting(f"{sampler}-ga{g}", url, shards, args, g, sampler)
+        server_rss = tree_rss_gib(server.proc.pid) if server is not None else None
     finally:
         if server is not None:
             server.kill()
+    trl = run_trl(args, 2) if args.trl else None
     result = {
         "command": " ".join(
             ["python -m bench.onpolicy", *(sys.argv[1:] if argv is None else argv)]
@@ -157,18 +217,30 @@ def main(argv=None) -> None:
         "max_prompts": args.max_prompts,
         "max_new_tokens": args.max_new_tokens,
         "steps_timed": args.steps,
-        "vllm_student": "not built",
+        "lr": args.lr,
+        "teacher_server_rss_gib": server_rss,
         "settings": settings,
+        "trl": trl,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print("| student sampler | step s | generate s | teacher wait s | update s | teacher share |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| setting | step s | generate s | teacher wait s | sync s | update s | teacher share "
+        "| peak RSS GiB |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in settings.items():
         s = r["summary"]
         print(
             f"| {name} | {s['wall_s']:.2f} | {s['generate_s']:.2f} | {s['teacher_wait_s']:.2f} "
-            f"| {s['update_s']:.2f} | {100 * s['teacher_share']:.0f}% |"
+            f"| {s['sync_s']:.2f} | {s['update_s']:.2f} | {100 * s['teacher_share']:.0f}% "
+            f"| {s['peak_rss_gib']:.2f} |"
+        )
+    if trl:
+        s = trl["summary"]
+        print(
+            f"| TRL {trl['trainer']}, grad_accum=2 | {s['wall_s']:.2f} | | | | | "
+            f"| {s['peak_rss_gib']:.2f} |"
         )
 
 

@@ -256,6 +256,7 @@ def train(tmp, shards, student, url, *extra):
             f"onpolicy.teacher_url={url}",
             "onpolicy.max_new_tokens=12",
             "onpolicy.max_prompts=4",
+            "onpolicy.sampler=hf",  # the vLLM sampler has its own test below
             *extra,
         ]
     )
@@ -344,3 +345,19 @@ def test_killed_and_restarted_server_is_survived(server, shards, student, tmp_pa
     # The retries are invisible to training: same samples, same teacher answers, same losses.
     assert [r["tokens"] for r in log] == [r["tokens"] for r in straight]
     assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in straight], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_vllm_sampler_trains_and_syncs_every_step(server, shards, student, tmp_path):
+    """sampler=vllm: the student's samples come from its colocated engine, whose weights
+    are pushed after every optimizer step (sync_s > 0); sync_every=2 pushes every other."""
+    extra = ["max_steps=4", "save_every=100", "grad_accum=2", "onpolicy.lmbda=1"]
+    vllm = ["onpolicy.sampler=vllm", "onpolicy.cpu_kv_cache_gib=0.25"]
+    out, log = train(tmp_path / "a", shards, student, server.url, *extra, *vllm)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all(r["onpolicy"] == 2 and r["gen_s"] > 0 and r["sync_s"] > 0 for r in log)
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in log)
+    _, log = train(
+        tmp_path / "b", shards, student, server.url, *extra, *vllm, "onpolicy.sync_every=2"
+    )
+    assert [r["sync_s"] > 0 for r in log] == [False, True, False, True]

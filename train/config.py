@@ -134,9 +134,18 @@ class OnPolicyConfig:
     give_up_after_s: float = 300.0  # a server away this long: save a checkpoint and stop
     concurrency: int = 8  # teacher requests in flight
     write_shards: str = ""  # also write the samples with their teacher scores here
+    # Student sampling: vllm = a vLLM engine for the student in this process, its weights
+    # pushed from the trainer every sync_every optimizer steps; hf = transformers generate.
+    sampler: Literal["hf", "vllm"] = "hf"
+    sync_every: int = 1
+    gpu_memory_utilization: float = 0.3  # GPU: share of the device for the student engine
+    cpu_kv_cache_gib: float = 1.0  # CPU: the engine's KV cache (VLLM_CPU_KVCACHE_SPACE wins)
 
     def __post_init__(self) -> None:
         checks = [
+            (self.sync_every >= 1, "sync_every must be >= 1"),
+            (0.0 < self.gpu_memory_utilization < 1.0, "gpu_memory_utilization must be in (0, 1)"),
+            (self.cpu_kv_cache_gib > 0, "cpu_kv_cache_gib must be > 0"),
             (0.0 <= self.lmbda <= 1.0, f"lmbda must be in [0, 1], got {self.lmbda}"),
             (self.temperature > 0, "temperature must be > 0"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),

@@ -3,9 +3,11 @@
 `OnPolicyBatches` wraps the shard source. For micro-batch b (step b // grad_accum, index
 b % grad_accum) a draw seeded by (seed, step, index) decides, with probability `lmbda`,
 whether the batch is on-policy: the student samples `n_samples` responses to the student
-view of the shard batch's prompts (Hugging Face `generate` with KV cache), and the teacher
-server scores each sample on the teacher view (teacher_prompt_ids + sample) with its top-k
-prompt logprobs. Otherwise the shard batch is trained as is (the teacher's responses, or
+view of the shard batch's prompts (with `sampler=vllm` a vLLM engine in this process,
+train/student_engine.py, whose weights `after_step` refreshes every `sync_every` optimizer
+steps; with `sampler=hf` Hugging Face `generate` with KV cache), and the teacher server
+scores each sample on the teacher view (teacher_prompt_ids + sample) with its top-k prompt
+logprobs. Otherwise the shard batch is trained as is (the teacher's responses, or
 the dataset's, whichever the shards hold). Either way the result is a `Batch` with the same
 teacher signal the offline methods use, so the losses are the ones of train/losses.py.
 
@@ -39,8 +41,9 @@ def is_onpolicy(seed: int, step: int, index: int, lmbda: float) -> bool:
     return bool(np.random.default_rng([seed, step, index, MIX]).random() < lmbda)
 
 
-def sample_seed(seed: int, step: int, index: int) -> int:
-    return int(np.random.default_rng([seed, step, index, SAMPLE]).integers(2**62))
+def sample_seed(seed: int, step: int, index: int, *sample: int) -> int:
+    """The sampling seed of micro-batch (step, index), or of one sample of it."""
+    return int(np.random.default_rng([seed, step, index, SAMPLE, *sample]).integers(2**62))
 
 
 def cut_at_eos(tokens: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
@@ -65,8 +68,10 @@ class OnPolicyBatches:
         max_length: int,
         device: torch.device | str = "cpu",
         writer=None,
+        engine=None,
     ):
         self.shards, self.client, self.cfg = shards, client, cfg
+        self.engine = engine  # a VLLMStudent (sampler=vllm), else None: HF generate
         self.student, self.seed, self.grad_accum = student, seed, grad_accum
         self.max_length, self.device, self.writer = max_length, torch.device(device), writer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -78,12 +83,19 @@ class OnPolicyBatches:
             if e is not None
         }
         self.consumed = 0  # micro-batches the trainer has trained on
+        self._stale = False  # the engine's weights are not the trainer's (after a resume)
         self._loader = None
         self._since = self._blank()
 
     @staticmethod
     def _blank() -> dict:
-        return {"t0": time.monotonic(), "onpolicy": 0, "gen_s": 0.0, "teacher_wait_s": 0.0}
+        return {
+            "t0": time.monotonic(),
+            "onpolicy": 0,
+            "gen_s": 0.0,
+            "teacher_wait_s": 0.0,
+            "sync_s": 0.0,
+        }
 
     def bind(self, loader) -> OnPolicyBatches:
         """Iterate over `loader` (a DataLoader over the shard source) for prompts."""
@@ -111,9 +123,48 @@ class OnPolicyBatches:
                 yield item if isinstance(item, Batch) else self._collect(*item)
                 b += 1
 
-    @torch.no_grad()
-    def _generate(self, prompts: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    # ---- the student engine's weights ------------------------------------------------------
+
+    def after_step(self, step: int) -> None:
+        """Called by the training loop after optimizer step `step` (1-based): every
+        `sync_every` steps the engine gets the trainer's current weights."""
+        if self.engine is not None and step % self.cfg.sync_every == 0:
+            self.sync()
+
+    def sync(self) -> None:
+        """Push the trainer's weights into the student engine, in place."""
+        from train.student_engine import trainer_weights
+
+        t0 = time.monotonic()
+        self.engine.push(trainer_weights(self.student()))
+        self._stale = False
+        self._since["sync_s"] += time.monotonic() - t0
+
+    # ---- sampling --------------------------------------------------------------------------
+
+    def _generate(self, prompts: list[torch.Tensor], step: int, index: int) -> list[torch.Tensor]:
         """n_samples responses per prompt (prompt-major), cut after the first EOS."""
+        if self.engine is None:
+            return self._generate_hf(prompts, sample_seed(self.seed, step, index))
+        if self._stale:  # resumed: the engine still has the weights it was started with
+            self.sync()
+        n = self.cfg.n_samples
+        out = self.engine.generate(
+            [p.tolist() for p in prompts for _ in range(n)],
+            [sample_seed(self.seed, step, index, j) for j in range(len(prompts) * n)],
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            max_new_tokens=[
+                max(1, min(self.cfg.max_new_tokens, self.max_length - len(p)))
+                for p in prompts
+                for _ in range(n)
+            ],
+            stop_ids=sorted(self.eos_ids),
+        )
+        return [cut_at_eos(torch.tensor(t, dtype=torch.long), self.eos_ids) for t in out]
+
+    @torch.no_grad()
+    def _generate_hf(self, prompts: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
         lm = self.student()
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -149,7 +200,7 @@ class OnPolicyBatches:
         n = min(len(batch.prompt_ids), self.cfg.max_prompts)
         prompts = batch.prompt_ids[:n]
         t0 = time.monotonic()
-        samples = self._generate(prompts, sample_seed(self.seed, step, index))
+        samples = self._generate(prompts, step, index)
         self._since["gen_s"] += time.monotonic() - t0
         limit = self.client.max_model_len or 1 << 30
         jobs = []
@@ -207,10 +258,17 @@ class OnPolicyBatches:
     def load_state_dict(self, state: dict) -> None:
         self.shards.load_state_dict(state["shards"])
         self.consumed = int(state["consumed"])
+        self._stale = self.engine is not None
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.engine is not None:
+            self.engine.close()
 
     def pop_metrics(self) -> dict:
-        """Since the last call: on-policy batches, generation and teacher-wait seconds, and
-        the share of wall time spent waiting for the teacher."""
+        """Since the last call: on-policy batches, generation, teacher-wait and weight-sync
+        seconds, and the share of wall time spent waiting for the teacher."""
         s, self._since = self._since, self._blank()
         wall = max(time.monotonic() - s.pop("t0"), 1e-9)
         s["teacher_share"] = s["teacher_wait_s"] / wall
@@ -298,6 +356,34 @@ def build_onpolicy(cfg, shards: ShardBatches, accelerator, module, tokenizer) ->
             ),
             writer_id=f"r{accelerator.process_index}",
         )
+    engine = None
+    if op.sampler == "vllm":
+        from train.student_engine import VLLMStudent
+
+        if cfg.model.quantize != "none":
+            raise ValueError(
+                "onpolicy.sampler=vllm cannot push quantized (QLoRA) weights into the "
+                "engine; use onpolicy.sampler=hf with model.quantize"
+            )
+
+        lm = accelerator.unwrap_model(module).lm
+        bf16 = accelerator.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16"
+        engine = VLLMStudent(
+            cfg.model.path,
+            dtype="bfloat16" if bf16 else "float32",
+            max_model_len=cfg.data.max_length + 1,  # + 1: room for one token after a full prompt
+            seed=cfg.seed + accelerator.process_index,
+            gpu_memory_utilization=op.gpu_memory_utilization,
+            cpu_kv_cache_gib=op.cpu_kv_cache_gib,
+            distributed=accelerator.num_processes > 1,
+        )
+        if accelerator.is_main_process:
+            print(
+                f"[train] on-policy student engine: vLLM in this process, "
+                f"{'bfloat16' if bf16 else 'float32'}, weights pushed every "
+                f"{op.sync_every} step(s){' (LoRA merged)' if hasattr(lm, 'peft_config') else ''}",
+                flush=True,
+            )
     return OnPolicyBatches(
         shards,
         client,
@@ -309,4 +395,5 @@ def build_onpolicy(cfg, shards: ShardBatches, accelerator, module, tokenizer) ->
         max_length=cfg.data.max_length,
         device=accelerator.device,
         writer=writer,
+        engine=engine,
     )
