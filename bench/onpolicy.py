@@ -39,7 +39,7 @@ CACHE = Path("bench/cache/onpolicy")
 def prompt_shards(folder: Path, data: Path, teacher: str, url: str, n: int, k: int) -> Path:
     """n questions as shard rows: student view Q, teacher view E + Q, the dataset's answer
     scored by the teacher (used only as prompts here, lmbda = 1)."""
-    if (folder / "manifest.json").exists():
+    if any(folder.glob("manifest*.json")):
         return folder
     from transformers import AutoTokenizer
 

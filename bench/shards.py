@@ -14,6 +14,8 @@ a temporary folder, and measured:
 * size: bytes per response token on disk, split by column group (each column's compressed
   size, from writing it alone with the same batches and compression); a naive baseline (plain
   list<int32> ids + list<float32 | float16> logprobs, Arrow IPC, zstd at the same level);
+* size as precompute writes by default (a file per 32 examples) and after it merges them at
+  the end of the run (`ShardWriter.compact`);
 * accuracy against the float32 top-k: KL(decoded || reference) per token, on the top-k plus
   a tail bucket and on the renormalized top-k, and the error of the tail mass;
 * speed on one core (torch and pyarrow limited to one thread): write tokens/s; full
@@ -56,6 +58,7 @@ MIN_TOKENS = 40_000
 MIN_SECONDS = 2.0
 DATASET = "gsm_symbolic"
 CACHE_VERSION = 1  # bump when the cached computation changes
+COMMIT_EVERY = 32  # precompute's default commit_every
 TARGETS_K = 64
 TARGETS = {
     "bytes_per_token": 96.0,
@@ -583,6 +586,25 @@ def _speeds(folder: Path, malloc_tuned: bool, runs: int) -> dict:
     return out
 
 
+def commit_every_bytes(data: dict, k: int, workdir: Path, every: int = COMMIT_EVERY) -> dict:
+    """What precompute writes by default: a commit (one file) every `every` examples, then
+    the run's files merged at its end (ShardWriter.compact). Bytes of the files, both ways."""
+    from shards.writer import ShardWriter
+
+    folder = workdir / f"k{k}-commit{every}"
+    with ShardWriter(folder, _metadata(data, k), target_file_bytes=64 << 20) as writer:
+        for i, row in enumerate(_rows(data, k)):
+            writer.add(row)
+            if (i + 1) % every == 0:
+                writer.flush()
+        writer.flush()
+        files = len(writer.files_written)
+        commits = sum(e.bytes for e in writer.files_written)
+        writer.compact()
+        merged = sum(e.bytes for e in writer.files_written)
+    return {"files": files, "commit_every": commits, "merged": merged}
+
+
 def bench_k(data: dict, k: int, workdir: Path, speed_runs: int = 3) -> dict:
     from shards.writer import ShardWriter
 
@@ -604,6 +626,7 @@ def bench_k(data: dict, k: int, workdir: Path, speed_runs: int = 3) -> dict:
     # (schema, the rank order in the metadata, message headers, footer).
     groups["rest"] = file_bytes - sum(groups.values())
     naive = naive_bytes(data, k, level, batch_tokens)
+    commits = commit_every_bytes(data, k, workdir)
     log(f"k={k}: sizes done; accuracy ...")
     acc = accuracy(folder, data, k)
     log(f"k={k}: reading (fresh processes) ...")
@@ -614,13 +637,15 @@ def bench_k(data: dict, k: int, workdir: Path, speed_runs: int = 3) -> dict:
         "files": len(files),
         "record_batches": sum(len(e.batch_rows) for e in writer.files_written),
         "file_bytes": file_bytes,
-        "manifest_bytes": (folder / "manifest.json").stat().st_size,
+        "manifest_bytes": sum(p.stat().st_size for p in folder.glob("manifest*.json")),
         "bytes_per_token": file_bytes / n_tok,
         "column_bytes": cols,
         "column_bytes_sum": sum(cols.values()),
         "file_overhead_bytes": file_bytes - sum(cols.values()),
         "bytes_per_token_by_group": {g: v / n_tok for g, v in groups.items()},
         "naive_bytes_per_token": {name: v / n_tok for name, v in naive.items()},
+        **{f"{key}_bytes_per_token": v / n_tok for key, v in commits.items() if key != "files"},
+        "commit_every_files": commits["files"],
         **acc,
         "write_seconds": write_s,
         "write_tokens_per_s": n_tok / write_s,

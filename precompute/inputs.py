@@ -210,13 +210,15 @@ def read_examples(cfg: DataConfig, mode: str) -> tuple[list[Example], list[Rejec
     return examples, rejects, index + 1
 
 
-def write_rejects(path: Path, rejects: list[Reject]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rejects:
-            rec = {"where": r.where, "field": r.field, "reason": r.reason, "row": r.raw}
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+def rejects_jsonl(rejects: list[Reject]) -> list[bytes]:
+    """One JSON line per rejected row (the lines of a rejects file)."""
+    return [
+        json.dumps(
+            {"where": r.where, "field": r.field, "reason": r.reason, "row": r.raw},
+            ensure_ascii=False,
+        ).encode()
+        for r in rejects
+    ]
 
 
 def data_fingerprint(path: str | Path) -> str:

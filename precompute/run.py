@@ -4,13 +4,18 @@ Order matters for cost: everything that can refuse (config, tokenizer fingerprin
 rows, prompt lengths, an existing folder made with other settings) is checked before the
 teacher is loaded, and nothing is loaded at all when every example is already done.
 
-Resume: every `commit_every` examples the writer closes a file and lists it in the manifest
+Resume: every `commit_every` examples the writer closes a file and lists it in its manifest
 (the commit point). A run killed at any moment loses at most the uncommitted chunk; the next
 run skips the examples of committed files (`ShardWriter.completed_ids`) and never rewrites
-them.
+them. At its end a run merges its own files into files of up to 64 MiB, in one more commit
+(`ShardWriter.compact`): fewer bytes per token, same rows.
 
 Data parallelism: worker I of N takes the examples whose id hashes to I mod N and writes as
-writer `w{I}` into the shared folder; the locked manifest is the merge.
+writer `w{I}` into the shared folder, committing in its own manifest; readers merge them.
+
+The run's config and its rejected input rows are committed like shards, by the writer and
+append-only (precompute_config-w{I}-<n>.yaml when the config changed, rejects-w{I}-<n>.jsonl
+with the rows no earlier run rejected), so a refused or resumed run loses no earlier record.
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ from precompute.config import PrecomputeConfig, content_dict
 from precompute.inputs import Example, InputError, Reject, data_fingerprint, read_examples
 from precompute.views import Views, derive_seed, make_views
 from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
-from shards.manifest import write_atomic
+from shards.manifest import load_manifest, read_extra
 from shards.schema import ShardMetadata
 from shards.writer import ShardRow, ShardWriter
 
-CONFIG_FILE = "precompute_config.yaml"
+CONFIG_KIND = "precompute_config"  # committed as precompute_config-w<I>-<n>.yaml
+REJECTS_KIND = "rejects"  # committed as rejects-w<I>-<n>.jsonl
 
 
 class TokenizerMismatch(ValueError):
@@ -245,20 +251,13 @@ def run(cfg: PrecomputeConfig, backend: Backend | None = None, log=None) -> Summ
     work, rejects = prepare(cfg, tokenizer, max_len)
     out.mkdir(parents=True, exist_ok=True)
     summary.rejects = len(rejects)
-    if rejects:
-        from precompute.inputs import write_rejects
-
-        path = out / f"rejects-w{cfg.worker_index}.jsonl"
-        write_rejects(path, rejects)
-        log(f"precompute: {len(rejects)} invalid row(s) skipped, listed in {path}")
-
     metadata = metadata_for(cfg, tok_fp, vocab_size)
+    # The writer refuses a folder made with other settings before anything is written to it.
     # 64 MiB files at most between commits; commit_every usually closes them first.
     with ShardWriter(
         out, metadata, writer_id=f"w{cfg.worker_index}", target_file_bytes=64 << 20
     ) as writer:
-        if not (out / CONFIG_FILE).exists():
-            write_atomic(out / CONFIG_FILE, yaml.safe_dump(asdict(cfg), sort_keys=False).encode())
+        commit_records(writer, cfg, rejects, log)
         done = writer.completed_ids()
         todo = [(ex, v) for ex, v in work if ex.id not in done]
         summary.skipped_done = len(work) - len(todo)
@@ -280,12 +279,39 @@ def run(cfg: PrecomputeConfig, backend: Backend | None = None, log=None) -> Summ
             finally:
                 if own_backend:
                     backend.close()
+            # Commits every commit_every examples make small files (resume granularity); one
+            # file per run costs fewer bytes per token (one rank order, longer zstd streams).
+            writer.compact(only={f.name for f in writer.files_written})
         for entry in writer.files_written:
             summary.files += 1
             summary.bytes += entry.bytes
     summary.wall_s = time.time() - t0
     log(summary.text())
     return summary
+
+
+def commit_records(writer: ShardWriter, cfg: PrecomputeConfig, rejects, log) -> None:
+    """Commit the run's config (when it differs from this writer's last) and the rejected
+    rows that no earlier run of the folder committed."""
+    from precompute.inputs import rejects_jsonl
+
+    config = yaml.safe_dump(asdict(cfg), sort_keys=False).encode()
+    last = writer.extras(CONFIG_KIND)
+    if not last or last[-1].sha256 != hashlib.sha256(config).hexdigest():
+        writer.add_extra(CONFIG_KIND, config, ".yaml")
+    if not rejects:
+        return
+    earlier = set()
+    for e in load_manifest(writer.folder).extras:
+        if e.kind == REJECTS_KIND:
+            earlier.update(read_extra(writer.folder, e).splitlines())
+    new = [line for line in rejects_jsonl(rejects) if line not in earlier]
+    if new:
+        entry = writer.add_extra(REJECTS_KIND, b"\n".join(new) + b"\n", ".jsonl")
+        where = f"listed in {writer.folder / entry.name}"
+    else:
+        where = "listed by an earlier run"
+    log(f"precompute: {len(rejects)} invalid row(s) skipped, {where}")
 
 
 def _loop(cfg, tokenizer, backend: Backend, writer: ShardWriter, todo, summary: Summary) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -15,11 +16,17 @@ class ShardError(ValueError):
     def __init__(
         self,
         path: str | Path | None,
-        message: str,
+        message: str | None = None,
         *,
         row: int | None = None,
         field: str | None = None,
     ):
+        if message is None:
+            # One preformatted text: how torch's DataLoader re-raises an error of a worker
+            # process (with the worker's traceback). Keep the error's own line.
+            text = str(path)
+            found = re.findall(r"^(?:shards\.errors\.)?ShardError: (.*)$", text, re.M)
+            path, message = None, found[-1] if found else text
         self.path = None if path is None else str(path)
         self.row = row
         self.field = field

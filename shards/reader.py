@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+import xxhash
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shards import codec
 from shards.errors import ShardError
-from shards.manifest import FileEntry, load_manifest, sha256_file
+from shards.manifest import FileEntry, check_listing, load_manifest, sha256_file
 from shards.schema import (
     META_KEY,
     PER_ENTRY,
@@ -49,6 +50,7 @@ VERIFY_MODES = ("full", "size", "none")
 @dataclass
 class _FileHandle:
     reader: pa.ipc.RecordBatchFileReader
+    source: pa.MemoryMappedFile
     order: np.ndarray
     metadata: ShardMetadata
 
@@ -56,8 +58,13 @@ class _FileHandle:
 class ShardFolder:
     """A validated shard folder: manifest, files, and decoding of single blocks.
 
-    verify: "full" checks each file's length and sha256 the first time this process opens it;
-    "size" checks lengths only; "none" trusts the manifest.
+    Always: the manifests are checked (commit sequence, totals, no file listed twice, no
+    committed file missing from them), and every byte read is checked against the xxh3
+    checksums of the manifest before use: a file's head and foot when it is opened, a record
+    batch each time it is decoded. verify: "full" also checks each file's length and sha256
+    the first time this process opens it; "size" checks the lengths of all files up front;
+    "none" adds nothing. Files of legacy folders (a single manifest.json) have no checksums:
+    there only "full" catches a damaged byte.
     """
 
     def __init__(
@@ -67,6 +74,7 @@ class ShardFolder:
         expected_tokenizer_fingerprint: str | None = None,
         verify: str = "full",
         max_open_files: int = 8,
+        check_unlisted: bool = True,
     ):
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
@@ -77,11 +85,14 @@ class ShardFolder:
         got = self.metadata.tokenizer_fingerprint
         if expected_tokenizer_fingerprint is not None and got != expected_tokenizer_fingerprint:
             raise ShardError(
-                self.path / "manifest.json",
+                self.path / self.manifest.sources[0],
                 f"tokenizer fingerprint {got} differs from the student's "
                 f"{expected_tokenizer_fingerprint}: the token ids would mean other tokens",
                 field="tokenizer_fingerprint",
             )
+        errors, _ = check_listing(self.path, self.manifest) if check_unlisted else ([], [])
+        if errors:
+            raise errors[0]
         if verify != "none":
             for entry in self.manifest.files:
                 self._check_size(entry)
@@ -130,6 +141,8 @@ class ShardFolder:
         ]
         if rows != list(entry.batch_rows):
             raise ShardError(p, f"record batch rows {rows} differ from the manifest's")
+        for bi in range(len(rows)):
+            self._check_block(fi, bi, handle)
 
     def _file(self, fi: int, check_sha: bool = True) -> _FileHandle:
         if fi in self._open:
@@ -144,7 +157,23 @@ class ShardFolder:
                 raise ShardError(p, f"sha256 {digest[:16]}... differs from the manifest's")
             self._verified.add(entry.name)
         try:
-            reader = pa.ipc.open_file(pa.memory_map(str(p)))
+            source = pa.memory_map(str(p))
+        except FileNotFoundError as e:
+            raise ShardError(p, "file listed in the manifest is missing") from e
+        except (OSError, pa.ArrowException) as e:
+            raise ShardError(p, f"not a readable Arrow IPC file: {e}") from e
+        if entry.checksummed:
+            # Before Arrow parses anything: the schema (with the rank order) and the footer
+            # (with every batch's offset) are what the checksums of the batches rely on.
+            if source.size() != entry.bytes:
+                raise ShardError(p, f"length {source.size()} bytes, manifest says {entry.bytes}")
+            head = (0, entry.batch_offsets[0], entry.head_xxh3, "head (schema)")
+            foot = (entry.batch_offsets[-1], entry.bytes, entry.foot_xxh3, "foot (batch index)")
+            for a, b, want, what in (head, foot):
+                if xxhash.xxh3_64_hexdigest(source.read_at(b - a, a)) != want:
+                    raise ShardError(p, f"the file's {what} is damaged: checksum differs")
+        try:
+            reader = pa.ipc.open_file(source)
         except (OSError, pa.ArrowException) as e:
             raise ShardError(p, f"not a readable Arrow IPC file: {e}") from e
         meta = reader.schema.metadata or {}
@@ -165,15 +194,30 @@ class ShardFolder:
             order = codec.unpack_order(meta[RANK_ORDER_KEY], file_meta.vocab_size)
         except Exception as e:
             raise ShardError(p, f"bad rank order: {e}", field="schema metadata") from e
-        handle = _FileHandle(reader=reader, order=order, metadata=file_meta)
+        handle = _FileHandle(reader=reader, source=source, order=order, metadata=file_meta)
         self._open[fi] = handle
         while len(self._open) > self._max_open:
             self._open.popitem(last=False)
         return handle
 
+    def _check_block(self, fi: int, bi: int, handle: _FileHandle) -> None:
+        entry = self.manifest.files[fi]
+        if not entry.checksummed:
+            return
+        a, b = entry.batch_offsets[bi], entry.batch_offsets[bi + 1]
+        if xxhash.xxh3_64_hexdigest(handle.source.read_at(b - a, a)) != entry.batch_xxh3[bi]:
+            raise ShardError(
+                self.path / entry.name,
+                f"record batch {bi} (bytes {a}-{b}) is damaged: its checksum differs from the "
+                "manifest's",
+            )
+
     def read_block(self, fi: int, bi: int) -> Block:
         handle = self._file(fi)
         p = self.path / self.manifest.files[fi].name
+        if bi >= len(self.manifest.files[fi].batch_rows):
+            raise ShardError(p, f"record batch {bi}: the manifest lists fewer")
+        self._check_block(fi, bi, handle)
         try:
             batch = handle.reader.get_batch(bi)
             # Arrow does not check offsets when reading IPC: a damaged file that passed the

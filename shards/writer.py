@@ -1,35 +1,49 @@
 """ShardWriter: rows in, complete Arrow IPC files and manifest entries out, crash-safe.
 
 A file is written under a temporary name, fsynced, renamed and only then listed in the
-manifest; the manifest is the commit point. A process killed at any moment leaves either a
-listed, complete file or debris that the next writer with the same id deletes. All rows of
-one `add` call (the n samples of one example) land in the same file, so an example id is
-either complete or absent, and `completed_ids` is what a resumed precompute skips.
+writer's own manifest (manifest-<writer>.json, written whole); that write is the commit
+point. A process killed at any moment leaves either a listed, complete file or debris that
+the next writer with the same id deletes. All rows of one `add` call (the n samples of one
+example) land in the same file, so an example id is either complete or absent, and
+`completed_ids` is what a resumed precompute skips. Other files a run keeps in the folder
+(its rejects, its config) are committed the same way with `add_extra`.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
+import mmap
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.feather as feather
+import xxhash
 
 from shards import codec
 from shards.errors import ShardError
 from shards.manifest import (
+    DATA_KIND,
+    WRITER_ID,
+    ExtraEntry,
     FileEntry,
-    add_file,
+    WriterManifest,
     fsync_dir,
-    init_or_check,
     load_manifest,
+    load_writer_manifest,
+    manifest_name,
+    owned_name,
+    parse_owned,
     sha256_file,
+    write_atomic,
+    write_manifest,
 )
 from shards.schema import (
     META_KEY,
@@ -149,14 +163,45 @@ class _OpenFile:
         options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=level))
         self.writer = pa.ipc.new_file(self.sink, schema, options=options)
         self.batch_rows: list[int] = []
+        self.batch_ends: list[int] = []  # file offset after each record batch
         self.tokens = 0
 
 
+def file_checksums(path: Path, batch_ends: list[int]) -> dict:
+    """sha256 of the file, and the xxh3-64 of its head, of each record batch and of its foot
+    (FileEntry's checksum fields), in one pass over the file."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        view = memoryview(mm)
+        try:
+            # Arrow writes the schema with the first batch: the first batch starts after the
+            # magic (8 bytes), the continuation marker and length (8) and the schema message.
+            marker, schema_len = struct.unpack_from("<Ii", view, 8)
+            if marker != 0xFFFFFFFF:  # the Arrow >= 0.15 IPC format that pyarrow writes
+                raise ShardError(path, "unexpected Arrow IPC layout: no continuation marker")
+            offsets = [16 + schema_len, *batch_ends]
+
+            def xxh(a: int, b: int) -> str:
+                return xxhash.xxh3_64_hexdigest(view[a:b])
+
+            out = {
+                "bytes": len(mm),
+                "sha256": hashlib.sha256(view).hexdigest(),
+                "batch_offsets": offsets,
+                "batch_xxh3": [xxh(a, b) for a, b in zip(offsets, offsets[1:], strict=False)],
+                "head_xxh3": xxh(0, offsets[0]),
+                "foot_xxh3": xxh(offsets[-1], len(mm)),
+            }
+        finally:
+            view.release()
+    return out
+
+
 class ShardWriter:
-    """Writes rows to `folder` as part-<writer_id>-<seq>.arrow files listed in manifest.json.
+    """Writes rows to `folder` as part-<writer_id>-<seq>.arrow files, committed in
+    manifest-<writer_id>.json.
 
     Data-parallel precompute runs one writer per process, each with its own `writer_id`, into
-    one folder; their files and manifest entries never collide.
+    one folder; their files and manifests never collide, and they share no lock.
 
     compression_level: zstd level of the Arrow IPC buffers. 12 writes about 70k tokens/s per
     core at k=64 for 3-4% more bytes than 19, which writes under 10k tokens/s and would
@@ -173,7 +218,7 @@ class ShardWriter:
         batch_tokens: int = 16384,
         compression_level: int = 12,
     ):
-        if not re.fullmatch(r"[A-Za-z0-9_.]+", writer_id):
+        if not re.fullmatch(WRITER_ID, writer_id):
             raise ValueError(f"writer_id {writer_id!r}: use letters, digits, '_' and '.'")
         self.folder = Path(folder)
         self.metadata = metadata
@@ -182,6 +227,10 @@ class ShardWriter:
         self.batch_tokens = batch_tokens
         self.compression_level = compression_level
         self.folder.mkdir(parents=True, exist_ok=True)
+        # Refuse a folder made with other settings before writing anything into it.
+        self._check_metadata(load_manifest(self.folder, missing_ok=True))
+        # One live process per writer id on this host (flock); across hosts, write_manifest
+        # refuses a manifest that changed under it.
         self._lock = open(self.folder / f".writer-{writer_id}.lock", "a+")
         try:
             fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -191,8 +240,7 @@ class ShardWriter:
                 self.folder, f"another process is writing as writer {writer_id!r}"
             ) from None
         try:
-            manifest = init_or_check(self.folder, metadata)
-            self._seq = self._clean_debris({f.name for f in manifest.files})
+            self._open_manifest()
         except BaseException:
             self._lock.close()  # else the writer id stays locked until garbage collection
             raise
@@ -204,32 +252,112 @@ class ShardWriter:
 
     # ---- resume ---------------------------------------------------------------------------
 
-    def _clean_debris(self, listed: set[str]) -> int:
-        """Delete this writer's temporary and unlisted files; return the next sequence number."""
-        pattern = re.compile(rf"part-{re.escape(self.writer_id)}-(\d+)\.arrow")
-        seq = 0
-        for p in self.folder.iterdir():
-            if p.name.startswith(f".part-{self.writer_id}-") and p.name.endswith(".tmp"):
+    def _check_metadata(self, manifest) -> None:
+        if manifest is not None and (diff := manifest.metadata.mismatches(self.metadata)):
+            raise ShardError(
+                self.folder / manifest.sources[0],
+                "folder holds shards made with other settings; use another output folder. "
+                + "; ".join(diff),
+            )
+
+    def _open_manifest(self) -> None:
+        path = self.folder / manifest_name(self.writer_id)
+        if path.exists():
+            self._manifest, self._manifest_bytes = load_writer_manifest(self.folder, self.writer_id)
+            self._clean_debris()
+            return
+        self._clean_debris()
+        self._manifest = WriterManifest(writer=self.writer_id, metadata=self.metadata)
+        self._manifest_bytes = write_manifest(self.folder, self._manifest, None)
+        # Writers that started at the same time with other settings: whichever lists the
+        # folder last sees the other's manifest (each lists after its own write), and leaves.
+        try:
+            self._check_metadata(load_manifest(self.folder))
+        except ShardError:
+            (self.folder / manifest_name(self.writer_id)).unlink()
+            raise
+
+    def _clean_debris(self) -> None:
+        """Delete this writer's temporary files and files past its last commit (written or
+        renamed when the process died); set the next sequence numbers. A file of this writer
+        that no manifest lists, below one that is listed, is committed data whose entry was
+        lost: refuse rather than delete it."""
+        listed = load_manifest(self.folder, missing_ok=True)
+        names = set() if listed is None else {e.name for e in (*listed.files, *listed.extras)}
+        merged = set() if listed is None else listed.replaced
+        last: dict[str, int] = {}
+        for name in names:
+            owned = parse_owned(name)
+            if owned and owned[1] == self.writer_id:
+                last[owned[0]] = max(last.get(owned[0], -1), owned[2])
+        for p in sorted(self.folder.iterdir()):
+            if p.name.startswith(".") and p.name.endswith(".tmp"):
+                # .part-w0-00002.arrow.tmp, .<name>.<random>.tmp (write_atomic)
+                inner = p.name[1:-4]
+                if not parse_owned(inner):
+                    inner = inner.rsplit(".", 1)[0]
+                owned = parse_owned(inner)
+                if inner == manifest_name(self.writer_id) or (owned and owned[1] == self.writer_id):
+                    p.unlink()
+                continue
+            owned = parse_owned(p.name)
+            if not owned or owned[1] != self.writer_id or p.name in names:
+                continue
+            if p.name in merged:
+                log.warning("removing %s: merged into another file (interrupted compact)", p)
                 p.unlink()
                 continue
-            m = pattern.fullmatch(p.name)
-            if not m:
-                continue
-            if p.name in listed:
-                seq = max(seq, int(m.group(1)) + 1)
-            else:
-                # Renamed but not yet listed when the process died: never committed.
-                log.warning("removing %s: not in the manifest (interrupted write)", p)
-                p.unlink()
-        return seq
+            if owned[2] < last.get(owned[0], -1):
+                raise ShardError(
+                    p,
+                    f"committed file missing from {manifest_name(self.writer_id)} (a later "
+                    f"file of writer {self.writer_id!r} is listed): restore the manifest "
+                    "entry, or move the file away and re-run",
+                )
+            log.warning("removing %s: past the last commit (interrupted write)", p)
+            p.unlink()
+        self._seq = last.get(DATA_KIND, -1) + 1
+        self._extra_seq = {k: v + 1 for k, v in last.items() if k != DATA_KIND}
 
     def completed_ids(self) -> set[str]:
-        """Example ids in files listed in the manifest, from every writer of this folder."""
+        """Example ids in committed files, from every writer of this folder."""
         ids: set[str] = set()
         for entry in load_manifest(self.folder).files:
             table = feather.read_table(self.folder / entry.name, columns=["id"], memory_map=True)
             ids.update(table.column("id").to_pylist())
         return ids
+
+    def _commit(self, manifest: WriterManifest) -> None:
+        self._manifest_bytes = write_manifest(self.folder, manifest, self._manifest_bytes)
+        self._manifest = manifest
+
+    # ---- other committed files -------------------------------------------------------------
+
+    def extras(self, kind: str | None = None) -> list[ExtraEntry]:
+        """This writer's committed extra files (of `kind`), in commit order."""
+        return [e for e in self._manifest.extras if kind is None or e.kind == kind]
+
+    def add_extra(self, kind: str, data: bytes, suffix: str) -> ExtraEntry:
+        """Commit `data` as a new file <kind>-<writer>-<seq><suffix> (append-only: earlier
+        files of the kind are never rewritten), listed in this writer's manifest."""
+        if not re.fullmatch(r"[A-Za-z0-9_]+", kind) or kind in (DATA_KIND, "manifest"):
+            raise ValueError(f"extra kind {kind!r}: letters, digits and '_', not 'part'")
+        if not re.fullmatch(r"\.[A-Za-z0-9]+", suffix):
+            raise ValueError(f"suffix {suffix!r}: '.' and letters or digits")
+        seq = self._extra_seq.get(kind, 0)
+        name = owned_name(kind, self.writer_id, seq, suffix)
+        write_atomic(self.folder / name, data)
+        entry = ExtraEntry(
+            name=name,
+            kind=kind,
+            bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            writer=self.writer_id,
+            commit=-1,  # set by with_extra
+        )
+        self._commit(self._manifest.with_extra(entry))
+        self._extra_seq[kind] = seq + 1
+        return self._manifest.extras[-1]
 
     # ---- writing --------------------------------------------------------------------------
 
@@ -312,12 +440,19 @@ class ShardWriter:
         )
         f.writer.write_batch(batch)
         f.batch_rows.append(len(rows))
+        f.batch_ends.append(f.sink.tell())
         f.tokens += int(lens.sum())
         if f.sink.tell() >= self.target_file_bytes:
             self._finish_file()
 
     def _finish_file(self) -> None:
         f, self._file = self._file, None
+        entry = self._seal(f)
+        self._commit(self._manifest.with_file(entry))
+        self.files_written.append(self._manifest.files[-1])
+
+    def _seal(self, f: _OpenFile) -> FileEntry:
+        """Close, fsync, checksum and rename a finished file; the caller commits it."""
         f.writer.close()
         f.sink.close()
         fd = os.open(f.tmp, os.O_RDONLY)
@@ -329,21 +464,100 @@ class ShardWriter:
             name=f.final.name,
             rows=sum(f.batch_rows),
             tokens=f.tokens,
-            bytes=f.tmp.stat().st_size,
-            sha256=sha256_file(f.tmp),
             batch_rows=f.batch_rows,
             writer=self.writer_id,
+            **file_checksums(f.tmp, f.batch_ends),
         )
         os.replace(f.tmp, f.final)
         fsync_dir(self.folder)
-        add_file(self.folder, entry)
-        self.files_written.append(entry)
+        return entry
 
     def flush(self) -> None:
         """Commit everything added so far (ends the current file)."""
         self._write_batch()
         if self._file is not None:
             self._finish_file()
+
+    # ---- merging small files ---------------------------------------------------------------
+
+    def compact(
+        self, max_bytes: int | None = None, only: set[str] | None = None
+    ) -> list[FileEntry]:
+        """Merge runs of this writer's small committed files (under half of `max_bytes`,
+        default target_file_bytes; of the names in `only` if given, e.g. the files of this
+        run) into files of up to `max_bytes`, each with one rank order
+        built from all its rows. Every merge is one commit that lists the new file in place
+        of the old ones, which are deleted after it; a kill at any point leaves the old files
+        or the new one committed, never both or neither (the next writer start deletes the
+        leftovers). Rows and every decoded value stay the same. Returns the new entries."""
+        self.flush()
+        limit = max_bytes or self.target_file_bytes
+        groups, run, size = [], [], 0
+        for f in [*self._manifest.files, None]:
+            small = (
+                f is not None
+                and not f.replaces
+                and f.bytes < limit // 2
+                and (only is None or f.name in only)
+            )
+            if run and (not small or size + f.bytes > limit):
+                if len(run) > 1:
+                    groups.append(run)
+                run, size = [], 0
+            if small:
+                run.append(f)
+                size += f.bytes
+        return [self._merge(group) for group in groups]
+
+    def _merge(self, group: list[FileEntry]) -> FileEntry:
+        from shards.compact import merged_order, rebuild
+
+        sources = []
+        for f in group:
+            p = self.folder / f.name
+            # Never launder a damaged file into a new one with fresh checksums.
+            if p.stat().st_size != f.bytes or sha256_file(p) != f.sha256:
+                raise ShardError(p, "differs from its manifest entry: not merged")
+            reader = pa.ipc.open_file(pa.memory_map(str(p)))
+            file_meta = reader.schema.metadata
+            order = codec.unpack_order(file_meta[RANK_ORDER_KEY], self.metadata.vocab_size)
+            meta = file_meta[META_KEY]
+            sources += [(reader.get_batch(b), order) for b in range(reader.num_record_batches)]
+        k = self.metadata.k
+        order, packed = merged_order(sources, k, self.metadata.vocab_size)
+        rank_of = codec.invert_order(order)
+        table = pa.Table.from_batches([rebuild(b, k, o, rank_of) for b, o in sources])
+        # Record batches of about batch_tokens again (the small files' were cut by commits).
+        lens = np.diff(table.column("response_ids").combine_chunks().offsets.to_numpy())
+        cuts, acc = [0], 0
+        for i, n in enumerate(lens):
+            acc += int(n)
+            if acc >= self.batch_tokens:
+                cuts.append(i + 1)
+                acc = 0
+        if cuts[-1] != len(lens):
+            cuts.append(len(lens))
+        name = f"part-{self.writer_id}-{self._seq:05d}.arrow"
+        self._seq += 1
+        schema = self._schema.with_metadata({META_KEY: meta, RANK_ORDER_KEY: packed})
+        out = _OpenFile(
+            self.folder / f".{name}.tmp", self.folder / name, schema, order, self.compression_level
+        )
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            batch = table.slice(a, b - a).combine_chunks().to_batches()[0]
+            out.writer.write_batch(batch)
+            out.batch_rows.append(batch.num_rows)
+            out.batch_ends.append(out.sink.tell())
+        out.tokens = sum(f.tokens for f in group)
+        entry = self._seal(out)
+        self._commit(self._manifest.with_merge(entry, group))
+        for f in group:
+            (self.folder / f.name).unlink()
+        fsync_dir(self.folder)
+        gone = {f.name for f in group}
+        new = self._manifest.files[-1]
+        self.files_written = [f for f in self.files_written if f.name not in gone] + [new]
+        return new
 
     def close(self) -> None:
         if self._lock.closed:

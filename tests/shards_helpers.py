@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -163,6 +164,19 @@ def write_examples(
     return w
 
 
+def several_files(path, seed: int) -> Path:
+    """30 examples in files of about 12 kB with record batches of 200 tokens."""
+    write_examples(path, make_examples(seed, 30), batch_tokens=200, target_file_bytes=12_000)
+    return path
+
+
+def private_copy(src, tmp_path) -> Path:
+    """A copy of a module's pristine folder, for one test to damage."""
+    path = Path(tmp_path) / "shards"
+    shutil.copytree(src, path)
+    return path
+
+
 def row_key(row) -> tuple[str, int]:
     return (row["id"], int(row["sample_index"]))
 
@@ -204,8 +218,32 @@ def file_digests(folder) -> dict[str, str]:
     }
 
 
-def manifest_json(folder) -> dict:
-    return json.loads((Path(folder) / "manifest.json").read_text())
+def manifest_json(folder, writer: str = "w0") -> dict:
+    return json.loads((Path(folder) / f"manifest-{writer}.json").read_text())
+
+
+def write_arrow(path, schema, batches, compression_level: int = 1) -> dict:
+    """Write an Arrow IPC file the way ShardWriter does; return its length, sha256 and
+    checksums (the FileEntry fields that describe the bytes), for a manifest that agrees."""
+    import pyarrow as pa
+
+    from shards.writer import file_checksums
+
+    ends = []
+    options = pa.ipc.IpcWriteOptions(
+        compression=pa.Codec("zstd", compression_level=compression_level)
+    )
+    with pa.OSFile(str(path), "wb") as sink:
+        with pa.ipc.new_file(sink, schema, options=options) as w:
+            for b in batches:
+                w.write_batch(b)
+                ends.append(sink.tell())
+    return file_checksums(Path(path), ends)
+
+
+def write_manifest_json(folder, d: dict, writer: str = "w0") -> None:
+    """Overwrite a writer's manifest with `d` (tests that edit or damage manifests)."""
+    (Path(folder) / f"manifest-{writer}.json").write_text(json.dumps(d))
 
 
 # ---- the child process of tests/test_writer_crash.py --------------------------------------------
@@ -239,14 +277,14 @@ def crash_child(folder: str, seed: int, n_examples: int, crash: str, after_files
     done = set(writer.completed_ids())
     committed = [0]
 
-    real_add_file = shards.writer.add_file
+    real_commit = ShardWriter._commit
     real_replace = os.replace
     real_write_batch = ShardWriter._write_batch
 
-    def add_file(folder_, entry):
+    def commit(self, manifest):
         if crash == "renamed" and committed[0] == after_files:
             _sigkill_self()
-        real_add_file(folder_, entry)
+        real_commit(self, manifest)
         committed[0] += 1
         print(f"committed {committed[0]}", flush=True)
 
@@ -254,7 +292,7 @@ def crash_child(folder: str, seed: int, n_examples: int, crash: str, after_files
         if (
             crash == "manifest"
             and committed[0] == after_files
-            and Path(dst).name == "manifest.json"
+            and Path(dst).name == "manifest-w0.json"
         ):
             _sigkill_self()
         return real_replace(src, dst, *a, **kw)
@@ -265,7 +303,7 @@ def crash_child(folder: str, seed: int, n_examples: int, crash: str, after_files
             assert self._file.tmp.exists()
             _sigkill_self()
 
-    shards.writer.add_file = add_file
+    ShardWriter._commit = commit
     shards.manifest.os.replace = replace
     ShardWriter._write_batch = write_batch
     for rows in examples:

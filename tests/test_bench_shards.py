@@ -95,3 +95,8 @@ def test_sizes_and_accuracy(tmp_path, k):
     assert 0.5 * total < sum(cols.values()) < total
     naive = bench.naive_bytes(data, k, w.compression_level, w.batch_tokens)
     assert naive["float32"] > naive["float16"] > 0
+
+
+def test_commit_every_files_merge_into_fewer_bytes(tmp_path):
+    out = bench.commit_every_bytes(synthetic_data(), 16, tmp_path, every=2)
+    assert out["files"] > 2 and 0 < out["merged"] < out["commit_every"]

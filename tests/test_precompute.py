@@ -20,9 +20,11 @@ from precompute.hf_backend import HFBackend
 from precompute.inputs import InputError, read_examples
 from precompute.run import TokenizerMismatch, run, worker_of
 from precompute.views import make_views
+from shards.errors import ShardError
 from shards.manifest import load_manifest
 from tests.fixtures.tiny_model import tiny_model_dir
 from tests.precompute_helpers import K, all_rows, cfg, questions, write_jsonl
+from tools import shards as cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,7 +83,7 @@ def test_bad_rows_named_before_any_teacher_time(tiny, tmp_path):
     assert f"{path}, line 4, field 'question': expected a string, got int" in msg
     assert f"{path}, line 6, field 'experience': expected a string, got list" in msg
     assert f"{path}, line 7, field '<row>': expected a JSON object" in msg
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not list((tmp_path / "out").glob("*"))
 
 
 def test_skip_invalid_writes_rejects_and_goes_on(tiny, hf, tmp_path):
@@ -90,12 +92,80 @@ def test_skip_invalid_writes_rejects_and_goes_on(tiny, hf, tmp_path):
     out = tmp_path / "out"
     s = run(cfg(tiny, path, out, "skip_invalid=true", "sampling.temperature=0"), backend=hf)
     assert (s.examples, s.rejects) == (4, 3)
-    rejects = [json.loads(x) for x in (out / "rejects-w0.jsonl").read_text().splitlines()]
+    rejects = [json.loads(x) for x in (out / "rejects-w0-00000.jsonl").read_text().splitlines()]
     assert [r["where"] for r in rejects] == [f"{path}, line {n}" for n in (5, 6, 7)]
     assert rejects[0]["row"] == "{oops"
     assert rejects[1]["field"] == "question" and rejects[1]["reason"] == "missing"
     assert "duplicate id" in rejects[2]["reason"]
     assert len({r["id"] for r in all_rows(out)}) == 4
+
+
+# ---- what precompute keeps besides shards: committed like shards -------------------------------
+# Its config and rejected rows are listed with a checksum in the writer's manifest,
+# append-only, never lost by a refused or resumed run; a fresh folder verifies clean.
+
+
+def verify(capsys, folder) -> tuple[int, list[str]]:
+    code = cli.main(["verify", str(folder)])
+    return code, capsys.readouterr().out.splitlines()
+
+
+def rejects_of(folder) -> list[dict]:
+    out = []
+    for name in sorted(p.name for p in folder.glob("rejects-*.jsonl")):
+        out += [json.loads(line) for line in (folder / name).read_text().splitlines()]
+    return out
+
+
+def test_fresh_folder_verifies_without_a_warning(tiny, hf, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "q.jsonl", questions(6) + ["{oops"])
+    out = tmp_path / "out"
+    run(cfg(tiny, data, out, "skip_invalid=true", "sampling.temperature=0"), backend=hf)
+    code, lines = verify(capsys, out)
+    assert code == 0 and len(lines) == 1 and lines[0].startswith("ok:"), lines
+    kinds = sorted(e.kind for e in load_manifest(out).extras)
+    assert kinds == ["precompute_config", "rejects"]
+
+
+def test_config_file_is_covered_by_the_manifest(tiny, hf, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "q.jsonl", questions(4))
+    out = tmp_path / "out"
+    run(cfg(tiny, data, out, "sampling.temperature=0"), backend=hf)
+    (config,) = out.glob("precompute_config-*.yaml")
+    config.write_bytes(config.read_bytes()[:-20])  # truncated
+    code, lines = verify(capsys, out)
+    assert code == 1
+    assert any(line.startswith(f"BAD  {config.name}: ") for line in lines), lines
+
+
+def test_refused_run_keeps_the_earlier_rejects(tiny, hf, tmp_path):
+    """A run refused for other settings writes nothing, in particular no rejects file over
+    the earlier run's."""
+    out = tmp_path / "out"
+    first = write_jsonl(tmp_path / "a.jsonl", questions(4) + ["{first bad row"])
+    run(cfg(tiny, first, out, "skip_invalid=true", "sampling.temperature=0"), backend=hf)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert [r["row"] for r in rejects_of(out)] == ["{first bad row"]
+    other = write_jsonl(tmp_path / "b.jsonl", questions(4) + ["{other bad row"])
+    with pytest.raises(ShardError, match="other settings"):
+        run(cfg(tiny, other, out, "skip_invalid=true", "k=4"), backend=hf)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resumed_run_keeps_rejects_once(tiny, hf, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "q.jsonl", questions(6) + ["{bad", {"question": None}])
+    out = tmp_path / "out"
+    c = cfg(tiny, data, out, "skip_invalid=true", "sampling.temperature=0", "data.limit=3")
+    assert run(c, backend=hf).rejects == 2
+    c = cfg(tiny, data, out, "skip_invalid=true", "sampling.temperature=0")
+    # data.limit is not part of the folder's identity: the second run completes the folder.
+    s = run(c, backend=hf)
+    assert (s.examples, s.skipped_done) == (3, 3)
+    assert sorted(r["row"] for r in rejects_of(out)) == sorted(['{"question": null}', "{bad"])
+    # The second run's config differs (data.limit): both are kept, in order.
+    configs = sorted(p.name for p in out.glob("precompute_config-*.yaml"))
+    assert configs == ["precompute_config-w0-00000.yaml", "precompute_config-w0-00001.yaml"]
+    assert verify(capsys, out)[0] == 0
 
 
 @pytest.mark.parametrize("fmt", ["json", "parquet", "csv", "saved"])
@@ -327,7 +397,7 @@ def test_resume_after_kill_9(tiny, tmp_path):
     )
     deadline = time.time() + 120
     while time.time() < deadline:
-        m = out / "manifest.json"
+        m = out / "manifest-w0.json"
         if m.exists() and len(load_manifest(out).files) >= 2:
             break
         assert proc.poll() is None, proc.stderr.read().decode()

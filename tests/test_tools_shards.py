@@ -12,11 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from shards.manifest import sha256_file
 from shards.reader import read_rows
 from shards.schema import ShardMetadata
 from shards.writer import ShardRow, ShardWriter
-from tests.shards_helpers import REPO, log_softmax64, make_examples, write_examples
+from tests.shards_helpers import REPO, log_softmax64, make_examples, write_arrow, write_examples
 from tools import shards as cli
 
 K = 16
@@ -52,7 +51,17 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 
 def manifest(path: Path) -> dict:
-    return json.loads((path / "manifest.json").read_text())
+    return json.loads((path / "manifest-w0.json").read_text())
+
+
+def save(path: Path, m: dict) -> None:
+    """Write an edited manifest with running totals that agree, as a writer would have."""
+    rows = tokens = 0
+    for f in m["files"]:
+        rows, tokens = rows + f["rows"], tokens + f["tokens"]
+        f.update(rows_total=rows, tokens_total=tokens)
+    m.update(rows=rows, tokens=tokens)
+    (path / "manifest-w0.json").write_text(json.dumps(m))
 
 
 # ---- stats -------------------------------------------------------------------------------------
@@ -178,12 +187,6 @@ def test_verify_reports_every_bad_file(copy, capsys):
     assert "2 bad" in out
 
 
-def _rewrite(path: Path, table: pa.Table, schema: pa.Schema) -> None:
-    with pa.ipc.new_file(str(path), schema) as w:
-        for batch in table.to_batches():
-            w.write_batch(batch)
-
-
 def test_verify_decodes_every_block(copy, capsys):
     """A file whose sha256 and batch rows match the manifest but whose streams do not agree
     with response_ids is found only by decoding it."""
@@ -203,9 +206,8 @@ def test_verify_decodes_every_block(copy, capsys):
     batches[-1] = pa.record_batch(
         [short if n == "token_level" else last.column(n) for n in schema.names], schema=schema
     )
-    _rewrite(path, pa.Table.from_batches(batches, schema=schema), schema)
-    entry["bytes"], entry["sha256"] = path.stat().st_size, sha256_file(path)
-    (copy / "manifest.json").write_text(json.dumps(m))
+    entry.update(write_arrow(path, schema, batches))
+    save(copy, m)
     code, out, _ = run(capsys, "verify", copy)
     assert code == 1
     (line,) = [line for line in out.splitlines() if line.startswith("BAD")]
@@ -216,7 +218,7 @@ def test_verify_decodes_every_block(copy, capsys):
 def test_verify_token_count_against_manifest(copy, capsys):
     m = manifest(copy)
     m["files"][0]["tokens"] += 1
-    (copy / "manifest.json").write_text(json.dumps(m))
+    save(copy, m)
     code, out, _ = run(capsys, "verify", copy)
     assert code == 1
     assert f"BAD  {m['files'][0]['name']}: " in out and "response tokens" in out
@@ -234,10 +236,10 @@ def test_verify_debris_is_a_warning(copy, capsys):
 
 
 def test_verify_bad_manifest(copy, capsys):
-    (copy / "manifest.json").write_text("{not json")
+    (copy / "manifest-w0.json").write_text("{not json")
     code, out, _ = run(capsys, "verify", copy)
     assert code == 1
-    assert "BAD  manifest.json: unreadable manifest" in out
+    assert "BAD  manifest-w0.json: unreadable manifest" in out
 
 
 def test_verify_subprocess(copy):

@@ -157,7 +157,7 @@ def test_two_crashes_then_resume(tmp_path):
             "manifest",
             lambda f: (
                 len(debris(f)) == 1
-                and debris(f)[0].startswith(".manifest.json.")
+                and debris(f)[0].startswith(".manifest-w0.json.")
                 and unlisted(f) == ["part-w0-00002.arrow"]
             ),
         ),

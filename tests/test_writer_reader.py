@@ -25,7 +25,9 @@ from tests.shards_helpers import (
     manifest_json,
     metadata,
     row_key,
+    write_arrow,
     write_examples,
+    write_manifest_json,
 )
 
 
@@ -245,7 +247,8 @@ def test_folder_with_other_metadata_is_refused(tmp_path):
     ):
         with pytest.raises(ShardError, match="other settings") as err:
             ShardWriter(tmp_path, other)
-        assert "manifest.json" in str(err.value)
+        assert "manifest-w0.json" in str(err.value)
+        assert sorted(p.name for p in tmp_path.glob("manifest*")) == ["manifest-w0.json"]
     # The refusal names the differing field, and releases the writer id at once (the
     # exception, still referenced here, must not keep it locked).
     with pytest.raises(ShardError, match="k: 16 != 8") as err:
@@ -306,10 +309,10 @@ def test_unknown_schema_version_in_manifest(tmp_path):
     write_examples(tmp_path, make_examples(7, 5))
     d = manifest_json(tmp_path)
     d["schema_version"] = 2
-    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    write_manifest_json(tmp_path, d)
     with pytest.raises(ShardError, match="schema version 2 is not supported") as err:
         ShardReader(tmp_path)
-    assert "manifest.json" in str(err.value)
+    assert "manifest-w0.json" in str(err.value)
 
 
 def test_unknown_schema_version_in_file(tmp_path):
@@ -321,12 +324,10 @@ def test_unknown_schema_version_in_file(tmp_path):
         batches = [f.get_batch(i) for i in range(f.num_record_batches)]
     meta = dict(schema.metadata)
     meta[META_KEY] = json.dumps({**json.loads(meta[META_KEY]), "schema_version": 2}).encode()
-    with pa.ipc.new_file(p, schema.with_metadata(meta)) as out:
-        for b in batches:
-            out.write_batch(b)
+    fields = write_arrow(p, schema.with_metadata(meta), batches)
     d = manifest_json(tmp_path)
-    d["files"][1].update(bytes=p.stat().st_size, sha256=hashlib.sha256(p.read_bytes()).hexdigest())
-    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    d["files"][1].update(fields)
+    write_manifest_json(tmp_path, d)
     with pytest.raises(ShardError, match="schema version 2 is not supported") as err:
         list(ShardReader(tmp_path, shuffle=False))
     assert "part-w0-00001.arrow" in str(err.value)
@@ -341,7 +342,7 @@ def test_tokenizer_fingerprint(tmp_path):
     with pytest.raises(ShardError, match="tokenizer fingerprint tok differs") as err:
         ShardReader(tmp_path, expected_tokenizer_fingerprint="sha256:other")
     assert err.value.field == "tokenizer_fingerprint"
-    assert "manifest.json" in str(err.value)
+    assert "manifest-w0.json" in str(err.value)
     assert len(list(ShardReader(tmp_path, expected_tokenizer_fingerprint="tok"))) > 0
 
 
@@ -352,8 +353,8 @@ def test_reader_refuses_file_metadata_that_disagrees(tmp_path):
     write_examples(b, make_examples(10, 3, k=8), k=8)
     (a / "part-w0-00000.arrow").write_bytes((b / "part-w0-00000.arrow").read_bytes())
     d, e = manifest_json(a), manifest_json(b)
-    d["files"] = e["files"]
-    (a / "manifest.json").write_text(json.dumps(d))
+    d.update({key: e[key] for key in ("files", "commits", "rows", "tokens")})
+    write_manifest_json(a, d)
     with pytest.raises(ShardError, match="disagrees with the manifest") as err:
         list(ShardReader(a))
     assert "part-w0-00000.arrow" in str(err.value)

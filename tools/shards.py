@@ -15,9 +15,13 @@ most probable first, and the tail mass.
 metadata, and what the teacher signal covers: top-k probability mass (1 - tail), entropy of
 the top-k + tail buckets, and the share of response tokens inside their top-k.
 
-`verify` checks every file against the manifest (length, sha256, Arrow schema and metadata,
-record batch row counts), decodes every record batch, compares token counts, and lists files
-in the folder that the manifest does not (debris). Exit status 1 if any file is bad.
+`verify` checks the manifests (commit sequence numbers and running totals of each writer, no
+file listed twice), every data file against them (length, sha256, the checksum of every
+record batch, Arrow schema and metadata, record batch row counts), decodes every record
+batch, compares token counts, checks the other committed files (rejects, configs) and that no
+(id, sample_index) occurs twice. A file no manifest lists is an error when a later file of its
+writer is committed (its entry was dropped), else a warning (debris of an interrupted write).
+Exit status 1 if anything is bad; a healthy folder prints one "ok" line.
 """
 
 from __future__ import annotations
@@ -31,12 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.errors import ShardError
-from shards.manifest import LOCK, MANIFEST, load_manifest
-
-# Files of a shard folder that are not data: the manifest and the lock files.
-BOOKKEEPING = re.compile(
-    rf"({re.escape(MANIFEST)}|{re.escape(LOCK)}|\.writer-[A-Za-z0-9_.]+\.lock)"
-)
+from shards.manifest import check_listing, load_manifest, read_extra
 
 
 def _describe(e: ShardError) -> str:
@@ -275,7 +274,7 @@ def compute_stats(path: str | Path) -> dict:
         "teacher_prompt_tokens": tprompt_tok,
         "files": len(files),
         "bytes_on_disk": disk,
-        "manifest_bytes": (folder.path / MANIFEST).stat().st_size,
+        "manifest_bytes": sum((folder.path / n).stat().st_size for n in folder.manifest.sources),
         "bytes_per_response_token": disk / resp_tok if resp_tok else None,
         "k": meta.k,
         "vocab_size": meta.vocab_size,
@@ -344,17 +343,27 @@ def verify_folder(path: str | Path) -> tuple[list[tuple[str, str]], list[str], i
 
     path = Path(path)
     try:
-        load_manifest(path)  # the manifest's own errors name the manifest
-        folder = ShardFolder(path, verify="none")
+        manifest = load_manifest(path)  # the manifest's own errors name the manifest
+        folder = ShardFolder(path, verify="none", check_unlisted=False)
     except ShardError as e:
-        return [(MANIFEST, _describe(e))], [], 0
+        return [(Path(e.path).name if e.path else "manifest", _describe(e))], [], 0
     bad: list[tuple[str, str]] = []
+    seen: dict[tuple[str, int], str] = {}
     for fi, entry in enumerate(folder.manifest.files):
         try:
             folder.verify_file(fi)
             tokens = 0
             for bi in range(len(entry.batch_rows)):
-                tokens += int(folder.read_block(fi, bi).offsets["response"][-1])
+                block = folder.read_block(fi, bi)
+                tokens += int(block.offsets["response"][-1])
+                for key in zip(block.rows["id"], block.rows["sample_index"], strict=True):
+                    if key in seen:
+                        raise ShardError(
+                            folder.path / entry.name,
+                            f"row id={key[0]!r} sample_index={key[1]} is also in {seen[key]}",
+                            field="id",
+                        )
+                    seen[key] = entry.name
             if tokens != entry.tokens:
                 raise ShardError(
                     folder.path / entry.name,
@@ -364,11 +373,14 @@ def verify_folder(path: str | Path) -> tuple[list[tuple[str, str]], list[str], i
             bad.append((entry.name, _describe(e)))
         except Exception as e:  # anything a corrupt file makes pyarrow or numpy raise
             bad.append((entry.name, f"unreadable: {type(e).__name__}: {e}"))
-    listed = {e.name for e in folder.manifest.files}
-    debris = sorted(
-        p.name for p in path.iterdir() if p.name not in listed and not BOOKKEEPING.fullmatch(p.name)
-    )
-    return bad, debris, len(folder.manifest.files)
+    for extra in manifest.extras:
+        try:
+            read_extra(path, extra)
+        except ShardError as e:
+            bad.append((extra.name, _describe(e)))
+    errors, debris = check_listing(path, manifest)
+    bad += [(Path(e.path).name, _describe(e)) for e in errors]
+    return bad, debris, len(manifest.files) + len(manifest.extras)
 
 
 def cmd_verify(args) -> int:
@@ -376,9 +388,7 @@ def cmd_verify(args) -> int:
     for name, problem in bad:
         print(f"BAD  {name}: {problem}")
     for name in debris:
-        print(
-            f"WARN {name}: in the folder but not in the manifest (debris of an interrupted write?)"
-        )
+        print(f"WARN {name}: in the folder but in no manifest (debris of an interrupted write?)")
     status = "FAILED" if bad else "ok"
     print(f"{status}: {checked} file(s) checked, {len(bad)} bad, {len(debris)} not in the manifest")
     return 1 if bad else 0

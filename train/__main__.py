@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
 
 import torch
 
+from shards.errors import ShardError
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import dump_config, load_config
 from train.logger import Logger
@@ -98,6 +100,18 @@ def main(argv=None) -> None:
     acc.end_training()
 
 
+def cli() -> None:
+    """main(), with damaged shard data reported in one line instead of a traceback."""
+    try:
+        main()
+    except ShardError as e:
+        sys.exit(
+            f"[train] stopped on bad shard data: {e}. Find every damaged file with "
+            "`python -m tools.shards verify DIR`, restore or regenerate it, and run again "
+            "with resume=true to continue from the last checkpoint."
+        )
+
+
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
-    main()
+    cli()
