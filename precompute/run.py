@@ -238,7 +238,7 @@ def run(cfg: PrecomputeConfig, backend: Backend | None = None, log=None) -> Summ
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.time()
     summary = Summary()
-    out = Path(cfg.out)
+    out = cfg.out  # a folder or an fsspec URL (s3://...): the writer makes it
     tokenizer = load_tokenizer(cfg.teacher)
     tok_fp = check_tokenizers(cfg, tokenizer)
     vocab_size = model_vocab_size(cfg.teacher)
@@ -249,7 +249,6 @@ def run(cfg: PrecomputeConfig, backend: Backend | None = None, log=None) -> Summ
         )
     max_len = cfg.engine.get("max_model_len") if cfg.backend == "vllm" else None
     work, rejects = prepare(cfg, tokenizer, max_len)
-    out.mkdir(parents=True, exist_ok=True)
     summary.rejects = len(rejects)
     metadata = metadata_for(cfg, tok_fp, vocab_size)
     # The writer refuses a folder made with other settings before anything is written to it.
@@ -308,7 +307,7 @@ def commit_records(writer: ShardWriter, cfg: PrecomputeConfig, rejects, log) -> 
     new = [line for line in rejects_jsonl(rejects) if line not in earlier]
     if new:
         entry = writer.add_extra(REJECTS_KIND, b"\n".join(new) + b"\n", ".jsonl")
-        where = f"listed in {writer.folder / entry.name}"
+        where = f"listed in {writer.store.where(entry.name)}"
     else:
         where = "listed by an earlier run"
     log(f"precompute: {len(rejects)} invalid row(s) skipped, {where}")
