@@ -23,6 +23,7 @@ import pytest
 
 from precompute.hf_backend import HFBackend
 from precompute.run import run
+from shards import hf as hf_views
 from shards.errors import ShardError
 from shards.manifest import load_manifest, manifest_name
 from shards.reader import read_rows
@@ -97,6 +98,9 @@ def test_written_and_read_back_like_a_local_folder(url, tmp_path, capsys):
             np.testing.assert_array_equal(got[key][name].numpy(), r[name].numpy())
     assert cli.main(["verify", url]) == 0
     assert capsys.readouterr().out.startswith("ok:")
+    # The decoded `datasets` views read the URL too.
+    assert len(hf_views.load(url)) == remote.rows
+    assert sum(1 for _ in hf_views.load(url, streaming=True)) == remote.rows
 
 
 def test_manifest_write_is_conditional(url):
@@ -229,3 +233,19 @@ def test_training_streams_from_s3(tiny, url, tmp_path):
     remote = train(url, str(tmp_path / "remote"))
     assert [s for s, _, _ in remote] == [1, 2, 3, 4]
     assert remote == train(str(local), str(tmp_path / "local"))
+
+
+def test_other_fsspec_stores_take_the_generic_path(tmp_path):
+    """A store without conditional PUTs (fsspec's memory://, standing in for gs:// and
+    others here): the same files, a read-compare-write commit, create-only uploads."""
+    url = f"memory://kdshards/{uuid.uuid4().hex[:8]}"
+    examples = make_examples(5, 8)
+    write_examples(url, examples, batch_tokens=200, target_file_bytes=12_000)
+    assert len({row_key(r) for r in read_rows(url)}) == sum(map(len, examples))
+    first = ShardWriter(url, metadata(), compression_level=1)
+    second = ShardWriter(url, metadata(), compression_level=1)
+    second.add(make_examples(6, 1)[0])
+    second.flush()
+    first.add(make_examples(7, 1)[0])
+    with pytest.raises(ShardError, match="another process is writing as writer 'w0'"):
+        first.flush()
