@@ -19,9 +19,12 @@ from pathlib import Path
 
 from shards.errors import ShardError
 from shards.schema import FORMAT, ShardMetadata, check_schema_version
-from shards.storage import ManifestChanged, Storage, fsync_dir, open_storage, write_atomic
+from shards.storage import ManifestChanged, Storage, open_storage
 
-__all__ = ["fsync_dir", "write_atomic"]  # re-exported: their home was here
+# Their home was here before shards.storage; kept for existing imports.
+from shards.storage import fsync_dir as fsync_dir
+from shards.storage import sha256_file as sha256_file
+from shards.storage import write_atomic as write_atomic
 
 LEGACY_MANIFEST = "manifest.json"
 MANIFEST = LEGACY_MANIFEST  # the name before per-writer manifests; kept for old imports
@@ -468,14 +471,6 @@ _BOOKKEEPING = re.compile(
 def is_bookkeeping(name: str) -> bool:
     """Manifests and lock files: the folder's own records, not data."""
     return bool(_BOOKKEEPING.fullmatch(name))
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_manifest(folder, manifest: WriterManifest, expect: bytes | None) -> bytes:

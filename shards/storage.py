@@ -64,12 +64,8 @@ class LocalStorage:
     def read(self, name: str) -> bytes:
         return (self.root / name).read_bytes()
 
-    def sha256(self, name: str, chunk: int = 1 << 22) -> str:
-        h = hashlib.sha256()
-        with open(self.root / name, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-        return h.hexdigest()
+    def sha256(self, name: str) -> str:
+        return sha256_file(self.root / name)
 
     def open_input(self, name: str) -> pa.NativeFile:
         return pa.memory_map(str(self.root / name))
@@ -103,13 +99,7 @@ class LocalStorage:
         """Write `name` whole if its content is `expect` (None: absent). A check and a
         rename: catches all but a tight race (the per-writer flock excludes a second process
         on the same host)."""
-        try:
-            current = self.read(name)
-        except FileNotFoundError:
-            current = None
-        if current != expect:
-            raise ManifestChanged(name)
-        self.write(name, data)
+        _compare_and_write(self, name, data, expect)
 
     def lock(self, name: str):
         """An exclusive flock on `name` in the folder, or None if another process holds it."""
@@ -194,12 +184,9 @@ class FsspecStorage:
     def read(self, name: str) -> bytes:
         return self.fs.cat_file(self._p(name))
 
-    def sha256(self, name: str, chunk: int = 1 << 22) -> str:
-        h = hashlib.sha256()
-        with self.fs.open(self._p(name), "rb", block_size=chunk, cache_type="none") as f:
-            while block := f.read(chunk):
-                h.update(block)
-        return h.hexdigest()
+    def sha256(self, name: str) -> str:
+        with self.fs.open(self._p(name), "rb", block_size=1 << 22, cache_type="none") as f:
+            return _sha256_of(f)
 
     def open_input(self, name: str) -> pa.NativeFile:
         # Random access with read-ahead: a record batch's checksum read and Arrow's read of
@@ -257,13 +244,7 @@ class FsspecStorage:
                 raise
             self._etags[name] = (out or {}).get("ETag") or self._etag_of(name, data)
             return
-        try:
-            current = self.read(name)
-        except FileNotFoundError:
-            current = None
-        if current != expect:
-            raise ManifestChanged(name)
-        self.write(name, data)
+        _compare_and_write(self, name, data, expect)
 
     def _etag_of(self, name: str, expect: bytes) -> str:
         """The ETag of `name` if its content is `expect`: one GET returns both, so they
@@ -288,6 +269,16 @@ class FsspecStorage:
 
     def __str__(self) -> str:
         return self.root
+
+
+def _compare_and_write(store, name: str, data: bytes, expect: bytes | None) -> None:
+    try:
+        current = store.read(name)
+    except FileNotFoundError:
+        current = None
+    if current != expect:
+        raise ManifestChanged(name)
+    store.write(name, data)
 
 
 class _NoLock:
@@ -322,6 +313,18 @@ def open_storage(folder) -> Storage:
     if is_url(folder):
         return FsspecStorage(folder)
     return LocalStorage(folder)
+
+
+def _sha256_of(f, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    while block := f.read(chunk):
+        h.update(block)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return _sha256_of(f)
 
 
 def fsync_dir(path: str | Path) -> None:
