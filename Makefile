@@ -12,7 +12,7 @@ SETUP_STAMP := $(VENV)/.setup-stamp
 .DEFAULT_GOAL := help
 .PHONY: help setup test lint format models bench-shards bench-train bench-loss demo clean-models train \
 	default-data precompute bench-precompute eval
-.PHONY: teacher-server bench-onpolicy
+.PHONY: teacher-server bench-onpolicy bench-object-store
 
 help: ## list the targets
 	@echo "kdshards make targets:"
@@ -48,6 +48,9 @@ clean-models: ## delete the converted models
 
 bench-shards: setup models ## benchmark shard writing/reading
 	$(PYTHON) -m bench.shards
+
+bench-object-store: setup models ## shard read speed from a local S3 server (moto) vs local disk
+	$(PYTHON) -m bench.object_store
 
 # make precompute [CONFIG= TEACHER= DATA= K= OUT= PRECOMPUTE_ARGS='key=value ...']
 CONFIG  ?= configs/precompute.yaml

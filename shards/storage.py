@@ -31,6 +31,12 @@ def is_url(folder) -> bool:
     return isinstance(folder, str) and bool(_URL.match(folder))
 
 
+def as_folder(text: str) -> str | Path:
+    """A folder argument (command lines): a URL stays text, anything else is a Path (a
+    Path would fold s3://b into s3:/b)."""
+    return text if is_url(text) else Path(text)
+
+
 class ManifestChanged(Exception):
     """The manifest is not what this process last wrote (another process commits as it)."""
 

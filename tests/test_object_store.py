@@ -163,6 +163,11 @@ def test_precompute_writes_there_and_tools_read_it(tiny, url, tmp_path, capsys):
     assert cli.main(["stats", url, "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["rows"] == 8 and stats["folder"] == url and stats["bytes_on_disk"] > 0
+    out = tmp_path / "topk.parquet"
+    assert cli.main(["export", url, "--format", "parquet", "--out", str(out)]) == 0
+    import pyarrow.parquet as pq
+
+    assert pq.read_metadata(out).num_rows == 8
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ import numpy as np
 
 from shards.errors import ShardError
 from shards.manifest import check_listing, load_manifest, read_extra
-from shards.storage import is_url, open_storage
+from shards.storage import as_folder, open_storage
 
 
 def _describe(e: ShardError) -> str:
@@ -47,11 +47,6 @@ def _describe(e: ShardError) -> str:
     if e.field is not None:
         where.append(f"field {e.field!r}")
     return (", ".join(where) + ": " if where else "") + e.message
-
-
-def folder_arg(text: str) -> str | Path:
-    """A folder argument: a local path, or an fsspec URL (s3://bucket/shards) kept as text."""
-    return text if is_url(text) else Path(text)
 
 
 def _folder(path: str | Path, verify: str = "size"):
@@ -410,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="print one example with its teacher top-k")
-    p.add_argument("dir", type=folder_arg)
+    p.add_argument("dir", type=as_folder)
     p.add_argument("--row", type=int, default=0, help="row number in manifest order")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the teacher)")
     p.add_argument("--positions", default=None, help="response positions A:B (python slice)")
@@ -418,12 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("stats", help="sizes, metadata and coverage of a folder")
-    p.add_argument("dir", type=folder_arg)
+    p.add_argument("dir", type=as_folder)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(fn=cmd_stats)
 
     p = sub.add_parser("verify", help="check every file against the manifest")
-    p.add_argument("dir", type=folder_arg)
+    p.add_argument("dir", type=as_folder)
     p.set_defaults(fn=cmd_verify)
 
     from tools.shards_exchange import add_commands
