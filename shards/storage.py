@@ -55,9 +55,6 @@ class LocalStorage:
     def makedirs(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def is_dir(self) -> bool:
-        return self.root.is_dir()
-
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
 
@@ -164,10 +161,6 @@ class FsspecStorage:
 
     def makedirs(self) -> None:
         self.fs.makedirs(self._path, exist_ok=True)
-
-    def is_dir(self) -> bool:
-        # An object store has no empty folders: a folder exists once something is in it.
-        return bool(self.names()) or self.fs.isdir(self._path)
 
     def names(self) -> list[str]:
         self.fs.invalidate_cache(self._path)
