@@ -13,6 +13,7 @@ SETUP_STAMP := $(VENV)/.setup-stamp
 .PHONY: help setup test lint format models bench-shards bench-train bench-loss demo clean-models train \
 	default-data precompute bench-precompute bench-precompute-workers eval
 .PHONY: teacher-server bench-onpolicy onpolicy-rounds bench-rounds bench-precompute-host
+.PHONY: bench-object-store
 
 help: ## list the targets
 	@echo "kdshards make targets:"
@@ -49,6 +50,9 @@ clean-models: ## delete the converted models
 
 bench-shards: setup models ## benchmark shard writing/reading
 	$(PYTHON) -m bench.shards
+
+bench-object-store: setup models ## shard read speed from a local S3 server (moto) vs local disk
+	$(PYTHON) -m bench.object_store
 
 # make precompute [CONFIG= TEACHER= DATA= K= OUT= WORKERS= RAY=1 PRECOMPUTE_ARGS='key=value ...']
 # WORKERS=N splits the data over N local workers (default: one per GPU group); RAY=1 runs

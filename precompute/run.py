@@ -307,7 +307,7 @@ def run(
         cfg = replace(cfg, num_workers=1, worker_index=0)
     t0 = time.time()
     summary = Summary()
-    out = Path(cfg.out)
+    out = cfg.out  # a folder or an fsspec URL (s3://...): the writer makes it
     check_model_folder("teacher", cfg.teacher)
     if cfg.student:
         check_model_folder("student", cfg.student)
@@ -323,7 +323,6 @@ def run(
         raise ConfigError(f"k={cfg.k} is above the teacher's vocabulary size ({vocab_size})")
     max_len = cfg.engine.get("max_model_len") if cfg.backend == "vllm" else None
     work, rejects = prepare(cfg, tokenizer, max_len)
-    out.mkdir(parents=True, exist_ok=True)
     summary.rejects = len(rejects)
     metadata = metadata_for(cfg, tok_fp, vocab_size)
     # The writer refuses a folder made with other settings before anything is written to it.
@@ -382,7 +381,7 @@ def commit_records(
     if not rejects:
         return
     entry = commit_rejects(writer, rejects)
-    where = f"listed in {writer.folder / entry.name}" if entry else "listed by an earlier run"
+    where = f"listed in {writer.store.where(entry.name)}" if entry else "listed by an earlier run"
     log(f"precompute: {len(rejects)} invalid row(s) skipped, {where}")
 
 

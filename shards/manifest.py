@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from shards.errors import ShardError
 from shards.schema import FORMAT, ShardMetadata, check_schema_version
+from shards.storage import ManifestChanged, Storage, open_storage
+
+# Their home was here before shards.storage; kept for existing imports.
+from shards.storage import fsync_dir as fsync_dir
+from shards.storage import sha256_file as sha256_file
+from shards.storage import write_atomic as write_atomic
 
 LEGACY_MANIFEST = "manifest.json"
 WRITER_ID = r"[A-Za-z0-9_.]+"
@@ -173,10 +177,10 @@ class WriterManifest(_Totals):
         )
 
     @classmethod
-    def parse(cls, path: Path, data: bytes) -> WriterManifest:
+    def parse(cls, path: Path | str, data: bytes) -> WriterManifest:
         """Parse and check one writer's manifest; every problem is a ShardError naming it."""
         d = _parse_json(path, data)
-        m = _MANIFEST_NAME.fullmatch(path.name)
+        m = _MANIFEST_NAME.fullmatch(_name(path))
         writer = d.get("writer")
         if m is None or writer != m.group(1):
             raise ShardError(path, f"manifest of writer {writer!r} under this name", field="writer")
@@ -270,10 +274,18 @@ def _strict(cls, d: dict):
     return cls(**d)
 
 
-def _check_file_entry(path: Path, f: FileEntry, checksums: bool) -> None:
+def _name(path: Path | str) -> str:
+    return str(path).rsplit("/", 1)[-1]
+
+
+def _sibling(path: Path | str, name: str) -> Path | str:
+    return path.parent / name if isinstance(path, Path) else f"{str(path).rsplit('/', 1)[0]}/{name}"
+
+
+def _check_file_entry(path: Path | str, f: FileEntry, checksums: bool) -> None:
     if f.rows != sum(f.batch_rows):
         raise ShardError(
-            path.parent / f.name,
+            _sibling(path, f.name),
             f"manifest says rows={f.rows} but batch_rows sum to {sum(f.batch_rows)}",
         )
     if not checksums:
@@ -306,8 +318,9 @@ def _parse_json(path: Path, data: bytes) -> dict:
     return d
 
 
-def _load_legacy(path: Path) -> tuple[ShardMetadata, list[FileEntry]]:
-    d = _parse_json(path, _read(path))
+def _load_legacy(store: Storage, name: str) -> tuple[ShardMetadata, list[FileEntry]]:
+    path = store.where(name)
+    d = _parse_json(path, _read(store, name))
     try:
         meta = ShardMetadata.from_json(d["metadata"])
         files = [_strict(FileEntry, f) for f in d["files"]]
@@ -318,11 +331,11 @@ def _load_legacy(path: Path) -> tuple[ShardMetadata, list[FileEntry]]:
     return meta, files
 
 
-def _read(path: Path) -> bytes:
+def _read(store: Storage, name: str) -> bytes:
     try:
-        return path.read_bytes()
+        return store.read(name)
     except OSError as e:
-        raise ShardError(path, f"unreadable manifest: {e}") from e
+        raise ShardError(store.where(name), f"unreadable manifest: {e}") from e
 
 
 @dataclass
@@ -337,46 +350,47 @@ class Manifest(_Totals):
     replaced: set[str] = field(default_factory=set)  # files merged into others: debris
 
 
-def manifest_paths(folder: str | Path) -> list[Path]:
+def manifest_names(store: Storage) -> list[str]:
     """The folder's manifests, sorted by name (never by listing order)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    names = [
-        p.name
-        for p in folder.iterdir()
-        if p.name == LEGACY_MANIFEST or _MANIFEST_NAME.fullmatch(p.name)
-    ]
-    return [folder / n for n in sorted(names)]
+    return [n for n in store.names() if n == LEGACY_MANIFEST or _MANIFEST_NAME.fullmatch(n)]
 
 
-def load_writer_manifest(folder: str | Path, writer_id: str) -> tuple[WriterManifest, bytes]:
-    path = Path(folder) / manifest_name(writer_id)
-    data = _read(path)
-    return WriterManifest.parse(path, data), data
+def manifest_paths(folder: str | Path) -> list[Path | str]:
+    """The folder's manifests, sorted by name (never by listing order)."""
+    store = open_storage(folder)
+    return [store.where(n) for n in manifest_names(store)]
 
 
-def load_manifest(folder: str | Path, *, missing_ok: bool = False) -> Manifest | None:
-    """Every manifest of the folder, checked and merged. A file listed twice (by name or by
-    content) is an error, and so are writers whose metadata disagree."""
-    folder = Path(folder)
-    paths = manifest_paths(folder)
-    if not paths:
+def load_writer_manifest(folder, writer_id: str) -> tuple[WriterManifest, bytes]:
+    store = open_storage(folder)
+    name = manifest_name(writer_id)
+    data = _read(store, name)
+    return WriterManifest.parse(store.where(name), data), data
+
+
+def load_manifest(folder, *, missing_ok: bool = False) -> Manifest | None:
+    """Every manifest of the folder (a path, URL or Storage), checked and merged. A file
+    listed twice (by name or by content) is an error, and so are writers whose metadata
+    disagree."""
+    store = open_storage(folder)
+    names = manifest_names(store)
+    if not names:
         if missing_ok:
             return None
         raise ShardError(
-            folder / manifest_name("*"),
+            store.where(manifest_name("*")),
             "no manifest: not a shard folder, or no writer has started in it yet",
         )
     metadata, first = None, None
     files: list[FileEntry] = []
     extras: list[ExtraEntry] = []
-    for path in paths:
-        if path.name == LEGACY_MANIFEST:
-            meta, fs = _load_legacy(path)
+    for name in names:
+        path = store.where(name)
+        if name == LEGACY_MANIFEST:
+            meta, fs = _load_legacy(store, name)
             files = fs + files  # first: the files written before per-writer manifests
         else:
-            wm = WriterManifest.parse(path, _read(path))
+            wm = WriterManifest.parse(path, _read(store, name))
             meta = wm.metadata
             files += sorted(wm.files, key=lambda f: f.commit)
             extras += sorted(wm.extras, key=lambda e: e.commit)
@@ -385,7 +399,7 @@ def load_manifest(folder: str | Path, *, missing_ok: bool = False) -> Manifest |
         elif diff := metadata.mismatches(meta):
             raise ShardError(
                 path,
-                f"metadata disagrees with {first.name}'s (writers with other settings in one "
+                f"metadata disagrees with {_name(first)}'s (writers with other settings in one "
                 "folder): " + "; ".join(diff),
             )
     replaced = {r["name"] for f in files for r in f.replaces or ()}
@@ -393,12 +407,12 @@ def load_manifest(folder: str | Path, *, missing_ok: bool = False) -> Manifest |
     by_hash: dict[str, str] = {}
     for e in (*files, *extras):
         if e.name in by_name:
-            raise ShardError(folder / e.name, "the file is listed twice in the manifests")
+            raise ShardError(store.where(e.name), "the file is listed twice in the manifests")
         by_name[e.name] = 1
     for f in files:
         if f.sha256 in by_hash:
             raise ShardError(
-                folder / f.name,
+                store.where(f.name),
                 f"same content (sha256) as {by_hash[f.sha256]}: its rows would be read twice",
             )
         by_hash[f.sha256] = f.name
@@ -406,14 +420,12 @@ def load_manifest(folder: str | Path, *, missing_ok: bool = False) -> Manifest |
         metadata=metadata,
         files=files,
         extras=extras,
-        sources=[p.name for p in paths],
+        sources=names,
         replaced=replaced,
     )
 
 
-def check_listing(
-    folder: str | Path, manifest: Manifest | None
-) -> tuple[list[ShardError], list[str]]:
+def check_listing(folder, manifest: Manifest | None) -> tuple[list[ShardError], list[str]]:
     """Files in the folder that no manifest lists: (errors, debris names).
 
     A writer creates its manifest before it writes any file, and a commit only ever adds
@@ -425,7 +437,7 @@ def check_listing(
     temporary files and files merged into another (ShardWriter.compact) but not deleted yet.
     Call after loading the manifest: a commit racing this listing then only looks like debris.
     """
-    folder = Path(folder)
+    store = open_storage(folder)
     files = [] if manifest is None else [*manifest.files, *manifest.extras]
     listed = {e.name for e in files}
     replaced = set() if manifest is None else manifest.replaced
@@ -435,7 +447,7 @@ def check_listing(
         if owned:
             key = owned[:2]
             last[key] = max(last.get(key, -1), owned[2])
-    present = sorted(p.name for p in folder.iterdir())
+    present = sorted(store.names())
     errors, debris = [], []
     for name in present:
         if name in listed or is_bookkeeping(name):
@@ -450,7 +462,7 @@ def check_listing(
             else:
                 why = None
             if why:
-                errors.append(ShardError(folder / name, f"no manifest lists it, but {why}"))
+                errors.append(ShardError(store.where(name), f"no manifest lists it, but {why}"))
                 continue
         debris.append(name)
     return errors, debris
@@ -467,63 +479,33 @@ def is_bookkeeping(name: str) -> bool:
     return bool(_BOOKKEEPING.fullmatch(name))
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write, fsync, rename, fsync the folder: a reader sees the old or the new file, whole.
-    The temporary name is unique across machines (a pid is not)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def write_manifest(folder: Path, manifest: WriterManifest, expect: bytes | None) -> bytes:
+def write_manifest(folder, manifest: WriterManifest, expect: bytes | None) -> bytes:
     """Commit: write the writer's manifest whole. `expect` is what this process last wrote
     (None: it must not exist yet); a manifest changed since then means another process is
     committing as the same writer, which would lose commits: refuse.
 
-    On an object store this is one conditional PUT (If-Match / If-None-Match), which makes
-    the check atomic; here a check and a rename, which catches all but a tight race (the
-    per-writer flock excludes a second process on the same host)."""
-    path = folder / manifest_name(manifest.writer)
+    On S3 this is one conditional PUT (If-Match / If-None-Match), which makes the check
+    atomic; on a file system a check and a rename (shards.storage)."""
+    store = open_storage(folder)
+    name = manifest_name(manifest.writer)
+    data = manifest.to_bytes()
     try:
-        current = path.read_bytes()
-    except FileNotFoundError:
-        current = None
-    if current != expect:
+        store.write_if(name, data, expect)
+    except ManifestChanged:
         raise ShardError(
-            path,
+            store.where(name),
             f"changed since this process last committed: another process is writing as "
             f"writer {manifest.writer!r}; give each writer its own id",
-        )
-    data = manifest.to_bytes()
-    write_atomic(path, data)
+        ) from None
     return data
 
 
-def read_extra(folder: str | Path, entry: ExtraEntry) -> bytes:
+def read_extra(folder, entry: ExtraEntry) -> bytes:
     """A committed extra file's bytes, checked against its entry."""
-    p = Path(folder) / entry.name
+    store = open_storage(folder)
+    p = store.where(entry.name)
     try:
-        data = p.read_bytes()
+        data = store.read(entry.name)
     except OSError as e:
         raise ShardError(p, f"listed in {manifest_name(entry.writer)} but unreadable: {e}") from e
     if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:

@@ -20,6 +20,7 @@ never trained on are read again after a restart.
 from __future__ import annotations
 
 import json
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from shards import codec
 from shards.errors import ShardError
-from shards.manifest import FileEntry, check_listing, load_manifest, sha256_file
+from shards.manifest import FileEntry, check_listing, load_manifest
 from shards.schema import (
     META_KEY,
     PER_ENTRY,
@@ -43,6 +44,7 @@ from shards.schema import (
     arrow_schema,
     check_schema_version,
 )
+from shards.storage import open_storage
 
 VERIFY_MODES = ("full", "size", "none")
 
@@ -78,19 +80,21 @@ class ShardFolder:
     ):
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
-        self.path = Path(folder)
-        self.manifest = load_manifest(self.path)
+        # A local folder or an fsspec URL (s3://...): shards.storage.
+        self.store = open_storage(folder)
+        self.path = self.store.root
+        self.manifest = load_manifest(self.store)
         self.metadata = self.manifest.metadata
         self.verify = verify
         got = self.metadata.tokenizer_fingerprint
         if expected_tokenizer_fingerprint is not None and got != expected_tokenizer_fingerprint:
             raise ShardError(
-                self.path / self.manifest.sources[0],
+                self.store.where(self.manifest.sources[0]),
                 f"tokenizer fingerprint {got} differs from the student's "
                 f"{expected_tokenizer_fingerprint}: the token ids would mean other tokens",
                 field="tokenizer_fingerprint",
             )
-        errors, _ = check_listing(self.path, self.manifest) if check_unlisted else ([], [])
+        errors, _ = check_listing(self.store, self.manifest) if check_unlisted else ([], [])
         if errors:
             raise errors[0]
         if verify != "none":
@@ -107,6 +111,7 @@ class ShardFolder:
         self._open: OrderedDict[int, _FileHandle] = OrderedDict()
         self._max_open = max_open_files
         self._verified: set[str] = set()
+        self._pid = os.getpid()
 
     @property
     def k(self) -> int:
@@ -120,19 +125,20 @@ class ShardFolder:
         return state
 
     def _check_size(self, entry: FileEntry) -> None:
-        p = self.path / entry.name
-        if not p.exists():
-            raise ShardError(p, "file listed in the manifest is missing")
-        size = p.stat().st_size
+        p = self.store.where(entry.name)
+        try:
+            size = self.store.size(entry.name)
+        except FileNotFoundError:
+            raise ShardError(p, "file listed in the manifest is missing") from None
         if size != entry.bytes:
             raise ShardError(p, f"length {size} bytes, manifest says {entry.bytes}")
 
     def verify_file(self, fi: int) -> None:
         """Length, sha256, schema and row counts of file `fi` against the manifest."""
         entry = self.manifest.files[fi]
-        p = self.path / entry.name
+        p = self.store.where(entry.name)
         self._check_size(entry)
-        digest = sha256_file(p)
+        digest = self.store.sha256(entry.name)
         if digest != entry.sha256:
             raise ShardError(p, f"sha256 {digest[:16]}... differs from the manifest's")
         handle = self._file(fi, check_sha=False)
@@ -145,19 +151,22 @@ class ShardFolder:
             self._check_block(fi, bi, handle)
 
     def _file(self, fi: int, check_sha: bool = True) -> _FileHandle:
+        if self._pid != os.getpid():  # a forked DataLoader worker: remote handles don't fork
+            self._open.clear()
+            self._pid = os.getpid()
         if fi in self._open:
             self._open.move_to_end(fi)
             return self._open[fi]
         entry = self.manifest.files[fi]
-        p = self.path / entry.name
+        p = self.store.where(entry.name)
         if check_sha and self.verify == "full" and entry.name not in self._verified:
             self._check_size(entry)
-            digest = sha256_file(p)
+            digest = self.store.sha256(entry.name)
             if digest != entry.sha256:
                 raise ShardError(p, f"sha256 {digest[:16]}... differs from the manifest's")
             self._verified.add(entry.name)
         try:
-            source = pa.memory_map(str(p))
+            source = self.store.open_input(entry.name)
         except FileNotFoundError as e:
             raise ShardError(p, "file listed in the manifest is missing") from e
         except (OSError, pa.ArrowException) as e:
@@ -207,14 +216,14 @@ class ShardFolder:
         a, b = entry.batch_offsets[bi], entry.batch_offsets[bi + 1]
         if xxhash.xxh3_64_hexdigest(handle.source.read_at(b - a, a)) != entry.batch_xxh3[bi]:
             raise ShardError(
-                self.path / entry.name,
+                self.store.where(entry.name),
                 f"record batch {bi} (bytes {a}-{b}) is damaged: its checksum differs from the "
                 "manifest's",
             )
 
     def read_block(self, fi: int, bi: int) -> Block:
         handle = self._file(fi)
-        p = self.path / self.manifest.files[fi].name
+        p = self.store.where(self.manifest.files[fi].name)
         if bi >= len(self.manifest.files[fi].batch_rows):
             raise ShardError(p, f"record batch {bi}: the manifest lists fewer")
         self._check_block(fi, bi, handle)

@@ -11,12 +11,10 @@ example) land in the same file, so an example id is either complete or absent, a
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import mmap
-import os
 import re
 import struct
 from dataclasses import dataclass
@@ -36,14 +34,11 @@ from shards.manifest import (
     FileEntry,
     WriterManifest,
     check_listing,
-    fsync_dir,
     load_manifest,
     load_writer_manifest,
     manifest_name,
     owned_name,
     parse_owned,
-    sha256_file,
-    write_atomic,
     write_manifest,
 )
 from shards.schema import (
@@ -56,6 +51,7 @@ from shards.schema import (
     ShardMetadata,
     arrow_schema,
 )
+from shards.storage import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +150,10 @@ def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
 
 
 class _OpenFile:
-    """The file being filled: its temporary path, Arrow writer and frequency ranking."""
+    """The file being filled: its staging path, final name, Arrow writer and frequency
+    ranking."""
 
-    def __init__(self, tmp: Path, final: Path, schema: pa.Schema, order: np.ndarray, level: int):
+    def __init__(self, tmp: Path, final: str, schema: pa.Schema, order: np.ndarray, level: int):
         self.tmp, self.final = tmp, final
         self.order = order
         self.rank_of = codec.invert_order(order)
@@ -221,22 +218,21 @@ class ShardWriter:
     ):
         if not re.fullmatch(WRITER_ID, writer_id):
             raise ValueError(f"writer_id {writer_id!r}: use letters, digits, '_' and '.'")
-        self.folder = Path(folder)
+        # A local folder (temporary file, fsync, rename) or an fsspec URL (whole uploads).
+        self.store = open_storage(folder)
+        self.folder = self.store.root
         self.metadata = metadata
         self.writer_id = writer_id
         self.target_file_bytes = target_file_bytes
         self.batch_tokens = batch_tokens
         self.compression_level = compression_level
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.store.makedirs()
         # Refuse a folder made with other settings before writing anything into it.
-        self._check_metadata(load_manifest(self.folder, missing_ok=True))
-        # One live process per writer id on this host (flock); across hosts, write_manifest
-        # refuses a manifest that changed under it.
-        self._lock = open(self.folder / f".writer-{writer_id}.lock", "a+")
-        try:
-            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
+        self._check_metadata(load_manifest(self.store, missing_ok=True))
+        # One live process per writer id on this host (flock); across hosts and on object
+        # stores, write_manifest refuses a manifest that changed under it.
+        self._lock = self.store.lock(f".writer-{writer_id}.lock")
+        if self._lock is None:
             raise ShardError(
                 self.folder, f"another process is writing as writer {writer_id!r}"
             ) from None
@@ -244,6 +240,7 @@ class ShardWriter:
             self._open_manifest()
         except BaseException:
             self._lock.close()  # else the writer id stays locked until garbage collection
+            self.store.close()
             raise
         self._schema = arrow_schema()
         self._pending: list[ShardRow] = []
@@ -256,34 +253,33 @@ class ShardWriter:
     def _check_metadata(self, manifest) -> None:
         if manifest is not None and (diff := manifest.metadata.mismatches(self.metadata)):
             raise ShardError(
-                self.folder / manifest.sources[0],
+                self.store.where(manifest.sources[0]),
                 "folder holds shards made with other settings; use another output folder. "
                 + "; ".join(diff),
             )
 
     def _open_manifest(self) -> None:
-        path = self.folder / manifest_name(self.writer_id)
-        if path.exists():
-            self._manifest, self._manifest_bytes = load_writer_manifest(self.folder, self.writer_id)
+        if self.store.exists(manifest_name(self.writer_id)):
+            self._manifest, self._manifest_bytes = load_writer_manifest(self.store, self.writer_id)
             self._clean_debris()
             return
         self._clean_debris()
         self._manifest = WriterManifest(writer=self.writer_id, metadata=self.metadata)
-        self._manifest_bytes = write_manifest(self.folder, self._manifest, None)
+        self._manifest_bytes = write_manifest(self.store, self._manifest, None)
         # Writers that started at the same time with other settings: whichever lists the
         # folder last sees the other's manifest (each lists after its own write), and leaves.
         try:
-            self._check_metadata(load_manifest(self.folder))
+            self._check_metadata(load_manifest(self.store))
         except ShardError:
-            (self.folder / manifest_name(self.writer_id)).unlink()
+            self.store.delete(manifest_name(self.writer_id))
             raise
 
     def _clean_debris(self) -> None:
         """Delete this writer's debris (temporary files, files past its last commit, files
         merged into another); set the next sequence numbers. A file of this writer that was
         committed and then lost from its manifest (`check_listing`) is refused, not deleted."""
-        listed = load_manifest(self.folder, missing_ok=True)
-        errors, debris = check_listing(self.folder, listed)
+        listed = load_manifest(self.store, missing_ok=True)
+        errors, debris = check_listing(self.store, listed)
         for e in errors:
             if parse_owned(Path(e.path).name)[1] == self.writer_id:
                 raise ShardError(
@@ -302,8 +298,11 @@ class ShardWriter:
             owned = parse_owned(inner)
             if mine or (owned and owned[1] == self.writer_id):
                 if inner == name:
-                    log.warning("removing %s: never committed, or merged into another", name)
-                (self.folder / name).unlink()
+                    log.warning(
+                        "removing %s: never committed, or merged into another",
+                        self.store.where(name),
+                    )
+                self.store.delete(name)
         last: dict[str, int] = {}
         for e in [] if listed is None else (*listed.files, *listed.extras):
             owned = parse_owned(e.name)
@@ -315,13 +314,13 @@ class ShardWriter:
     def completed_ids(self) -> set[str]:
         """Example ids in committed files, from every writer of this folder."""
         ids: set[str] = set()
-        for entry in load_manifest(self.folder).files:
-            table = feather.read_table(self.folder / entry.name, columns=["id"], memory_map=True)
+        for entry in load_manifest(self.store).files:
+            table = feather.read_table(self.store.open_input(entry.name), columns=["id"])
             ids.update(table.column("id").to_pylist())
         return ids
 
     def _commit(self, manifest: WriterManifest) -> None:
-        self._manifest_bytes = write_manifest(self.folder, manifest, self._manifest_bytes)
+        self._manifest_bytes = write_manifest(self.store, manifest, self._manifest_bytes)
         self._manifest = manifest
 
     # ---- other committed files -------------------------------------------------------------
@@ -339,7 +338,7 @@ class ShardWriter:
             raise ValueError(f"suffix {suffix!r}: '.' and letters or digits")
         seq = self._extra_seq.get(kind, 0)
         name = owned_name(kind, self.writer_id, seq, suffix)
-        write_atomic(self.folder / name, data)
+        self._publish(lambda: self.store.write(name, data, create=True), name)
         entry = ExtraEntry(
             name=name,
             kind=kind,
@@ -376,8 +375,7 @@ class ShardWriter:
         )
         name = f"part-{self.writer_id}-{self._seq:05d}.arrow"
         self._seq += 1
-        tmp = self.folder / f".{name}.tmp"
-        return _OpenFile(tmp, self.folder / name, schema, order, self.compression_level)
+        return _OpenFile(self.store.staging(name), name, schema, order, self.compression_level)
 
     def _write_batch(self) -> None:
         if not self._pending:
@@ -445,25 +443,31 @@ class ShardWriter:
         self.files_written.append(self._manifest.files[-1])
 
     def _seal(self, f: _OpenFile) -> FileEntry:
-        """Close, fsync, checksum and rename a finished file; the caller commits it."""
+        """Close, checksum and publish a finished file (fsync and rename, or upload it
+        whole); the caller commits it."""
         f.writer.close()
         f.sink.close()
-        fd = os.open(f.tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         entry = FileEntry(
-            name=f.final.name,
+            name=f.final,
             rows=sum(f.batch_rows),
             tokens=f.tokens,
             batch_rows=f.batch_rows,
             writer=self.writer_id,
             **file_checksums(f.tmp, f.batch_ends),
         )
-        os.replace(f.tmp, f.final)
-        fsync_dir(self.folder)
+        self._publish(lambda: self.store.publish(f.tmp, f.final), f.final)
         return entry
+
+    def _publish(self, put, name: str) -> None:
+        try:
+            put()
+        except FileExistsError:
+            # Only on an object store (no lock): a committed file would be overwritten.
+            raise ShardError(
+                self.store.where(name),
+                f"exists already: another process is writing as writer {self.writer_id!r}; "
+                "give each writer its own id",
+            ) from None
 
     def flush(self) -> None:
         """Commit everything added so far (ends the current file)."""
@@ -508,11 +512,10 @@ class ShardWriter:
 
         sources = []
         for f in group:
-            p = self.folder / f.name
             # Never launder a damaged file into a new one with fresh checksums.
-            if p.stat().st_size != f.bytes or sha256_file(p) != f.sha256:
-                raise ShardError(p, "differs from its manifest entry: not merged")
-            reader = pa.ipc.open_file(pa.memory_map(str(p)))
+            if self.store.size(f.name) != f.bytes or self.store.sha256(f.name) != f.sha256:
+                raise ShardError(self.store.where(f.name), "differs from its entry: not merged")
+            reader = pa.ipc.open_file(self.store.open_input(f.name))
             file_meta = reader.schema.metadata
             order = codec.unpack_order(file_meta[RANK_ORDER_KEY], self.metadata.vocab_size)
             meta = file_meta[META_KEY]
@@ -534,9 +537,7 @@ class ShardWriter:
         name = f"part-{self.writer_id}-{self._seq:05d}.arrow"
         self._seq += 1
         schema = self._schema.with_metadata({META_KEY: meta, RANK_ORDER_KEY: packed})
-        out = _OpenFile(
-            self.folder / f".{name}.tmp", self.folder / name, schema, order, self.compression_level
-        )
+        out = _OpenFile(self.store.staging(name), name, schema, order, self.compression_level)
         for a, b in zip(cuts, cuts[1:], strict=False):
             batch = table.slice(a, b - a).combine_chunks().to_batches()[0]
             out.writer.write_batch(batch)
@@ -546,8 +547,8 @@ class ShardWriter:
         entry = self._seal(out)
         self._commit(self._manifest.with_merge(entry, group))
         for f in group:
-            (self.folder / f.name).unlink()
-        fsync_dir(self.folder)
+            self.store.delete(f.name)
+        self.store.sync()
         gone = {f.name for f in group}
         new = self._manifest.files[-1]
         self.files_written = [f for f in self.files_written if f.name not in gone] + [new]
@@ -560,6 +561,7 @@ class ShardWriter:
             self.flush()
         finally:
             self._lock.close()
+            self.store.close()
 
     def __enter__(self) -> ShardWriter:
         return self

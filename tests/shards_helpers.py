@@ -269,7 +269,7 @@ def crash_child(folder: str, seed: int, n_examples: int, crash: str, after_files
       "manifest": die while the manifest update is written (temporary manifest on disk).
       "none": finish normally.
     """
-    import shards.manifest
+    import shards.storage
     import shards.writer
 
     examples = make_examples(seed, n_examples)
@@ -304,7 +304,7 @@ def crash_child(folder: str, seed: int, n_examples: int, crash: str, after_files
             _sigkill_self()
 
     ShardWriter._commit = commit
-    shards.manifest.os.replace = replace
+    shards.storage.os.replace = replace
     ShardWriter._write_batch = write_batch
     for rows in examples:
         if rows[0].id in done:

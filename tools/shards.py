@@ -36,6 +36,7 @@ import numpy as np
 
 from shards.errors import ShardError
 from shards.manifest import check_listing, load_manifest, read_extra
+from shards.storage import as_folder, open_storage
 
 
 def _describe(e: ShardError) -> str:
@@ -257,7 +258,7 @@ def compute_stats(path: str | Path) -> dict:
         buckets -= np.logaddexp.reduce(buckets, axis=1, keepdims=True)
         entropy_sum += float(-(np.exp(buckets) * buckets).sum())
     files = folder.manifest.files
-    disk = sum((folder.path / e.name).stat().st_size for e in files)
+    disk = sum(folder.store.size(e.name) for e in files)
     p5 = None
     if resp_tok:
         # Covered mass rises with the step (a larger step is a smaller tail): the 5th
@@ -274,7 +275,7 @@ def compute_stats(path: str | Path) -> dict:
         "teacher_prompt_tokens": tprompt_tok,
         "files": len(files),
         "bytes_on_disk": disk,
-        "manifest_bytes": sum((folder.path / n).stat().st_size for n in folder.manifest.sources),
+        "manifest_bytes": sum(folder.store.size(n) for n in folder.manifest.sources),
         "bytes_per_response_token": disk / resp_tok if resp_tok else None,
         "k": meta.k,
         "vocab_size": meta.vocab_size,
@@ -341,7 +342,7 @@ def verify_folder(path: str | Path) -> tuple[list[tuple[str, str]], list[str], i
     """([(file, problem)] of bad files, [debris file names], files checked)."""
     from shards.reader import ShardFolder
 
-    path = Path(path)
+    path = open_storage(path)  # a folder or an fsspec URL
     try:
         manifest = load_manifest(path)  # the manifest's own errors name the manifest
         folder = ShardFolder(path, verify="none", check_unlisted=False)
@@ -359,14 +360,14 @@ def verify_folder(path: str | Path) -> tuple[list[tuple[str, str]], list[str], i
                 for key in zip(block.rows["id"], block.rows["sample_index"], strict=True):
                     if key in seen:
                         raise ShardError(
-                            folder.path / entry.name,
+                            folder.store.where(entry.name),
                             f"row id={key[0]!r} sample_index={key[1]} is also in {seen[key]}",
                             field="id",
                         )
                     seen[key] = entry.name
             if tokens != entry.tokens:
                 raise ShardError(
-                    folder.path / entry.name,
+                    folder.store.where(entry.name),
                     f"{tokens} response tokens, the manifest says {entry.tokens}",
                 )
         except ShardError as e:
@@ -404,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="print one example with its teacher top-k")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=as_folder)
     p.add_argument("--row", type=int, default=0, help="row number in manifest order")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the teacher)")
     p.add_argument("--positions", default=None, help="response positions A:B (python slice)")
@@ -412,12 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("stats", help="sizes, metadata and coverage of a folder")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=as_folder)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(fn=cmd_stats)
 
     p = sub.add_parser("verify", help="check every file against the manifest")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=as_folder)
     p.set_defaults(fn=cmd_verify)
 
     from tools.shards_exchange import add_commands

@@ -43,6 +43,7 @@ from shards.errors import ShardError
 from shards.hf import DECODED_SCHEMA, decoded_batches
 from shards.manifest import load_manifest
 from shards.schema import SOURCES, ShardMetadata
+from shards.storage import as_folder
 from shards.writer import ShardRow, ShardWriter
 
 PARQUET_META_KEY = b"kdshards.metadata"
@@ -74,7 +75,7 @@ IMPORT_WRITER_ID = "import"
 
 def export_parquet(folder: str | Path, out: str | Path, *, compression: str = "zstd") -> dict:
     """Write the folder's decoded rows to one Parquet file (atomically); returns sizes."""
-    folder, out = Path(folder), Path(out)
+    out = Path(out)  # the folder may be a URL (shards.storage)
     manifest = load_manifest(folder)
     schema = DECODED_SCHEMA.with_metadata({PARQUET_META_KEY: manifest.metadata.dumps()})
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -401,7 +402,7 @@ def cmd_import(args) -> int:
 def add_commands(sub) -> None:
     """`export` and `import` on the subparsers of tools/shards.py."""
     p = sub.add_parser("export", help="decoded rows to plain Parquet (ids, logprobs per token)")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=as_folder)
     p.add_argument("--format", default="parquet", choices=("parquet",))
     p.add_argument("--out", required=True, type=Path, help="the .parquet file to write")
     p.set_defaults(fn=cmd_export)
