@@ -10,9 +10,9 @@ writer id on restart.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +29,7 @@ from shards.manifest import load_manifest, manifest_name
 from shards.reader import read_rows
 from shards.storage import FsspecStorage, ManifestChanged
 from shards.writer import ShardWriter
+from tests.fixtures.teacher_server import free_port
 from tests.fixtures.tiny_model import build_tiny_model, tiny_model_dir
 from tests.precompute_helpers import K, all_rows, cfg, questions, write_jsonl
 from tests.shards_helpers import make_examples, metadata, row_key, write_examples
@@ -41,12 +42,27 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def bucket():
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    # moto's server in its own process, not ThreadedMotoServer: that imports Flask into this
+    # process, and vLLM's in-process engine (tests/test_student_engine.py, later in the
+    # session) scans every module's globals with hasattr, which Flask's context proxies
+    # answer with RuntimeError.
+    host, port = "127.0.0.1", free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError("moto's S3 server did not start") from None
+            time.sleep(0.2)
     env = pytest.MonkeyPatch()
     for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         env.delenv(key, raising=False)
@@ -59,7 +75,8 @@ def bucket():
         s3fs.S3FileSystem().mkdir("kdshards")
         yield "s3://kdshards"
     finally:
-        server.stop()
+        server.kill()
+        server.wait()
         env.undo()
         s3fs.S3FileSystem.clear_instance_cache()
 

@@ -11,9 +11,11 @@ import tempfile
 
 import pytest
 
+from shards.vllm_env import default_kvcache_space  # noqa: E402
+
 ray = pytest.importorskip("ray")
 # Passed on to the workers (precompute.ray_runner.FORWARD_ENV).
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+default_kvcache_space()
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 from precompute.__main__ import main  # noqa: E402
@@ -93,9 +95,14 @@ def test_ray_retries_a_killed_worker_which_resumes(cluster, tiny, tmp_path):
     s = run_job(ray_cfg(tiny, path, out, "commit_every=1", "sampling.max_tokens=48"), on_event=hook)
     first, *retried = attempts(events, 0)
     assert hook.killed and first == hook.killed[0]["attempt"] and len(retried) == 1
-    # The kill landed mid-run: the retry found part of w0's slice done, and did the rest.
+    # The retry resumed from the manifest: it found what the killed attempt had committed
+    # (at least its first commit) done, and did the rest of w0's slice. Where in the slice
+    # the kill lands is timing (the events reach the driver late); it may even land during
+    # the end-of-run merge of files, and then the retry has nothing left to do.
+    first_ev = next(ev for ev in events if ev["attempt"] == first)
     resumed = next(ev for ev in events if ev["attempt"] == retried[0])
-    assert resumed["summary"]["skipped_done"] > 0 and resumed["todo"] > 0
+    assert resumed["summary"]["skipped_done"] > 0
+    assert resumed["summary"]["skipped_done"] + resumed["todo"] == first_ev["todo"]
     got = [r["id"] for r in all_rows(out)]
     assert sorted(got) == sorted(ids)  # nothing lost, nothing duplicated
     assert s.examples == 24 and s.extra["attempts"] == 3

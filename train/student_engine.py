@@ -25,6 +25,8 @@ from collections.abc import Iterator
 
 import torch
 
+from shards.vllm_env import KVCACHE_SPACE_VAR
+
 
 def trainer_weights(lm: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) in the Hugging Face checkpoint's names, as the engine loads them.
@@ -136,7 +138,7 @@ class VLLMStudent:
         }
         if cpu:
             args["enforce_eager"] = True  # compiling costs more start-up than it saves here
-            if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            if not os.environ.get(KVCACHE_SPACE_VAR):  # the variable, when set, wins
                 args["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * (1 << 30))
         if distributed:  # one engine per rank, in the ranks' own torch.distributed world
             args["distributed_executor_backend"] = "external_launcher"
