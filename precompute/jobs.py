@@ -17,9 +17,9 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
-import queue as queue_mod
 import signal
 import sys
+import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -126,7 +126,10 @@ def _local_worker(cfg: PrecomputeConfig, env: dict, queue) -> None:
 
 def _run_local(cfg: PrecomputeConfig, slots: list[WorkerSlot], log, on_event) -> Summary:
     ctx = multiprocessing.get_context("spawn")  # vLLM and CUDA do not survive fork
-    queue = ctx.Queue()
+    # A SimpleQueue writes each event to the pipe in put(): no feeder thread, which a
+    # multiprocessing.Queue joins at the child's exit and which was seen to hang there (the
+    # child waiting for its feeder, the feeder for data) under load.
+    queue = ctx.SimpleQueue()
     n = len(slots)
     log(
         f"precompute: {n} local workers: "
@@ -145,12 +148,15 @@ def _run_local(cfg: PrecomputeConfig, slots: list[WorkerSlot], log, on_event) ->
         procs[slot.index] = p
 
     def drain(wait: float) -> None:
+        deadline = time.monotonic() + wait
         while True:
-            try:
-                ev = queue.get(timeout=wait)
-            except queue_mod.Empty:
-                return
-            wait = 0
+            if queue.empty():
+                if time.monotonic() >= deadline:
+                    return
+                time.sleep(0.02)
+                continue
+            ev = queue.get()
+            deadline = 0.0  # after the first event, take what is there without waiting
             if "error" in ev:
                 raise WorkerFailed(f"worker w{ev['worker']}: {ev['error']}")
             job.update(ev)
