@@ -13,7 +13,7 @@ SETUP_STAMP := $(VENV)/.setup-stamp
 .PHONY: help setup test lint format models bench-shards bench-train bench-loss demo clean-models train \
 	default-data precompute bench-precompute bench-precompute-workers eval
 .PHONY: teacher-server bench-onpolicy onpolicy-rounds bench-rounds bench-precompute-host
-.PHONY: bench-object-store
+.PHONY: bench-object-store demo-onpolicy
 
 help: ## list the targets
 	@echo "kdshards make targets:"
@@ -111,6 +111,11 @@ eval: setup models $(DEFAULT_DATA) ## held-out evaluation of teacher, student be
 
 demo: setup models ## data -> precompute -> train (SKD, SeqKD) -> eval report, on the CPU
 	$(PYTHON) -m tools.demo $(DEMO_ARGS)
+
+# make demo-onpolicy [ONPOLICY_DEMO_ARGS='--seeds 0,1 --test-questions 1000 ...']
+ONPOLICY_DEMO_ARGS ?=
+demo-onpolicy: setup models ## on-policy vs SKD: SKD, SeqKD, live, two-stage, rounds x 2 seeds, paired tests
+	$(PYTHON) -m tools.demo_onpolicy $(ONPOLICY_DEMO_ARGS)
 
 # make teacher-server [TEACHER_MODEL= TEACHER_PORT=8000 TEACHER_HOST=127.0.0.1 TEACHER_DTYPE=]
 # Foreground: Ctrl-C stops it. On GPU machines TEACHER_DTYPE=bfloat16 (or auto) is usual.

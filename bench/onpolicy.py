@@ -34,7 +34,7 @@ import torch
 from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
 from shards.schema import ShardMetadata
 from shards.writer import ShardRow, ShardWriter
-from tests.fixtures.teacher_server import TeacherServer
+from tools.teacher_server import TeacherServer
 from train.teacher_client import TeacherClient
 
 CACHE = Path("bench/cache/onpolicy")

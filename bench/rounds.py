@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from bench.onpolicy import prompt_shards
-from tests.fixtures.teacher_server import TeacherServer
+from tools.teacher_server import TeacherServer
 from train.__main__ import main as train_main
 
 CACHE = Path("bench/cache/rounds")

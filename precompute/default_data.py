@@ -1,6 +1,7 @@
 """The demo's data set, generated offline: arithmetic questions with checkable answers.
 
     python -m precompute.default_data [--out data/default] [--train 256] [--test 300] [--val 64]
+        [--experience qa|inline|solution]
     python -m precompute.default_data --measure [--task gsm_symbolic] [--n 100]
 
 Questions come from reasoning-gym (`basic_arithmetic` by default: two terms of one or two
@@ -50,15 +51,24 @@ def solution(task: str, item: dict) -> str:
     return f"{cot}\nThe answer is {item['answer']}."
 
 
-STYLES = ("qa", "inline")
+STYLES = ("qa", "inline", "solution")
 
 
 def experience(task: str, demos: list[dict], style: str = "qa") -> str:
     """Worked demonstrations as teacher-only text.
 
     qa: "Question: ... / Answer: ..." blocks; inline: one instruction and one solved
-    example per line (see docs/precompute.md for what each does to the teacher's accuracy).
+    example per line (see docs/precompute.md for what each does to the teacher's accuracy);
+    solution: `demos` is the question itself and the text is its worked solution, the
+    privileged information of self-distillation (make demo-onpolicy): the teacher knows the
+    answer and the student, which never sees it, must learn to find it.
     """
+    if style == "solution":
+        (item,) = demos
+        return (
+            "A worked solution of the question you will be asked: "
+            f"{solution(task, item)} Answer the same way, ending with 'The answer is N.'"
+        )
     if style == "qa":
         shots = "\n\n".join(
             f"Question: {d['question']}\nAnswer: {solution(task, d)}" for d in demos
@@ -122,7 +132,11 @@ def build_splits(
     for name, part in splits.items():
         rows = []
         for i, it in enumerate(part):
-            shots = random.Random(f"{seed}:{name}:{i}").sample(demos, DEMOS)
+            shots = (
+                [it]
+                if style == "solution"
+                else random.Random(f"{seed}:{name}:{i}").sample(demos, DEMOS)
+            )
             rows.append(
                 {
                     "id": f"{task}-{name}-{i:05d}",
@@ -137,11 +151,13 @@ def build_splits(
     return out
 
 
-def write(out: Path, task: str, train: int, test: int, seed: int, val: int = 0) -> None:
+def write(
+    out: Path, task: str, train: int, test: int, seed: int, val: int = 0, style: str = "qa"
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # Generated, never committed: the folder ignores itself.
     (out / ".gitignore").write_text("*\n")
-    splits = build_splits(task, train, test, seed, val=val)
+    splits = build_splits(task, train, test, seed, val=val, style=style)
     for name, rows in splits.items():
         if not rows:
             continue
@@ -219,6 +235,12 @@ def main(argv=None) -> int:
     p.add_argument("--test", type=int, default=300, help="held-out questions for evaluation")
     p.add_argument("--val", type=int, default=64, help="held-out questions for the eval loss")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--experience",
+        default="qa",
+        choices=STYLES,
+        help="teacher-only text: demonstrations (qa, inline) or the question's own solution",
+    )
     p.add_argument("--measure", action="store_true", help="teacher accuracy with/without")
     p.add_argument("--n", type=int, default=100, help="--measure: questions")
     p.add_argument("--teacher", default="models/smollm2-135m-instruct")
@@ -228,7 +250,7 @@ def main(argv=None) -> int:
         res = measure(args.task, args.n, args.seed, args.teacher, args.max_tokens, args.train)
         print(json.dumps(res, indent=1))
         return 0
-    write(args.out, args.task, args.train, args.test, args.seed, args.val)
+    write(args.out, args.task, args.train, args.test, args.seed, args.val, args.experience)
     return 0
 
 

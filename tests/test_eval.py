@@ -180,3 +180,14 @@ def test_precompute_train_eval_pipeline_on_the_tiny_model(tmp_path):
         1.0,
     )
     assert doc["paired"]["skd (Q)"]["arith"]["n"] == 5
+    # Another report on the same cache (--cache), rows named by --model, SKD as reference:
+    # nothing is generated again and the answers are the first report's.
+    sh("tools.eval", "--config", cfg, "--data", test, "--out", tmp_path / "rep2",
+       "--cache", tmp_path / "rep" / "generations", "--backend", "hf", "--max-tokens", "6",
+       "--model", f"before={tiny}", "--model", f"skd={tmp_path / 'runs' / 'skd'}",
+       "--reference", "skd")  # fmt: skip
+    again = json.loads((tmp_path / "rep2" / "results.json").read_text())
+    assert len(list((tmp_path / "rep" / "generations").glob("*.json"))) == 3
+    assert not (tmp_path / "rep2" / "generations").exists()
+    assert [m["examples"] for m in again["models"]] == [m["examples"] for m in doc["models"][2:]]
+    assert again["reference"] == "skd" and list(again["paired"]) == ["before"]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from shards.reader import ShardReader
-from tests.fixtures.teacher_server import TeacherServer, free_port
+from tools.teacher_server import TeacherServer, free_port
 from tests.fixtures.tiny_model import build_tiny_model, tiny_model_dir
 from tests.train_helpers import write_teacher_shards
 from train.__main__ import main

@@ -15,8 +15,8 @@ Without --model, the standard comparison: the teacher with Q+E, the teacher with
 student before distillation with Q (the model the runs started from), and every run under
 --runs (its latest checkpoint) with Q. PATH may be a model folder, a checkpoint folder or a
 run folder; LoRA adapters are merged into their base model first. Generations are cached
-under OUT/generations, keyed by the model's weights, the prompts and the sampling settings,
-so adding a run to the report
+under OUT/generations (or --cache DIR), keyed by the model's weights, the prompts and the
+sampling settings, so adding a run to the report
 (`make train METHOD=jsd` then `make eval`) only generates for the new run.
 
 Every row is also compared with a reference row (--reference NAME, default the student
@@ -295,6 +295,11 @@ def parser() -> argparse.ArgumentParser:
         help=f"row the others are compared with, question by question (default: {BASELINE!r})",
     )
     ap.add_argument("--log-with", default="", help="trackers, e.g. wandb,mlflow (accelerate)")
+    ap.add_argument(
+        "--cache",
+        default="",
+        help="generations cache folder (default OUT/generations); reports may share one",
+    )
     return ap
 
 
@@ -304,7 +309,7 @@ def main(argv=None) -> int:
     default_kvcache_space()
     cfg, examples, raws = load_examples(args.config, args.data, args.limit)
     out = Path(args.out)
-    cache = out / "generations"
+    cache = Path(args.cache) if args.cache else out / "generations"
     cache.mkdir(parents=True, exist_ok=True)
     if args.model:
         specs = [parse_model(m) for m in args.model]

@@ -1,0 +1,130 @@
+"""make demo-onpolicy: its data, its plan of commands, its resume, and its summary.
+
+The experiment itself (hours of CPU) is run by `make demo-onpolicy`; its numbers are in the
+README. Here: the privileged view holds the question's own solution and nothing else, the
+stages chain as described (two-stage starts from SKD's final weights, the evaluation reads
+every run with SKD as reference), a finished stage is never re-run, and the summary's
+differences, verdict and wall times match a naive computation from the same scores."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+import pytest
+
+from precompute.default_data import build_splits
+from tests.test_eval import fake_run, result
+from tools import demo_onpolicy as demo
+from tools.demo_onpolicy_report import write_summary
+from tools.eval.report import write_report
+
+
+def test_solution_experience_is_the_questions_own_worked_answer():
+    splits = build_splits("basic_arithmetic", train=40, test=30, seed=3, style="solution")
+    qs = {name: {r["question"] for r in rows} for name, rows in splits.items()}
+    assert not (qs["train"] & qs["test"]) and len(qs["test"]) == 30
+    for rows in splits.values():
+        for r in rows:
+            expr = json.loads(r["metadata"])["expression"]
+            assert f"{expr} = {r['answer']}. The answer is {r['answer']}." in r["experience"]
+            assert r["question"] not in r["experience"]  # the solution, not the question
+    # The demonstration styles are unchanged by the new one.
+    qa = build_splits("basic_arithmetic", train=40, test=30, seed=3, style="qa")
+    assert qa["test"][0]["experience"].count("Question:") == 3
+
+
+def args_for(tmp_path, *extra):
+    return demo.parser().parse_args(
+        ["--work", str(tmp_path / "w"), "--report", str(tmp_path / "r"), "--data", "D", *extra]
+    )
+
+
+def test_stages_chain_two_stage_from_skd_and_eval_every_run(tmp_path):
+    args = args_for(tmp_path, "--rounds", "3")
+    stages = demo.seed_stages(args, 1, "http://t:1")
+    assert [s.name for s in stages] == [
+        "precompute", "skd", "seqkd", "onpolicy", "two_stage", "rounds", "eval"
+    ]  # fmt: skip
+    by = {s.name: s for s in stages}
+    assert [s.name for s in stages if s.server] == ["onpolicy", "two_stage"]
+    for name in ("onpolicy", "two_stage"):
+        assert (
+            "onpolicy.lmbda=1" in by[name].cmd and "onpolicy.teacher_url=http://t:1" in by[name].cmd
+        )
+    assert "sampling.seed=1" in by["precompute"].cmd and "seed=1" in by["skd"].cmd
+    assert "model.path=" in by["two_stage"].cmd  # SKD has not run yet
+    # Once SKD has finished, two-stage starts from its final weights.
+    _, ck = fake_run(tmp_path / "w" / "seed1", "skd")
+    by = {s.name: s for s in demo.seed_stages(args, 1, "http://t:1")}
+    assert f"model.path={ck / 'model'}" in by["two_stage"].cmd
+    ev = by["eval"].cmd
+    rows = [ev[i + 1] for i, a in enumerate(ev) if a == "--model"]
+    assert rows[0] == f"{demo.TEACHER_ROW}={args.teacher}@qe"
+    assert [r.split("=")[0] for r in rows[2:]] == list(demo.METHODS)
+    assert f"rounds={tmp_path / 'w' / 'seed1' / 'rounds' / 'round-003' / 'train'}" in rows
+    assert ev[ev.index("--reference") + 1] == "skd"
+    assert ev[ev.index("--cache") + 1] == str(tmp_path / "r" / "generations")
+
+
+def test_a_finished_stage_is_skipped_and_a_failed_one_is_not_recorded(tmp_path, capsys):
+    stages = demo.Stages(tmp_path / "stages.json")
+    marker = tmp_path / "ran"
+    touch = [sys.executable, "-c", f"open({str(marker)!r}, 'a').write('x')"]
+    demo.run_stage(stages, "seed0/skd", touch)
+    demo.run_stage(demo.Stages(tmp_path / "stages.json"), "seed0/skd", touch)  # a re-run
+    assert marker.read_text() == "x"
+    assert "skipped" in capsys.readouterr().out
+    with pytest.raises(Exception, match="returned non-zero"):
+        demo.run_stage(stages, "seed0/seqkd", [sys.executable, "-c", "raise SystemExit(3)"])
+    assert set(json.loads((tmp_path / "stages.json").read_text())) == {"seed0/skd"}
+
+
+def fake_seed_report(report, seed, rng, n=200):
+    """Per-question scores for every row, written by the evaluation's own report code."""
+    p = {demo.TEACHER_ROW: 0.8, demo.BEFORE_ROW: 0.2, "skd": 0.3, "seqkd": 0.3,
+         "onpolicy": 0.45, "two_stage": 0.3, "rounds": 0.32}  # fmt: skip
+    scores = {name: [int(rng.random() < q) for _ in range(n)] for name, q in p.items()}
+    results = [result(name, s) for name, s in scores.items()]
+    settings = {"data": "d", "examples": n, "backend": "vllm", "max_tokens": 48,
+                "temperature": 0.0, "seed": 0, "command": "python -m tools.eval"}  # fmt: skip
+    write_report(report / f"seed{seed}", results, settings, reference="skd")
+    return scores
+
+
+def test_summary_matches_a_naive_computation(tmp_path):
+    rng = random.Random(0)
+    report = tmp_path / "r"
+    scores = {s: fake_seed_report(report, s, rng) for s in (0, 1)}
+    stages = {
+        f"seed{s}/{name}": {"seconds": float(10 * (i + 1) + s), "command": ""}
+        for s in (0, 1)
+        for i, name in enumerate(("precompute", "skd", "seqkd", "teacher_server", "onpolicy",
+                                  "two_stage", "rounds", "eval"))
+    }  # fmt: skip
+    out = write_summary(report, [0, 1], stages, command="python -m tools.demo_onpolicy")
+    doc = json.loads((report / "summary.json").read_text())
+    text = out.read_text()
+    for s in (0, 1):
+        for name in demo.METHODS + (demo.TEACHER_ROW, demo.BEFORE_ROW):
+            if name == "skd":
+                continue
+            naive = (sum(scores[s][name]) - sum(scores[s]["skd"])) / len(scores[s]["skd"])
+            assert doc["seeds"][str(s)]["paired"][name]["diff"] == pytest.approx(naive)
+        gap = (sum(scores[s][demo.TEACHER_ROW]) - sum(scores[s]["skd"])) / 200
+        assert doc["verdict"]["teacher_minus_skd"][str(s)] == pytest.approx(gap)
+        # two-stage's total: SKD, the shards and the server start before its own command.
+        t = {k.split("/")[1]: v["seconds"] for k, v in stages.items() if k.startswith(f"seed{s}")}
+        want = t["two_stage"] + t["skd"] + t["precompute"] + t["teacher_server"]
+        assert doc["wall_s"][str(s)]["two_stage"]["total"] == pytest.approx(want)
+        assert doc["wall_s"][str(s)]["rounds"]["total"] == pytest.approx(t["rounds"])
+    # A variant wins only if its interval is above zero in every seed.
+    wins = [
+        m for m in demo.ONPOLICY
+        if all(doc["seeds"][str(s)]["paired"][m]["ci95"][0] > 0 for s in (0, 1))
+    ]  # fmt: skip
+    assert doc["verdict"]["beat_skd_every_seed"] == wins and "onpolicy" in wins
+    assert "two_stage" not in wins
+    assert "| onpolicy | " in text and "(reference)" in text and "met)" in text
+    assert (report / "paired_vs_skd.png").read_bytes()[:4] == b"\x89PNG"
