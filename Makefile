@@ -13,7 +13,7 @@ SETUP_STAMP := $(VENV)/.setup-stamp
 .PHONY: help setup test lint format models bench-shards bench-train bench-loss demo clean-models train \
 	default-data precompute bench-precompute bench-precompute-workers eval
 .PHONY: teacher-server bench-onpolicy onpolicy-rounds bench-rounds bench-precompute-host
-.PHONY: bench-object-store demo-onpolicy
+.PHONY: bench-object-store demo-onpolicy onpolicy-live onpolicy-two-stage
 
 help: ## list the targets
 	@echo "kdshards make targets:"
@@ -143,6 +143,17 @@ onpolicy-rounds: setup models $(DEFAULT_DATA) ## on-policy as data: R rounds of 
 	  --teacher $(TEACHER_MODEL) --student $(or $(STUDENT),$(MODELS_DIR)/smollm2-student) \
 	  --data $(or $(DATA),data/default/train.jsonl) --work $(or $(WORK),runs/rounds) \
 	  --train-config configs/train/$(ROUNDS_METHOD).yaml $(if $(STEPS),--steps $(STEPS)) $(ROUNDS_ARGS)
+
+# make onpolicy-live | onpolicy-two-stage [SHARDS=out/shards RUN= STUDENT= STEPS= TEACHER_MODEL=
+#                                          TEACHER_URL= ARGS='key=value ...']
+ONPOLICY_LIVE = $(PYTHON) -m tools.onpolicy_live --shards $(or $(SHARDS),out/shards) \
+	--teacher $(TEACHER_MODEL) $(if $(TEACHER_URL),--teacher-url $(TEACHER_URL)) \
+	$(if $(STUDENT),model.path=$(STUDENT)) $(if $(STEPS),max_steps=$(STEPS)) $(ARGS)
+onpolicy-live: setup models ## live on-policy: starts a teacher server, trains against it, stops it
+	$(ONPOLICY_LIVE) --out $(or $(RUN),runs/onpolicy)
+
+onpolicy-two-stage: setup models ## SKD from the shards, then live on-policy from its weights
+	$(ONPOLICY_LIVE) --two-stage --out $(or $(RUN),runs/two-stage)
 
 bench-rounds: setup models $(DEFAULT_DATA) ## rounds vs live on-policy: time to train on N student samples
 	$(PYTHON) -m bench.rounds $(ARGS)

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from shards.reader import ShardReader
-from tools.teacher_server import TeacherServer, free_port
 from tests.fixtures.tiny_model import build_tiny_model, tiny_model_dir
 from tests.train_helpers import write_teacher_shards
+from tools.teacher_server import TeacherServer, free_port
 from train.__main__ import main
 from train.batches import ShardBatches
 from train.config import OnPolicyConfig, load_config
@@ -361,3 +361,31 @@ def test_vllm_sampler_trains_and_syncs_every_step(server, shards, student, tmp_p
         tmp_path / "b", shards, student, server.url, *extra, *vllm, "onpolicy.sync_every=2"
     )
     assert [r["sync_s"] > 0 for r in log] == [False, True, False, True]
+
+
+@pytest.mark.slow
+def test_two_stage_in_one_command_starts_on_policy_from_skds_weights(
+    server, shards, student, tmp_path
+):
+    """make onpolicy-two-stage: SKD, then on-policy from SKD's final checkpoint (not from
+    model.path=, which was SKD's start); a re-run finds both finished and changes nothing."""
+    from tools import onpolicy_live
+    from train.checkpoint import checkpoint_config, latest_checkpoint
+
+    out = tmp_path / "ts"
+    argv = [
+        "--shards", str(shards), "--out", str(out), "--two-stage", "--teacher-url", server.url,
+        f"model.path={student}", "max_steps=2", "save_every=2", "data.batch_tokens=256",
+        "data.sort_window=8", "onpolicy.max_new_tokens=8", "onpolicy.max_prompts=2",
+        "onpolicy.sampler=hf", "onpolicy.lmbda=1",
+    ]  # fmt: skip
+    assert onpolicy_live.main(argv) == 0
+    skd_final = latest_checkpoint(out / "skd") / "model"
+    on = latest_checkpoint(out / "onpolicy")
+    assert checkpoint_config(on)["model"]["path"] == str(skd_final)
+    assert checkpoint_config(latest_checkpoint(out / "skd"))["model"]["path"] == str(student)
+    log = [json.loads(line) for line in open(out / "onpolicy" / "metrics.jsonl")]
+    assert [r["onpolicy"] for r in log] == [1, 1]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    assert onpolicy_live.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == before
