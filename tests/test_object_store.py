@@ -29,12 +29,12 @@ from shards.manifest import load_manifest, manifest_name
 from shards.reader import read_rows
 from shards.storage import FsspecStorage, ManifestChanged
 from shards.writer import ShardWriter
-from tools.teacher_server import free_port
 from tests.fixtures.tiny_model import build_tiny_model, tiny_model_dir
 from tests.precompute_helpers import K, all_rows, cfg, questions, write_jsonl
 from tests.shards_helpers import make_examples, metadata, row_key, write_examples
 from tests.train_helpers import write_teacher_shards
 from tools import shards as cli
+from tools.teacher_server import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
