@@ -34,13 +34,14 @@ def reporter(put, worker: int):
 
 
 class JobProgress:
-    """One tqdm bar for the job: examples done of the job's total, rows, tokens/s and ETA.
+    """The job's progress bar (shards/progress.py): examples done of the job's total, rows,
+    tokens/s and ETA.
 
     The total is known per worker once it reports its first event (a worker that starts
     later adds its share)."""
 
     def __init__(self, workers: int, enabled: bool = True):
-        from tqdm import tqdm
+        from shards.progress import progress
 
         self.workers = workers
         self.t0 = time.time()
@@ -48,9 +49,8 @@ class JobProgress:
         self.done_before: dict[int, int] = {}  # worker -> examples committed before this job
         self.attempts: dict[tuple[int, str], dict] = {}  # latest summary of each attempt
         self.total = self.done = 0  # examples of this job: all, committed
-        self.bar = tqdm(
-            total=0, unit="ex", disable=not enabled, file=sys.stderr, dynamic_ncols=True
-        )
+        # A bar on a terminal; in a log (a cluster job's stdout) a plain line now and then.
+        self.bar = progress(0, "precompute", "ex", file=sys.stderr, disable=not enabled)
 
     def update(self, ev: dict) -> None:
         w = ev["worker"]
