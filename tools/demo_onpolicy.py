@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools.onpolicy_live import final_model
+
 PY = sys.executable
 METHODS = ("skd", "seqkd", "onpolicy", "two_stage", "rounds")
 ONPOLICY = ("onpolicy", "two_stage", "rounds")
@@ -89,16 +91,6 @@ def data_stage(args) -> Stage:
     )  # fmt: skip
 
 
-def final_model(run: Path) -> str:
-    """A finished run's final weights (what the next stage starts from)."""
-    from train.checkpoint import latest_checkpoint
-
-    ckpt = latest_checkpoint(run)
-    if ckpt is None:
-        raise SystemExit(f"{run}: no checkpoint; its stage is recorded as finished")
-    return str(ckpt / "model")
-
-
 def run_path(args, seed: int, method: str) -> Path:
     """Where the method's run of this seed ends up (what the evaluation reads)."""
     base = Path(args.work) / f"seed{seed}"
@@ -125,8 +117,8 @@ def seed_stages(args, seed: int, teacher_url: str = "{teacher_url}") -> list[Sta
         f"onpolicy.teacher_url={teacher_url}", "onpolicy.lmbda=1", "onpolicy.sampler=vllm",
         f"onpolicy.max_prompts={args.prompts}", f"onpolicy.max_new_tokens={args.max_new_tokens}",
     ]  # fmt: skip
-    skd_run = work / "skd"
-    two_stage_start = final_model(skd_run) if (skd_run / "checkpoints" / "latest").exists() else ""
+    skd_done = (work / "skd" / "checkpoints" / "latest").exists()
+    two_stage_start = str(final_model(work / "skd")) if skd_done else ""
     two_stage = trainer("two_stage", "onpolicy", *live)
     two_stage[two_stage.index(f"model.path={args.student}")] = f"model.path={two_stage_start}"
     return [

@@ -48,11 +48,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def final_model(run: Path) -> Path:
+    """A finished run's final weights: where the next stage starts."""
     from train.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(run)
     if ckpt is None:
-        raise SystemExit(f"{run}: SKD finished without a checkpoint (save_every?)")
+        raise SystemExit(f"{run}: finished without a checkpoint (save_every?)")
     return ckpt / "model"
 
 
