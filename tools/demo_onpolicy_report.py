@@ -8,6 +8,8 @@ stage), and writes REPORT/summary.md, REPORT/summary.json and REPORT/paired_vs_s
 from __future__ import annotations
 
 import json
+import os
+import platform
 from pathlib import Path
 
 from tools.demo_onpolicy import BEFORE_ROW, METHODS, ONPOLICY, REFERENCE, TEACHER_ROW
@@ -184,9 +186,15 @@ def write_summary(report: Path, seeds: list[int], stages: dict, command: str) ->
     has_plot = plot(report / "paired_vs_skd.png", per_seed)
     if not has_plot:
         lines.remove("![paired differences against SKD](paired_vs_skd.png)")
-    (report / "summary.json").write_text(
-        json.dumps({"seeds": per_seed, "wall_s": times, "verdict": v}, indent=1, default=str)
-    )
+    doc = {
+        "command": command,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "seeds": per_seed,
+        "wall_s": times,
+        "verdict": v,
+        "stages": stages,  # every stage's command and seconds
+    }
+    (report / "summary.json").write_text(json.dumps(doc, indent=1, default=str))
     out = report / "summary.md"
     out.write_text("\n".join(lines) + "\n")
     return out
