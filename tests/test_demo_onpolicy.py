@@ -127,4 +127,23 @@ def test_summary_matches_a_naive_computation(tmp_path):
     assert doc["verdict"]["beat_skd_every_seed"] == wins and "onpolicy" in wins
     assert "two_stage" not in wins
     assert "| onpolicy | " in text and "(reference)" in text and "met)" in text
+    assert "## How the answers begin" in text and doc["seeds"]["1"]["openings"]["skd"]
     assert (report / "paired_vs_skd.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_openings_sort_responses_by_how_they_begin():
+    from tools.demo_onpolicy_report import openings
+
+    examples = [
+        {"response": "7 * 8 = 56. The answer is 56.", "score": 1.0},
+        {"response": " -3 + 12 = 9.", "score": 0.0},
+        {"response": "The answer is 56.", "score": 1.0},
+        {"response": "the answer is 5", "score": 0.0},
+        {"response": "The answer is 4.", "score": 0.0},
+        {"response": "To calculate 7 * 8 = 56 we", "score": 1.0},
+    ]
+    got = openings(examples)
+    assert got["calculation"] == {"share": 2 / 6, "exact_match": 0.5}
+    assert got["answer"] == {"share": 3 / 6, "exact_match": pytest.approx(1 / 3)}
+    assert got["other"] == {"share": 1 / 6, "exact_match": 1.0}
+    assert openings([])["other"] == {"share": 0.0, "exact_match": None}

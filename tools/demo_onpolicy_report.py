@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from pathlib import Path
 
 from tools.demo_onpolicy import BEFORE_ROW, METHODS, ONPOLICY, REFERENCE, TEACHER_ROW
@@ -23,6 +24,29 @@ PREREQUISITES = {
     "rounds": (),
 }
 MIN_GAP = 0.15  # the teacher must beat SKD by this much for the comparison to mean anything
+# How a response begins: with the calculation ("7 * 8 = 56. ..."), with the answer alone
+# ("The answer is 56."), or otherwise ("To calculate ..."). A teacher that knows the answer
+# may state it outright; a student that does not can only guess when it copies that.
+OPENINGS = {
+    "calculation": re.compile(r"\s*-?\d+\s*[-+*/]\s*-?\d+\s*="),
+    "answer": re.compile(r"\s*the answer is", re.I),
+}
+
+
+def opening(response: str) -> str:
+    return next((name for name, rx in OPENINGS.items() if rx.match(response)), "other")
+
+
+def openings(examples: list[dict]) -> dict[str, dict]:
+    """{opening: {"share": fraction of responses, "exact_match": mean score within}}."""
+    groups: dict[str, list[float]] = {name: [] for name in (*OPENINGS, "other")}
+    for e in examples:
+        groups[opening(e["response"])].append(e["score"])
+    n = max(len(examples), 1)
+    return {
+        name: {"share": len(g) / n, "exact_match": sum(g) / len(g) if g else None}
+        for name, g in groups.items()
+    }
 
 
 def load_seed(report: Path, seed: int) -> dict:
@@ -35,6 +59,7 @@ def load_seed(report: Path, seed: int) -> dict:
         "score": {name: m["tasks"][task] for name, m in models.items()},
         "paired": {name: per_task[task] for name, per_task in doc["paired"].items()},
         "reference": doc["reference"],
+        "openings": {name: openings(m["examples"]) for name, m in models.items()},
     }
 
 
@@ -112,6 +137,32 @@ def plot(path: Path, per_seed: dict[int, dict]) -> bool:
     return True
 
 
+def openings_table(per_seed: dict[int, dict], seeds: list[int]) -> list[str]:
+    """How each row's responses begin, and how often each beginning is right."""
+
+    def cell(o: dict) -> str:
+        em = "-" if o["exact_match"] is None else f"{o['exact_match']:.2f}"
+        return f"{o['share']:.2f} ({em})"
+
+    kinds = (*OPENINGS, "other")
+    lines = [
+        "## How the answers begin",
+        "",
+        "Share of responses that begin with the calculation (`a op b = ...`), with the answer "
+        "alone (`The answer is ...`), or otherwise; in brackets the exact match of those "
+        "responses.",
+        "",
+        "| row | " + " | ".join(f"seed {s}: {k}" for s in seeds for k in kinds) + " |",
+        "|---|" + "---:|" * (len(kinds) * len(seeds)),
+    ]
+    for name in (TEACHER_ROW, BEFORE_ROW, *METHODS):
+        if not all(name in per_seed[s]["openings"] for s in seeds):
+            continue
+        cells = [cell(per_seed[s]["openings"][name][k]) for s in seeds for k in kinds]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def write_summary(report: Path, seeds: list[int], stages: dict, command: str) -> Path:
     per_seed = {seed: load_seed(report, seed) for seed in seeds}
     times = {seed: wall_times(stages, seed) for seed in seeds}
@@ -158,6 +209,7 @@ def write_summary(report: Path, seeds: list[int], stages: dict, command: str) ->
         "",
         "![paired differences against SKD](paired_vs_skd.png)",
         "",
+        *openings_table(per_seed, seeds),
         "## Wall time on this machine (seconds)",
         "",
         "Own: the method's command. Total: with the stages it needs (teacher shards for the "
