@@ -111,7 +111,7 @@ def plot(path: Path, per_seed: dict[int, dict]) -> bool:
     except ImportError:
         return False
     rows = [m for m in (BEFORE_ROW, *METHODS, TEACHER_ROW) if m != REFERENCE]
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) * len(per_seed) + 1.2))
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) * len(per_seed) + 1.2))
     y = 0
     ticks, labels = [], []
     for name in rows:
@@ -130,7 +130,7 @@ def plot(path: Path, per_seed: dict[int, dict]) -> bool:
     ax.set_yticks(ticks, labels)
     ax.invert_yaxis()
     n = next(iter(per_seed.values()))["n"]
-    ax.set_xlabel(f"exact match minus SKD's, same questions (n = {n}), 95% paired bootstrap")
+    ax.set_xlabel(f"exact match minus SKD's (n = {n} questions, 95% paired bootstrap)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
