@@ -35,6 +35,7 @@ from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
 from shards.schema import ShardMetadata
 from shards.writer import ShardRow, ShardWriter
 from tools.teacher_server import TeacherServer
+from train.checkpoint import checkpoint_root
 from train.teacher_client import TeacherClient
 
 CACHE = Path("bench/cache/onpolicy")
@@ -117,7 +118,7 @@ def run_setting(name, url, shards, args, grad_accum: int, sampler: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     peak = run_child(cmd, CACHE / f"{name}.log")
     log = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the final save: not timed, big
+    shutil.rmtree(checkpoint_root(out), ignore_errors=True)  # the final save: not timed, big
     steps = []
     for prev, r in zip(log, log[1:], strict=False):  # step 1 (warm-up) has no predecessor
         wall = r["time"] - prev["time"]

@@ -23,6 +23,7 @@ from precompute.hf_backend import HFBackend
 from precompute.run import run
 from shards.fingerprint import weights_fingerprint
 from shards.reader import ShardFolder, read_rows
+from shards.vllm_env import default_kvcache_space
 from tests.fixtures.tiny_model import build_tiny_model, tiny_model_dir
 from tests.precompute_helpers import K, questions, write_jsonl
 
@@ -100,7 +101,7 @@ def rounds_cmd(tiny, student, data, work):
 
 
 def start(cmd):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = default_kvcache_space({**os.environ, "PYTHONPATH": str(REPO)})
     return subprocess.Popen(
         cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,

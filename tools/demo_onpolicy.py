@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools.onpolicy_live import final_model
+from train.checkpoint import is_run
 
 PY = sys.executable
 METHODS = ("skd", "seqkd", "onpolicy", "two_stage", "rounds")
@@ -117,8 +118,7 @@ def seed_stages(args, seed: int, teacher_url: str = "{teacher_url}") -> list[Sta
         f"onpolicy.teacher_url={teacher_url}", "onpolicy.lmbda=1", "onpolicy.sampler=vllm",
         f"onpolicy.max_prompts={args.prompts}", f"onpolicy.max_new_tokens={args.max_new_tokens}",
     ]  # fmt: skip
-    skd_done = (work / "skd" / "checkpoints" / "latest").exists()
-    two_stage_start = str(final_model(work / "skd")) if skd_done else ""
+    two_stage_start = str(final_model(work / "skd")) if is_run(work / "skd") else ""
     two_stage = trainer("two_stage", "onpolicy", *live)
     two_stage[two_stage.index(f"model.path={args.student}")] = f"model.path={two_stage_start}"
     return [
