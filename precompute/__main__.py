@@ -21,7 +21,6 @@ from pathlib import Path
 from shards.vllm_env import default_kvcache_space
 
 DEFAULT_CONFIG = "configs/precompute.yaml"
-SHOWN_REJECTS = 20  # bad rows listed on stderr; --skip-invalid's rejects file holds them all
 
 # flag -> config key
 FLAGS = {
@@ -136,37 +135,6 @@ def resolve(argv: list[str] | None = None):
     return args, load_config(config or None, overrides)
 
 
-def error_lines(e: BaseException, out: str | None = None) -> list[str]:
-    """`FILE:LINE: FIELD: MESSAGE` lines (the parts that apply) for an expected error."""
-    from precompute.inputs import InputError, InputFileError
-    from shards.errors import ShardError
-
-    if isinstance(e, InputError):
-        lines = [r.message() for r in e.rejects[:SHOWN_REJECTS]]
-        if len(e.rejects) > SHOWN_REJECTS:
-            lines.append(f"... and {len(e.rejects) - SHOWN_REJECTS} more invalid row(s)")
-        lines.append(
-            f"{len(e.rejects)} invalid input row(s) of {e.total}: fix them, or pass "
-            "--skip-invalid to list them in a rejects file and go on"
-        )
-        return lines
-    if isinstance(e, InputFileError):
-        return [f"{e.path}:{e.line}: {e.message}" if e.line else f"{e.path}: {e.message}"]
-    if isinstance(e, ShardError):
-        where = [e.path] if e.path else []
-        if e.row is not None:
-            where.append(f"row {e.row}")
-        if e.field:
-            where.append(e.field)
-        return [": ".join([":".join(where[:2]), *where[2:], e.message] if where else [e.message])]
-    if isinstance(e, OSError):
-        if e.filename is not None:
-            return [f"{e.filename}: {e.strerror or e}"]
-        if out is not None and e.errno is not None:  # pyarrow's write errors name no file
-            return [f"{out}: {' '.join(str(e).split())}"]
-    return [" ".join(str(e).split())]
-
-
 def main(argv: list[str] | None = None) -> int:
     # Before anything imports vLLM, which reads it at import.
     default_kvcache_space()
@@ -183,30 +151,19 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
         return 0
-    from precompute.config import ConfigError
-    from precompute.inputs import InputError, InputFileError
-    from precompute.jobs import WorkerFailed, run_job
-    from precompute.launch import LaunchError
-    from precompute.run import TokenizerMismatch
-    from shards.errors import ShardError
+    from precompute.errors import WorkerFailed, expected_errors
+    from precompute.jobs import run_job
 
     try:
         run_job(cfg)
-    except (
-        InputError,
-        InputFileError,
-        ConfigError,
-        TokenizerMismatch,
-        ShardError,
-        WorkerFailed,
-        LaunchError,
-        OSError,  # the output folder: read-only, a full disk, a missing parent ...
-    ) as e:
+    except (*expected_errors(), WorkerFailed) as e:
         return fail(e, cfg.out)
     return 0
 
 
 def fail(e: BaseException, out: str | None = None) -> int:
+    from precompute.errors import error_lines
+
     for line in error_lines(e, out):
         print(f"precompute: error: {line}", file=sys.stderr)
     return 2

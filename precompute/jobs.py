@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from precompute.config import PrecomputeConfig
+from precompute.errors import WorkerFailed
 from precompute.launch import (
     CPU_WORKERS,
     WorkerSlot,
@@ -34,10 +35,6 @@ from precompute.launch import (
 )
 from precompute.progress import JobProgress, event, reporter
 from precompute.run import Summary, run
-
-
-class WorkerFailed(RuntimeError):
-    """A worker stopped with an error, or died more often than max_retries allows."""
 
 
 def _stderr(msg: str) -> None:
@@ -107,19 +104,17 @@ def _local_worker(cfg: PrecomputeConfig, env: dict, queue) -> None:
     """A spawned child: one worker, with its devices set before torch or vLLM load."""
     os.environ.update(env)
     _die_with_parent()
-    from precompute.inputs import InputError
-    from precompute.run import TokenizerMismatch
-    from shards.errors import ShardError
+    from precompute.errors import error_lines, expected_errors
 
     i = cfg.worker_index
     try:
         summary = run(cfg, log=lambda m: _stderr(f"[w{i}] {m}"), progress=reporter(queue.put, i))
-    except (InputError, TokenizerMismatch, ShardError, FileNotFoundError, ValueError) as e:
-        queue.put({"worker": i, "error": str(e)})
+    except expected_errors() as e:  # the same lines as a one-worker run, no traceback
+        queue.put({"worker": i, "error": error_lines(e, cfg.out)})
         raise SystemExit(1) from None
     except Exception as e:
         traceback.print_exc()
-        queue.put({"worker": i, "error": f"{type(e).__name__}: {e}"})
+        queue.put({"worker": i, "error": [f"{type(e).__name__}: {e}"]})
         raise SystemExit(1) from None
     queue.put(event(i, summary, 0))
 
@@ -158,7 +153,7 @@ def _run_local(cfg: PrecomputeConfig, slots: list[WorkerSlot], log, on_event) ->
             ev = queue.get()
             deadline = 0.0  # after the first event, take what is there without waiting
             if "error" in ev:
-                raise WorkerFailed(f"worker w{ev['worker']}: {ev['error']}")
+                raise WorkerFailed("\n".join(f"worker w{ev['worker']}: {x}" for x in ev["error"]))
             job.update(ev)
             if on_event is not None:
                 on_event(ev)

@@ -20,7 +20,8 @@ import os
 from dataclasses import replace
 
 from precompute.config import PrecomputeConfig
-from precompute.jobs import WorkerFailed, absolute_paths, worker_engine
+from precompute.errors import WorkerFailed, error_lines
+from precompute.jobs import absolute_paths, worker_engine
 from precompute.launch import ray_workers
 from precompute.progress import JobProgress, event, reporter
 from precompute.run import Summary
@@ -87,7 +88,10 @@ def run_ray(cfg: PrecomputeConfig, log, on_event=None) -> Summary:
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
-                    raise WorkerFailed(f"worker w{refs[ref]}: {e.cause}") from None
+                    lines = error_lines(e.cause, cfg.out)  # as a one-worker run words it
+                    raise WorkerFailed(
+                        "\n".join(f"worker w{refs[ref]}: {x}" for x in lines)
+                    ) from None
                 except ray.exceptions.RayError as e:
                     raise WorkerFailed(
                         f"worker w{refs[ref]} died {cfg.max_retries + 1} times: {e}"

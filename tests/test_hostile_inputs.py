@@ -424,6 +424,33 @@ def test_file_size_limit_is_one_line(tiny, tmp_path):
     assert line.startswith(f"precompute: error: {out}") and "File too large" in line
 
 
+def test_full_disk_in_a_spawned_worker_is_one_line(tiny, tmp_path):
+    """With two local workers the error happens in a child process: it reaches the user as
+    the same one line, naming the worker, and no traceback."""
+    import resource
+
+    data = write_jsonl(tmp_path / "q.jsonl", questions(4))
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "precompute", "--config", "", "--teacher", str(tiny),
+        "--backend", "hf", "--data", str(data), "--out", str(out), "--k", str(K),
+        "--num-workers", "2", "--no-progress", "sampling.max_tokens=4",
+    ]  # fmt: skip
+
+    def limit():  # inherited by the spawned workers
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(
+        cmd, cwd=REPO, env=env, preexec_fn=limit, capture_output=True, text=True, check=False
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("precompute: error: ")]
+    assert line.startswith("precompute: error: worker w"), line
+    assert f": {out}" in line and "File too large" in line, line
+
+
 def test_full_disk_keeps_what_was_committed_and_resumes(tiny, tmp_path, capsys, tmpfs):
     data = write_jsonl(tmp_path / "q.jsonl", questions(12))
     out = tmpfs("48k")
