@@ -7,7 +7,8 @@ and, on a GPU, the GPU's memory, so the re-run fails or crawls. Two tools, for t
 an engine gets started:
 
 - `guard_children()`: called by a process before it starts an engine in itself
-  (`vllm.LLM(...)`: precompute, tools.eval.generate, train's on-policy student engine). It
+  (`vllm.LLM(...)`: precompute, tools.eval.generate; train's on-policy student engine runs
+  in the trainer's own process instead, VLLM_ENABLE_V1_MULTIPROCESSING=0). It
   starts a small watchdog process that keeps a list of this process's descendants (its
   children every FAST_S seconds while processes come and go, the whole tree every POLL_S)
   and, once this process has ended, for whatever reason, SIGKILLs every one of them that

@@ -338,7 +338,7 @@ def test_tokenizer_mismatch_is_refused(tiny, data, tmp_path):
 # ---- workers and resume ---------------------------------------------------------------------
 
 
-def test_workers_write_disjoint_shards_into_one_folder(tiny, hf, data, tmp_path):
+def test_workers_write_disjoint_shards_into_one_folder(tiny, hf, data, tmp_path, capsys):
     out = tmp_path / "out"
     got = []
     for i in range(3):
@@ -354,6 +354,8 @@ def test_workers_write_disjoint_shards_into_one_folder(tiny, hf, data, tmp_path)
         assert {worker_of(r["id"], 3) for r in all_rows(out) if r["file"] == f.name} <= {
             int(f.writer[1:])
         }
+    code, lines = verify(capsys, out)  # three writers' folder: clean, not a warning
+    assert code == 0 and len(lines) == 1 and lines[0].startswith("ok:"), lines
 
 
 def topk_pairs(row) -> list:
@@ -363,7 +365,7 @@ def topk_pairs(row) -> list:
     ]
 
 
-def test_resume_after_kill_9(tiny, tmp_path):
+def test_resume_after_kill_9(tiny, tmp_path, capsys):
     """A subprocess killed mid-run, then re-run: nothing lost, nothing duplicated, committed
     files untouched, and the same rows as an uninterrupted run (greedy decoding)."""
     data = write_jsonl(tmp_path / "q.jsonl", questions(30))
@@ -414,6 +416,8 @@ def test_resume_after_kill_9(tiny, tmp_path):
     rows = all_rows(out)
     assert sorted(r["id"] for r in rows) == sorted({r["id"] for r in rows})
     assert len(rows) == 30
+    code, lines = verify(capsys, out)  # the killed run's debris is gone: no warning
+    assert code == 0 and len(lines) == 1 and lines[0].startswith("ok:"), lines
     # Same content as one uninterrupted run.
     ref = tmp_path / "ref"
     # Same batches as the subprocess, so that padding does not change the last float bits.

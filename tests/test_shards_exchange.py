@@ -206,7 +206,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_a_bad_row_is_named_by_file_row_and_field(tmp_path, tiny, case):
+def test_a_bad_row_is_named_by_file_row_and_field(tmp_path, tiny, case, capsys):
     field, spoil = BAD[case]
     rows = plain_rows(np.random.default_rng(1), 5, width=6)
     spoil(rows[3])
@@ -219,6 +219,10 @@ def test_a_bad_row_is_named_by_file_row_and_field(tmp_path, tiny, case):
     (rec,) = [json.loads(x) for x in Path(s.rejects_file).read_text().splitlines()]
     assert (rec["where"], rec["field"]) == (f"{src}, row 3", field)
     assert sorted(r["id"] for r in shards.hf.load(tmp_path / "b")) == ["q0", "q1", "q2", "q4"]
+    capsys.readouterr()
+    assert cli.main(["verify", str(tmp_path / "b")]) == 0  # rejects committed: no warning
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ok:"), lines
 
 
 def test_import_refuses_a_missing_column_and_another_tokenizer(folder, tmp_path, tiny):
