@@ -99,8 +99,11 @@ def test_ray_retries_a_killed_worker_which_resumes(cluster, tiny, tmp_path):
     # (at least its first commit) done, and did the rest of w0's slice. Where in the slice
     # the kill lands is timing (the events reach the driver late); it may even land during
     # the end-of-run merge of files, and then the retry has nothing left to do.
-    first_ev = next(ev for ev in events if ev["attempt"] == first)
-    resumed = next(ev for ev in events if ev["attempt"] == retried[0])
+    # By worker and attempt: Ray reuses worker processes, so w0's retry may run in the
+    # process (the same host:pid attempt id) that has just run w1.
+    w0 = [ev for ev in events if ev["worker"] == 0]
+    first_ev = next(ev for ev in w0 if ev["attempt"] == first)
+    resumed = next(ev for ev in w0 if ev["attempt"] == retried[0])
     assert resumed["summary"]["skipped_done"] > 0
     assert resumed["summary"]["skipped_done"] + resumed["todo"] == first_ev["todo"]
     got = [r["id"] for r in all_rows(out)]
