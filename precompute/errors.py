@@ -15,6 +15,11 @@ class WorkerFailed(RuntimeError):
     """A worker stopped with an error, or died more often than max_retries allows. Its
     message has one line per problem, each naming the worker."""
 
+    @classmethod
+    def of(cls, worker: int, lines: list[str]) -> WorkerFailed:
+        """Worker `worker`'s error lines (from `error_lines`), each prefixed with its name."""
+        return cls("\n".join(f"worker w{worker}: {line}" for line in lines))
+
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """The exception types that end a run with `error_lines` instead of a traceback. Imported

@@ -153,7 +153,7 @@ def _run_local(cfg: PrecomputeConfig, slots: list[WorkerSlot], log, on_event) ->
             ev = queue.get()
             deadline = 0.0  # after the first event, take what is there without waiting
             if "error" in ev:
-                raise WorkerFailed("\n".join(f"worker w{ev['worker']}: {x}" for x in ev["error"]))
+                raise WorkerFailed.of(ev["worker"], ev["error"])
             job.update(ev)
             if on_event is not None:
                 on_event(ev)

@@ -88,10 +88,8 @@ def run_ray(cfg: PrecomputeConfig, log, on_event=None) -> Summary:
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
-                    lines = error_lines(e.cause, cfg.out)  # as a one-worker run words it
-                    raise WorkerFailed(
-                        "\n".join(f"worker w{refs[ref]}: {x}" for x in lines)
-                    ) from None
+                    # Worded as a one-worker run words it.
+                    raise WorkerFailed.of(refs[ref], error_lines(e.cause, cfg.out)) from None
                 except ray.exceptions.RayError as e:
                     raise WorkerFailed(
                         f"worker w{refs[ref]} died {cfg.max_retries + 1} times: {e}"

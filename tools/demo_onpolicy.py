@@ -38,8 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.onpolicy_live import final_model
-from train.checkpoint import is_run
+from train.checkpoint import latest_model_dir
 
 PY = sys.executable
 METHODS = ("skd", "seqkd", "onpolicy", "two_stage", "rounds")
@@ -118,7 +117,8 @@ def seed_stages(args, seed: int, teacher_url: str = "{teacher_url}") -> list[Sta
         f"onpolicy.teacher_url={teacher_url}", "onpolicy.lmbda=1", "onpolicy.sampler=vllm",
         f"onpolicy.max_prompts={args.prompts}", f"onpolicy.max_new_tokens={args.max_new_tokens}",
     ]  # fmt: skip
-    two_stage_start = str(final_model(work / "skd")) if is_run(work / "skd") else ""
+    skd_model = latest_model_dir(work / "skd")  # None until SKD has finished
+    two_stage_start = "" if skd_model is None else str(skd_model)
     two_stage = trainer("two_stage", "onpolicy", *live)
     two_stage[two_stage.index(f"model.path={args.student}")] = f"model.path={two_stage_start}"
     return [

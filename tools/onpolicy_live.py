@@ -49,12 +49,12 @@ def parser() -> argparse.ArgumentParser:
 
 def final_model(run: Path) -> Path:
     """A finished run's final weights: where the next stage starts."""
-    from train.checkpoint import checkpoint_model_dir, latest_checkpoint
+    from train.checkpoint import latest_model_dir
 
-    ckpt = latest_checkpoint(run)
-    if ckpt is None:
+    model = latest_model_dir(run)
+    if model is None:
         raise SystemExit(f"{run}: finished without a checkpoint (save_every?)")
-    return checkpoint_model_dir(ckpt)
+    return model
 
 
 def skd_command(args) -> list[str]:

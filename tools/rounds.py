@@ -153,12 +153,12 @@ def student_of(args, work: Path, r: int) -> Path:
     """Round r's sampler: the initial student, then the final checkpoint of round r-1."""
     if r == 1:
         return Path(args.student)
-    from train.checkpoint import checkpoint_model_dir, latest_checkpoint
+    from train.checkpoint import latest_model_dir
 
-    ckpt = latest_checkpoint(round_dir(work, r - 1) / "train")
-    if ckpt is None:
+    model = latest_model_dir(round_dir(work, r - 1) / "train")
+    if model is None:
         raise SystemExit(f"round {r - 1} is marked finished but has no checkpoint")
-    return checkpoint_model_dir(ckpt)
+    return model
 
 
 def split_args(text: str) -> tuple[list[str], list[str]]:

@@ -59,6 +59,12 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return path if path.exists() else None
 
 
+def latest_model_dir(out_dir: str | Path) -> Path | None:
+    """The student saved by a run's newest complete checkpoint (None before the first)."""
+    latest = latest_checkpoint(out_dir)
+    return None if latest is None else checkpoint_model_dir(latest)
+
+
 def is_run(path: str | Path) -> bool:
     """A training run's folder: it has a complete checkpoint."""
     return latest_checkpoint(path) is not None

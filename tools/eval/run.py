@@ -60,9 +60,9 @@ class ModelSpec:
 def resolve_path(path: str) -> tuple[str, str]:
     """(model folder, run folder or "") for a model, checkpoint or run folder."""
     p = Path(path)
-    latest = ckpt.latest_checkpoint(p)
-    if latest is not None:  # a run folder: its newest complete checkpoint
-        return str(ckpt.checkpoint_model_dir(latest)), str(p)
+    model = ckpt.latest_model_dir(p)
+    if model is not None:  # a run folder: its newest complete checkpoint
+        return str(model), str(p)
     if ckpt.is_checkpoint(p):
         run = ckpt.checkpoint_run(p)
         has_curves = run is not None and (run / "metrics.jsonl").exists()
