@@ -6,18 +6,20 @@
 The engine's output is replayed, not generated. Distributions: SmolLM2-135M-Instruct's
 float32 top-128 at every token of 480 gsm_symbolic worked solutions (bench.shards' teacher
 forcing, cached in bench/cache/). For k in --k each token becomes what vLLM's sampler hands
-its output processor, per position the chosen token then the top k (ids, logprobs, the
-chosen token's rank), and vLLM's own `LogprobsProcessor` turns that into the request's
-logprobs, as per-position dicts of Logprob objects (the old path) or as `FlatLogprobs`
-(`SamplingParams(flat_logprobs=True)`, the new path). Stages, each timed on one core
-(torch and Arrow limited to one thread), CPU time of the process, best of --repeats, in µs
-per response token:
+its output processor at each decoding step, the chosen token then the top k (ids, logprobs,
+the chosen token's rank), and vLLM's own `LogprobsProcessor` turns that into the request's
+logprobs, one step at a time, in each of precompute's layouts: per-position dicts of Logprob
+objects ("dicts", vLLM's default), `FlatLogprobs` ("flat",
+`SamplingParams(flat_logprobs=True)`) and the engine's own arrays ("arrays", the default:
+precompute/vllm_arrays.py). Stages, each timed on one core (torch and Arrow limited to one
+thread), CPU time of the process, best of --repeats, in µs per response token:
 
-* vllm: vLLM's output processor building the logprobs (vLLM's code, in the process that
-  calls `LLM.generate`: shown, not ours to change);
+* vllm: vLLM's output processor building the logprobs (in the process that calls
+  `LLM.generate`; with "arrays", our hook in place of vLLM's list building);
 * convert: those logprobs to (T, k) arrays: `precompute.backend.topk_from_entries` (a loop
-  and a sort per token) against `topk_from_flat_logprobs` (array operations over the 32
-  requests of an engine call, precompute's commit_every); the two are checked equal;
+  and a sort per token), `topk_from_flat_logprobs` and `topk_from_logprob_arrays` (array
+  operations over the 32 requests of an engine call, precompute's commit_every); all are
+  checked equal;
 * encode: `shards.codec.encode_tokens` on the writer's 16,384-token batches;
 * compress: zstd at the writer's level on the encoded columns (what Arrow IPC compresses);
 * write: the rest of `ShardWriter` (row checks, Arrow batches, file, fsync, sha256,
@@ -56,6 +58,8 @@ CHUNK_EXAMPLES = 32
 # machine wall time would also count the other jobs' turns on the core.
 clock = time.process_time
 TARGET_K = 64
+LAYOUTS = ("dicts", "flat", "arrays")  # precompute.vllm_backend.LAYOUTS, the old one first
+DEFAULT = "arrays"
 TARGETS = {"convert_tokens_per_s": 400e3, "host_tokens_per_s": 150e3}
 
 
@@ -83,51 +87,78 @@ def engine_outputs(data: dict, k: int) -> list[tuple[np.ndarray, np.ndarray, np.
     return out
 
 
-def pythonize(outputs, k: int, flat: bool) -> list:
-    """vLLM's output processor: the engine's arrays to each request's logprobs container."""
-    from vllm.logprobs import create_sample_logprobs
-    from vllm.v1.engine.logprobs import LogprobsProcessor
+def steps(outputs) -> list:
+    """Per example, what vLLM's output processor gets at each decoding step: one position's
+    LogprobsLists (made here, outside the timings: the engine's side, the same for every
+    layout)."""
     from vllm.v1.outputs import LogprobsLists
 
+    return [
+        [LogprobsLists(ids[t : t + 1], lps[t : t + 1], ranks[t : t + 1]) for t in range(len(ids))]
+        for ids, lps, ranks in outputs
+    ]
+
+
+def pythonize(step_lists, k: int, layout: str) -> list:
+    """vLLM's output processor: the engine's arrays to each request's logprobs container,
+    one decoding step at a time, as vLLM calls it (with "arrays", as precompute installs
+    it: precompute/vllm_arrays.py)."""
+    from vllm.logprobs import create_sample_logprobs
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+
+    from precompute.vllm_arrays import LogprobArrays, install
+
+    if not install():
+        raise RuntimeError("this vLLM lacks the internals precompute/vllm_arrays.py needs")
     containers = []
-    for ids, lps, ranks in outputs:
+    for example in step_lists:
         proc = LogprobsProcessor(
             tokenizer=None,  # detokenize=False, as precompute asks
-            logprobs=create_sample_logprobs(flat),
+            logprobs=(
+                LogprobArrays(k + 1)
+                if layout == "arrays"
+                else create_sample_logprobs(layout == "flat")
+            ),
             prompt_logprobs=None,
             cumulative_logprob=0.0,
             num_logprobs=k,
             num_prompt_logprobs=None,
         )
-        # One call over all T positions: vLLM calls it once per decoding step with the new
-        # position(s); the per-position work is the same.
-        proc._update_sample_logprobs(LogprobsLists(ids, lps, ranks))
+        for step in example:
+            proc._update_sample_logprobs(step)
         containers.append(proc.logprobs)
     return containers
 
 
-def convert(containers, outputs, k: int, flat: bool) -> list:
-    from precompute.backend import topk_from_entries, topk_from_flat_logprobs
+def convert(containers, outputs, k: int, layout: str) -> list:
+    from precompute.backend import (
+        topk_from_entries,
+        topk_from_flat_logprobs,
+        topk_from_logprob_arrays,
+    )
 
     tokens = [o[0][:, 0].tolist() for o in outputs]
-    if flat:  # one engine call's outputs at once, as VLLMBackend does
-        requests = [(c, t, 0) for c, t in zip(containers, tokens, strict=True)]
+    requests = [(c, t, 0) for c, t in zip(containers, tokens, strict=True)]
+    if layout == "arrays":  # one engine call's outputs at once, as VLLMBackend does
+        return topk_from_logprob_arrays(requests, k)
+    if layout == "flat":
         return topk_from_flat_logprobs(requests, k)
     return [topk_from_entries(c, t, k) for c, t in zip(containers, tokens, strict=True)]
 
 
-def vllm_and_convert(outputs, k: int, flat: bool, repeats: int) -> tuple[float, float, list]:
+def vllm_and_convert(outputs, k: int, layout: str, repeats: int) -> tuple[float, float, list]:
     """(vLLM seconds, conversion seconds, Scored per example), each the best of `repeats`."""
     t_vllm, t_conv, scored = 0.0, 0.0, []
     for lo in range(0, len(outputs), CHUNK_EXAMPLES):
         chunk = outputs[lo : lo + CHUNK_EXAMPLES]
+        step_lists = steps(chunk)
         best_v = best_c = float("inf")
         for _ in range(repeats):
             gc.collect()
             t0 = clock()
-            containers = pythonize(chunk, k, flat)
+            containers = pythonize(step_lists, k, layout)
             t1 = clock()
-            result = convert(containers, chunk, k, flat)
+            result = convert(containers, chunk, k, layout)
             t2 = clock()
             best_v, best_c = min(best_v, t1 - t0), min(best_c, t2 - t1)
             del containers
@@ -232,29 +263,29 @@ def bench_k(data: dict, k: int, levels: list[int], repeats: int) -> dict:
     log(f"k={k}: {len(outputs)} examples, {tokens} tokens")
     res: dict = {"k": k, "tokens": tokens}
     scored = {}
-    for flat in (False, True):
-        v, c, scored[flat] = vllm_and_convert(outputs, k, flat, repeats)
-        res["flat" if flat else "dict"] = {"vllm_s": v, "convert_s": c}
-        log(f"  {'flat' if flat else 'dict'}: vLLM {v:.2f} s, convert {c:.2f} s")
-    for a, b in zip(scored[False], scored[True], strict=True):
-        for name in ("token_ids", "topk_ids", "topk_logprobs", "token_logprobs"):
-            if not np.array_equal(getattr(a, name), getattr(b, name)):
-                raise AssertionError(f"k={k}: flat and dict conversions differ in {name}")
+    for layout in LAYOUTS:
+        v, c, scored[layout] = vllm_and_convert(outputs, k, layout, repeats)
+        res[layout] = {"vllm_s": v, "convert_s": c}
+        log(f"  {layout}: vLLM {v:.2f} s, convert {c:.2f} s")
+    for layout in LAYOUTS[1:]:
+        for a, b in zip(scored["dicts"], scored[layout], strict=True):
+            for name in ("token_ids", "topk_ids", "topk_logprobs", "token_logprobs"):
+                if not np.array_equal(getattr(a, name), getattr(b, name)):
+                    raise AssertionError(f"k={k}: {layout} and dicts differ in {name}")
     enc, comp = encode_and_compress_seconds(
-        scored[True], k, int(data["vocab_size"]), DEFAULT_LEVEL, repeats
+        scored[DEFAULT], k, int(data["vocab_size"]), DEFAULT_LEVEL, repeats
     )
     res["encode_s"], res["compress_s"] = enc, comp
-    md = metadata(data, k)  # one created_at: the two paths' files can be compared bytewise
-    writes, blobs = {}, {}
-    for flat in (False, True):
-        w, size, blobs[flat] = write_seconds(data, scored[flat], md, DEFAULT_LEVEL, repeats)
-        writes[flat] = w
-    res["identical_files"] = blobs[False] == blobs[True]
-    res["dict"]["write_s"], res["flat"]["write_s"] = writes[False], writes[True]
+    md = metadata(data, k)  # one created_at: the paths' files can be compared bytewise
+    blobs = {}
+    for layout in LAYOUTS:
+        w, size, blobs[layout] = write_seconds(data, scored[layout], md, DEFAULT_LEVEL, repeats)
+        res[layout]["write_s"] = w
+    res["identical_files"] = all(blobs[x] == blobs["dicts"] for x in LAYOUTS)
     res["bytes_per_token"] = size / tokens
     res["levels"] = {}
     for level in levels:
-        w, size, _ = write_seconds(data, scored[True], md, level, repeats)
+        w, size, _ = write_seconds(data, scored[DEFAULT], md, level, repeats)
         res["levels"][level] = {"write_s": w, "bytes_per_token": size / tokens}
         log(f"  zstd {level}: write {tokens / w / 1e3:.0f}k tok/s, {size / tokens:.1f} B/token")
     return res
@@ -272,23 +303,23 @@ def report(results: list[dict]) -> str:
     ]
     for r in results:
         n = r["tokens"]
-        for path in ("dict", "flat"):
+        for path in LAYOUTS:
             p = r[path]
             rest = p["write_s"] - r["encode_s"] - r["compress_s"]
             host = p["convert_s"] + p["write_s"]
             lines.append(
-                f"| {r['k']} | {'old (dicts)' if path == 'dict' else 'new (flat)'} "
+                f"| {r['k']} | {path}{' (default)' if path == DEFAULT else ''} "
                 f"| {us(p['vllm_s'], n):.2f} | {us(p['convert_s'], n):.2f} "
                 f"| {us(r['encode_s'], n):.2f} | {us(r['compress_s'], n):.2f} "
                 f"| {us(rest, n):.2f} | {n / p['convert_s'] / 1e3:,.0f}k "
                 f"| {n / host / 1e3:,.0f}k | {n / (host + p['vllm_s']) / 1e3:,.0f}k |"
             )
-    lines += ["", "New path, by zstd level (bytes/token; host tok/s = convert + writer):", ""]
+    lines += ["", f"{DEFAULT}, by zstd level (bytes/token; host tok/s = convert + writer):", ""]
     levels = list(results[0]["levels"])
     lines.append("| k | " + " | ".join(f"level {lv}" for lv in levels) + " |")
     lines.append("| ---: |" + " ---: |" * len(levels))
     for r in results:
-        n, conv = r["tokens"], r["flat"]["convert_s"]
+        n, conv = r["tokens"], r[DEFAULT]["convert_s"]
         cells = [
             f"{v['bytes_per_token']:.1f} B, {n / (conv + v['write_s']) / 1e3:.0f}k"
             for v in r["levels"].values()
@@ -313,18 +344,20 @@ def main(argv=None) -> int:
     _single_core()
     data = teacher_data(args.examples, args.seed, 8, args.teacher)
     warm = engine_outputs({**data, "response_off": data["response_off"][:2]}, 8)
-    for flat in (False, True):  # imports and first calls stay out of the timings
-        convert(pythonize(warm, 8, flat), warm, 8, flat)
+    for layout in LAYOUTS:  # imports and first calls stay out of the timings
+        convert(pythonize(steps(warm), 8, layout), warm, 8, layout)
     results = [bench_k(data, k, args.levels, args.repeats) for k in args.k]
     table = report(results)
     print(table)
     summary = {}
     for r in results:
         if r["k"] == TARGET_K:
-            n, f = r["tokens"], r["flat"]
+            n, f = r["tokens"], r[DEFAULT]
             summary = {
+                "layout": DEFAULT,
                 "convert_tokens_per_s": n / f["convert_s"],
                 "host_tokens_per_s": n / (f["convert_s"] + f["write_s"]),
+                "host_and_vllm_tokens_per_s": n / (f["vllm_s"] + f["convert_s"] + f["write_s"]),
                 "targets": TARGETS,
             }
     out = {
@@ -340,7 +373,7 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     log(f"wrote {args.out}")
     if any(not r["identical_files"] for r in results):
-        log("the old and new paths wrote different files")
+        log("the layouts wrote different files")
         return 1
     return 0
 

@@ -587,12 +587,16 @@ def _speeds(folder: Path, malloc_tuned: bool, runs: int) -> dict:
 
 
 def commit_every_bytes(data: dict, k: int, workdir: Path, every: int = COMMIT_EVERY) -> dict:
-    """What precompute writes by default: a commit (one file) every `every` examples, then
-    the run's files merged at its end (ShardWriter.compact). Bytes of the files, both ways."""
+    """What precompute writes by default: a commit (one file) every `every` examples, at
+    precompute's commit level, then the run's files merged at its end (ShardWriter.compact,
+    at the writer's level). Bytes of the files, both ways."""
+    from precompute.run import COMMIT_LEVEL
     from shards.writer import ShardWriter
 
     folder = workdir / f"k{k}-commit{every}"
-    with ShardWriter(folder, _metadata(data, k), target_file_bytes=64 << 20) as writer:
+    with ShardWriter(
+        folder, _metadata(data, k), target_file_bytes=64 << 20, commit_level=COMMIT_LEVEL
+    ) as writer:
         for i, row in enumerate(_rows(data, k)):
             writer.add(row)
             if (i + 1) % every == 0:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from shards.topk import FlatRequest, TopKError, topk_arrays, topk_from_flat_batch
+from shards.topk import FlatRequest, TopKError, topk_arrays, topk_from_flat_batch, topk_from_rows
 
 if TYPE_CHECKING:
     from precompute.config import SamplingConfig
@@ -63,6 +63,23 @@ def topk_from_entries(entries: list[dict], tokens, k: int) -> Scored:
     except TopKError as e:
         raise RuntimeError(f"the engine's logprobs (k={k}): {e}") from e
     return Scored(np.asarray(tokens, np.int64), ids.astype(np.int32), lps, tok_lp)
+
+
+def topk_from_logprob_arrays(requests: list[tuple], k: int) -> list[Scored]:
+    """precompute.vllm_arrays' LogprobArrays to arrays, all requests of an engine call at
+    once (shards.topk.topk_from_rows); equal to `topk_from_flat_logprobs`.
+
+    requests: (LogprobArrays, tokens, first position) per response.
+    """
+    try:
+        rows = [(*lp.rows(first, len(t)), t) for lp, t, first in requests]
+        arrays = topk_from_rows(rows, k)
+    except (TopKError, IndexError) as e:
+        raise RuntimeError(f"the engine's logprobs (k={k}): {e}") from e
+    return [
+        Scored(np.asarray(t, np.int64), ids, lps, tok_lp)
+        for (_, t, _), (ids, lps, tok_lp) in zip(requests, arrays, strict=True)
+    ]
 
 
 def topk_from_flat_logprobs(requests: list[tuple], k: int) -> list[Scored]:

@@ -7,7 +7,8 @@ teacher is loaded, and nothing is loaded at all when every example is already do
 Resume: every `commit_every` examples the writer closes a file and lists it in its manifest
 (the commit point). A run killed at any moment loses at most the uncommitted chunk; the next
 run skips the examples of committed files (`ShardWriter.completed_ids`) and never rewrites
-them. At its end a run merges its own files into files of up to 64 MiB, in one more commit
+them. Commits are written at a fast zstd level (COMMIT_LEVEL); at its end a run merges its
+own files into files of up to 64 MiB at the writer's level, in one more commit
 (`ShardWriter.compact`): fewer bytes per token, same rows.
 
 Data parallelism: worker I of N takes the examples whose id hashes to I mod N and writes as
@@ -49,6 +50,10 @@ from shards.writer import ShardRow, ShardWriter
 
 CONFIG_KIND = "precompute_config"  # committed as precompute_config-w<I>-<n>.yaml
 REJECTS_KIND = "rejects"  # committed as rejects-w<I>-<n>.jsonl
+# zstd level of the files committed during a run: at k=64, 3 writes about 2.2x faster than
+# the writer's 12 for 6% more bytes, which the merge at the end of the run takes back
+# (BENCHMARKS.md, "Precompute host path").
+COMMIT_LEVEL = 3
 
 
 class TokenizerMismatch(ValueError):
@@ -328,7 +333,13 @@ def run(
     # The writer refuses a folder made with other settings before anything is written to it.
     # 64 MiB files at most between commits; commit_every usually closes them first.
     with ShardWriter(
-        out, metadata, writer_id=f"w{cfg.worker_index}", target_file_bytes=64 << 20
+        out,
+        metadata,
+        writer_id=f"w{cfg.worker_index}",
+        target_file_bytes=64 << 20,
+        # Commits at a fast zstd level while the teacher runs; the merge at the end of the run
+        # (writer.compact below) writes at the writer's own level (12).
+        commit_level=COMMIT_LEVEL,
     ) as writer:
         done = writer.completed_ids()
         todo = [(ex, v) for ex, v in work if ex.id not in done]

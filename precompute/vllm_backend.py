@@ -7,12 +7,19 @@ guard (python -m precompute has one), and its KV-cache size needs a default
 
 from __future__ import annotations
 
-from precompute.backend import Scored, topk_from_entries, topk_from_flat_logprobs
+from precompute import vllm_arrays
+from precompute.backend import (
+    Scored,
+    topk_from_entries,
+    topk_from_flat_logprobs,
+    topk_from_logprob_arrays,
+)
 from precompute.config import SamplingConfig, check_engine_args
 from shards.lifetime import guard_children
 from shards.vllm_env import default_kvcache_space
 
 LOGPROBS_MODE = "raw_logprobs"
+LAYOUTS = ("arrays", "flat", "dicts")
 
 
 class VLLMBackend:  # implements precompute.backend.Backend
@@ -24,7 +31,7 @@ class VLLMBackend:  # implements precompute.backend.Backend
         k: int,
         engine_args: dict,
         per_request_seed: str = "auto",
-        flat_logprobs: bool = True,
+        layout: str = "arrays",
     ):
         default_kvcache_space()
         check_engine_args(engine_args)
@@ -49,11 +56,16 @@ class VLLMBackend:  # implements precompute.backend.Backend
         else:
             self.per_request_seed = per_request_seed == "true"
         self.k = k
-        # Flat: vLLM keeps each request's logprobs in a few flat lists instead of a dict of
-        # Logprob objects per position, and shards.topk converts them with array operations
-        # (about 5x less host time per token, BENCHMARKS.md). False: the dicts (tests
-        # compare the two).
-        self.flat_logprobs = flat_logprobs
+        # How vLLM hands over each request's logprobs (BENCHMARKS.md, "Precompute host
+        # path"): "arrays", the engine's own arrays (precompute/vllm_arrays.py; "flat" where
+        # this vLLM lacks the internals it needs); "flat", a few flat Python lists per request
+        # (SamplingParams(flat_logprobs=True)); "dicts", a dict of Logprob objects per
+        # position. All three give the same shards (tests compare them).
+        if layout not in LAYOUTS:
+            raise ValueError(f"logprobs layout {layout!r}: expected one of {LAYOUTS}")
+        if layout == "arrays" and not vllm_arrays.install():
+            layout = "flat"
+        self.layout = layout
         cfg = self.llm.llm_engine.model_config
         self.vocab_size = int(cfg.get_vocab_size())
         self.max_model_len = int(cfg.max_model_len)
@@ -80,7 +92,7 @@ class VLLMBackend:  # implements precompute.backend.Backend
                 max_tokens=max(1, min(sampling.max_tokens, self.max_model_len - len(p))),
                 seed=seed if self.per_request_seed else None,
                 logprobs=self.k,
-                flat_logprobs=self.flat_logprobs,
+                **self._layout_params(),
                 # Token ids are all we keep: decoding the text and the k candidate tokens of
                 # every position would cost more CPU time than the 135M teacher itself.
                 detokenize=False,
@@ -113,7 +125,7 @@ class VLLMBackend:  # implements precompute.backend.Backend
         params = SamplingParams(
             max_tokens=1,
             prompt_logprobs=self.k,
-            flat_logprobs=self.flat_logprobs,
+            **self._layout_params(),
             temperature=0.0,
             detokenize=False,
         )
@@ -130,10 +142,17 @@ class VLLMBackend:  # implements precompute.backend.Backend
             ]
         )
 
+    def _layout_params(self) -> dict:
+        if self.layout == "arrays":
+            return {"flat_logprobs": True, "extra_args": {vllm_arrays.ARRAYS: True}}
+        return {"flat_logprobs": self.layout == "flat"}
+
     def _topk(self, requests: list[tuple]) -> list[Scored]:
         """(logprobs, tokens, first position) per response -> arrays, positions first ..
-        first + len(tokens) - 1; flat logprobs all at once."""
-        if requests and all(isinstance(lp, list) for lp, _, _ in requests):  # dicts
+        first + len(tokens) - 1; arrays and flat lists all at once."""
+        if all(isinstance(lp, vllm_arrays.LogprobArrays) for lp, _, _ in requests):
+            return topk_from_logprob_arrays(requests, self.k)
+        if all(isinstance(lp, list) for lp, _, _ in requests):  # dicts
             return [topk_from_entries(lp[a : a + len(t)], t, self.k) for lp, t, a in requests]
         return topk_from_flat_logprobs(requests, self.k)
 

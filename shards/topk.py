@@ -1,28 +1,33 @@
 """A teacher's per-token logprobs to the top-k arrays the shards and losses use.
 
-vLLM gives, per response token, the chosen token and the top k. Two layouts:
+vLLM gives, per response token, the chosen token and the top k. Three layouts:
 
-* flat (`SamplingParams(flat_logprobs=True)`, vLLM's `FlatLogprobs`): per position k + 1
-  entries in four flat lists, the chosen token first (with its logprob and vocabulary rank),
-  then the top k in descending logprob (ranks 1..k), even when the chosen token is among
-  them. `topk_from_flat` converts it with whole-array operations, no loop over tokens.
-* dicts (the default, and the server's JSON): per position a map id -> logprob built from the
-  same entries in the same order, so the chosen token is the first key and, when it is in
+* rows (precompute/vllm_arrays.py keeps the engine's own arrays): per position a row of
+  k + 1 ids and logprobs, the chosen token first (with its logprob), then the top k in
+  descending logprob, even when the chosen token is among them. `topk_from_rows` converts
+  them with whole-array operations.
+* flat (`SamplingParams(flat_logprobs=True)`, vLLM's `FlatLogprobs`): the same entries in
+  four flat Python lists per request. `topk_from_flat_batch` reads the lists into arrays
+  (most of its time) and goes on as `topk_from_rows`.
+* dicts (vLLM's default, and the server's JSON): per position a map id -> logprob built from
+  the same entries in the same order, so the chosen token is the first key and, when it is in
   the top k, it is one entry, not two. `topk_arrays` converts it with a loop and a sort per
   token; the on-policy teacher client, which parses the server's JSON, uses it (there
   json.loads alone costs more than this loop, about 150 against 60 µs per token at k=64,
   and both are under 1% of an on-policy step: not worth a second layout).
 
-Both give the same result on the same engine output (tests/test_topk.py): the k entries with
-the highest logprobs, where a tie is won by the earlier entry, the chosen token first. vLLM's
-top k come from `torch.topk`, sorted, so the flat top k are returned as they are except in
-the rare rows where the chosen token ties with a top-k value ahead of it; only those rows are
-re-sorted. Precompute reads the engine's output, the on-policy trainer the server's JSON;
-both phases depend on shards/, never on each other, so the conversion lives here once.
+All give the same result on the same engine output (tests/test_topk.py,
+tests/test_precompute_vllm.py): the k entries with the highest logprobs, where a tie is won
+by the earlier entry, the chosen token first. vLLM's top k come from `torch.topk`, sorted,
+so the rows' top k are returned as they are except in the rare rows where the chosen token
+ties with a top-k value ahead of it; only those rows are re-sorted. Precompute reads the
+engine's output, the on-policy trainer the server's JSON; both phases depend on shards/,
+never on each other, so the conversion lives here once.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -158,19 +163,67 @@ def topk_from_flat_batch(
             lo = r.start_indices[r.first]
             yield src if lo == 0 and len(src) == n * width else src[lo : lo + n * width]
 
-    ids = np.fromiter(chain.from_iterable(entries("token_ids")), np.int64, total * width)
-    lps = np.fromiter(chain.from_iterable(entries("logprobs")), np.float64, total * width)
+    ids = _unboxed(entries("token_ids"), "q", np.int64)
+    lps = _unboxed(entries("logprobs"), "d", np.float64)
+    if len(ids) != total * width or len(lps) != total * width:
+        raise TopKError(f"{len(ids)} ids and {len(lps)} logprobs for {total * width} entries")
     ids, lps = ids.reshape(total, width), lps.reshape(total, width)
     resp = np.fromiter(chain.from_iterable(r.tokens for r in requests), np.int64, total)
+    return _checked_topk(ids, lps, resp, offsets, k)
+
+
+def topk_from_rows(
+    requests: Sequence[tuple[np.ndarray, np.ndarray, Sequence[int]]], k: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per request (ids (T, k) int32, logprobs (T, k) float32, token logprob (T,) float32)
+    from the engine's own rows: (ids (T, k + 1), logprobs (T, k + 1), tokens (T,)), per
+    position the chosen token then the top k (precompute.vllm_arrays). The same result as
+    `topk_from_flat_batch` on the same engine output, without reading Python lists."""
+    width = k + 1
+    for i, (ids, lps, tokens) in enumerate(requests):
+        if ids.shape != (len(tokens), width) or lps.shape != ids.shape:
+            raise TopKError(
+                f"request {i}: logprob rows {ids.shape} and {lps.shape} for {len(tokens)} "
+                f"tokens, expected ({len(tokens)}, {width}) (the chosen token and the top {k})"
+            )
+    offsets = np.cumsum([0, *(len(t) for _, _, t in requests)])
+    if not requests:
+        return []
+    ids = np.concatenate([r[0] for r in requests]).astype(np.int64, copy=False)
+    lps = np.concatenate([r[1] for r in requests]).astype(np.float64, copy=False)
+    resp = np.concatenate([np.asarray(r[2], np.int64).reshape(-1) for r in requests])
+    return _checked_topk(ids, lps, resp, offsets, k)
+
+
+def _checked_topk(ids: np.ndarray, lps: np.ndarray, resp: np.ndarray, offsets, k: int):
+    """Rows (chosen, top k) of consecutive requests -> per request (ids, lps, token logprob),
+    after checking that each row's chosen token is the response's."""
     chosen = ids[:, 0]
     if (chosen != resp).any():
         t = int(np.argmax(chosen != resp))
-        raise TopKError(f"{where(t)}: the engine's chosen token {chosen[t]} is not {resp[t]}")
+        i = int(np.searchsorted(offsets, t, side="right") - 1)
+        raise TopKError(
+            f"request {i} token {t - int(offsets[i])}: the engine's chosen token {chosen[t]} "
+            f"is not {resp[t]}"
+        )
     out_ids, out_lps, tok_lp = _topk_rows(ids, lps, k)
     return [
         (out_ids[a:b], out_lps[a:b], tok_lp[a:b])
         for a, b in zip(offsets[:-1], offsets[1:], strict=True)
     ]
+
+
+def _unboxed(lists, typecode: str, dtype) -> np.ndarray:
+    """The Python lists' numbers, concatenated, as one array.
+
+    array.array reads a list of Python ints or floats about twice as fast as np.fromiter over
+    an iterator (12 against 27 ns per int here): vLLM's flat logprobs arrive as lists, and
+    reading their 2 (k + 1) numbers per token is most of the conversion's time.
+    """
+    parts = [np.frombuffer(array(typecode, src), dtype) for src in lists]
+    if not parts:
+        return np.empty(0, dtype)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _topk_rows(ids: np.ndarray, lps: np.ndarray, k: int):

@@ -204,6 +204,10 @@ class ShardWriter:
     compression_level: zstd level of the Arrow IPC buffers. 12 writes about 70k tokens/s per
     core at k=64 for 3-4% more bytes than 19, which writes under 10k tokens/s and would
     throttle a fast teacher (measured in BENCHMARKS.md).
+    commit_level: zstd level of the files written as rows come in (default: compression_level);
+    `compact` writes its merged files at compression_level. Precompute commits at a fast
+    level, where the teacher waits on the host, and its merge at the end of the run gives the
+    folder the bytes of compression_level (BENCHMARKS.md, "Precompute host path").
     """
 
     def __init__(
@@ -215,6 +219,7 @@ class ShardWriter:
         target_file_bytes: int = 128 << 20,
         batch_tokens: int = 16384,
         compression_level: int = 12,
+        commit_level: int | None = None,
     ):
         if not re.fullmatch(WRITER_ID, writer_id):
             raise ValueError(f"writer_id {writer_id!r}: use letters, digits, '_' and '.'")
@@ -226,6 +231,7 @@ class ShardWriter:
         self.target_file_bytes = target_file_bytes
         self.batch_tokens = batch_tokens
         self.compression_level = compression_level
+        self.commit_level = compression_level if commit_level is None else commit_level
         self.store.makedirs()
         # Refuse a folder made with other settings before writing anything into it.
         self._check_metadata(load_manifest(self.store, missing_ok=True))
@@ -375,7 +381,7 @@ class ShardWriter:
         )
         name = f"part-{self.writer_id}-{self._seq:05d}.arrow"
         self._seq += 1
-        return _OpenFile(self.store.staging(name), name, schema, order, self.compression_level)
+        return _OpenFile(self.store.staging(name), name, schema, order, self.commit_level)
 
     def _write_batch(self) -> None:
         if not self._pending:
@@ -487,7 +493,9 @@ class ShardWriter:
         new file in place of the old ones, which are deleted after it; a kill at any point
         leaves the old files or the new one committed, never both or neither (the next
         writer start deletes the leftovers). Rows and every decoded value stay the same.
-        Returns the new entries."""
+        With a commit_level other than compression_level, each file of this writer's
+        session (or of `only`) that no merge takes is rewritten alone at compression_level,
+        so that the folder gets that level's bytes. Returns the new entries."""
         self.flush()
         limit = max_bytes or self.target_file_bytes
         groups, run, size = [], [], 0
@@ -505,6 +513,14 @@ class ShardWriter:
             if small:
                 run.append(f)
                 size += f.bytes
+        if self.commit_level != self.compression_level:
+            merged = {f.name for g in groups for f in g}
+            mine = only if only is not None else {f.name for f in self.files_written}
+            groups += [
+                [f]
+                for f in self._manifest.files
+                if f.name in mine and f.name not in merged and not f.replaces
+            ]
         return [self._merge(group) for group in groups]
 
     def _merge(self, group: list[FileEntry]) -> FileEntry:

@@ -131,3 +131,36 @@ def test_compact_refuses_a_damaged_source(folder):
         with pytest.raises(ShardError, match="not merged") as err:
             w.compact(max_bytes=10 << 20)
     assert p.name in str(err.value)
+
+
+@pytest.mark.parametrize("commits", ["one per example", "one for all"])
+def test_commit_level_files_end_at_the_writers_level(tmp_path, commits):
+    """Files committed at a fast commit_level (as precompute does) are merged, or rewritten
+    alone, at compression_level: the folder ends with the bytes of a writer that committed
+    at compression_level throughout, and the same values."""
+    folders = {}
+    for commit_level in (1, 12):
+        path = folders[commit_level] = tmp_path / f"level{commit_level}"
+        with ShardWriter(
+            path, metadata(), compression_level=12, commit_level=commit_level, batch_tokens=200
+        ) as w:
+            for rows in make_examples(61, 30):
+                w.add(rows)
+                if commits == "one per example":
+                    w.flush()
+            w.flush()
+            sizes = sum(p.stat().st_size for p in path.glob("part-*.arrow"))
+            if commit_level == 1:
+                fast = sizes
+            else:
+                assert fast > sizes  # the commit level was used (random rows: by ~1%)
+            new = w.compact(max_bytes=10 << 20)
+            if commit_level == 1:
+                assert len(new) == 1  # merged, or rewritten alone
+            elif commits == "one for all":
+                assert not new  # nothing to merge: put it through the same rewrite
+                w._merge(list(w._manifest.files))
+    fast, slow = (sorted(folders[lv].glob("part-*.arrow")) for lv in (1, 12))
+    assert len(fast) == len(slow) == 1
+    assert fast[0].stat().st_size == slow[0].stat().st_size
+    assert canonical(folders[1]) == canonical(folders[12])

@@ -195,11 +195,12 @@ def test_eval_generation_agrees_with_transformers_greedy(engine, tiny):
     assert all(len(ids) > 0 for ids, _ in fast)
 
 
-def test_flat_logprobs_write_the_shards_of_the_dict_logprobs(engine, tiny, tmp_path):
-    """vLLM's flat logprobs converted with array operations (shards.topk.topk_from_flat) give
-    the arrays, and the shard files byte for byte, of its per-position dicts through the
-    per-token loop: teacher forcing and greedy generation run in both modes in one engine,
-    and sampled generations (different per run) are converted both ways from one output."""
+def test_logprob_layouts_write_the_same_shards(engine, tiny, tmp_path):
+    """The engine's own arrays (precompute/vllm_arrays.py) and vLLM's flat lists, converted
+    with array operations (shards.topk), give the arrays, and the shard files byte for byte,
+    of vLLM's per-position dicts through the per-token loop: teacher forcing and greedy
+    generation run in all three layouts in one engine, and sampled generations (different per
+    run) are converted from one output, whose dicts are what its flat lists become."""
     from operator import attrgetter
 
     from transformers import AutoTokenizer
@@ -207,10 +208,12 @@ def test_flat_logprobs_write_the_shards_of_the_dict_logprobs(engine, tiny, tmp_p
     from vllm.inputs import TokensPrompt
 
     from precompute.backend import topk_from_entries, topk_from_flat_logprobs
+    from precompute.vllm_arrays import LogprobArrays
     from shards.schema import ShardMetadata
     from shards.topk import topk_arrays
     from shards.writer import ShardRow, ShardWriter
 
+    assert engine.layout == "arrays"  # the default, where this vLLM allows it
     tok = AutoTokenizer.from_pretrained(tiny)
     prompts = [
         tok(f"Question {i}: what is {i} + {3 * i}? Answer:", add_special_tokens=False)["input_ids"]
@@ -220,37 +223,52 @@ def test_flat_logprobs_write_the_shards_of_the_dict_logprobs(engine, tiny, tmp_p
         tok(f" {4 * i}, of course.", add_special_tokens=False)["input_ids"] for i in range(8)
     ]
     greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=20)
+    layouts = ("dicts", "flat", "arrays")
     scored = {}
     try:
-        for flat in (False, True):
-            engine.flat_logprobs = flat
-            scored[flat] = engine.score(prompts, responses) + [
+        for layout in layouts:
+            engine.layout = layout
+            scored[layout] = engine.score(prompts, responses) + [
                 s[0] for s in engine.generate(prompts, list(range(8)), greedy)
             ]
     finally:
-        engine.flat_logprobs = True
-    # Sampled at temperature 1, with n=2 samples per prompt, converted both ways.
-    params = SamplingParams(
-        n=2, temperature=1.0, max_tokens=24, logprobs=K, flat_logprobs=True, detokenize=False
-    )
-    outs = engine.llm.generate(
-        [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
-    )
-    for out in outs:
-        for c in out.outputs:
-            assert type(c.logprobs).__name__ == "FlatLogprobs"
-            toks = list(c.token_ids)
-            scored[True].append(topk_from_flat_logprobs([(c.logprobs, toks, 0)], K)[0])
-            scored[False].append(topk_from_entries(list(c.logprobs), toks, K))
-            # The engine's dicts are what the flat lists become position by position.
-            ids, _, _ = topk_arrays(list(c.logprobs), toks, K, logprob=attrgetter("logprob"))
-            assert ids.shape == (len(toks), K)
-    assert len(scored[False]) == len(scored[True]) == 32
-    for a, b in zip(scored[False], scored[True], strict=True):
-        np.testing.assert_array_equal(a.token_ids, b.token_ids)
-        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
-        np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
-        np.testing.assert_array_equal(a.token_logprobs, b.token_logprobs)
+        engine.layout = "arrays"
+
+    # Sampled at temperature 1, n=2 samples per prompt, seeded per request: the same samples
+    # as flat lists (converted two ways) and, in another run, as the engine's arrays.
+    def sampled(extra: dict) -> list:
+        params = [
+            SamplingParams(
+                n=2,
+                temperature=1.0,
+                max_tokens=24,
+                logprobs=K,
+                seed=100 + i,
+                detokenize=False,
+                **extra,
+            )
+            for i in range(8)
+        ]
+        outs = engine.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+        )
+        return [(c.logprobs, list(c.token_ids), 0) for out in outs for c in out.outputs]
+
+    for lp, toks, _ in sampled({"flat_logprobs": True}):
+        assert type(lp).__name__ == "FlatLogprobs"
+        scored["flat"].append(topk_from_flat_logprobs([(lp, toks, 0)], K)[0])
+        scored["dicts"].append(topk_from_entries(list(lp), toks, K))
+        # The engine's dicts are what the flat lists become position by position.
+        ids, _, _ = topk_arrays(list(lp), toks, K, logprob=attrgetter("logprob"))
+        assert ids.shape == (len(toks), K)
+    arrays = sampled(engine._layout_params())
+    assert all(isinstance(lp, LogprobArrays) for lp, _, _ in arrays)
+    scored["arrays"] += engine._topk(arrays)
+    assert len(scored["dicts"]) == len(scored["flat"]) == len(scored["arrays"]) == 32
+    for layout in ("flat", "arrays"):
+        for a, b in zip(scored["dicts"], scored[layout], strict=True):
+            for name in ("token_ids", "topk_ids", "topk_logprobs", "token_logprobs"):
+                np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     meta = ShardMetadata(
         k=K,
         vocab_size=engine.vocab_size,
@@ -260,9 +278,9 @@ def test_flat_logprobs_write_the_shards_of_the_dict_logprobs(engine, tiny, tmp_p
         created_at="2026-12-01T00:00:00+00:00",
     )
     files = {}
-    for flat in (False, True):
-        with ShardWriter(tmp_path / str(flat), meta, batch_tokens=64) as w:
-            for i, s in enumerate(scored[flat]):
+    for layout in layouts:
+        with ShardWriter(tmp_path / layout, meta, batch_tokens=64) as w:
+            for i, s in enumerate(scored[layout]):
                 prompt = prompts[i % 8]
                 w.add(
                     ShardRow(
@@ -275,5 +293,5 @@ def test_flat_logprobs_write_the_shards_of_the_dict_logprobs(engine, tiny, tmp_p
                         token_logprobs=s.token_logprobs,
                     )
                 )
-        files[flat] = [p.read_bytes() for p in sorted((tmp_path / str(flat)).glob("*.arrow"))]
-    assert files[False] and files[False] == files[True]
+        files[layout] = [p.read_bytes() for p in sorted((tmp_path / layout).glob("*.arrow"))]
+    assert files["dicts"] and files["dicts"] == files["flat"] == files["arrays"]

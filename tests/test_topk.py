@@ -1,6 +1,7 @@
-"""shards.topk: vLLM's flat logprobs converted with array operations equal the per-token loop
-over its dicts, on logprobs laid out by vLLM's own code (`append_logprobs_for_next_position`)
-from distributions full of ties."""
+"""shards.topk: vLLM's flat logprobs, and the engine's arrays kept by precompute/vllm_arrays.py,
+converted with array operations equal the per-token loop over vLLM's dicts, on logprobs laid
+out by vLLM's own code (`append_logprobs_for_next_position`, `LogprobsProcessor`) from
+distributions full of ties."""
 
 from __future__ import annotations
 
@@ -154,3 +155,77 @@ def test_batch_equals_one_request_at_a_time():
     bad[3] = FlatRequest.of(made[2][0], [(made[2][2][6] + 1) % VOCAB, *made[2][2][7:]], 6)
     with pytest.raises(TopKError, match="request 3 token 0: the engine's chosen token"):
         topk_from_flat_batch(bad, k)
+
+
+def processed_arrays(rows, k: int, prompt: bool, pad: int = 0):
+    """rows = (ids (T, k + 1), lps (T, k + 1)) through vLLM's LogprobsProcessor with
+    precompute.vllm_arrays installed, as the engine hands them over: sample logprobs one
+    decoding step at a time, prompt logprobs in two prefill chunks; `pad` extra columns, as
+    when another request of the engine's batch asked for more logprobs."""
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+    from vllm.v1.outputs import LogprobsLists, LogprobsTensors
+
+    from precompute.vllm_arrays import LogprobArrays, install
+
+    assert install()
+    ids, lps = rows
+    ids = np.concatenate([ids, np.full((len(ids), pad), 7, ids.dtype)], axis=1)
+    lps = np.concatenate([lps, np.full((len(lps), pad), -99.0, lps.dtype)], axis=1)
+    proc = LogprobsProcessor(
+        tokenizer=None,
+        logprobs=None if prompt else LogprobArrays(k + 1),
+        prompt_logprobs=LogprobArrays(k + 1, 1) if prompt else None,
+        cumulative_logprob=None if prompt else 0.0,
+        num_logprobs=None if prompt else k,
+        num_prompt_logprobs=k if prompt else None,
+    )
+    ranks = np.zeros(len(ids), np.int64)
+    if prompt:
+        half = len(ids) // 2
+        for a, b in ((0, half), (half, len(ids))):
+            proc._update_prompt_logprobs(
+                LogprobsTensors(
+                    torch.from_numpy(ids[a:b]),
+                    torch.from_numpy(lps[a:b]),
+                    torch.from_numpy(ranks[a:b]),
+                )
+            )
+        return proc.prompt_logprobs
+    for t in range(len(ids)):
+        proc._update_sample_logprobs(
+            LogprobsLists(ids[t : t + 1], lps[t : t + 1], ranks[t : t + 1])
+        )
+    np.testing.assert_allclose(proc.cumulative_logprob, lps[:, 0].astype(np.float64).sum())
+    return proc.logprobs
+
+
+@pytest.mark.parametrize("prompt", [False, True])
+@pytest.mark.parametrize("k", [1, 3, 8, 20])
+def test_engine_arrays_equal_the_dict_loop_with_ties(k, prompt):
+    """precompute/vllm_arrays.py keeps vLLM's arrays instead of lists: converted with
+    topk_from_rows they equal the per-token loop over vLLM's dicts of the same positions."""
+    from precompute.backend import topk_from_logprob_arrays
+
+    rng = np.random.default_rng(10 + k)
+    flat, dicts, tokens = engine_like(rng, 300, k, prompt=prompt)
+    first = 1 if prompt else 0  # position 0 of prompt logprobs has none
+    t_len = len(flat) - first
+    rows = (
+        np.asarray(flat.token_ids, np.int32).reshape(t_len, k + 1),
+        np.asarray(flat.logprobs, np.float32).reshape(t_len, k + 1),
+    )
+    arrays = processed_arrays(rows, k, prompt, pad=3)
+    assert len(arrays) == len(flat)
+    resp = tokens[-120:] if prompt else tokens  # score mode: the response is the end
+    at = len(flat) - len(resp)
+    (got,) = topk_from_logprob_arrays([(arrays, resp, at)], k)
+    ref = topk_arrays(dicts[at:], resp, k, logprob=attrgetter("logprob"))
+    assert got.topk_ids.dtype == np.int32 and got.topk_logprobs.dtype == np.float32
+    for a, b in zip((got.topk_ids, got.topk_logprobs, got.token_logprobs), ref, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(RuntimeError, match="token 2: the engine's chosen token"):
+        topk_from_logprob_arrays([(arrays, [*resp[:2], (resp[2] + 1) % VOCAB], at)], k)
+    with pytest.raises(RuntimeError, match=f"asked of {len(flat)}"):
+        topk_from_logprob_arrays([(arrays, resp, at + 1)], k)
+    with pytest.raises(RuntimeError, match=r"expected \(3, 3\)"):
+        topk_from_logprob_arrays([(arrays, resp[:3], at)], 2)  # rows of k + 1, not 3
