@@ -3,16 +3,18 @@
 
 python -m bench.onpolicy [--steps 5] [--max-prompts 4] [--max-new-tokens 48] [--no-trl]
 
-Starts a vLLM teacher server for --teacher (or uses --teacher-url), writes a small prompt
-shard folder (the default data's questions, the teacher view with its demonstrations) under
-bench/cache/ if there is none, then runs the real trainer (`python -m train
-configs/train/onpolicy.yaml`, lmbda = 1, one process per setting, its peak RSS from
-wait4) for --steps steps per setting and reads the split from its metrics.jsonl. Step 1
-(warm-up) is left out. Settings: onpolicy.sampler hf (transformers generate) and vllm (the
-colocated engine, weights pushed after every step), each with grad_accum 1 (scoring waits
-for the whole batch) and 2 (the second micro-batch is generated while the first is scored).
-Then TRL's DistillationTrainer (bench/trl_onpolicy.py) with the same student, teacher,
-prompts, max_new_tokens, micro-batch, grad_accum 2 and steps. Results:
+Starts a vLLM teacher server for --teacher (or uses --teacher-url), writes small prompt
+shard folders (the default data's questions; the teacher view with its demonstrations, and
+one whose teacher view is the question itself) under bench/cache/ if there are none, then
+runs the real trainer (`python -m train configs/train/onpolicy.yaml`, lmbda = 1, one process
+per setting, its peak RSS from wait4) for --steps steps per setting and reads the split from
+its metrics.jsonl. Step 1 (warm-up) is left out. Settings: onpolicy.sampler hf (transformers
+generate) and vllm (the colocated engine, weights pushed after every step), each with
+grad_accum 1 and 2 (a step's micro-batches are sampled in one call; the teacher scores the
+second while the first is trained). Then TRL's job, side by side: TRL's
+DistillationTrainer (bench/trl_onpolicy.py) has no teacher view, so its teacher scores the
+student's prompt; kdshards runs the same job (teacher view = Q) with the same student,
+teacher, prompts, max_new_tokens, micro-batch, grad_accum 2 and steps. Results:
 bench/results/onpolicy.json.
 """
 
@@ -41,9 +43,12 @@ from train.teacher_client import TeacherClient
 CACHE = Path("bench/cache/onpolicy")
 
 
-def prompt_shards(folder: Path, data: Path, teacher: str, url: str, n: int, k: int) -> Path:
-    """n questions as shard rows: student view Q, teacher view E + Q, the dataset's answer
-    scored by the teacher (used only as prompts here, lmbda = 1)."""
+def prompt_shards(
+    folder: Path, data: Path, teacher: str, url: str, n: int, k: int, demonstrations: bool
+) -> Path:
+    """n questions as shard rows: student view Q, teacher view E + Q (demonstrations) or Q
+    (TRL's job: its teacher sees the student's prompt), the dataset's answer scored by the
+    teacher (used only as prompts here, lmbda = 1)."""
     if any(folder.glob("manifest*.json")):
         return folder
     from transformers import AutoTokenizer
@@ -67,7 +72,8 @@ def prompt_shards(folder: Path, data: Path, teacher: str, url: str, n: int, k: i
     with ShardWriter(folder, meta, batch_tokens=512) as w:
         for line in open(data).readlines()[:n]:
             ex = json.loads(line)
-            q, tq = render(ex["question"]), render(ex["experience"] + "\n\n" + ex["question"])
+            q = render(ex["question"])
+            tq = render(ex["experience"] + "\n\n" + ex["question"]) if demonstrations else q
             answer = tok(str(ex["answer"]), add_special_tokens=False)["input_ids"]
             resp = answer + [tok.eos_token_id]
             s = client.score(tq, resp)
@@ -183,7 +189,18 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--no-trl", dest="trl", action="store_false", help="skip the TRL run")
     ap.add_argument("--out", default="bench/results/onpolicy.json")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated settings to run (hf-ga1, hf-ga2, vllm-ga1, vllm-ga2, hf-ga2-q, "
+        "vllm-ga2-q, trl); default all",
+    )
     args = ap.parse_args(argv)
+    only = {x for x in args.only.split(",") if x}
+
+    def wanted(name: str) -> bool:
+        return not only or name in only
+
     CACHE.mkdir(parents=True, exist_ok=True)
     server = None
     if not args.teacher_url:
@@ -192,17 +209,25 @@ def main(argv=None) -> None:
         ).start()
     url = args.teacher_url or server.url
     try:
-        shards = prompt_shards(CACHE / "prompts", Path(args.data), args.teacher, url, 64, args.k)
+        data = Path(args.data)
+        shards = prompt_shards(CACHE / "prompts", data, args.teacher, url, 64, args.k, True)
         settings = {}
         for sampler in ("hf", "vllm"):
             for g in (1, 2):
                 name = f"sampler={sampler}, grad_accum={g}"
-                settings[name] = run_setting(f"{sampler}-ga{g}", url, shards, args, g, sampler)
+                if wanted(f"{sampler}-ga{g}"):
+                    settings[name] = run_setting(f"{sampler}-ga{g}", url, shards, args, g, sampler)
+        # kdshards on TRL's job: the teacher scores the student's own prompt
+        same = prompt_shards(CACHE / "prompts-q", data, args.teacher, url, 64, args.k, False)
+        for sampler in ("hf", "vllm"):
+            name = f"sampler={sampler}, grad_accum=2, teacher view = Q (TRL's job)"
+            if wanted(f"{sampler}-ga2-q"):
+                settings[name] = run_setting(f"{sampler}-ga2-q", url, same, args, 2, sampler)
         server_rss = tree_rss_gib(server.proc.pid) if server is not None else None
     finally:
         if server is not None:
             server.kill()
-    trl = run_trl(args, 2) if args.trl else None
+    trl = run_trl(args, 2) if args.trl and wanted("trl") else None
     result = {
         "command": " ".join(
             ["python -m bench.onpolicy", *(sys.argv[1:] if argv is None else argv)]

@@ -12,15 +12,19 @@ the dataset's, whichever the shards hold). Either way the result is a `Batch` wi
 teacher signal the offline methods use, so the losses are the ones of train/losses.py.
 
 All micro-batches of one optimizer step are sampled from the same weights, so the source
-generates them back to back while the teacher scores the previous ones (requests go out
-concurrently from a thread pool): scoring overlaps with generation within a step. The time
-spent blocked on the teacher is reported as `teacher_wait_s` and its share of wall time.
+samples them in one generate call (a batch of grad_accum x max_prompts decodes in little
+more time than one micro-batch), then sends them to the teacher one micro-batch at a time
+(its requests concurrently, from a thread pool), the next as soon as the previous one's
+scores are in: the teacher scores micro-batch i + 1 while the trainer trains on micro-batch
+i. The time spent blocked on the teacher is reported as `teacher_wait_s` and its share of
+wall time.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +36,17 @@ from train.config import OnPolicyConfig
 from train.teacher_client import TeacherClient
 
 MIX, SAMPLE = 0, 1  # seed streams
+
+
+@dataclass
+class Rollout:
+    """A micro-batch's samples: jobs are [prompt row, sample index, response ids, the
+    teacher's future once submitted]."""
+
+    batch: Batch
+    step: int
+    index: int
+    jobs: list[list]
 
 
 def is_onpolicy(seed: int, step: int, index: int, lmbda: float) -> bool:
@@ -110,17 +125,32 @@ class OnPolicyBatches:
         b = self.consumed
         while True:
             step = b // self.grad_accum
-            # One optimizer step's micro-batches: generate each, send it to the teacher, and
-            # go on generating the next while the teacher scores it.
-            pending = []
-            for index in range(b % self.grad_accum, self.grad_accum):
-                batch = next(shard_batches)
-                if self.client is not None and is_onpolicy(self.seed, step, index, self.cfg.lmbda):
-                    pending.append(self._rollout(batch, step, index))
-                else:
-                    pending.append(batch)
-            for item in pending:
-                yield item if isinstance(item, Batch) else self._collect(*item)
+            # One optimizer step's micro-batches: all of them sampled in one generate call
+            # (same weights; one batch of grad_accum x prompts decodes nearly as fast as one
+            # micro-batch's). The teacher gets them one micro-batch at a time, the next one
+            # as soon as the previous one's scores are in, so that it scores micro-batch i + 1
+            # while the trainer trains on micro-batch i (sent all at once, they would be
+            # scored as one batch and the first would wait for the last).
+            indices = range(b % self.grad_accum, self.grad_accum)
+            batches = [(i, next(shard_batches)) for i in indices]
+            rollouts = self._rollout_step(
+                [
+                    (i, batch)
+                    for i, batch in batches
+                    if self.client is not None and is_onpolicy(self.seed, step, i, self.cfg.lmbda)
+                ],
+                step,
+            )
+            queue = list(rollouts.values())
+            if queue:
+                self._submit(queue[0])
+            for index, batch in batches:
+                if index in rollouts:
+                    out = self._collect(queue.pop(0))
+                    if queue:
+                        self._submit(queue[0])
+                    batch = out
+                yield batch
                 b += 1
 
     # ---- the student engine's weights ------------------------------------------------------
@@ -142,16 +172,28 @@ class OnPolicyBatches:
 
     # ---- sampling --------------------------------------------------------------------------
 
-    def _generate(self, prompts: list[torch.Tensor], step: int, index: int) -> list[torch.Tensor]:
-        """n_samples responses per prompt (prompt-major), cut after the first EOS."""
+    def _generate(
+        self, prompts: list[torch.Tensor], step: int, indices: list[int]
+    ) -> list[torch.Tensor]:
+        """n_samples responses per prompt (prompt-major), cut after the first EOS.
+
+        indices: the micro-batch index of each prompt. The vLLM engine seeds each sample by
+        (step, index, sample), so a sample does not depend on what it was batched with; HF
+        generate draws the whole call from one seed, (step, first index).
+        """
         if self.engine is None:
-            return self._generate_hf(prompts, sample_seed(self.seed, step, index))
+            return self._generate_hf(prompts, sample_seed(self.seed, step, indices[0]))
         if self._stale:  # resumed: the engine still has the weights it was started with
             self.sync()
         n = self.cfg.n_samples
+        seeds, done = [], {}  # sample j of micro-batch `index`: seed (step, index, j)
+        for index in indices:
+            first = done.get(index, 0)
+            seeds += [sample_seed(self.seed, step, index, first + j) for j in range(n)]
+            done[index] = first + n
         out = self.engine.generate(
             [p.tolist() for p in prompts for _ in range(n)],
-            [sample_seed(self.seed, step, index, j) for j in range(len(prompts) * n)],
+            seeds,
             temperature=self.cfg.temperature,
             top_p=self.cfg.top_p,
             max_new_tokens=[
@@ -195,28 +237,45 @@ class OnPolicyBatches:
             lm.train(was_training)
         return [cut_at_eos(row, self.eos_ids) for row in out[:, width:].cpu()]
 
-    def _rollout(self, batch: Batch, step: int, index: int):
-        """Sample the batch's prompts and send the samples to the teacher (not waiting)."""
-        n = min(len(batch.prompt_ids), self.cfg.max_prompts)
-        prompts = batch.prompt_ids[:n]
+    def _rollout_step(self, batches: list[tuple[int, Batch]], step: int) -> dict:
+        """Sample the prompts of a step's on-policy micro-batches (index, batch) in one call:
+        index -> a `Rollout` of its samples, in the order of `batches`."""
+        if not batches:
+            return {}
+        prompts, indices = [], []
+        for index, batch in batches:
+            n = min(len(batch.prompt_ids), self.cfg.max_prompts)
+            prompts += batch.prompt_ids[:n]
+            indices += [index] * n
         t0 = time.monotonic()
-        samples = self._generate(prompts, step, index)
+        samples = iter(self._generate(prompts, step, indices))
         self._since["gen_s"] += time.monotonic() - t0
         limit = self.client.max_model_len or 1 << 30
-        jobs = []
-        for j, resp in enumerate(samples):
-            p = j // self.cfg.n_samples
-            teacher_prompt = batch.teacher_prompt_ids[p]
-            # The teacher's context must hold the teacher view, the sample and one more token.
-            resp = resp[: max(0, limit - 1 - len(teacher_prompt))]
-            if len(resp) == 0:
-                continue
-            future = self.client.submit(teacher_prompt.tolist(), resp.tolist())
-            jobs.append((p, j % self.cfg.n_samples, resp, future))
-        return batch, step, index, jobs
+        out = {}
+        for index, batch in batches:
+            n = min(len(batch.prompt_ids), self.cfg.max_prompts)
+            jobs = []
+            for j in range(n * self.cfg.n_samples):
+                resp = next(samples)
+                p = j // self.cfg.n_samples
+                # The teacher's context must hold the teacher view, the sample and one more
+                # token.
+                resp = resp[: max(0, limit - 1 - len(batch.teacher_prompt_ids[p]))]
+                if len(resp) > 0:
+                    jobs.append([p, j % self.cfg.n_samples, resp, None])
+            out[index] = Rollout(batch, step, index, jobs)
+        return out
 
-    def _collect(self, batch: Batch, step: int, index: int, jobs) -> Batch:
-        """Wait for the teacher's scores and build the training batch from them."""
+    def _submit(self, r: Rollout) -> None:
+        """Send a rollout's samples to the teacher (not waiting)."""
+        for job in r.jobs:
+            p, _, resp, _ = job
+            job[3] = self.client.submit(r.batch.teacher_prompt_ids[p].tolist(), resp.tolist())
+
+    def _collect(self, r: Rollout) -> Batch:
+        """Wait for the teacher's scores of a submitted rollout and build the training batch
+        from them."""
+        batch, step, index, jobs = r.batch, r.step, r.index, r.jobs
         t0 = time.monotonic()
         scores = [future.result() for *_, future in jobs]
         self._since["teacher_wait_s"] += time.monotonic() - t0
