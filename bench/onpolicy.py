@@ -1,7 +1,7 @@
 """On-policy distillation: wall time per step split into student generation, teacher scoring
 (time blocked on the teacher server), weight sync and the update; side by side with TRL.
 
-python -m bench.onpolicy [--steps 5] [--max-prompts 4] [--max-new-tokens 48] [--no-trl]
+python -m bench.onpolicy [--steps 5] [--max-prompts 4] [--max-new-tokens 48] [--no-trl] [--only ...]
 
 Starts a vLLM teacher server for --teacher (or uses --teacher-url), writes small prompt
 shard folders (the default data's questions; the teacher view with its demonstrations, and
