@@ -23,6 +23,8 @@ def parse_value(value, tp, key: str):
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("true" if value else "false") in choices:
+            value = "true" if value else "false"  # YAML 1.1 reads true/false/on/off as bools
         if isinstance(value, bool) or value not in choices:
             allowed = " | ".join(str(c) for c in choices)
             raise ValueError(f"{key}: expected one of {allowed}, got {value!r}")

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from precompute.config import load_config
+from precompute.config import ConfigError, load_config
 from precompute.hf_backend import HFBackend
 from precompute.inputs import InputError, read_examples
 from precompute.run import TokenizerMismatch, run, worker_of
@@ -280,6 +280,27 @@ def test_config_refuses_unknown_keys():
         load_config(None, ["engine.logprobs_mode=processed_logprobs"])
     c = load_config(f"{REPO}/configs/precompute.yaml", ["engine.tensor_parallel_size=2"])
     assert c.engine["tensor_parallel_size"] == 2 and c.engine["dtype"] == "float32"
+
+
+def test_config_choices_are_typed_and_errors_list_them():
+    """Choices are Literal fields of the typed loader: a bad value names the key and the
+    allowed values, before anything is loaded; YAML's true/false read as the choice's words."""
+    for override, allowed in [
+        ("mode=scoring", "generate | score"),
+        ("backend=tgi", "vllm | hf"),
+        ("generator_view=both", "teacher | student"),
+        ("source=oracle", "auto | teacher | dataset | student"),
+        ("view.experience_position=middle", "system | prefix | suffix"),
+        ("view.thinking=maybe", "none | true | false | mixed"),
+        ("sampling.per_request_seed=sometimes", "auto | true | false"),
+        ("hf.dtype=float8", "float32 | bfloat16 | float16"),
+    ]:
+        key = override.split("=")[0]
+        with pytest.raises(ConfigError, match=f"{key}: expected one of {allowed}, got"):
+            load_config(None, [override])
+    c = load_config(None, ["view.thinking=true", "sampling.per_request_seed=false"])
+    assert c.view.thinking == "true" and c.sampling.per_request_seed == "false"
+    assert load_config(None, ["mode=score", "backend=hf"]).mode == "score"
 
 
 def test_cli_overlay_and_help():
