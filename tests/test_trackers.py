@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -70,15 +71,28 @@ def wandb_records(path: Path):
             yield record
 
 
-def wandb_history(out_dir: Path) -> tuple[dict, list[dict]]:
-    """(config, history rows) of the one offline run under out_dir/wandb."""
+def wandb_history(out_dir: Path, timeout_s: float = 60.0) -> tuple[dict, list[dict]]:
+    """(config, history rows) of the one offline run under out_dir/wandb.
+
+    W&B's service process writes the file after `finish()` returns, so this waits for the
+    run's exit record (on a loaded machine the file was seen still empty at first)."""
     (run_file,) = out_dir.glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            records = list(wandb_records(run_file))
+        except Exception:  # still being written: a partial header or record
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        assert time.monotonic() < deadline, f"{run_file}: no exit record after {timeout_s} s"
+        time.sleep(0.1)
 
     def items(entries):  # a key is either `key` or a path in `nested_key`
         return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in entries}
 
     config, history = {}, []
-    for r in wandb_records(run_file):
+    for r in records:
         kind = r.WhichOneof("record_type")
         if kind == "config":
             config.update(items(r.config.update))
