@@ -73,13 +73,9 @@ def topk_from_logprob_arrays(requests: list[tuple], k: int) -> list[Scored]:
     """
     try:
         rows = [(*lp.rows(first, len(t)), t) for lp, t, first in requests]
-        arrays = topk_from_rows(rows, k)
+        return _scored(requests, topk_from_rows(rows, k))
     except (TopKError, IndexError) as e:
         raise RuntimeError(f"the engine's logprobs (k={k}): {e}") from e
-    return [
-        Scored(np.asarray(t, np.int64), ids, lps, tok_lp)
-        for (_, t, _), (ids, lps, tok_lp) in zip(requests, arrays, strict=True)
-    ]
 
 
 def topk_from_flat_logprobs(requests: list[tuple], k: int) -> list[Scored]:
@@ -89,9 +85,14 @@ def topk_from_flat_logprobs(requests: list[tuple], k: int) -> list[Scored]:
     requests: (flat logprobs, tokens, first position) per response.
     """
     try:
-        arrays = topk_from_flat_batch([FlatRequest.of(f, t, first) for f, t, first in requests], k)
+        flat = [FlatRequest.of(f, t, first) for f, t, first in requests]
+        return _scored(requests, topk_from_flat_batch(flat, k))
     except TopKError as e:
         raise RuntimeError(f"the engine's logprobs (k={k}): {e}") from e
+
+
+def _scored(requests: list[tuple], arrays: list[tuple]) -> list[Scored]:
+    """(logprobs, tokens, first position) per response and its (ids, lps, token lp)."""
     return [
         Scored(np.asarray(t, np.int64), ids, lps, tok_lp)
         for (_, t, _), (ids, lps, tok_lp) in zip(requests, arrays, strict=True)

@@ -126,10 +126,6 @@ def topk_from_flat_batch(
     total = sum(lens)
     offsets = np.cumsum([0, *lens])
 
-    def where(pos: int) -> str:
-        i = int(np.searchsorted(offsets, pos, side="right") - 1)
-        return f"request {i} token {pos - int(offsets[i])}"
-
     def positions(name: str):
         return np.fromiter(
             chain.from_iterable(
@@ -144,15 +140,16 @@ def topk_from_flat_batch(
     if (counts != width).any():
         t = int(np.argmax(counts != width))
         raise TopKError(
-            f"{where(t)}: {counts[t]} logprob entries, expected {width} (the chosen token and "
-            f"the top {k})"
+            f"{_where(offsets, t)}: {counts[t]} logprob entries, expected {width} (the chosen "
+            f"token and the top {k})"
         )
     if total > 1:
         broken = starts[1:] != ends[:-1]
         starts_of = offsets[1:-1]
         broken[starts_of[(starts_of > 0) & (starts_of < total)] - 1] = False  # own lists
         if broken.any():
-            raise TopKError(f"{where(int(np.argmax(broken)) + 1)}: positions not contiguous")
+            at = int(np.argmax(broken)) + 1
+            raise TopKError(f"{_where(offsets, at)}: positions not contiguous")
 
     def entries(name: str):
         # The whole list when all of it is used (generation): slicing would copy it first.
@@ -201,16 +198,20 @@ def _checked_topk(ids: np.ndarray, lps: np.ndarray, resp: np.ndarray, offsets, k
     chosen = ids[:, 0]
     if (chosen != resp).any():
         t = int(np.argmax(chosen != resp))
-        i = int(np.searchsorted(offsets, t, side="right") - 1)
         raise TopKError(
-            f"request {i} token {t - int(offsets[i])}: the engine's chosen token {chosen[t]} "
-            f"is not {resp[t]}"
+            f"{_where(offsets, t)}: the engine's chosen token {chosen[t]} is not {resp[t]}"
         )
     out_ids, out_lps, tok_lp = _topk_rows(ids, lps, k)
     return [
         (out_ids[a:b], out_lps[a:b], tok_lp[a:b])
         for a, b in zip(offsets[:-1], offsets[1:], strict=True)
     ]
+
+
+def _where(offsets, pos: int) -> str:
+    """Row `pos` of consecutive requests (request i starts at offsets[i]) as request, token."""
+    i = int(np.searchsorted(offsets, pos, side="right") - 1)
+    return f"request {i} token {pos - int(offsets[i])}"
 
 
 def _unboxed(lists, typecode: str, dtype) -> np.ndarray:

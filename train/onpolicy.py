@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +40,14 @@ MIX, SAMPLE = 0, 1  # seed streams
 
 @dataclass
 class Rollout:
-    """A micro-batch's samples: jobs are [prompt row, sample index, response ids, the
-    teacher's future once submitted]."""
+    """A micro-batch's samples: jobs are (prompt row, sample index, response ids); futures,
+    the teacher's answers to them once submitted."""
 
     batch: Batch
     step: int
     index: int
-    jobs: list[list]
+    jobs: list[tuple[int, int, torch.Tensor]]
+    futures: list = field(default_factory=list)
 
 
 def is_onpolicy(seed: int, step: int, index: int, lmbda: float) -> bool:
@@ -243,8 +244,8 @@ class OnPolicyBatches:
         if not batches:
             return {}
         prompts, indices = [], []
-        for index, batch in batches:
-            n = min(len(batch.prompt_ids), self.cfg.max_prompts)
+        counts = [min(len(batch.prompt_ids), self.cfg.max_prompts) for _, batch in batches]
+        for (index, batch), n in zip(batches, counts, strict=True):
             prompts += batch.prompt_ids[:n]
             indices += [index] * n
         t0 = time.monotonic()
@@ -252,8 +253,7 @@ class OnPolicyBatches:
         self._since["gen_s"] += time.monotonic() - t0
         limit = self.client.max_model_len or 1 << 30
         out = {}
-        for index, batch in batches:
-            n = min(len(batch.prompt_ids), self.cfg.max_prompts)
+        for (index, batch), n in zip(batches, counts, strict=True):
             jobs = []
             for j in range(n * self.cfg.n_samples):
                 resp = next(samples)
@@ -262,26 +262,27 @@ class OnPolicyBatches:
                 # token.
                 resp = resp[: max(0, limit - 1 - len(batch.teacher_prompt_ids[p]))]
                 if len(resp) > 0:
-                    jobs.append([p, j % self.cfg.n_samples, resp, None])
+                    jobs.append((p, j % self.cfg.n_samples, resp))
             out[index] = Rollout(batch, step, index, jobs)
         return out
 
     def _submit(self, r: Rollout) -> None:
         """Send a rollout's samples to the teacher (not waiting)."""
-        for job in r.jobs:
-            p, _, resp, _ = job
-            job[3] = self.client.submit(r.batch.teacher_prompt_ids[p].tolist(), resp.tolist())
+        r.futures = [
+            self.client.submit(r.batch.teacher_prompt_ids[p].tolist(), resp.tolist())
+            for p, _, resp in r.jobs
+        ]
 
     def _collect(self, r: Rollout) -> Batch:
         """Wait for the teacher's scores of a submitted rollout and build the training batch
         from them."""
         batch, step, index, jobs = r.batch, r.step, r.index, r.jobs
         t0 = time.monotonic()
-        scores = [future.result() for *_, future in jobs]
+        scores = [future.result() for future in r.futures]
         self._since["teacher_wait_s"] += time.monotonic() - t0
         self._since["onpolicy"] += 1
         rows, examples = [], {}
-        for (p, s, resp, _), sc in zip(jobs, scores, strict=True):
+        for (p, s, resp), sc in zip(jobs, scores, strict=True):
             rows.append(
                 {
                     "id": f"{batch.ids[p]}@{step}.{index}.{s}",
