@@ -1,4 +1,4 @@
-"""CPU cost of shards.lifetime's watchdog beside a process tree shaped like vLLM's.
+"""CPU cost of runtime.lifetime's watchdog beside a process tree shaped like vLLM's.
 
     python -m bench.lifetime [--threads 60] [--seconds 20]
 
@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from shards.lifetime import STEADY_S, guard_children
+from runtime.lifetime import STEADY_S, guard_children
 
 CHILD = (
     "import subprocess, sys, time; "

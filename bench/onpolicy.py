@@ -36,9 +36,9 @@ import torch
 from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
 from shards.schema import ShardMetadata
 from shards.writer import ShardRow, ShardWriter
-from tools.teacher_server import TeacherServer
 from train.checkpoint import checkpoint_root
-from train.teacher_client import TeacherClient
+from vllm_engine.teacher_client import TeacherClient
+from vllm_engine.teacher_server import TeacherServer
 
 CACHE = Path("bench/cache/onpolicy")
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from shards.vllm_env import default_kvcache_space
+from vllm_engine.env import default_kvcache_space
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "precompute.json"
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
 
     from precompute.config import SamplingConfig
     from precompute.hf_backend import HFBackend
-    from precompute.vllm_backend import VLLMBackend
+    from vllm_engine.teacher import VLLMBackend
 
     tok = AutoTokenizer.from_pretrained(args.teacher)
     prompts = teacher_prompts(tok, args.prompts)

@@ -11,7 +11,7 @@ the chosen token's rank), and vLLM's own `LogprobsProcessor` turns that into the
 logprobs, one step at a time, in each of precompute's layouts: per-position dicts of Logprob
 objects ("dicts", vLLM's default), `FlatLogprobs` ("flat",
 `SamplingParams(flat_logprobs=True)`) and the engine's own arrays ("arrays", the default:
-precompute/vllm_arrays.py). Stages, each timed on one core (torch and Arrow limited to one
+vllm_engine/arrays.py). Stages, each timed on one core (torch and Arrow limited to one
 thread), CPU time of the process, best of --repeats, in µs per response token:
 
 * vllm: vLLM's output processor building the logprobs (in the process that calls
@@ -58,7 +58,7 @@ CHUNK_EXAMPLES = 32
 # machine wall time would also count the other jobs' turns on the core.
 clock = time.process_time
 TARGET_K = 64
-LAYOUTS = ("dicts", "flat", "arrays")  # precompute.vllm_backend.LAYOUTS, the old one first
+LAYOUTS = ("dicts", "flat", "arrays")  # vllm_engine.teacher.LAYOUTS, the old one first
 DEFAULT = "arrays"
 TARGETS = {"convert_tokens_per_s": 400e3, "host_tokens_per_s": 150e3}
 
@@ -102,14 +102,14 @@ def steps(outputs) -> list:
 def pythonize(step_lists, k: int, layout: str) -> list:
     """vLLM's output processor: the engine's arrays to each request's logprobs container,
     one decoding step at a time, as vLLM calls it (with "arrays", as precompute installs
-    it: precompute/vllm_arrays.py)."""
+    it: vllm_engine/arrays.py)."""
     from vllm.logprobs import create_sample_logprobs
     from vllm.v1.engine.logprobs import LogprobsProcessor
 
-    from precompute.vllm_arrays import LogprobArrays, install
+    from vllm_engine.arrays import LogprobArrays, install
 
     if not install():
-        raise RuntimeError("this vLLM lacks the internals precompute/vllm_arrays.py needs")
+        raise RuntimeError("this vLLM lacks the internals vllm_engine/arrays.py needs")
     containers = []
     for example in step_lists:
         proc = LogprobsProcessor(

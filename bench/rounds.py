@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from bench.onpolicy import prompt_shards
-from tools.teacher_server import TeacherServer
 from train.__main__ import main as train_main
+from vllm_engine.teacher_server import TeacherServer
 
 CACHE = Path("bench/cache/rounds")
 

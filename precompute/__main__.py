@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from shards.vllm_env import default_kvcache_space
+from vllm_engine.env import default_kvcache_space
 
 DEFAULT_CONFIG = "configs/precompute.yaml"
 

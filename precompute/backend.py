@@ -1,5 +1,5 @@
 """The teacher engine's interface (`Backend`) and what it returns (`Scored`), shared by the
-vLLM backend (precompute/vllm_backend.py) and the transformers one (precompute/hf_backend.py)."""
+vLLM backend (vllm_engine/teacher.py) and the transformers one (precompute/hf_backend.py)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def topk_from_entries(entries: list[dict], tokens, k: int) -> Scored:
 
 
 def topk_from_logprob_arrays(requests: list[tuple], k: int) -> list[Scored]:
-    """precompute.vllm_arrays' LogprobArrays to arrays, all requests of an engine call at
+    """vllm_engine.arrays' LogprobArrays to arrays, all requests of an engine call at
     once (shards.topk.topk_from_rows); equal to `topk_from_flat_logprobs`.
 
     requests: (LogprobArrays, tokens, first position) per response.

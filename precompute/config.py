@@ -21,7 +21,7 @@ from typing import Literal
 
 import yaml
 
-from shards.typed_config import apply_overrides, build
+from runtime.typed_config import apply_overrides, build
 
 # Engine arguments that precompute owns: the shards' meaning depends on them.
 ENGINE_RESERVED = ("model", "logprobs_mode")

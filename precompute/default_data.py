@@ -23,7 +23,7 @@ import re
 import sys
 from pathlib import Path
 
-from shards.vllm_env import default_kvcache_space
+from vllm_engine.env import default_kvcache_space
 
 TASKS = {
     # Two terms, one or two digits, no parentheses or negation: a 135M model gets some right.

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from precompute.config import PrecomputeConfig
 from precompute.errors import WorkerFailed
+from precompute.job_progress import JobProgress, event, reporter
 from precompute.launch import (
     CPU_WORKERS,
     WorkerSlot,
@@ -33,7 +34,6 @@ from precompute.launch import (
     local_plan,
     visible_gpus,
 )
-from precompute.progress import JobProgress, event, reporter
 from precompute.run import Summary, run
 
 

@@ -21,9 +21,9 @@ from dataclasses import replace
 
 from precompute.config import PrecomputeConfig
 from precompute.errors import WorkerFailed, error_lines
+from precompute.job_progress import JobProgress, event, reporter
 from precompute.jobs import absolute_paths, worker_engine
 from precompute.launch import ray_workers
-from precompute.progress import JobProgress, event, reporter
 from precompute.run import Summary
 
 # Environment the driver passes on to the workers (vLLM's KV cache size, logging, caches).

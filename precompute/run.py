@@ -161,7 +161,7 @@ def retokenizes(tokenizer, ids) -> bool:
 
 def make_backend(cfg: PrecomputeConfig) -> Backend:
     if cfg.backend == "vllm":
-        from precompute.vllm_backend import VLLMBackend
+        from vllm_engine.teacher import VLLMBackend
 
         engine = {"seed": cfg.sampling.seed, **cfg.engine}
         return VLLMBackend(cfg.teacher, cfg.k, engine, cfg.sampling.per_request_seed)
@@ -426,7 +426,7 @@ def _loop(
     given=None,
     progress=None,
 ) -> None:
-    from shards.progress import progress as progress_bar
+    from runtime.progress import progress as progress_bar
 
     bar = progress_bar(len(todo), "precompute", "ex", disable=not cfg.progress, file=sys.stderr)
     try:

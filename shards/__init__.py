@@ -1,9 +1,8 @@
-"""The shared kernel of the two phases: the shard format, and the config loader both use.
+"""The shard format: the on-disk contract between precompute/ and train/.
 
-precompute/ writes shards and train/ reads them; neither imports the other. What both need
-lives here and depends on neither: the on-disk contract (schema, codec, writer, reader,
-manifest, checksums, fingerprints, top-k conversion, errors) and `typed_config`, the
-YAML-plus-`key=value` loader of their frozen config dataclasses. The rule: a module belongs in
-shards/ only if both phases (or tools/) use it and it imports nothing from precompute/,
-train/ or tools/; anything one phase alone uses stays in that phase.
+precompute/ writes shards and train/ reads them; neither imports the other. This package
+holds the contract and nothing else: schema, codec, writer, reader, manifest, checksums,
+compaction, storage (local folders and fsspec URLs), tokenizer fingerprints, the top-k
+conversion into the shards' arrays, and errors. It imports nothing from precompute/, train/,
+tools/, runtime/ or vllm_engine/.
 """

@@ -2,7 +2,7 @@
 
 vLLM gives, per response token, the chosen token and the top k. Three layouts:
 
-* rows (precompute/vllm_arrays.py keeps the engine's own arrays): per position a row of
+* rows (vllm_engine/arrays.py keeps the engine's own arrays): per position a row of
   k + 1 ids and logprobs, the chosen token first (with its logprob), then the top k in
   descending logprob, even when the chosen token is among them. `topk_from_rows` converts
   them with whole-array operations.
@@ -174,7 +174,7 @@ def topk_from_rows(
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per request (ids (T, k) int32, logprobs (T, k) float32, token logprob (T,) float32)
     from the engine's own rows: (ids (T, k + 1), logprobs (T, k + 1), tokens (T,)), per
-    position the chosen token then the top k (precompute.vllm_arrays). The same result as
+    position the chosen token then the top k (vllm_engine.arrays). The same result as
     `topk_from_flat_batch` on the same engine output, without reading Python lists."""
     width = k + 1
     for i, (ids, lps, tokens) in enumerate(requests):

@@ -1,5 +1,5 @@
 """Engine processes die with the process that started them, kill -9 included (issue 15,
-item 3): shards.lifetime's watchdogs, first on stand-in process trees
+item 3): runtime.lifetime's watchdogs, first on stand-in process trees
 (fast), then on precompute's real vLLM engine (slow, one engine)."""
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def kill_9_and_check(proc: subprocess.Popen, tree: list, within_s: float = 5.0) 
 
 PARENT = """
 import multiprocessing as mp, subprocess, sys, time
-from shards.lifetime import guard_children
+from runtime.lifetime import guard_children
 
 def engine_core():  # like vLLM: a spawned process that starts a worker of its own
     subprocess.Popen({sleeper!r})
@@ -121,7 +121,7 @@ def test_unguarded_tree_outlives_kill_9(tmp_path):
 
 LAUNCHER = """
 import sys, threading, time
-from shards.lifetime import spawn_guarded
+from runtime.lifetime import spawn_guarded
 
 def start():  # like TeacherServer.start: a server that starts an engine
     server = spawn_guarded([sys.executable, "-c", {server!r}], start_new_session=True)
@@ -155,7 +155,7 @@ def test_spawn_guarded_command_and_its_children_die(tmp_path, victim):
     else:  # the server alone: its engine (child) must follow it
         try:
             # The launcher lives on, and so does its own watchdog.
-            own_dog = f"shards.lifetime {proc.pid}"
+            own_dog = f"runtime.lifetime {proc.pid}"
             rest = [p for p in tree if p.pid != server_pid and not _cmdline(p).endswith(own_dog)]
             kill_9_and_check(_Pid(server_pid), rest)
         finally:

@@ -34,7 +34,7 @@ from tests.precompute_helpers import K, all_rows, cfg, questions, write_jsonl
 from tests.shards_helpers import make_examples, metadata, row_key, write_examples
 from tests.train_helpers import write_teacher_shards
 from tools import shards as cli
-from tools.teacher_server import free_port
+from vllm_engine.teacher_server import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -20,20 +20,20 @@ import torch
 from shards.reader import ShardReader
 from tests.fixtures.tiny_model import build_tiny_model, tiny_model_dir
 from tests.train_helpers import write_teacher_shards
-from tools.teacher_server import TeacherServer, free_port
 from train.__main__ import main
 from train.batches import ShardBatches
 from train.config import OnPolicyConfig, load_config
 from train.losses import KDSpec
 from train.model import DistillModule
 from train.onpolicy import OnPolicyBatches, cut_at_eos, is_onpolicy
-from train.teacher_client import (
+from vllm_engine.teacher_client import (
     TeacherAnswerError,
     TeacherClient,
     TeacherMismatch,
     TeacherRequestError,
     TeacherUnavailable,
 )
+from vllm_engine.teacher_server import TeacherServer, free_port
 
 K = 16
 AGREE = 1e-4  # vLLM vs transformers, float32

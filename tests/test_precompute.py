@@ -462,7 +462,7 @@ def test_rerun_of_a_finished_folder_loads_no_teacher(tiny, hf, data, tmp_path):
 
 def test_both_backends_declare_the_backend_protocol(hf):
     from precompute.backend import Backend
-    from precompute.vllm_backend import VLLMBackend
+    from vllm_engine.teacher import VLLMBackend
 
     for cls in (HFBackend, VLLMBackend):
         for method in ("generate", "score", "close"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from precompute.__main__ import resolve
+from precompute.job_progress import JobProgress
 from precompute.launch import (
     CPU_WORKERS,
     LaunchError,
@@ -16,7 +17,6 @@ from precompute.launch import (
     slurm_overrides,
     visible_gpus,
 )
-from precompute.progress import JobProgress
 from precompute.run import Summary
 
 GPUS8 = [str(i) for i in range(8)]

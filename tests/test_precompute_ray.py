@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from shards.vllm_env import default_kvcache_space  # noqa: E402
+from vllm_engine.env import default_kvcache_space  # noqa: E402
 
 ray = pytest.importorskip("ray")
 # Passed on to the workers (precompute.ray_runner.FORWARD_ENV).

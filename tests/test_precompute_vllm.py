@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from shards.vllm_env import default_kvcache_space
+from vllm_engine.env import default_kvcache_space
 
 default_kvcache_space()
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
@@ -46,7 +46,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def engine(tiny):
-    from precompute.vllm_backend import VLLMBackend
+    from vllm_engine.teacher import VLLMBackend
 
     # Seeded requests are safe here: the prompts are short enough never to be prefilled in
     # chunks (see sampling.per_request_seed).
@@ -196,7 +196,7 @@ def test_eval_generation_agrees_with_transformers_greedy(engine, tiny):
 
 
 def test_logprob_layouts_write_the_same_shards(engine, tiny, tmp_path):
-    """The engine's own arrays (precompute/vllm_arrays.py) and vLLM's flat lists, converted
+    """The engine's own arrays (vllm_engine/arrays.py) and vLLM's flat lists, converted
     with array operations (shards.topk), give the arrays, and the shard files byte for byte,
     of vLLM's per-position dicts through the per-token loop: teacher forcing and greedy
     generation run in all three layouts in one engine, and sampled generations (different per
@@ -208,10 +208,10 @@ def test_logprob_layouts_write_the_same_shards(engine, tiny, tmp_path):
     from vllm.inputs import TokensPrompt
 
     from precompute.backend import topk_from_entries, topk_from_flat_logprobs
-    from precompute.vllm_arrays import LogprobArrays
     from shards.schema import ShardMetadata
     from shards.topk import topk_arrays
     from shards.writer import ShardRow, ShardWriter
+    from vllm_engine.arrays import LogprobArrays
 
     assert engine.layout == "arrays"  # the default, where this vLLM allows it
     tok = AutoTokenizer.from_pretrained(tiny)

@@ -23,9 +23,9 @@ from precompute.hf_backend import HFBackend
 from precompute.run import run
 from shards.fingerprint import weights_fingerprint
 from shards.reader import ShardFolder, read_rows
-from shards.vllm_env import default_kvcache_space
 from tests.fixtures.tiny_model import build_tiny_model, tiny_model_dir
 from tests.precompute_helpers import K, questions, write_jsonl
+from vllm_engine.env import default_kvcache_space
 
 REPO = Path(__file__).resolve().parents[1]
 

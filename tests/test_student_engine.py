@@ -1,4 +1,4 @@
-"""The colocated vLLM student engine (train/student_engine.py): weight sync and sampling.
+"""The colocated vLLM student engine (vllm_engine/student.py): weight sync and sampling.
 
 One engine for the module (tiny model, float32, in this process). The trainer's model is
 trained a few steps; before the push the engine's logprobs of a fixed sequence must differ
@@ -33,7 +33,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def engine(tiny):
     pytest.importorskip("vllm")
-    from train.student_engine import VLLMStudent
+    from vllm_engine.student import VLLMStudent
 
     e = VLLMStudent(tiny, dtype="float32", max_model_len=256, seed=0, cpu_kv_cache_gib=0.25)
     yield e
@@ -72,7 +72,7 @@ def test_trainer_weights_are_the_checkpoint_names_and_lora_is_merged(tiny):
     adapted weight is W + scale * B @ A (peft's own merge, in float64, as the reference)."""
     from peft import LoraConfig, get_peft_model
 
-    from train.student_engine import trainer_weights
+    from vllm_engine.student import trainer_weights
 
     lm = load(tiny)
     assert [n for n, _ in trainer_weights(lm)] == [n for n, _ in lm.named_parameters()]
@@ -95,7 +95,7 @@ def test_trainer_weights_are_the_checkpoint_names_and_lora_is_merged(tiny):
 
 @pytest.mark.slow
 def test_pushed_weights_give_the_trainers_logprobs(engine, tiny):
-    from train.student_engine import trainer_weights
+    from vllm_engine.student import trainer_weights
 
     lm = load(tiny)
     start = reference_logprobs(lm)
@@ -114,7 +114,7 @@ def test_pushed_weights_give_the_trainers_logprobs(engine, tiny):
 def test_lora_pushes_merged_weights_without_touching_the_trainers(engine, tiny):
     from peft import LoraConfig, get_peft_model
 
-    from train.student_engine import trainer_weights
+    from vllm_engine.student import trainer_weights
 
     lm = get_peft_model(
         load(tiny), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
@@ -151,7 +151,7 @@ def test_samples_are_seeded_per_sample_whatever_the_batch(engine):
 
 CHILD = """
 import sys, time
-from train.student_engine import VLLMStudent
+from vllm_engine.student import VLLMStudent
 e = VLLMStudent(sys.argv[1], dtype="float32", max_model_len=128, cpu_kv_cache_gib=0.25)
 print("ready", flush=True)
 time.sleep(600)

@@ -1,4 +1,4 @@
-"""shards.topk: vLLM's flat logprobs, and the engine's arrays kept by precompute/vllm_arrays.py,
+"""shards.topk: vLLM's flat logprobs, and the engine's arrays kept by vllm_engine/arrays.py,
 converted with array operations equal the per-token loop over vLLM's dicts, on logprobs laid
 out by vLLM's own code (`append_logprobs_for_next_position`, `LogprobsProcessor`) from
 distributions full of ties."""
@@ -159,13 +159,13 @@ def test_batch_equals_one_request_at_a_time():
 
 def processed_arrays(rows, k: int, prompt: bool, pad: int = 0):
     """rows = (ids (T, k + 1), lps (T, k + 1)) through vLLM's LogprobsProcessor with
-    precompute.vllm_arrays installed, as the engine hands them over: sample logprobs one
+    vllm_engine.arrays installed, as the engine hands them over: sample logprobs one
     decoding step at a time, prompt logprobs in two prefill chunks; `pad` extra columns, as
     when another request of the engine's batch asked for more logprobs."""
     from vllm.v1.engine.logprobs import LogprobsProcessor
     from vllm.v1.outputs import LogprobsLists, LogprobsTensors
 
-    from precompute.vllm_arrays import LogprobArrays, install
+    from vllm_engine.arrays import LogprobArrays, install
 
     assert install()
     ids, lps = rows
@@ -202,7 +202,7 @@ def processed_arrays(rows, k: int, prompt: bool, pad: int = 0):
 @pytest.mark.parametrize("prompt", [False, True])
 @pytest.mark.parametrize("k", [1, 3, 8, 20])
 def test_engine_arrays_equal_the_dict_loop_with_ties(k, prompt):
-    """precompute/vllm_arrays.py keeps vLLM's arrays instead of lists: converted with
+    """vllm_engine/arrays.py keeps vLLM's arrays instead of lists: converted with
     topk_from_rows they equal the per-token loop over vLLM's dicts of the same positions."""
     from precompute.backend import topk_from_logprob_arrays
 

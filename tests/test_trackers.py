@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shards.progress import LineProgress, line_progress_factory, progress
+from runtime.progress import LineProgress, line_progress_factory, progress
 from tests.fixtures.tiny_model import build_tiny_model, tiny_model_dir
 from tests.train_helpers import write_teacher_shards
 from train.config import load_config

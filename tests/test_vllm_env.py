@@ -1,4 +1,4 @@
-"""The vLLM CPU KV-cache default is set in one place (shards/vllm_env.py), and a value the
+"""The vLLM CPU KV-cache default is set in one place (vllm_engine/env.py), and a value the
 user set wins."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from shards.vllm_env import KVCACHE_SPACE_VAR, default_kvcache_space
+from vllm_engine.env import KVCACHE_SPACE_VAR, default_kvcache_space
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -214,7 +214,7 @@ def run_stage(stages: Stages, key: str, cmd: list[str]) -> None:
 
 
 def run_seed(args, stages: Stages, seed: int) -> None:
-    from tools.teacher_server import TeacherServer
+    from vllm_engine.teacher_server import TeacherServer
 
     server = None
     try:

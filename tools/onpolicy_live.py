@@ -4,7 +4,7 @@
         [--teacher-url URL] [--config configs/train/onpolicy.yaml] [key=value ...]
 
 Live on-policy training needs a teacher server beside the trainer. This starts one (vLLM's
-OpenAI-compatible api_server with the teacher, tools/teacher_server.py) on a free local
+OpenAI-compatible api_server with the teacher, vllm_engine/teacher_server.py) on a free local
 port, trains against it, and stops it, also when training fails or is interrupted.
 `--teacher-url` uses a server that is already running instead (`make teacher-server`, or one
 on another machine). The shards (`make precompute`) give the prompts, in both views. The
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     if args.teacher_url:
         run(onpolicy_command(args, args.teacher_url))
         return 0
-    from tools.teacher_server import TeacherServer
+    from vllm_engine.teacher_server import TeacherServer
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
     log = Path(args.out) / "teacher-server.log"

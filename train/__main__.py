@@ -21,7 +21,7 @@ from train.config import dump_config, load_config, to_dict
 from train.logger import Logger
 from train.setup import build_run, evaluate
 from train.step import train_step
-from train.teacher_client import TeacherUnavailable
+from vllm_engine.teacher_client import TeacherUnavailable
 
 
 def main(argv=None) -> None:

@@ -22,7 +22,7 @@ from typing import Literal
 
 import yaml
 
-from shards.typed_config import apply_overrides, build
+from runtime.typed_config import apply_overrides, build
 from train.losses import KDSpec
 
 # Keys of older configs, and what replaced them (named in the unknown-key error).

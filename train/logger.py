@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from shards.progress import progress
+from runtime.progress import progress
 
 PROJECT = "kdshards"
 TRACKERS = ("wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab")

@@ -4,7 +4,7 @@
 b % grad_accum) a draw seeded by (seed, step, index) decides, with probability `lmbda`,
 whether the batch is on-policy: the student samples `n_samples` responses to the student
 view of the shard batch's prompts (with `sampler=vllm` a vLLM engine in this process,
-train/student_engine.py, whose weights `after_step` refreshes every `sync_every` optimizer
+vllm_engine/student.py, whose weights `after_step` refreshes every `sync_every` optimizer
 steps; with `sampler=hf` Hugging Face `generate` with KV cache), and the teacher server
 scores each sample on the teacher view (teacher_prompt_ids + sample) with its top-k prompt
 logprobs. Otherwise the shard batch is trained as is (the teacher's responses, or
@@ -33,7 +33,7 @@ import torch
 from shards.codec import tail_logprob_of
 from train.batches import Batch, ShardBatches, collate
 from train.config import OnPolicyConfig
-from train.teacher_client import TeacherClient
+from vllm_engine.teacher_client import TeacherClient
 
 MIX, SAMPLE = 0, 1  # seed streams
 
@@ -164,7 +164,7 @@ class OnPolicyBatches:
 
     def sync(self) -> None:
         """Push the trainer's weights into the student engine, in place."""
-        from train.student_engine import trainer_weights
+        from vllm_engine.student import trainer_weights
 
         t0 = time.monotonic()
         self.engine.push(trainer_weights(self.student()))
@@ -418,7 +418,7 @@ def build_onpolicy(cfg, shards: ShardBatches, accelerator, module, tokenizer) ->
         )
     engine = None
     if op.sampler == "vllm":
-        from train.student_engine import VLLMStudent
+        from vllm_engine.student import VLLMStudent
 
         if cfg.model.quantize != "none":
             raise ValueError(

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from shards.vllm_env import default_kvcache_space
+from vllm_engine.env import default_kvcache_space
 
 
 def generate_vllm(llm, prompts: list[list[int]], max_tokens: int, temperature: float, seed: int):
@@ -39,7 +39,7 @@ def generate_vllm(llm, prompts: list[list[int]], max_tokens: int, temperature: f
         )
         for p in prompts
     ]
-    from shards.progress import line_progress_factory
+    from runtime.progress import line_progress_factory
 
     # vLLM's own bar (prompts, tokens/s, ETA), as plain lines when the output is a log.
     outs = llm.generate(
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
-        from shards.lifetime import guard_children
+        from runtime.lifetime import guard_children
 
         guard_children()  # vLLM's engine processes must not outlive this one (kill -9 too)
         llm = LLM(

@@ -38,11 +38,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.vllm_env import default_kvcache_space
 from tools.eval.report import BASELINE, write_report
 from tools.eval.trackers import log_results
 from train import checkpoint as ckpt
 from train.logger import tracker_names
+from vllm_engine.env import default_kvcache_space
 
 DEFAULT_CONFIG = "configs/precompute.yaml"
 VIEWS = {"q": "Q", "qe": "Q+E"}
@@ -190,7 +190,7 @@ def generations(spec: ModelSpec, prompts: list[dict], args, cache: Path) -> dict
         "--seed", str(args.seed),
     ]  # fmt: skip
     print(f"[eval] {spec.name}: {len(prompts)} prompts\n$ {shlex.join(cmd)}", flush=True)
-    from shards.lifetime import spawn_guarded
+    from runtime.lifetime import spawn_guarded
 
     proc = spawn_guarded(cmd)  # dies with this process (kill -9 too), its engine with it
     if proc.wait() != 0:

@@ -74,7 +74,7 @@ def guard_children(pid: int | None = None) -> subprocess.Popen | None:
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
     dog = subprocess.Popen(
-        [sys.executable, "-m", "shards.lifetime", str(pid)],
+        [sys.executable, "-m", "runtime.lifetime", str(pid)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         env=env,

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import torch
 
-from shards.vllm_env import KVCACHE_SPACE_VAR
+from vllm_engine.env import KVCACHE_SPACE_VAR
 
 
 def trainer_weights(lm: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -2,12 +2,11 @@
 
 vLLM on the CPU spawns its engine processes, so callers need an `if __name__ == "__main__"`
 guard (python -m precompute has one), and its KV-cache size needs a default
-(shards/vllm_env.py).
+(vllm_engine/env.py).
 """
 
 from __future__ import annotations
 
-from precompute import vllm_arrays
 from precompute.backend import (
     Scored,
     topk_from_entries,
@@ -15,8 +14,9 @@ from precompute.backend import (
     topk_from_logprob_arrays,
 )
 from precompute.config import SamplingConfig, check_engine_args
-from shards.lifetime import guard_children
-from shards.vllm_env import default_kvcache_space
+from runtime.lifetime import guard_children
+from vllm_engine import arrays as vllm_arrays
+from vllm_engine.env import default_kvcache_space
 
 LOGPROBS_MODE = "raw_logprobs"
 LAYOUTS = ("arrays", "flat", "dicts")
@@ -57,7 +57,7 @@ class VLLMBackend:  # implements precompute.backend.Backend
             self.per_request_seed = per_request_seed == "true"
         self.k = k
         # How vLLM hands over each request's logprobs (BENCHMARKS.md, "Precompute host
-        # path"): "arrays", the engine's own arrays (precompute/vllm_arrays.py; "flat" where
+        # path"): "arrays", the engine's own arrays (vllm_engine/arrays.py; "flat" where
         # this vLLM lacks the internals it needs); "flat", a few flat Python lists per request
         # (SamplingParams(flat_logprobs=True)); "dicts", a dict of Logprob objects per
         # position. All three give the same shards (tests compare them).

@@ -34,14 +34,14 @@ def reporter(put, worker: int):
 
 
 class JobProgress:
-    """The job's progress bar (shards/progress.py): examples done of the job's total, rows,
+    """The job's progress bar (runtime/progress.py): examples done of the job's total, rows,
     tokens/s and ETA.
 
     The total is known per worker once it reports its first event (a worker that starts
     later adds its share)."""
 
     def __init__(self, workers: int, enabled: bool = True):
-        from shards.progress import progress
+        from runtime.progress import progress
 
         self.workers = workers
         self.t0 = time.time()
