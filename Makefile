@@ -115,7 +115,7 @@ demo: setup models ## data -> precompute -> train (SKD, SeqKD) -> eval report, o
 # make demo-onpolicy [ONPOLICY_DEMO_ARGS='--seeds 0,1 --test-questions 1000 ...']
 ONPOLICY_DEMO_ARGS ?=
 demo-onpolicy: setup models ## on-policy vs SKD: SKD, SeqKD, live, two-stage, rounds x 2 seeds, paired tests
-	$(PYTHON) -m tools.demo_onpolicy $(ONPOLICY_DEMO_ARGS)
+	$(PYTHON) -m bench.demo_onpolicy $(ONPOLICY_DEMO_ARGS)
 
 # make teacher-server [TEACHER_MODEL= TEACHER_PORT=8000 TEACHER_HOST=127.0.0.1 TEACHER_DTYPE=]
 # Foreground: Ctrl-C stops it. On GPU machines TEACHER_DTYPE=bfloat16 (or auto) is usual.
@@ -135,18 +135,18 @@ bench-onpolicy: setup models ## on-policy step: generation / teacher wait / sync
 
 # make onpolicy-rounds ROUNDS=2 [STUDENT= DATA= WORK=runs/rounds ROUNDS_METHOD=jsd STEPS=]
 #   [ROUNDS_ARGS='--n 2 --teacher-shards out/shards --teacher-weight 0.5 --previous-weight 0.5
-#    --train-args "loss.beta=1" ...']   (python -m tools.rounds --help lists the options)
+#    --train-args "loss.beta=1" ...']   (python -m tools.onpolicy.rounds --help lists the options)
 ROUNDS        ?= 2
 ROUNDS_METHOD ?= jsd
 onpolicy-rounds: setup models $(DEFAULT_DATA) ## on-policy as data: R rounds of student samples -> teacher scores -> training
-	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(PYTHON) -m tools.rounds --rounds $(ROUNDS) \
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(PYTHON) -m tools.onpolicy.rounds --rounds $(ROUNDS) \
 	  --teacher $(TEACHER_MODEL) --student $(or $(STUDENT),$(MODELS_DIR)/smollm2-student) \
 	  --data $(or $(DATA),data/default/train.jsonl) --work $(or $(WORK),runs/rounds) \
 	  --train-config configs/train/$(ROUNDS_METHOD).yaml $(if $(STEPS),--steps $(STEPS)) $(ROUNDS_ARGS)
 
 # make onpolicy-live | onpolicy-two-stage [SHARDS=out/shards RUN= STUDENT= STEPS= TEACHER_MODEL=
 #                                          TEACHER_URL= ARGS='key=value ...']
-ONPOLICY_LIVE = $(PYTHON) -m tools.onpolicy_live --shards $(or $(SHARDS),out/shards) \
+ONPOLICY_LIVE = $(PYTHON) -m tools.onpolicy.live --shards $(or $(SHARDS),out/shards) \
 	--teacher $(TEACHER_MODEL) $(if $(TEACHER_URL),--teacher-url $(TEACHER_URL)) \
 	$(if $(STUDENT),model.path=$(STUDENT)) $(if $(STEPS),max_steps=$(STEPS)) $(ARGS)
 onpolicy-live: setup models ## live on-policy: starts a teacher server, trains against it, stops it

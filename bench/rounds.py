@@ -7,7 +7,7 @@ each step samples `max_prompts` answers with the trainer's student, has a vLLM t
 score them and updates; samples / max_prompts steps. Timed: the training command (model load
 included) and, apart, the teacher server's start.
 
-Rounds (`python -m tools.rounds --rounds 1`): the student samples all the prompts with vLLM,
+Rounds (`python -m tools.onpolicy.rounds --rounds 1`): the student samples all the prompts with vLLM,
 the teacher scores them with vLLM (both through precompute), then the same number of steps
 trains on them, `max_prompts` samples per step (data.max_rows). Timed: each of the three
 commands, engine starts included.
@@ -90,7 +90,7 @@ def rounds(args, steps: int) -> dict:
     work = CACHE / "rounds"
     shutil.rmtree(work, ignore_errors=True)
     cmd = [
-        sys.executable, "-m", "tools.rounds", "--rounds", "1", "--teacher", args.teacher,
+        sys.executable, "-m", "tools.onpolicy.rounds", "--rounds", "1", "--teacher", args.teacher,
         "--student", args.student, "--data", str(data), "--work", str(work),
         "--train-config", "configs/train/onpolicy.yaml", "--steps", str(steps), "--n", "1",
         "--max-tokens", str(args.max_new_tokens), "--temperature", "1.0", "--k", str(args.k),
@@ -102,7 +102,7 @@ def rounds(args, steps: int) -> dict:
         cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ).stdout
     total = time.time() - t0
-    # tools.rounds prints "--- round 1: <title>: <seconds> s" after each command.
+    # tools.onpolicy.rounds prints "--- round 1: <title>: <seconds> s" after each command.
     titles = {"samples its": "sample_s", "scores the": "score_s", "trains on": "train_s"}
     times = {
         key: float(m.group(2))

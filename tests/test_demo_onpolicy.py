@@ -16,8 +16,8 @@ import pytest
 
 from precompute.default_data import build_splits
 from tests.test_eval import fake_run, result
-from tools import demo_onpolicy as demo
-from tools.demo_onpolicy_report import write_summary
+from bench import demo_onpolicy as demo
+from bench.demo_onpolicy_report import write_summary
 from tools.eval.report import write_report
 
 
@@ -103,7 +103,7 @@ def test_summary_matches_a_naive_computation(tmp_path):
         for i, name in enumerate(("precompute", "skd", "seqkd", "teacher_server", "onpolicy",
                                   "two_stage", "rounds", "eval"))
     }  # fmt: skip
-    out = write_summary(report, [0, 1], stages, command="python -m tools.demo_onpolicy")
+    out = write_summary(report, [0, 1], stages, command="python -m bench.demo_onpolicy")
     doc = json.loads((report / "summary.json").read_text())
     text = out.read_text()
     for s in (0, 1):
@@ -132,7 +132,7 @@ def test_summary_matches_a_naive_computation(tmp_path):
 
 
 def test_openings_sort_responses_by_how_they_begin():
-    from tools.demo_onpolicy_report import openings
+    from bench.demo_onpolicy_report import openings
 
     examples = [
         {"response": "7 * 8 = 56. The answer is 56.", "score": 1.0},

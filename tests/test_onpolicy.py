@@ -369,7 +369,7 @@ def test_two_stage_in_one_command_starts_on_policy_from_skds_weights(
 ):
     """make onpolicy-two-stage: SKD, then on-policy from SKD's final checkpoint (not from
     model.path=, which was SKD's start); a re-run finds both finished and changes nothing."""
-    from tools import onpolicy_live
+    from tools.onpolicy import live as onpolicy_live
     from train.checkpoint import checkpoint_config, latest_checkpoint
 
     out = tmp_path / "ts"

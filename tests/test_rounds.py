@@ -1,4 +1,4 @@
-"""On-policy rounds (tools/rounds.py) and what they need from precompute.
+"""On-policy rounds (tools/onpolicy/rounds.py) and what they need from precompute.
 
 The end-to-end test runs two rounds with the real vLLM CPU engine on the tiny model, killed
 with SIGKILL during a round's sampling and during a round's training, then re-run: no row is
@@ -90,7 +90,7 @@ N_PROMPTS, N_SAMPLES, STEPS = 12, 2, 24
 
 def rounds_cmd(tiny, student, data, work):
     return [
-        sys.executable, "-m", "tools.rounds", "--rounds", "2", "--teacher", str(tiny),
+        sys.executable, "-m", "tools.onpolicy.rounds", "--rounds", "2", "--teacher", str(tiny),
         "--student", str(student), "--data", str(data), "--work", str(work),
         "--precompute-config", "", "--steps", str(STEPS), "--n", str(N_SAMPLES),
         "--max-tokens", "8", "--k", "8", "--previous-weight", "0.5",

@@ -1,7 +1,7 @@
 """A weighted mixture of shard folders: each micro-batch comes from one folder, drawn at random.
 
 Typical mixtures: a teacher's thinking and non-thinking outputs, two teachers, or a teacher
-plus the student's own on-policy rounds (tools/rounds.py). The folders must share the
+plus the student's own on-policy rounds (tools/onpolicy/rounds.py). The folders must share the
 student's tokenizer; their k, teacher and sampling may differ.
 
 Sampling is by trained tokens. Micro-batch n draws folder i with probability proportional to

@@ -14,7 +14,7 @@ For every seed (teacher sampling, training, student sampling), five students:
 - onpolicy:  live on-policy, lmbda = 1: every step the student samples with its colocated
              vLLM engine and a teacher server scores the samples (configs/train/onpolicy.yaml);
 - two_stage: SKD, then the same live on-policy from SKD's final checkpoint;
-- rounds:    on-policy as data (tools/rounds.py): the student samples all prompts, the
+- rounds:    on-policy as data (tools/onpolicy/rounds.py): the student samples all prompts, the
              teacher scores them, the student trains; twice.
 
 Then `python -m tools.eval` per seed on the held-out questions, with SKD as the reference
@@ -147,7 +147,7 @@ def seed_stages(args, seed: int, teacher_url: str = "{teacher_url}") -> list[Sta
             [
                 PY,
                 "-m",
-                "tools.rounds",
+                "tools.onpolicy.rounds",
                 "--rounds",
                 str(args.rounds),
                 "--teacher",
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
         run_stage(stages, "data", data_stage(args).cmd)
     for seed in seeds:
         run_seed(args, stages, seed)
-    from tools.demo_onpolicy_report import write_summary
+    from bench.demo_onpolicy_report import write_summary
 
     summary = write_summary(Path(args.report), seeds, stages.done, command=argv_command(argv))
     print(f"\nOn-policy demo done in {time.time() - t0:.0f} s. Summary: {summary}")
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
 
 
 def argv_command(argv) -> str:
-    return shlex.join(["python", "-m", "tools.demo_onpolicy", *(argv or sys.argv[1:])])
+    return shlex.join(["python", "-m", "bench.demo_onpolicy", *(argv or sys.argv[1:])])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """On-policy rounds, the offline form of on-policy distillation: every round is data.
 
-    python -m tools.rounds --rounds R --teacher T --student S --data Q.jsonl --work DIR
+    python -m tools.onpolicy.rounds --rounds R --teacher T --student S --data Q.jsonl --work DIR
     (make onpolicy-rounds ROUNDS=R TEACHER=T STUDENT=S DATA=Q.jsonl WORK=DIR)
 
 Round r (1-based) runs four ordinary commands, each printed before it runs:
@@ -66,7 +66,7 @@ IDENTITY = (
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m tools.rounds", description=__doc__.split("\n\n")[0]
+        prog="python -m tools.onpolicy.rounds", description=__doc__.split("\n\n")[0]
     )
     ap.add_argument("--rounds", type=int, required=True, help="rounds to have finished")
     ap.add_argument("--teacher", required=True, help="teacher model folder (scores on Q+E)")

@@ -1,6 +1,6 @@
 """make onpolicy-live / make onpolicy-two-stage: live on-policy distillation in one command.
 
-    python -m tools.onpolicy_live --shards DIR --out RUN [--two-stage] [--teacher T]
+    python -m tools.onpolicy.live --shards DIR --out RUN [--two-stage] [--teacher T]
         [--teacher-url URL] [--config configs/train/onpolicy.yaml] [key=value ...]
 
 Live on-policy training needs a teacher server beside the trainer. This starts one (vLLM's
