@@ -7,9 +7,9 @@ each step samples `max_prompts` answers with the trainer's student, has a vLLM t
 score them and updates; samples / max_prompts steps. Timed: the training command (model load
 included) and, apart, the teacher server's start.
 
-Rounds (`python -m tools.onpolicy.rounds --rounds 1`): the student samples all the prompts with vLLM,
-the teacher scores them with vLLM (both through precompute), then the same number of steps
-trains on them, `max_prompts` samples per step (data.max_rows). Timed: each of the three
+Rounds (`python -m tools.onpolicy.rounds --rounds 1`): the student samples all the prompts
+with vLLM, the teacher scores them with vLLM (both through precompute), then the same number
+of steps trains on them, `max_prompts` samples per step (data.max_rows). Timed: each of the three
 commands, engine starts included.
 
 Same student, teacher, prompts (the first `samples` questions of --data), max_new_tokens,

@@ -1,12 +1,14 @@
 """On-policy rounds (tools/onpolicy/rounds.py) and what they need from precompute.
 
-The end-to-end test runs two rounds with the real vLLM CPU engine on the tiny model, killed
-with SIGKILL during a round's sampling and during a round's training, then re-run: no row is
-lost or duplicated, and finished rounds are left as they were.
+The end-to-end test runs two rounds with the real vLLM CPU engine on the tiny model, its
+runner killed with SIGKILL during a round's sampling and during a round's training (the
+stage's whole process tree must die with it), then re-run: no row is lost or duplicated,
+and finished rounds are left as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -109,14 +111,25 @@ def start(cmd):
 
 
 def kill_when(proc, ready, timeout=600):
-    """SIGKILL the whole process group (the engine's processes too) once ready() holds."""
+    """SIGKILL the runner alone once ready() holds (as a user's kill -9 would), then check
+    that its stage's whole tree (precompute or train, their workers, vLLM's EngineCore, the
+    watchdogs) is gone within seconds: nothing is left to write beside the re-run."""
+    import psutil
+
     deadline = time.time() + timeout
     while not ready():
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline, "timed out waiting to kill"
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    assert tree  # the stage's command and what it started
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    gone, alive = psutil.wait_procs(tree, timeout=15)
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"alive 15 s after kill -9 of the runner: {alive}"
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # nothing should be left; never leak on failure
 
 
 def files(folder: Path) -> list[str]:
@@ -152,7 +165,9 @@ def test_two_rounds_killed_and_resumed(tiny, tmp_path):
     kill_when(proc, lambda: latest_step(r2 / "train") >= 3)
     assert latest_step(r2 / "train") < STEPS
     state = json.loads((work / "rounds.json").read_text())
-    assert state["done"]["1"] == ["samples", "responses", "shards", "train"]
+    assert [k for k in state["done"] if k.startswith("round-001/")] == [
+        f"round-001/{step}" for step in ("samples", "responses", "shards", "train")
+    ]
     before = snapshot(r1)
     # 3. Re-run to the end: round 1 is not touched, round 2 continues its training.
     proc = start(cmd)

@@ -3,15 +3,15 @@
     python -m tools.onpolicy.rounds --rounds R --teacher T --student S --data Q.jsonl --work DIR
     (make onpolicy-rounds ROUNDS=R TEACHER=T STUDENT=S DATA=Q.jsonl WORK=DIR)
 
-Round r (1-based) runs four ordinary commands, each printed before it runs:
+Round r (1-based) runs four stages (tools/stages.py), each printed before it runs:
 
 1. samples: the current student (S in round 1, then the final checkpoint of round r-1)
    generates responses to the student view Q with vLLM (`python -m precompute` in generate
    mode, `teacher=` the student's folder, `generator_view=student`, k=1: the student's own
    top-k is not needed);
-2. responses: those samples become a score-mode input file, each response as its exact token
-   ids (`score.response_ids_field`, no re-tokenization), beside the example's messages,
-   experience and answer;
+2. responses (in this process): those samples become a score-mode input file, each
+   response as its exact token ids (`score.response_ids_field`, no re-tokenization), beside
+   the example's messages, experience and answer;
 3. shards: the teacher scores the samples on the teacher view Q+E (`python -m precompute`
    in score mode, `source=student`); the metadata's `extra.tags` records the round and the
    student's folder and weights fingerprint;
@@ -21,27 +21,29 @@ Round r (1-based) runs four ordinary commands, each printed before it runs:
    of on-policy's lmbda. Each round is a fresh run of `--steps` steps in its own folder,
    starting from the previous round's weights (a fresh optimizer state per round).
 
-Resume: `DIR/rounds.json` (written atomically) lists the steps finished per round; a re-run
-skips them, so a finished round is never redone, and continues the interrupted step with
-the step's own resume: precompute skips the examples of committed files, train continues
-from its latest checkpoint (resume=true). Nothing is lost or duplicated. Re-running with a
-larger --rounds adds rounds; other settings than the first run's are refused.
+Resume: `DIR/rounds.json` (the stage runner's state, written atomically and durably) lists
+the finished stages, round-RRR/<step>; a re-run skips them, so a finished round is never
+redone, and continues the interrupted step with the step's own resume: precompute skips the
+examples of committed files, train continues from its latest checkpoint (resume=true).
+Nothing is lost or duplicated. Re-running with a larger --rounds adds rounds; other settings
+than the first run's are refused. A command's whole process tree (precompute's workers,
+vLLM's EngineCore) dies with this process, kill -9 included, so a re-run never runs beside
+a leftover of the killed one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from tools.stages import Runner, Stage, later, write_durably
+
 PY = sys.executable
 STATE = "rounds.json"
-STEPS = ("samples", "responses", "shards", "train")
 # Settings that decide what the rounds produce: a re-run must use the same ones.
 IDENTITY = (
     "teacher",
@@ -101,50 +103,6 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def step(title: str, cmd: list[str]) -> None:
-    print(f"\n=== {title}\n$ {shlex.join(cmd)}", flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, check=True)
-    print(f"--- {title}: {time.time() - t0:.1f} s", flush=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class State:
-    """DIR/rounds.json: the settings of the first run and the steps finished per round."""
-
-    def __init__(self, work: Path, identity: dict):
-        self.path = work / STATE
-        if self.path.exists():
-            self.data = json.loads(self.path.read_text())
-            if self.data["settings"] != identity:
-                diff = [k for k in identity if self.data["settings"].get(k) != identity[k]]
-                raise SystemExit(
-                    f"{self.path}: the rounds there were made with other settings "
-                    f"({', '.join(diff)}); use another --work folder"
-                )
-        else:
-            self.data = {"settings": identity, "done": {}}
-            self.save()
-
-    def done(self, r: int, name: str) -> bool:
-        return name in self.data["done"].get(str(r), [])
-
-    def finish(self, r: int, name: str) -> None:
-        self.data["done"].setdefault(str(r), []).append(name)
-        self.save()
-
-    def save(self) -> None:
-        write_atomic(self.path, json.dumps(self.data, indent=1) + "\n")
-
-
 def round_dir(work: Path, r: int) -> Path:
     return work / f"round-{r:03d}"
 
@@ -202,7 +160,8 @@ def write_responses(args, samples: Path, out: Path) -> int:
                 ensure_ascii=False,
             )
         )
-    write_atomic(out, "".join(line + "\n" for line in lines))
+    write_durably(out, "".join(line + "\n" for line in lines))
+    print(f"{len(lines)} samples -> {out}", flush=True)
     return len(lines)
 
 
@@ -220,54 +179,64 @@ def mixture(args, work: Path, r: int) -> str:
     return ",".join(f"{p}:{w:.6g}" for p, w in parts)
 
 
-def run_round(args, work: Path, state: State, r: int) -> None:
+def round_stages(args, work: Path, r: int) -> list[Stage]:
+    """Round r's four stages, named round-RRR/<step>. The sampler of a round after the
+    first is the previous round's final checkpoint: a `later` argument, found when the
+    stage starts."""
     from shards.fingerprint import weights_fingerprint
 
     d = round_dir(work, r)
-    d.mkdir(parents=True, exist_ok=True)
-    student = student_of(args, work, r)
+
+    def sampler() -> Path:  # known once round r-1 has trained
+        return student_of(args, work, r)
+
+    student = later(sampler)
     _, common = split_args(args.precompute_args)
-    if not state.done(r, "samples"):
-        step(
-            f"round {r}: the student samples its responses to Q",
-            [PY, "-m", "precompute", "--mode", "generate", "--backend", args.backend,
-             "--config", args.precompute_config, "--teacher", str(student),
-             "--student", str(student), "--data", args.data, "--out", str(d / "samples"),
-             "--k", "1", "--n", str(args.n), "--no-progress", "generator_view=student",
-             "source=student", f"sampling.max_tokens={args.max_tokens}",
-             f"sampling.temperature={args.temperature}", f"sampling.seed={args.seed + r}",
-             f"tags.round={r}", *shlex.split(args.precompute_args)],
-        )  # fmt: skip
-        state.finish(r, "samples")
-    if not state.done(r, "responses"):
-        n = write_responses(args, d / "samples", d / "responses.jsonl")
-        print(f"--- round {r}: {n} samples -> {d / 'responses.jsonl'}", flush=True)
-        state.finish(r, "responses")
-    if not state.done(r, "shards"):
-        step(
-            f"round {r}: the teacher scores the samples on Q+E",
-            [PY, "-m", "precompute", "--mode", "score", "--backend", args.backend,
-             "--config", args.precompute_config, "--teacher", args.teacher,
-             "--student", str(student),
-             "--data", str(d / "responses.jsonl"), "--out", str(d / "shards"),
-             "--k", str(args.k), "--no-progress", "source=student",
-             "score.response_ids_field=response_ids", "score.append_eos=false",
-             "data.id_field=id", "data.messages_field=messages",
-             "data.experience_field=experience", "data.answer_field=answer",
-             "data.response_field=response", f"tags.round={r}", f"tags.student={student}",
-             f"tags.student_fingerprint={weights_fingerprint(student)}", *common],
-        )  # fmt: skip
-        state.finish(r, "shards")
-    if not state.done(r, "train"):
-        step(
-            f"round {r}: the student trains on the scored samples",
-            [PY, "-m", "train", args.train_config, f"model.path={student}",
-             f"data.shards={mixture(args, work, r)}", f"out_dir={d / 'train'}",
-             f"max_steps={args.steps}", f"seed={args.seed + r}", "resume=true",
-             "onpolicy.teacher_url=",  # offline: the teacher's scores are in the shards
-             *shlex.split(args.train_args)],
-        )  # fmt: skip
-        state.finish(r, "train")
+    first = [args.student] if r == 1 else [round_dir(work, r - 1) / "train"]
+    return [
+        Stage(
+            f"{d.name}/samples", f"round {r}: the student samples its responses to Q",
+            cmd=[PY, "-m", "precompute", "--mode", "generate", "--backend", args.backend,
+                 "--config", args.precompute_config, "--teacher", student,
+                 "--student", student, "--data", args.data, "--out", d / "samples",
+                 "--k", "1", "--n", str(args.n), "--no-progress", "generator_view=student",
+                 "source=student", f"sampling.max_tokens={args.max_tokens}",
+                 f"sampling.temperature={args.temperature}", f"sampling.seed={args.seed + r}",
+                 f"tags.round={r}", *shlex.split(args.precompute_args)],
+            inputs=[args.data, *first], outputs=[d / "samples"],
+        ),
+        Stage(
+            f"{d.name}/responses", f"round {r}: the samples become the teacher's input",
+            fn=lambda: write_responses(args, d / "samples", d / "responses.jsonl"),
+            inputs=[d / "samples"], outputs=[d / "responses.jsonl"],
+        ),
+        Stage(
+            f"{d.name}/shards", f"round {r}: the teacher scores the samples on Q+E",
+            cmd=[PY, "-m", "precompute", "--mode", "score", "--backend", args.backend,
+                 "--config", args.precompute_config, "--teacher", args.teacher,
+                 "--student", student,
+                 "--data", d / "responses.jsonl", "--out", d / "shards",
+                 "--k", str(args.k), "--no-progress", "source=student",
+                 "score.response_ids_field=response_ids", "score.append_eos=false",
+                 "data.id_field=id", "data.messages_field=messages",
+                 "data.experience_field=experience", "data.answer_field=answer",
+                 "data.response_field=response", f"tags.round={r}",
+                 later(lambda: f"tags.student={sampler()}"),
+                 later(lambda: f"tags.student_fingerprint={weights_fingerprint(sampler())}"),
+                 *common],
+            inputs=[d / "responses.jsonl"], outputs=[d / "shards"],
+        ),
+        Stage(
+            f"{d.name}/train", f"round {r}: the student trains on the scored samples",
+            cmd=[PY, "-m", "train", args.train_config,
+                 later(lambda: f"model.path={sampler()}"),
+                 f"data.shards={mixture(args, work, r)}", f"out_dir={d / 'train'}",
+                 f"max_steps={args.steps}", f"seed={args.seed + r}", "resume=true",
+                 "onpolicy.teacher_url=",  # offline: the teacher's scores are in the shards
+                 *shlex.split(args.train_args)],
+            inputs=[d / "shards"], outputs=[d / "train"],
+        ),
+    ]  # fmt: skip
 
 
 def main(argv=None) -> None:
@@ -279,13 +248,16 @@ def main(argv=None) -> None:
         raise SystemExit("rounds sample with vLLM from full checkpoints: model.lora=true is not")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    state = State(work, {k: getattr(args, k) for k in IDENTITY})
+    runner = Runner(work / STATE, settings={k: getattr(args, k) for k in IDENTITY})
     t0 = time.time()
+    stages = []
     for r in range(1, args.rounds + 1):
-        if all(state.done(r, s) for s in STEPS):
+        todo = round_stages(args, work, r)
+        if all(runner.is_done(s.name) for s in todo):
             print(f"round {r}: finished earlier", flush=True)
-            continue
-        run_round(args, work, state, r)
+        else:
+            stages += todo
+    runner.run(stages)
     print(
         f"\n{args.rounds} round(s) in {time.time() - t0:.0f} s; the student: "
         f"{student_of(args, work, args.rounds + 1)}",
