@@ -12,7 +12,9 @@ key=value overrides go to every training command (model.path=, max_steps=, onpol
 
 --two-stage: SKD from the shards first (configs/train/skd.yaml, into RUN/skd), then
 on-policy from SKD's final weights (into RUN/onpolicy); the server starts only for the
-second stage. Both stages resume (resume=true): a re-run continues where it stopped.
+second stage. Both stages resume (resume=true): a re-run continues where it stopped. The
+stages run on tools/stages.py: each printed before it runs, the trainer's and the server's
+process trees die with this process, kill -9 included.
 
 Multi-GPU training (torchrun, DeepSpeed) stays `make teacher-server` beside
 `make train METHOD=onpolicy GPUS=n TEACHER_URL=...`.
@@ -21,10 +23,10 @@ Multi-GPU training (torchrun, DeepSpeed) stays `make teacher-server` beside
 from __future__ import annotations
 
 import argparse
-import shlex
-import subprocess
 import sys
 from pathlib import Path
+
+from tools.stages import Runner, Service, Stage, later
 
 PY = sys.executable
 
@@ -57,47 +59,56 @@ def final_model(run: Path) -> Path:
     return model
 
 
-def skd_command(args) -> list[str]:
-    out = Path(args.out) / "skd"
-    return [PY, "-m", "train", args.skd_config, f"data.shards={args.shards}", f"out_dir={out}",
-            "resume=true", *args.overrides]  # fmt: skip
+def teacher_service(args) -> Service:
+    """The teacher server, started on a free local port for the on-policy stage."""
+
+    def start():
+        from vllm_engine.teacher_server import TeacherServer
+
+        log = Path(args.out) / "teacher-server.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"teacher server: {args.teacher}, log {log}", flush=True)
+        return TeacherServer(
+            args.teacher, max_model_len=args.max_model_len, max_logprobs=args.max_logprobs, log=log
+        ).start()
+
+    return Service("teacher server", start)
 
 
-def onpolicy_command(args, teacher_url: str) -> list[str]:
-    out = Path(args.out) / "onpolicy" if args.two_stage else Path(args.out)
-    overrides = list(args.overrides)
-    if args.two_stage:  # the student is SKD's result; model.path= was SKD's start
-        overrides = [o for o in overrides if not o.startswith("model.path=")]
-        overrides.append(f"model.path={final_model(Path(args.out) / 'skd')}")
-    return [PY, "-m", "train", args.config, f"data.shards={args.shards}", f"out_dir={out}",
-            "resume=true", f"onpolicy.teacher_url={teacher_url}", *overrides]  # fmt: skip
+def stages(args) -> list[Stage]:
+    """[skd (two-stage only), onpolicy]. Two-stage's on-policy student is SKD's final
+    checkpoint, found when the stage starts; it comes after the overrides, so it wins over
+    their model.path= (SKD's start)."""
+    out = Path(args.out)
+    services = [] if args.teacher_url else [teacher_service(args)]
+    url = later(lambda: f"onpolicy.teacher_url={args.teacher_url or services[0]().url}")
 
+    def train(config: str, run: Path, *extra) -> list:
+        return [PY, "-m", "train", config, f"data.shards={args.shards}", f"out_dir={run}",
+                "resume=true", *extra, *args.overrides]  # fmt: skip
 
-def run(cmd: list[str]) -> None:
-    print(f"$ {shlex.join(cmd)}", flush=True)
-    rc = subprocess.run(cmd).returncode
-    if rc:  # the trainer has said why; the server (if any) is stopped on the way out
-        raise SystemExit(rc)
+    if not args.two_stage:
+        cmd = train(args.config, out, url)
+        title = "live on-policy against the teacher server"
+        return [Stage("onpolicy", title, cmd=cmd, inputs=[args.shards], services=services)]
+    skd = out / "skd"
+    return [
+        Stage("skd", "SKD from the shards", cmd=train(args.skd_config, skd),
+              inputs=[args.shards], outputs=[skd]),
+        Stage("onpolicy", "live on-policy from SKD's final weights",
+              cmd=[*train(args.config, out / "onpolicy", url),
+                   later(lambda: f"model.path={final_model(skd)}")],
+              inputs=[args.shards], services=services),
+    ]  # fmt: skip
 
 
 def main(argv=None) -> int:
     args = parser().parse_intermixed_args(argv)
     if not Path(args.shards).exists():
         raise SystemExit(f"--shards {args.shards}: no such folder (make precompute first)")
-    if args.two_stage:
-        run(skd_command(args))
-    if args.teacher_url:
-        run(onpolicy_command(args, args.teacher_url))
-        return 0
-    from vllm_engine.teacher_server import TeacherServer
-
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    log = Path(args.out) / "teacher-server.log"
-    print(f"starting the teacher server ({args.teacher}; log {log})", flush=True)
-    with TeacherServer(
-        args.teacher, max_model_len=args.max_model_len, max_logprobs=args.max_logprobs, log=log
-    ) as server:
-        run(onpolicy_command(args, server.url))
+    # No state file: both trainings resume by themselves (resume=true), a re-run of a
+    # finished job changes nothing.
+    Runner(None).run(stages(args))
     return 0
 
 
