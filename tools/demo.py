@@ -11,8 +11,10 @@
 5. evaluation on the held-out test questions (`python -m tools.eval`): teacher with and
    without the experience, the student before and after, with 95% intervals and plots.
 
-Every stage is an ordinary command, printed before it runs, so each can be re-run alone.
-Precompute, training and evaluation resume or reuse what is done, so re-running is cheap.
+Every stage is an ordinary command, printed before it runs, so each can be re-run alone
+(tools/stages.py runs them; a stage's process tree dies with this process, kill -9
+included). Precompute, training and evaluation resume or reuse what is done, so re-running
+is cheap.
 `--seed 1` (with other --shards/--runs/--report folders) repeats it with another teacher
 sampling seed and training seed.
 """
@@ -20,21 +22,46 @@ sampling seed and training seed.
 from __future__ import annotations
 
 import argparse
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tools.stages import Runner, Stage
 
 PY = sys.executable
 METHODS = ("skd", "seqkd")
 
 
-def stage(title: str, cmd: list[str]) -> None:
-    print(f"\n=== {title}\n$ {shlex.join(cmd)}", flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, check=True)
-    print(f"--- {title}: {time.time() - t0:.0f} s", flush=True)
+def stages(args) -> list[Stage]:
+    val_shards = args.shards.rstrip("/") + "-val"
+    data = Path("data/default")
+    jobs = [
+        Stage("data", "default data", cmd=[PY, "-m", "precompute.default_data"],
+              done=(data / "val.jsonl").exists, outputs=[data / "val.jsonl"]),
+    ]  # fmt: skip
+    for split, out in (("train", args.shards), ("val", val_shards)):
+        jobs.append(Stage(
+            f"precompute-{split}",
+            f"precompute ({split}): the teacher runs once, seeing the experience",
+            cmd=[PY, "-m", "precompute", "--out", out, "--data", str(data / f"{split}.jsonl"),
+                 "--no-progress", f"sampling.seed={args.seed}"],
+            inputs=[data / f"{split}.jsonl"], outputs=[out],
+        ))  # fmt: skip
+    jobs.append(Stage("inspect", "inspect the shards",
+                      cmd=[PY, "-m", "tools.shards", "stats", args.shards]))  # fmt: skip
+    for method in METHODS:
+        cmd = [
+            PY, "-m", "train", f"configs/train/{method}.yaml", f"data.shards={args.shards}",
+            f"data.eval_shards={val_shards}", "eval_every=5", f"out_dir={args.runs}/{method}",
+            f"seed={args.seed}", "resume=true",
+        ]  # fmt: skip
+        if args.steps:
+            cmd += [f"max_steps={args.steps}", f"save_every={args.steps}"]
+        jobs.append(Stage(f"train-{method}", f"train {method} from the shards (no teacher loaded)",
+                          cmd=cmd, inputs=[args.shards, val_shards]))  # fmt: skip
+    evaluate = [PY, "-m", "tools.eval", "--runs", args.runs, "--out", args.report]
+    jobs.append(Stage("eval", "evaluate on the held-out questions", cmd=evaluate))
+    return jobs
 
 
 def main(argv=None) -> None:
@@ -46,29 +73,8 @@ def main(argv=None) -> None:
     ap.add_argument("--report", default="reports/demo")
     args = ap.parse_args(argv)
     t0 = time.time()
-    val_shards = args.shards.rstrip("/") + "-val"
-    if not Path("data/default/val.jsonl").exists():
-        stage("default data", [PY, "-m", "precompute.default_data"])
-    for split, out in (("train", args.shards), ("val", val_shards)):
-        stage(
-            f"precompute ({split}): the teacher runs once, seeing the experience",
-            [PY, "-m", "precompute", "--out", out, "--data", f"data/default/{split}.jsonl",
-             "--no-progress", f"sampling.seed={args.seed}"],
-        )  # fmt: skip
-    stage("inspect the shards", [PY, "-m", "tools.shards", "stats", args.shards])
-    for method in METHODS:
-        cmd = [
-            PY, "-m", "train", f"configs/train/{method}.yaml", f"data.shards={args.shards}",
-            f"data.eval_shards={val_shards}", "eval_every=5", f"out_dir={args.runs}/{method}",
-            f"seed={args.seed}", "resume=true",
-        ]  # fmt: skip
-        if args.steps:
-            cmd += [f"max_steps={args.steps}", f"save_every={args.steps}"]
-        stage(f"train {method} from the shards (no teacher loaded)", cmd)
-    stage(
-        "evaluate on the held-out questions",
-        [PY, "-m", "tools.eval", "--runs", args.runs, "--out", args.report],
-    )
+    # No state file: every stage resumes or reuses what is done by itself.
+    Runner(None).run(stages(args))
     print(f"\nDemo done in {time.time() - t0:.0f} s.")
     print(f"  report:  {args.report}/comparison_report.md (+ results.json, CSV, PNG plots)")
     print(f"  shards:  {args.shards}  (python -m tools.shards inspect {args.shards})")
