@@ -21,7 +21,8 @@ Then `python -m tools.eval` per seed on the held-out questions, with SKD as the 
 row: paired differences with bootstrap intervals and McNemar's test. REPORT/summary.md
 gathers both seeds, the wall time of every stage, and a plot of the differences.
 
-Every stage is an ordinary command, printed before it runs. WORK/stages.json records the
+Every stage is an ordinary command, printed before it runs (tools/stages.py runs them; a
+stage's process tree dies with this process, kill -9 included). WORK/stages.json records the
 finished ones with their wall time; a re-run skips them, and an interrupted stage resumes
 with its own resume (precompute, train resume=true, rounds, the evaluation's cache).
 """
@@ -29,32 +30,16 @@ with its own resume (precompute, train resume=true, rounds, the evaluation's cac
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shlex
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from bench.demo_onpolicy_rows import BEFORE_ROW, METHODS, REFERENCE, TEACHER_ROW
+from tools.stages import Runner, Service, Stage, later
 from train.checkpoint import latest_model_dir
 
 PY = sys.executable
-METHODS = ("skd", "seqkd", "onpolicy", "two_stage", "rounds")
-ONPOLICY = ("onpolicy", "two_stage", "rounds")
-REFERENCE = "skd"
-TEACHER_ROW = "teacher (Q+E)"
-BEFORE_ROW = "student before"
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One command; `server` marks the ones that need the teacher server running."""
-
-    name: str
-    cmd: list[str]
-    server: bool = False
 
 
 def parser() -> argparse.ArgumentParser:
@@ -81,14 +66,31 @@ def parser() -> argparse.ArgumentParser:
 
 
 def data_stage(args) -> Stage:
+    """Made once, if missing."""
     return Stage(
         "data",
-        [
+        cmd=[
             PY, "-m", "precompute.default_data", "--out", args.data, "--experience", "solution",
             "--train", str(args.train_questions), "--test", str(args.test_questions),
             "--val", "0",
         ],
+        done=Path(args.data, "test.jsonl").exists,
+        outputs=[Path(args.data, "test.jsonl")],
     )  # fmt: skip
+
+
+def teacher_service(args, seed: int) -> Service:
+    """The seed's teacher server: up for the live stages, stopped before the next one."""
+
+    def start():
+        from vllm_engine.teacher_server import TeacherServer
+
+        log = Path(args.work) / f"seed{seed}" / "teacher-server.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"teacher server: {args.teacher}, log {log}", flush=True)
+        return TeacherServer(args.teacher, max_model_len=2048, log=log).start()
+
+    return Service(f"seed{seed}/teacher_server", start)
 
 
 def run_path(args, seed: int, method: str) -> Path:
@@ -99,77 +101,54 @@ def run_path(args, seed: int, method: str) -> Path:
     return base / method
 
 
-def seed_stages(args, seed: int, teacher_url: str = "{teacher_url}") -> list[Stage]:
-    """The seed's commands in order. The two-stage run's start (SKD's final checkpoint) is
-    resolved when the list is built, so build it again once SKD has finished."""
+def skd_final(work: Path) -> Path:
+    model = latest_model_dir(work / "skd")
+    if model is None:
+        raise SystemExit(f"{work / 'skd'}: no checkpoint; two_stage starts from SKD's")
+    return model
+
+
+def seed_stages(args, seed: int, teacher: Service | None = None) -> list[Stage]:
+    """The seed's stages in order, named seed<S>/<stage>. The live ones need `teacher`
+    (default: the seed's server, started when they run); two-stage starts from SKD's final
+    checkpoint, found when it starts."""
+    teacher = teacher or teacher_service(args, seed)
     work = Path(args.work) / f"seed{seed}"
-    shards = str(work / "shards")
+    shards = work / "shards"
     train = f"{args.data}/train.jsonl"
     common = [f"seed={seed}", f"max_steps={args.steps}", f"save_every={args.steps}", "resume=true"]
 
-    def trainer(method: str, config: str, *extra: str) -> list[str]:
+    def trainer(method: str, config: str, *extra, start=f"model.path={args.student}"):
         return [
-            PY, "-m", "train", f"configs/train/{config}.yaml", f"model.path={args.student}",
+            PY, "-m", "train", f"configs/train/{config}.yaml", start,
             f"data.shards={shards}", f"out_dir={work / method}", *common, *extra,
         ]  # fmt: skip
 
     live = [
-        f"onpolicy.teacher_url={teacher_url}", "onpolicy.lmbda=1", "onpolicy.sampler=vllm",
-        f"onpolicy.max_prompts={args.prompts}", f"onpolicy.max_new_tokens={args.max_new_tokens}",
+        later(lambda: f"onpolicy.teacher_url={teacher().url}"), "onpolicy.lmbda=1",
+        "onpolicy.sampler=vllm", f"onpolicy.max_prompts={args.prompts}",
+        f"onpolicy.max_new_tokens={args.max_new_tokens}",
     ]  # fmt: skip
-    skd_model = latest_model_dir(work / "skd")  # None until SKD has finished
-    two_stage_start = "" if skd_model is None else str(skd_model)
-    two_stage = trainer("two_stage", "onpolicy", *live)
-    two_stage[two_stage.index(f"model.path={args.student}")] = f"model.path={two_stage_start}"
+    from_skd = later(lambda: f"model.path={skd_final(work)}")
+
+    def stage(name, cmd, *inputs, services=()):
+        return Stage(f"seed{seed}/{name}", cmd=cmd, inputs=inputs, services=services)
+
     return [
-        Stage(
-            "precompute",
-            [
-                PY,
-                "-m",
-                "precompute",
-                "--teacher",
-                args.teacher,
-                "--data",
-                train,
-                "--out",
-                shards,
-                "--no-progress",
-                f"sampling.seed={seed}",
-            ],
-        ),  # fmt: skip
-        Stage("skd", trainer("skd", "skd")),
-        Stage("seqkd", trainer("seqkd", "seqkd")),
-        Stage("onpolicy", trainer("onpolicy", "onpolicy", *live), server=True),
-        Stage("two_stage", two_stage, server=True),
-        Stage(
-            "rounds",
-            [
-                PY,
-                "-m",
-                "tools.onpolicy.rounds",
-                "--rounds",
-                str(args.rounds),
-                "--teacher",
-                args.teacher,
-                "--student",
-                args.student,
-                "--data",
-                train,
-                "--work",
-                str(work / "rounds"),
-                "--train-config",
-                "configs/train/jsd.yaml",
-                "--steps",
-                str(args.round_steps),
-                "--max-tokens",
-                str(args.max_new_tokens),
-                "--seed",
-                str(seed),
-            ],
-        ),  # fmt: skip
-        Stage("eval", eval_command(args, seed)),
-    ]
+        stage("precompute", [PY, "-m", "precompute", "--teacher", args.teacher, "--data", train,
+                             "--out", shards, "--no-progress", f"sampling.seed={seed}"], train),
+        stage("skd", trainer("skd", "skd"), shards),
+        stage("seqkd", trainer("seqkd", "seqkd"), shards),
+        stage("onpolicy", trainer("onpolicy", "onpolicy", *live), shards, services=[teacher]),
+        stage("two_stage", trainer("two_stage", "onpolicy", *live, start=from_skd),
+              shards, work / "skd", services=[teacher]),
+        stage("rounds", [PY, "-m", "tools.onpolicy.rounds", "--rounds", str(args.rounds),
+                         "--teacher", args.teacher, "--student", args.student, "--data", train,
+                         "--work", work / "rounds", "--train-config", "configs/train/jsd.yaml",
+                         "--steps", str(args.round_steps), "--max-tokens",
+                         str(args.max_new_tokens), "--seed", str(seed)], train),
+        stage("eval", eval_command(args, seed)),
+    ]  # fmt: skip
 
 
 def eval_command(args, seed: int) -> list[str]:
@@ -187,71 +166,17 @@ def eval_command(args, seed: int) -> list[str]:
     return cmd
 
 
-class Stages:
-    """WORK/stages.json: {"seed0/skd": {"seconds": s, "command": "..."}}, written atomically
-    after each finished stage."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.done: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
-
-    def finish(self, key: str, seconds: float, cmd: list[str]) -> None:
-        self.done[key] = {"seconds": round(seconds, 1), "command": shlex.join(cmd)}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.done, indent=1))
-        os.replace(tmp, self.path)
-
-
-def run_stage(stages: Stages, key: str, cmd: list[str]) -> None:
-    if key in stages.done:
-        print(f"=== {key}: done ({stages.done[key]['seconds']:.0f} s), skipped", flush=True)
-        return
-    print(f"\n=== {key}\n$ {shlex.join(cmd)}", flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, check=True)
-    stages.finish(key, time.time() - t0, cmd)
-    print(f"--- {key}: {time.time() - t0:.0f} s", flush=True)
-
-
-def run_seed(args, stages: Stages, seed: int) -> None:
-    from vllm_engine.teacher_server import TeacherServer
-
-    server = None
-    try:
-        for i in range(len(seed_stages(args, seed))):
-            stage = seed_stages(args, seed)[i]  # rebuilt: two_stage starts from SKD's result
-            key = f"seed{seed}/{stage.name}"
-            if stage.server and key not in stages.done and server is None:
-                t0 = time.time()
-                log = Path(args.work) / f"seed{seed}" / "teacher-server.log"
-                print(f"\n=== seed{seed}/teacher server ({args.teacher}, log {log})", flush=True)
-                server = TeacherServer(args.teacher, max_model_len=2048, log=log).start()
-                stages.finish(f"seed{seed}/teacher_server", time.time() - t0, [])
-            if stage.server and server is not None:
-                stage = seed_stages(args, seed, server.url)[i]
-            if not stage.server and server is not None:
-                server.kill()  # the scoring is over: free its cores and memory
-                server = None
-            run_stage(stages, key, stage.cmd)
-    finally:
-        if server is not None:
-            server.kill()
-
-
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    stages = Stages(work / "stages.json")
+    runner = Runner(work / "stages.json")
     t0 = time.time()
-    if not Path(args.data, "test.jsonl").exists():
-        run_stage(stages, "data", data_stage(args).cmd)
-    for seed in seeds:
-        run_seed(args, stages, seed)
+    runner.run([data_stage(args), *(s for seed in seeds for s in seed_stages(args, seed))])
     from bench.demo_onpolicy_report import write_summary
 
-    summary = write_summary(Path(args.report), seeds, stages.done, command=argv_command(argv))
+    summary = write_summary(Path(args.report), seeds, runner.done, command=argv_command(argv))
     print(f"\nOn-policy demo done in {time.time() - t0:.0f} s. Summary: {summary}")
     return 0
 

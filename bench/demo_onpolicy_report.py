@@ -13,7 +13,7 @@ import platform
 import re
 from pathlib import Path
 
-from bench.demo_onpolicy import BEFORE_ROW, METHODS, ONPOLICY, REFERENCE, TEACHER_ROW
+from bench.demo_onpolicy_rows import BEFORE_ROW, METHODS, ONPOLICY, REFERENCE, TEACHER_ROW
 
 # What each method's wall time includes beyond its own command: the stages it needs.
 PREREQUISITES = {

@@ -11,14 +11,17 @@ from __future__ import annotations
 import json
 import random
 import sys
+from types import SimpleNamespace
 
 import pytest
 
-from precompute.default_data import build_splits
-from tests.test_eval import fake_run, result
 from bench import demo_onpolicy as demo
 from bench.demo_onpolicy_report import write_summary
+from bench.demo_onpolicy_rows import BEFORE_ROW, METHODS, ONPOLICY, TEACHER_ROW
+from precompute.default_data import build_splits
+from tests.test_eval import fake_run, result
 from tools.eval.report import write_report
+from tools.stages import Runner, Service, Stage
 
 
 def test_solution_experience_is_the_questions_own_worked_answer():
@@ -41,49 +44,62 @@ def args_for(tmp_path, *extra):
     )
 
 
+def fake_teacher(url="http://t:1"):
+    """A teacher service already up, at `url`."""
+    teacher = Service("teacher_server", lambda: SimpleNamespace(url=url, kill=lambda: None))
+    teacher.up()
+    return teacher
+
+
 def test_stages_chain_two_stage_from_skd_and_eval_every_run(tmp_path):
     args = args_for(tmp_path, "--rounds", "3")
-    stages = demo.seed_stages(args, 1, "http://t:1")
+    stages = demo.seed_stages(args, 1, fake_teacher())
     assert [s.name for s in stages] == [
-        "precompute", "skd", "seqkd", "onpolicy", "two_stage", "rounds", "eval"
+        "seed1/precompute", "seed1/skd", "seed1/seqkd", "seed1/onpolicy", "seed1/two_stage",
+        "seed1/rounds", "seed1/eval",
     ]  # fmt: skip
-    by = {s.name: s for s in stages}
-    assert [s.name for s in stages if s.server] == ["onpolicy", "two_stage"]
+    by = {s.name.split("/")[1]: s for s in stages}
+    assert [n for n, s in by.items() if s.services] == ["onpolicy", "two_stage"]
     for name in ("onpolicy", "two_stage"):
-        assert (
-            "onpolicy.lmbda=1" in by[name].cmd and "onpolicy.teacher_url=http://t:1" in by[name].cmd
-        )
-    assert "sampling.seed=1" in by["precompute"].cmd and "seed=1" in by["skd"].cmd
-    assert "model.path=" in by["two_stage"].cmd  # SKD has not run yet
-    # Once SKD has finished, two-stage starts from its final weights.
+        cmd = by[name].argv() if name == "onpolicy" else by[name].cmd
+        assert "onpolicy.lmbda=1" in cmd
+    assert "onpolicy.teacher_url=http://t:1" in by["onpolicy"].argv()
+    assert "sampling.seed=1" in by["precompute"].argv() and "seed=1" in by["skd"].argv()
+    # Two-stage starts from SKD's final weights: found when it starts, none before SKD ran.
+    with pytest.raises(SystemExit, match="no checkpoint; two_stage starts from SKD's"):
+        by["two_stage"].argv()
     _, ck = fake_run(tmp_path / "w" / "seed1", "skd")
-    by = {s.name: s for s in demo.seed_stages(args, 1, "http://t:1")}
-    assert f"model.path={ck / 'model'}" in by["two_stage"].cmd
-    ev = by["eval"].cmd
+    two = by["two_stage"].argv()
+    assert f"model.path={ck / 'model'}" in two and f"model.path={args.student}" not in two
+    assert "onpolicy.teacher_url=http://t:1" in two
+    ev = by["eval"].argv()
     rows = [ev[i + 1] for i, a in enumerate(ev) if a == "--model"]
-    assert rows[0] == f"{demo.TEACHER_ROW}={args.teacher}@qe"
-    assert [r.split("=")[0] for r in rows[2:]] == list(demo.METHODS)
+    assert rows[0] == f"{TEACHER_ROW}={args.teacher}@qe"
+    assert [r.split("=")[0] for r in rows[2:]] == list(METHODS)
     assert f"rounds={tmp_path / 'w' / 'seed1' / 'rounds' / 'round-003' / 'train'}" in rows
     assert ev[ev.index("--reference") + 1] == "skd"
     assert ev[ev.index("--cache") + 1] == str(tmp_path / "r" / "generations")
 
 
 def test_a_finished_stage_is_skipped_and_a_failed_one_is_not_recorded(tmp_path, capsys):
-    stages = demo.Stages(tmp_path / "stages.json")
+    """The demo's state, WORK/stages.json, is the stage runner's (tests/test_stages.py):
+    what the summary reads of it is there after a run, a failed stage is not."""
+    state = tmp_path / "stages.json"
     marker = tmp_path / "ran"
-    touch = [sys.executable, "-c", f"open({str(marker)!r}, 'a').write('x')"]
-    demo.run_stage(stages, "seed0/skd", touch)
-    demo.run_stage(demo.Stages(tmp_path / "stages.json"), "seed0/skd", touch)  # a re-run
+    touch = Stage("seed0/skd", cmd=[sys.executable, "-c", f"open({str(marker)!r}, 'a').write('x')"])
+    Runner(state).run([touch])
+    Runner(state).run([touch])  # a re-run
     assert marker.read_text() == "x"
     assert "skipped" in capsys.readouterr().out
-    with pytest.raises(Exception, match="returned non-zero"):
-        demo.run_stage(stages, "seed0/seqkd", [sys.executable, "-c", "raise SystemExit(3)"])
-    assert set(json.loads((tmp_path / "stages.json").read_text())) == {"seed0/skd"}
+    with pytest.raises(SystemExit):
+        Runner(state).run([Stage("seed0/seqkd", cmd=[sys.executable, "-c", "raise SystemExit(3)"])])
+    assert set(Runner(state).done) == {"seed0/skd"}
+    assert Runner(state).done["seed0/skd"]["seconds"] >= 0
 
 
 def fake_seed_report(report, seed, rng, n=200):
     """Per-question scores for every row, written by the evaluation's own report code."""
-    p = {demo.TEACHER_ROW: 0.8, demo.BEFORE_ROW: 0.2, "skd": 0.3, "seqkd": 0.3,
+    p = {TEACHER_ROW: 0.8, BEFORE_ROW: 0.2, "skd": 0.3, "seqkd": 0.3,
          "onpolicy": 0.45, "two_stage": 0.3, "rounds": 0.32}  # fmt: skip
     scores = {name: [int(rng.random() < q) for _ in range(n)] for name, q in p.items()}
     results = [result(name, s) for name, s in scores.items()]
@@ -107,12 +123,12 @@ def test_summary_matches_a_naive_computation(tmp_path):
     doc = json.loads((report / "summary.json").read_text())
     text = out.read_text()
     for s in (0, 1):
-        for name in demo.METHODS + (demo.TEACHER_ROW, demo.BEFORE_ROW):
+        for name in METHODS + (TEACHER_ROW, BEFORE_ROW):
             if name == "skd":
                 continue
             naive = (sum(scores[s][name]) - sum(scores[s]["skd"])) / len(scores[s]["skd"])
             assert doc["seeds"][str(s)]["paired"][name]["diff"] == pytest.approx(naive)
-        gap = (sum(scores[s][demo.TEACHER_ROW]) - sum(scores[s]["skd"])) / 200
+        gap = (sum(scores[s][TEACHER_ROW]) - sum(scores[s]["skd"])) / 200
         assert doc["verdict"]["teacher_minus_skd"][str(s)] == pytest.approx(gap)
         # two-stage's total: SKD, the shards and the server start before its own command.
         t = {k.split("/")[1]: v["seconds"] for k, v in stages.items() if k.startswith(f"seed{s}")}
@@ -121,7 +137,7 @@ def test_summary_matches_a_naive_computation(tmp_path):
         assert doc["wall_s"][str(s)]["rounds"]["total"] == pytest.approx(t["rounds"])
     # A variant wins only if its interval is above zero in every seed.
     wins = [
-        m for m in demo.ONPOLICY
+        m for m in ONPOLICY
         if all(doc["seeds"][str(s)]["paired"][m]["ci95"][0] > 0 for s in (0, 1))
     ]  # fmt: skip
     assert doc["verdict"]["beat_skd_every_seed"] == wins and "onpolicy" in wins
