@@ -229,7 +229,8 @@ class Runner:
             if not Path(p).exists():
                 raise SystemExit(f"stage {stage.name}: its input {p} does not exist")
         if stage.fn is not None:
-            command = f"(in this process) {getattr(stage.fn, '__name__', 'call')}"
+            fn = getattr(stage.fn, "func", stage.fn)  # a functools.partial's function
+            command = f"(in this process) {getattr(fn, '__qualname__', fn)}"
             print(f"\n=== {title}\n{command}", flush=True)
             t0 = time.time()
             stage.fn()

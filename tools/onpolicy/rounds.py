@@ -38,6 +38,7 @@ import json
 import shlex
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from tools.stages import Runner, Stage, later, write_durably
@@ -207,7 +208,7 @@ def round_stages(args, work: Path, r: int) -> list[Stage]:
         ),
         Stage(
             f"{d.name}/responses", f"round {r}: the samples become the teacher's input",
-            fn=lambda: write_responses(args, d / "samples", d / "responses.jsonl"),
+            fn=partial(write_responses, args, d / "samples", d / "responses.jsonl"),
             inputs=[d / "samples"], outputs=[d / "responses.jsonl"],
         ),
         Stage(
