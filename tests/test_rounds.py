@@ -195,3 +195,31 @@ def test_two_rounds_killed_and_resumed(tiny, tmp_path):
         assert latest_step(d / "train") == STEPS
     steps = [json.loads(line)["step"] for line in open(r2 / "train/metrics.jsonl")]
     assert steps[-1] == STEPS and sorted(set(steps)) == list(range(1, STEPS + 1))
+
+
+def test_a_rounds_plan_samples_from_the_previous_rounds_final_checkpoint(tmp_path):
+    """Built once: round 2's sampler is found when its stages start (round 1's final
+    checkpoint), and a re-run with other settings is refused."""
+    from tests.test_eval import fake_run
+    from tools.onpolicy import rounds
+
+    work, data = tmp_path / "w", tmp_path / "q.jsonl"
+    argv = ["--teacher", "T", "--student", "S", "--data", str(data), "--work", str(work)]
+    args = rounds.parser().parse_args(["--rounds", "2", *argv])
+    one, two = rounds.round_stages(args, work, 1), rounds.round_stages(args, work, 2)
+    assert [s.name for s in two] == [
+        f"round-002/{step}" for step in ("samples", "responses", "shards", "train")
+    ]
+    samples = one[0].argv()
+    assert samples[samples.index("--teacher") + 1] == "S" and one[0].inputs == [str(data), "S"]
+    with pytest.raises(SystemExit, match="round 1 is marked finished but has no checkpoint"):
+        two[0].argv()
+    _, ck = fake_run(work / "round-001", "train")
+    samples, train = two[0].argv(), two[3].argv()
+    assert samples[samples.index("--teacher") + 1] == str(ck / "model")
+    assert samples[samples.index("--student") + 1] == str(ck / "model")
+    assert f"model.path={ck / 'model'}" in train and "sampling.seed=2" in samples
+    assert two[0].inputs == [str(data), work / "round-001" / "train"]
+    rounds.main(["--rounds", "0", *argv])  # writes the settings, runs nothing
+    with pytest.raises(SystemExit, match=r"rounds.json: .* other settings \(steps\)"):
+        rounds.main(["--rounds", "0", "--steps", "5", *argv])
