@@ -41,11 +41,16 @@ What the runner guarantees:
   runs and resumes by its own means (precompute skips committed files, train resume=true).
 - Resume: a re-run skips the recorded stages; an interrupted stage runs again and resumes
   with its own resume. A failed stage is not recorded (StageFailed, with its exit status).
+  So a stage runs at least once to its end; its own resume (outputs committed atomically,
+  finished work skipped) makes it exactly once, also when killed after its end and before
+  the state recorded it.
 - Settings: `settings` (what decides what the stages produce) is stored with the first run;
   a re-run with other ones is refused with a line naming the file and the keys that differ.
 - Lifetime: each command starts with runtime.lifetime.spawn_guarded, so that its whole
   process tree (a precompute's workers, a vLLM EngineCore, their watchdogs' charges) dies
-  with the runner, kill -9 included, before a re-run can start beside it.
+  with the runner, kill -9 included, before a re-run can start beside it. Within
+  runtime.lifetime's limits: a process that leaves the tree (a daemon's double fork, a Ray
+  actor) is not followed.
 """
 
 from __future__ import annotations
