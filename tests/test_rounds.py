@@ -125,8 +125,17 @@ def kill_when(proc, ready, timeout=600):
     assert tree  # the stage's command and what it started
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    gone, alive = psutil.wait_procs(tree, timeout=15)
-    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+    def running(p) -> bool:  # an unreaped zombie has ended
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.time() + 15
+    while any(running(p) for p in tree) and time.time() < deadline:
+        time.sleep(0.1)
+    alive = [p for p in tree if running(p)]
     assert not alive, f"alive 15 s after kill -9 of the runner: {alive}"
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # nothing should be left; never leak on failure
