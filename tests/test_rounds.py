@@ -128,7 +128,7 @@ def kill_when(proc, ready, timeout=600):
 
     def running(p) -> bool:  # an unreaped zombie has ended
         try:
-            return p.status() != psutil.STATUS_ZOMBIE
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
             return False
 
@@ -136,9 +136,9 @@ def kill_when(proc, ready, timeout=600):
     while any(running(p) for p in tree) and time.time() < deadline:
         time.sleep(0.1)
     alive = [p for p in tree if running(p)]
-    assert not alive, f"alive 15 s after kill -9 of the runner: {alive}"
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # nothing should be left; never leak on failure
+    assert not alive, f"alive 15 s after kill -9 of the runner: {alive}"
 
 
 def files(folder: Path) -> list[str]:
