@@ -95,7 +95,8 @@ def test_two_nodes_under_the_sbatch_script_equal_one_process(tmp_path):
         [sys.executable, "-m", "train", *common, f"out_dir={one}"]
         + ["grad_accum=2", "data.num_workers=2"],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        # One thread, as each node's process: the same kernels, the same rounding.
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=600,
