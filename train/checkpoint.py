@@ -120,6 +120,10 @@ def config_changes(saved: dict, cfg: TrainConfig) -> list[str]:
     saved config lacks (written by an older version) counts with its default."""
     now = flat_config(to_dict(cfg))
     before = {**flat_config(to_dict(TrainConfig())), **flat_config(saved)}
+    # The teacher server's address may change (a re-run starts a new server); on-policy
+    # switched on or off does change the run.
+    for d in (now, before):
+        d["onpolicy.teacher_url"] = "on" if d.get("onpolicy.teacher_url") else "off"
     return [
         f"{k}: {before.get(k)!r} -> {v!r}"
         for k, v in now.items()
