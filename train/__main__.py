@@ -43,11 +43,18 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def epochs_done(micro, num_epochs: int, accelerator) -> bool:
-    """Whether a micro-batch of the step, on any rank, is of epoch `num_epochs` or later (a
-    mixture's: of its first folder). A collective under DDP: every rank calls it."""
-    late = any(b.folder == 0 and b.cursor and b.cursor[1] >= num_epochs for b in micro)
-    return global_sum(accelerator, float(late)) > 0
+def epoch_cut(micro: list, num_epochs: int, accelerator) -> tuple[list, bool]:
+    """The step's micro-batches without those of epoch `num_epochs` or later (a mixture's: of
+    its first folder), and whether the epochs end with this step (on any rank).
+
+    The last step of the epochs trains what is left of them, fewer micro-batches (the update
+    is a per-token mean, so that is one smaller step); where a rank has none left, no rank
+    takes the step ([] is returned), as DistributedSampler's drop_last would. A collective
+    under DDP: every rank calls it."""
+    keep = [b for b in micro if not (b.folder == 0 and b.cursor and b.cursor[1] >= num_epochs)]
+    if not global_sum(accelerator, float(len(keep) < len(micro))):
+        return micro, False
+    return ([] if global_sum(accelerator, float(not keep)) else keep), True
 
 
 def main(argv=None) -> None:
@@ -79,9 +86,12 @@ def main(argv=None) -> None:
             micro = [next(batches) for _ in range(cfg.grad_accum)]
         except TeacherUnavailable as e:  # on-policy: the teacher server is gone
             raise TeacherUnavailable(f"{e}; saved {save()}, resume=true continues") from e
-        if cfg.num_epochs and epochs_done(micro, cfg.num_epochs, acc):
-            epochs_end = True  # these batches are the next epoch's: not trained
-            break
+        ended = False
+        if cfg.num_epochs:
+            micro, ended = epoch_cut(micro, cfg.num_epochs, acc)
+            epochs_end = ended
+            if not micro:  # the next epoch's batches (on some rank): not trained
+                break
         stats = train_step(
             micro,
             accelerator=acc,
@@ -96,7 +106,7 @@ def main(argv=None) -> None:
         if hasattr(source, "after_step"):  # on-policy: the student engine gets the new weights
             source.after_step(step)
         tokens_seen += stats.tokens
-        write = step % cfg.log_every == 0 or step == last_step
+        write = step % cfg.log_every == 0 or step == last_step or ended
         metrics = {}
         if write:  # the step's stats leave the device (and meet across ranks) only here
             metrics = stats.metrics(acc)
@@ -106,9 +116,11 @@ def main(argv=None) -> None:
         if cfg.eval_every and step % cfg.eval_every == 0:
             metrics["eval_loss"] = evaluate(run, cfg)
         log.log(step, metrics, write=write)
-        if step % cfg.save_every == 0 or step == last_step:
+        if step % cfg.save_every == 0 or step == last_step or ended:
             save()
             saved = step
+        if ended:
+            break
     if epochs_end and step != saved:
         save()
     overlong = source.pop_metrics()
