@@ -204,9 +204,9 @@ class TrainConfig:
         100, "optimizer steps; the schedule spans them; with num_epochs the first reached ends"
     )
     # An epoch is one pass over the rows of data.shards (of the first folder of a mixture,
-    # the others cycle at their weights); the run ends before the first step that would hold
-    # a row of epoch num_epochs. The schedule still spans max_steps: set it to about the
-    # epochs' steps (the end line says how many they took).
+    # the others cycle at their weights); the run ends with the step that trains the last
+    # rows of epoch num_epochs - 1 (train/__main__.py epoch_cut). The schedule still spans
+    # max_steps: set it to about the epochs' steps (the end line says how many they took).
     num_epochs: int = option(
         0, "passes over the shard rows (a mixture: over its first folder); 0: max_steps only"
     )
