@@ -21,6 +21,7 @@ help: ## list the targets
 	@echo "variables: PYTEST_ARGS='...' (extra pytest args), KDSHARDS_DEVICE=cpu|gpu (setup)"
 	@echo "  precompute: CONFIG TEACHER DATA K OUT WORKERS RAY=1 PRECOMPUTE_ARGS"
 	@echo "  train: METHOD BETA ALPHA TEMP STEPS SHARDS STUDENT RUN GPUS ZERO TEACHER_URL ARGS"
+	@echo "         several machines: NNODES with RDZV=host:port, or NODE_RANK MASTER_ADDR MASTER_PORT"
 	@echo "  eval: EVAL_ARGS   demo: DEMO_ARGS (e.g. --seed 1)"
 	@echo "  onpolicy-rounds: ROUNDS STUDENT DATA WORK ROUNDS_METHOD STEPS ROUNDS_ARGS"
 
@@ -83,20 +84,32 @@ bench-precompute-workers: setup models $(DEFAULT_DATA) ## precompute with 1 vs 2
 
 # make train METHOD=skd|seqkd|jsd|dualkl [BETA= ALPHA= TEMP= STEPS= SHARDS= STUDENT= RUN=]
 #            [GPUS=n] [ZERO=2|3] [ARGS='key=value ...']
+# Several machines (the same command on each, GPUS = processes per machine):
+#   make train NNODES=2 RDZV=host0:29500 ...                         (c10d rendezvous), or
+#   make train NNODES=2 NODE_RANK=0|1 MASTER_ADDR=host0 [MASTER_PORT=29500] ...   (static)
+# Under SLURM: sbatch --nodes=N tools/slurm/train.sbatch configs/train/skd.yaml key=value ...
 METHOD ?= skd
 GPUS   ?= 1
+NNODES ?= 1
+MASTER_PORT ?= 29500
 TRAIN_OVERRIDES = $(if $(BETA),loss.beta=$(BETA)) $(if $(ALPHA),loss.alpha=$(ALPHA)) \
 	$(if $(TEMP),loss.temperature=$(TEMP)) $(if $(STEPS),max_steps=$(STEPS)) \
 	$(if $(SHARDS),data.shards=$(SHARDS)) $(if $(STUDENT),model.path=$(STUDENT)) \
 	$(if $(RUN),out_dir=$(RUN)) $(if $(ZERO),deepspeed=configs/deepspeed/zero$(ZERO).json) $(ARGS)
 # One process runs as is; several go through torchrun (DDP, or DeepSpeed with ZERO=).
-TRAIN_LAUNCH = $(if $(filter 1,$(GPUS)),$(PYTHON) -m,$(VENV)/bin/torchrun --nproc_per_node $(GPUS) -m)
+TORCHRUN = $(VENV)/bin/torchrun --nnodes $(NNODES) --nproc_per_node $(GPUS) \
+	$(if $(RDZV),--rdzv-backend c10d --rdzv-endpoint $(RDZV) --rdzv-id $(or $(RDZV_ID),kdshards)) \
+	$(if $(NODE_RANK),--node-rank $(NODE_RANK) --master-addr $(MASTER_ADDR) --master-port $(MASTER_PORT))
+TRAIN_LAUNCH = $(if $(and $(filter 1,$(GPUS)),$(filter 1,$(NNODES))),$(PYTHON) -m,$(TORCHRUN) -m)
+# NNODES > 1 needs a rendezvous: RDZV=host:port, or NODE_RANK with MASTER_ADDR.
+TRAIN_CHECK = $(if $(filter 1,$(NNODES)),,$(if $(RDZV)$(and $(NODE_RANK),$(MASTER_ADDR)),,\
+	$(error NNODES=$(NNODES) needs RDZV=host:port, or NODE_RANK=i and MASTER_ADDR=host)))
 
 # On-policy (METHOD=onpolicy): the teacher server's address, e.g. http://localhost:8000.
 TRAIN_OVERRIDES += $(if $(TEACHER_URL),onpolicy.teacher_url=$(TEACHER_URL))
 
 train: setup ## train the student from shards (METHOD=skd|seqkd|jsd|dualkl, see configs/train)
-	$(TRAIN_LAUNCH) train configs/train/$(METHOD).yaml $(TRAIN_OVERRIDES)
+	$(TRAIN_CHECK)$(TRAIN_LAUNCH) train configs/train/$(METHOD).yaml $(TRAIN_OVERRIDES)
 
 bench-train: setup models ## SKD from shards vs. a live teacher per batch (run make precompute first)
 	$(PYTHON) -m bench.train --shards $(or $(SHARDS),out/shards)

@@ -143,3 +143,54 @@ def _scalar(raw: str):
     if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
         return raw
     return value
+
+
+def option(default, help: str):
+    """A dataclass field with its one-line help (`metadata["help"]`), listed by `help_lines`.
+
+    Tuples are immutable, so they are plain defaults; a dataclass default (a section) goes
+    through default_factory."""
+    if dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def type_name(tp) -> str:
+    """A field type as a user reads it: `int`, `auto | float32`, `list of str`."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return " | ".join(str(c) for c in typing.get_args(tp))
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {type_name(args[0])}"
+        return f"{len(args)} x {type_name(args[0])}" if len(set(args)) == 1 else str(tp)
+    if dataclasses.is_dataclass(tp):
+        return "{" + ", ".join(f.name for f in dataclasses.fields(tp)) + "}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def field_docs(cls, prefix: str = "") -> list[tuple[str, str, object, str]]:
+    """(dotted key, type, default, help) of every field of `cls`, sections flattened."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        tp, value = hints[f.name], getattr(inst, f.name)
+        if dataclasses.is_dataclass(tp) and dataclasses.is_dataclass(value):
+            out.extend(field_docs(tp, f"{prefix}{f.name}."))
+        else:
+            out.append((prefix + f.name, type_name(tp), value, f.metadata.get("help", "")))
+    return out
+
+
+def help_lines(cls) -> list[str]:
+    """`key (type, default value): help` for every field, for an argparse epilog."""
+    out = []
+    for key, tp, default, help in field_docs(cls):
+        if isinstance(default, tuple) and all(dataclasses.is_dataclass(d) for d in default):
+            default = [dataclasses.asdict(d) for d in default]
+        elif isinstance(default, tuple):
+            default = list(default)
+        out.append(f"  {key} ({tp}, default {default!r})\n      {help}")
+    return out

@@ -8,19 +8,31 @@ each batch inside the worker (one tensor hand-off per batch, not per row).
 Resume stays exact with length sorting because a window is a pure function of where it
 starts: a batch carries (shard, epoch, window start, batch index in window); after a restart
 the reader re-reads the window from its start and the first `index + 1` batches are skipped.
+A window never spans two epochs, so every batch belongs to one epoch (`num_epochs` stops at
+an epoch's end exactly).
+
+A row longer than `max_length` (prompt + response) follows the `overlong` policy: "skip" it,
+"truncate" it (see `collate`), or "error" (a ShardError naming the folder, row and length).
+Skipped or truncated rows are counted, rows and tokens (skip: the row's tokens; truncate: the
+tokens cut), on the batch that follows them, and summed over the consumed batches, so the
+counts survive a resume without double counting.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from shards.errors import ShardError
 from shards.reader import ShardReader
+
+Overlong = Literal["skip", "truncate", "error"]
 
 
 @dataclass
@@ -45,6 +57,8 @@ class Batch:
     ids: list[str] = field(default_factory=list)
     cursor: tuple[int, int, int, int] | None = None  # (shard, epoch, window start, index)
     folder: int = 0  # which folder of a mixture (train/mixture.py) the rows came from
+    # (rows, tokens) longer than max_length, skipped or truncated since the previous batch
+    overlong: tuple[int, int] = (0, 0)
     # Per row, the (truncated) student prompt and the teacher's prompt: what on-policy
     # distillation samples from and sends to the teacher (train/onpolicy.py).
     prompt_ids: list[torch.Tensor] = field(default_factory=list)
@@ -146,16 +160,21 @@ class ShardBatches(IterableDataset):
         sort_window: int,
         seed: int = 0,
         pad_id: int = 0,
+        overlong: Overlong = "skip",
     ):
         self.reader = reader
         self.batch_tokens, self.max_rows = batch_tokens, max_rows
         self.max_length, self.sort_window = max_length, sort_window
-        self.seed, self.pad_id = seed, pad_id
+        self.seed, self.pad_id, self.overlong = seed, pad_id, overlong
         self._skip: dict[int, tuple[int, int, int]] = {}  # shard -> (epoch, start, batches)
+        self.overlong_seen = [0, 0]  # rows, tokens: over the consumed batches (this rank)
 
     def _windows(self, rows: Iterator[dict]):
         window = []
         for row in rows:
+            if window and row["cursor"][1] != window[0]["cursor"][1]:
+                yield window  # the epoch's last rows: a window never spans two epochs
+                window = []
             window.append(row)
             if len(window) == self.sort_window:
                 yield window
@@ -170,9 +189,20 @@ class ShardBatches(IterableDataset):
         skip = self._skip.get(shard)
         if skip is not None:
             self.reader.seek(shard, skip[0], skip[1])
+        pending, warned = (0, 0), False
         for window in self._windows(iter(self.reader)):
             _, epoch, pos = window[0]["cursor"]
             start = pos - 1  # position of the window's first row
+            window, cut = self._overlong(window)
+            if cut[0] and not warned:
+                warned = True
+                print(
+                    f"[train] data.overlong={self.overlong}: rows longer than data.max_length="
+                    f"{self.max_length} in {self.reader.folder.path} (counted in metrics.jsonl "
+                    "as overlong_rows, overlong_tokens)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             lengths = [
                 min(len(r["prompt_ids"]) + len(r["response_ids"]), self.max_length) for r in window
             ]
@@ -181,6 +211,8 @@ class ShardBatches(IterableDataset):
             first = 0
             if skip is not None and (epoch, start) == skip[:2]:
                 first, skip = skip[2], None
+            if first == 0:  # else a batch of this window, with its counts, was consumed
+                pending = (pending[0] + cut[0], pending[1] + cut[1])
             for index in range(first, len(plan)):
                 batch = collate(
                     [window[i] for i in plan[order[index]]], self.max_length, self.pad_id
@@ -188,22 +220,51 @@ class ShardBatches(IterableDataset):
                 if not batch.num_tokens:
                     continue  # rows with empty responses train nothing
                 batch.cursor = (shard, epoch, start, index + 1)
+                batch.overlong, pending = pending, (0, 0)
                 yield batch
+
+    def _overlong(self, window: list[dict]) -> tuple[list[dict], tuple[int, int]]:
+        """The window's rows under the `overlong` policy, and (rows, tokens) affected."""
+        lengths = [len(r["prompt_ids"]) + len(r["response_ids"]) for r in window]
+        long = [i for i, n in enumerate(lengths) if n > self.max_length]
+        if not long:
+            return window, (0, 0)
+        if self.overlong == "error":
+            row = window[long[0]]
+            raise ShardError(
+                self.reader.folder.path,
+                f"prompt + response is {lengths[long[0]]} tokens, longer than data.max_length="
+                f"{self.max_length} (data.overlong=error; raise data.max_length, or set "
+                "data.overlong=skip or truncate)",
+                row=repr(str(row["id"])),
+                field="prompt_ids+response_ids",
+            )
+        if self.overlong == "truncate":
+            return window, (len(long), sum(lengths[i] - self.max_length for i in long))
+        dropped = set(long)
+        kept = [r for i, r in enumerate(window) if i not in dropped]
+        return kept, (len(long), sum(lengths[i] for i in long))
 
     def update(self, batch: Batch) -> None:
         """Record a batch the trainer consumed."""
         shard, epoch, start, done = batch.cursor
         self._skip[shard] = (epoch, start, done)
+        rows, tokens = batch.overlong
+        self.overlong_seen = [self.overlong_seen[0] + rows, self.overlong_seen[1] + tokens]
 
     def pop_metrics(self) -> dict:
-        return {}
+        """Rows longer than max_length skipped or truncated so far, and their tokens."""
+        rows, tokens = self.overlong_seen
+        return {"overlong_rows": rows, "overlong_tokens": tokens} if rows else {}
 
     def state_dict(self) -> dict:
         return {
             "reader": {**self.reader.state_dict(), "positions": {}},
             "batches": {str(s): list(v) for s, v in sorted(self._skip.items())},
+            "overlong": list(self.overlong_seen),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.reader.load_state_dict(state["reader"])
         self._skip = {int(s): tuple(v) for s, v in state["batches"].items()}
+        self.overlong_seen = [int(x) for x in state.get("overlong", (0, 0))]

@@ -7,6 +7,14 @@
   model/                   the student (or its LoRA adapter) + tokenizer, for evaluation
   config.yaml              the resolved config
 <out_dir>/checkpoints/latest   name of the newest complete checkpoint (written last)
+
+With save_total_limit = n, a save deletes the checkpoints older than the n newest only after
+the new one is complete (renamed into place and named by `latest`), so a run killed at any
+moment still has a complete checkpoint to resume from.
+
+`resume_from` decides, from `resume` and the folder, where a run starts: a folder with
+checkpoints continues (resume=auto/true) or is refused (resume=false); a folder written with
+other settings is refused in one line naming the keys that differ.
 """
 
 from __future__ import annotations
@@ -15,7 +23,33 @@ import json
 import shutil
 from pathlib import Path
 
-from train.config import dump_config
+import yaml
+
+from train.config import ConfigError, TrainConfig, dump_config, to_dict
+from train.logger import flat_config
+
+# Keys that say how long or how a job runs, not what it computes: a run may continue with
+# other values (a longer max_steps, another stop_at, more frequent saves).
+RESUMABLE_KEYS = {
+    "out_dir",
+    "max_steps",
+    "num_epochs",
+    "stop_at",
+    "resume",
+    "log_every",
+    "save_every",
+    "save_total_limit",
+    "eval_every",
+    "eval_batches",
+    "log_with",
+    "data.eval_shards",
+    "data.verify",
+    "onpolicy.timeout_s",
+    "onpolicy.retries",
+    "onpolicy.backoff_s",
+    "onpolicy.max_backoff_s",
+    "onpolicy.give_up_after_s",
+}
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -46,8 +80,78 @@ def save_checkpoint(accelerator, module, tokenizer, cfg, step: int, trainer_stat
         tmp.rename(final)
         (root / "latest.tmp").write_text(final.name)
         (root / "latest.tmp").rename(root / "latest")
+        if cfg.save_total_limit:
+            prune_checkpoints(cfg.out_dir, cfg.save_total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step-"))
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
+    """Delete the complete checkpoints older than the `keep` newest; return what went.
+
+    Only checkpoints older than `latest` go (never `latest` itself, nor a folder still being
+    written, which is a .step-*.tmp). Each is renamed out of the step-* names first, so that a
+    kill during the deletion leaves no half-deleted folder that looks like a checkpoint."""
+    latest = latest_checkpoint(out_dir)
+    if latest is None or keep < 1:
+        return []
+    root = checkpoint_root(out_dir)
+    done = sorted(
+        (p for p in root.glob("step-*") if p.is_dir() and step_of(p) <= step_of(latest)),
+        key=step_of,
+    )
+    gone = done[: max(len(done) - keep, 0)]
+    for p in gone:
+        doomed = root / f".{p.name}.deleting"
+        shutil.rmtree(doomed, ignore_errors=True)
+        p.rename(doomed)
+        shutil.rmtree(doomed)
+    for p in root.glob(".step-*.deleting"):  # left by a kill during an earlier deletion
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+def config_changes(saved: dict, cfg: TrainConfig) -> list[str]:
+    """`key: saved -> now` for each key, outside RESUMABLE_KEYS, that differs. A key the
+    saved config lacks (written by an older version) counts with its default."""
+    now = flat_config(to_dict(cfg))
+    before = {**flat_config(to_dict(TrainConfig())), **flat_config(saved)}
+    # The teacher server's address may change (a re-run starts a new server); on-policy
+    # switched on or off does change the run.
+    for d in (now, before):
+        d["onpolicy.teacher_url"] = "on" if d.get("onpolicy.teacher_url") else "off"
+    return [
+        f"{k}: {before.get(k)!r} -> {v!r}"
+        for k, v in now.items()
+        if k not in RESUMABLE_KEYS and before.get(k) != v
+    ]
+
+
+def resume_from(cfg: TrainConfig) -> Path | None:
+    """The checkpoint this run continues from (None: a fresh start), by `cfg.resume`.
+
+    Refuses, as a ConfigError: resume=false on a folder with checkpoints (it would be
+    overwritten), and a folder whose run was written with other settings."""
+    out = Path(cfg.out_dir)
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and cfg.resume == "false":
+        raise ConfigError(
+            f"{out} already holds a run (latest checkpoint {ckpt.name}) and resume=false "
+            "would overwrite it: choose another out_dir, or resume=auto to continue it"
+        )
+    saved_file = ckpt / "config.yaml" if ckpt is not None else out / "config.yaml"
+    if saved_file.exists():
+        changes = config_changes(yaml.safe_load(saved_file.read_text()) or {}, cfg)
+        if changes:
+            raise ConfigError(
+                f"{out} holds a run with other settings ({saved_file}): {'; '.join(changes)}; "
+                "run with the same settings to continue it, or choose another out_dir"
+            )
+    return ckpt
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:

@@ -22,7 +22,7 @@ from typing import Literal
 
 import yaml
 
-from runtime.typed_config import apply_overrides, build
+from runtime.typed_config import apply_overrides, build, help_lines, option
 from train.losses import KDSpec
 
 # Keys of older configs, and what replaced them (named in the unknown-key error).
@@ -35,33 +35,39 @@ RENAMED = {
 }
 
 
+class ConfigError(ValueError):
+    """A config that cannot work (a bad value, a run folder with other settings, shards that
+    do not fit the student): `python -m train` prints it as one line and exits with 2."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = "models/smollm2-student"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on a capable GPU
-    lora: bool = False
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: tuple[str, ...] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
+    path: str = option("models/smollm2-student", "the student: a model folder or hub name")
+    dtype: Literal["auto", "float32", "bfloat16"] = option(
+        "auto", "weights and autocast; auto: bf16 autocast on a capable GPU, else float32"
     )
-    gradient_checkpointing: bool = False
-    quantize: Literal["none", "4bit", "8bit"] = "none"  # QLoRA; needs CUDA and bitsandbytes
+    lora: bool = option(False, "train a LoRA adapter instead of every weight")
+    lora_rank: int = option(16, "LoRA rank r")
+    lora_alpha: int = option(32, "LoRA scaling alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA input")
+    lora_target_modules: tuple[str, ...] = option(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        "module names that get a LoRA adapter",
+    )
+    gradient_checkpointing: bool = option(
+        False, "recompute activations in the backward: less memory, same numbers"
+    )
+    quantize: Literal["none", "4bit", "8bit"] = option(
+        "none", "QLoRA: load the frozen base in 4 or 8 bits; needs CUDA and bitsandbytes"
+    )
 
 
 @dataclass(frozen=True)
 class ShardSource:
     """One shard folder of the training data and its share of the trained tokens."""
 
-    path: str
-    weight: float = 1.0
+    path: str = field(metadata={"help": "a shard folder (local or an fsspec URL)"})
+    weight: float = option(1.0, "share of the trained tokens, relative to the other folders")
 
 
 @dataclass(frozen=True)
@@ -69,15 +75,29 @@ class DataConfig:
     # One folder, or a weighted mixture (train/mixture.py). YAML: `shards: out/shards`, or
     # `shards: [{path: a, weight: 0.7}, {path: b, weight: 0.3}]`; key=value:
     # `data.shards=a:0.7,b:0.3` (a folder without `:weight` weighs 1).
-    shards: tuple[ShardSource, ...] = (ShardSource("out/shards"),)
-    eval_shards: str = ""  # a held-out shard folder for periodic evaluation loss
-    batch_tokens: int = 4096  # padded tokens per micro-batch (length-aware batching)
-    max_rows: int = 64  # rows per micro-batch at most
-    max_length: int = 1024  # prompt + response tokens; longer rows are truncated on the right
-    sort_window: int = 256  # rows sorted by length together before batching
-    window_blocks: int = 4  # shard reader shuffle window, in record batches
-    num_workers: int = 0  # DataLoader workers
-    verify: Literal["full", "size", "none"] = "full"  # shard checksums
+    shards: tuple[ShardSource, ...] = option(
+        (ShardSource("out/shards"),),
+        "training shards: one folder, or a weighted mixture, key=value a:0.7,b:0.3",
+    )
+    eval_shards: str = option("", "a held-out shard folder for periodic evaluation loss")
+    batch_tokens: int = option(4096, "padded tokens per micro-batch (length-aware batching)")
+    max_rows: int = option(64, "rows per micro-batch at most")
+    max_length: int = option(1024, "prompt + response tokens of a row at most (data.overlong)")
+    # Default skip, not error: one long row should not stop a run hours in, and skipping
+    # keeps every trained row whole; the first skip prints a line and the counts go to the
+    # logs, so nothing is dropped silently. truncate is the old behaviour, now asked for.
+    overlong: Literal["skip", "truncate", "error"] = option(
+        "skip",
+        "a row longer than max_length: skip it, truncate it (prompt kept from its end, "
+        "response cut on the right), or stop with an error naming it; counted in "
+        "metrics.jsonl (overlong_rows, overlong_tokens)",
+    )
+    sort_window: int = option(256, "rows sorted by length together before batching")
+    window_blocks: int = option(4, "shard reader shuffle window, in record batches")
+    num_workers: int = option(0, "DataLoader worker processes per rank")
+    verify: Literal["full", "size", "none"] = option(
+        "full", "shard checks: full checksums, file sizes only, or none"
+    )
 
     def __post_init__(self) -> None:
         if not self.shards:
@@ -86,13 +106,15 @@ class DataConfig:
             raise ValueError("shards: every weight must be > 0")
         if len({s.path for s in self.shards}) != len(self.shards):
             raise ValueError("shards: a folder is listed twice")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
 
 
 @dataclass(frozen=True)
 class LossConfig(KDSpec):
     """The loss (every field of `KDSpec`, documented there) and how it is chunked."""
 
-    chunk_tokens: int = 1024  # tokens per loss chunk: bounds the logits held in memory
+    chunk_tokens: int = option(1024, "tokens per loss chunk: bounds the logits held in memory")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,12 +124,14 @@ class LossConfig(KDSpec):
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 10
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float = 1.0
+    lr: float = option(5e-5, "AdamW peak learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
+    warmup_steps: int = option(10, "linear warm-up steps of the schedule")
+    schedule: Literal["cosine", "linear", "constant"] = option(
+        "cosine", "learning rate schedule after warm-up, spanning max_steps"
+    )
+    max_grad_norm: float = option(1.0, "clip the step's gradient to this global norm")
 
 
 @dataclass(frozen=True)
@@ -119,27 +143,37 @@ class OnPolicyConfig:
     view), else the shard batch itself (the teacher's or the dataset's responses).
     """
 
-    teacher_url: str = ""  # e.g. http://localhost:8000 (python -m vllm...api_server); "" = off
-    lmbda: float = 1.0  # probability that a micro-batch is on-policy (student samples)
-    temperature: float = 1.0  # student sampling
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    n_samples: int = 1  # samples per prompt
-    max_prompts: int = 8  # prompts taken from a shard batch for an on-policy batch
-    k: int = 0  # teacher top-k per token; 0: the shards' k
-    timeout_s: float = 120.0  # per request
-    retries: int = 3  # re-asks after an answer that does not match the request
-    backoff_s: float = 0.5  # first retry delay; doubles up to max_backoff_s
-    max_backoff_s: float = 10.0
-    give_up_after_s: float = 300.0  # a server away this long: save a checkpoint and stop
-    concurrency: int = 8  # teacher requests in flight
-    write_shards: str = ""  # also write the samples with their teacher scores here
-    # Student sampling: vllm = a vLLM engine for the student in this process, its weights
-    # pushed from the trainer every sync_every optimizer steps; hf = transformers generate.
-    sampler: Literal["hf", "vllm"] = "hf"
-    sync_every: int = 1
-    gpu_memory_utilization: float = 0.3  # GPU: share of the device for the student engine
-    cpu_kv_cache_gib: float = 1.0  # CPU: the engine's KV cache (VLLM_CPU_KVCACHE_SPACE wins)
+    teacher_url: str = option(
+        "", "teacher server, e.g. http://localhost:8000; empty: on-policy off"
+    )
+    lmbda: float = option(1.0, "probability that a micro-batch is on-policy (student samples)")
+    temperature: float = option(1.0, "student sampling temperature")
+    top_p: float = option(1.0, "student sampling nucleus")
+    max_new_tokens: int = option(128, "tokens per student sample at most")
+    n_samples: int = option(1, "student samples per prompt")
+    max_prompts: int = option(8, "prompts taken from a shard batch for an on-policy batch")
+    k: int = option(0, "teacher top-k per token; 0: the shards' k")
+    timeout_s: float = option(120.0, "teacher request timeout")
+    retries: int = option(3, "re-asks after an answer that does not match the request")
+    backoff_s: float = option(0.5, "first retry delay; doubles up to max_backoff_s")
+    max_backoff_s: float = option(10.0, "longest retry delay")
+    give_up_after_s: float = option(
+        300.0, "a teacher server away this long: save a checkpoint and stop"
+    )
+    concurrency: int = option(8, "teacher requests in flight")
+    write_shards: str = option("", "also write the samples with their teacher scores here")
+    # vllm: a vLLM engine for the student in this process, its weights pushed from the
+    # trainer every sync_every optimizer steps; hf: transformers generate.
+    sampler: Literal["hf", "vllm"] = option(
+        "hf", "student sampling: hf (transformers generate) or vllm (an engine in-process)"
+    )
+    sync_every: int = option(1, "vllm sampler: push the weights every this many steps")
+    gpu_memory_utilization: float = option(
+        0.3, "vllm sampler on a GPU: share of the device for the student engine"
+    )
+    cpu_kv_cache_gib: float = option(
+        1.0, "vllm sampler on the CPU: the engine's KV cache (VLLM_CPU_KVCACHE_SPACE wins)"
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -160,28 +194,50 @@ class OnPolicyConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
-    out_dir: str = "runs/skd"
-    max_steps: int = 100
-    grad_accum: int = 1
-    seed: int = 0
-    log_every: int = 1
-    save_every: int = 50
-    eval_every: int = 0  # 0: no periodic evaluation
-    eval_batches: int = 8
-    resume: bool = False
-    stop_at: int = 0  # end this job after this step (saving), e.g. on time-limited clusters;
-    # the schedule still spans max_steps, and resume=true continues
-    deepspeed: str = ""  # path of a DeepSpeed config (configs/deepspeed/*.json) or empty
-    log_with: str = ""  # extra trackers via accelerate, e.g. "wandb,mlflow" (train/logger.py)
+    model: ModelConfig = option(ModelConfig(), "the student")
+    data: DataConfig = option(DataConfig(), "the shards and batching")
+    loss: LossConfig = option(LossConfig(), "the distillation loss")
+    optim: OptimConfig = option(OptimConfig(), "optimizer and schedule")
+    onpolicy: OnPolicyConfig = option(OnPolicyConfig(), "on-policy distillation")
+    out_dir: str = option("runs/skd", "the run folder: checkpoints, metrics, config")
+    max_steps: int = option(
+        100, "optimizer steps; the schedule spans them; with num_epochs the first reached ends"
+    )
+    # An epoch is one pass over the rows of data.shards (of the first folder of a mixture,
+    # the others cycle at their weights); the run ends with the step that trains the last
+    # rows of epoch num_epochs - 1 (train/__main__.py epoch_cut). The schedule still spans
+    # max_steps: set it to about the epochs' steps (the end line says how many they took).
+    num_epochs: int = option(
+        0, "passes over the shard rows (a mixture: over its first folder); 0: max_steps only"
+    )
+    grad_accum: int = option(1, "micro-batches per optimizer step and rank")
+    seed: int = option(0, "data order, mixture draws and initial RNG")
+    log_every: int = option(1, "write metrics every this many steps")
+    save_every: int = option(50, "save a checkpoint every this many steps (and at the end)")
+    save_total_limit: int = option(
+        0, "keep this many newest checkpoints, older ones deleted once a newer is complete; 0: all"
+    )
+    eval_every: int = option(0, "evaluation loss on data.eval_shards every N steps; 0: none")
+    eval_batches: int = option(8, "batches of data.eval_shards per evaluation")
+    resume: Literal["auto", "true", "false"] = option(
+        "auto",
+        "auto (or true): continue from out_dir's latest checkpoint if it has one, refusing a "
+        "folder written with other settings; false: start fresh, refusing a folder with "
+        "checkpoints",
+    )
+    stop_at: int = option(
+        0, "end this job after this step (saving), e.g. on time-limited clusters; resume continues"
+    )
+    deepspeed: str = option("", "a DeepSpeed config (configs/deepspeed/*.json); empty: DDP")
+    log_with: str = option(
+        "", "extra trackers via accelerate, e.g. wandb,mlflow (metrics.jsonl always)"
+    )
 
     def __post_init__(self) -> None:
         if not (self.max_steps > 0 and self.grad_accum > 0):
             raise ValueError("max_steps and grad_accum must be > 0")
+        if self.num_epochs < 0 or self.save_total_limit < 0:
+            raise ValueError("num_epochs and save_total_limit must be >= 0")
         if self.onpolicy.teacher_url and self.loss.alpha == 0:
             raise ValueError(
                 "on-policy distillation needs a KD loss (loss.alpha > 0), not seqkd (alpha 0)"
@@ -190,21 +246,37 @@ class TrainConfig:
             raise ValueError(
                 "on-policy distillation takes its prompts from one shard folder, not a mixture"
             )
+        if self.num_epochs and self.onpolicy.teacher_url:
+            raise ValueError(
+                "num_epochs counts passes over shard rows; on-policy batches are samples: "
+                "use max_steps"
+            )
         from train.logger import tracker_names  # train.logger imports this module
 
         tracker_names(self.log_with)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    data = {}
-    if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-    data = apply_overrides(data, list(overrides))
-    if isinstance(data.get("data"), dict) and "shards" in data["data"]:
-        data["data"]["shards"] = shard_sources(data["data"]["shards"])
-    return build(TrainConfig, data, renamed=RENAMED)
+    """The YAML at `path` with `key=value` overrides; any problem is a one-line ConfigError."""
+    try:
+        data = {}
+        if path:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: expected a mapping at the top level")
+        data = apply_overrides(data, list(overrides))
+        if isinstance(data.get("data"), dict) and "shards" in data["data"]:
+            data["data"]["shards"] = shard_sources(data["data"]["shards"])
+        return build(TrainConfig, data, renamed=RENAMED)
+    except ConfigError:
+        raise
+    except (ValueError, OSError, yaml.YAMLError) as e:
+        raise ConfigError(" ".join(str(e).split())) from None
+
+
+def config_help() -> str:
+    """Every config key with its type, default and meaning, from the dataclasses' fields."""
+    return "\n".join(help_lines(TrainConfig))
 
 
 def shard_sources(value) -> list:

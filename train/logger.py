@@ -65,6 +65,24 @@ def start_trackers(accelerator, out_dir: Path, config: dict | None) -> None:
     )
 
 
+def keep_until(path: Path, step: int) -> None:
+    """Drop the records after `step` from a metrics.jsonl: steps a killed run logged after its
+    last checkpoint (or all, on a fresh start) are trained and logged again, not twice."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the line a kill cut short
+            continue
+        if record.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
+
+
 class Logger:
     def __init__(
         self,
@@ -82,6 +100,7 @@ class Logger:
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        keep_until(out / "metrics.jsonl", start_step)
         self.jsonl = open(out / "metrics.jsonl", "a")
         self.tb = SummaryWriter(str(out / "tensorboard"))
         self.acc = accelerator if accelerator is not None and accelerator.log_with else None

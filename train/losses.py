@@ -132,6 +132,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from runtime.typed_config import option
 from train.chunked import (
     DEFAULT_CHUNK_TOKENS,
     LinearHead,
@@ -365,17 +366,24 @@ class KDSpec:
         defaults are placeholders: tune them.
     """
 
-    divergence: Divergence = "forward_kl"
-    tail: TailPolicy = "tail_bucket"
-    temperature: float = 1.0
-    beta: float = 0.5
-    alpha: float = 1.0
-    sft_alpha: float = 0.0
-    reverse_kl_estimator: ReverseKLEstimator = "exact"
-    forward_kl_support: ForwardKLSupport = "topk"
-    gate: GateKind = "soft"
-    gate_tau: float = 0.5
-    gate_alpha: float = 10.0
+    # The help texts are what `python -m train --help` lists for the loss section.
+    divergence: Divergence = option("forward_kl", "the KD divergence on the top-k buckets")
+    tail: TailPolicy = option(
+        "tail_bucket", "teacher mass outside the top-k: one extra bucket, or renormalize"
+    )
+    temperature: float = option(1.0, "KD temperature T > 0 (the KD term is scaled by T^2)")
+    beta: float = option(0.5, "jsd: teacher weight of the mixture (0 = forward, 1 = reverse KL)")
+    alpha: float = option(1.0, "loss = alpha * KD + (1 - alpha) * CE; 0 = SeqKD, 1 = pure KD")
+    sft_alpha: float = option(0.0, "extra CE (SFT) weight added to any KD loss")
+    reverse_kl_estimator: ReverseKLEstimator = option(
+        "exact", "reverse_kl, dual_kl: exact on the buckets, or mc on the response token"
+    )
+    forward_kl_support: ForwardKLSupport = option(
+        "topk", "forward_kl, dual_kl: the top-k buckets, or argmax ({teacher argmax, rest})"
+    )
+    gate: GateKind = option("soft", "dual_kl gate: soft (sigmoid) or hard (threshold)")
+    gate_tau: float = option(0.5, "dual_kl gate threshold, in nats of per-token reverse KL")
+    gate_alpha: float = option(10.0, "dual_kl soft gate steepness")
 
     def __post_init__(self) -> None:
         for name, lit in (

@@ -89,7 +89,11 @@ class MixtureBatches:
     def pop_metrics(self) -> dict:
         """Each folder's share of the tokens trained so far (this rank's)."""
         total = max(sum(self.tokens), 1)
-        return {f"mix/{name}": t / total for name, t in zip(self.names, self.tokens, strict=True)}
+        out = {f"mix/{name}": t / total for name, t in zip(self.names, self.tokens, strict=True)}
+        for part in self.parts:  # rows over max_length, all folders together
+            for k, v in part.pop_metrics().items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     def state_dict(self) -> dict:
         return {

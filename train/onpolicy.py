@@ -301,7 +301,7 @@ class OnPolicyBatches:
         if not rows:  # every sample was cut to nothing: train the shard batch instead
             return batch
         out = collate(rows, self.max_length, self.pad_id)
-        out.cursor = batch.cursor
+        out.cursor, out.overlong = batch.cursor, batch.overlong
         return out
 
     # ---- BatchSource ---------------------------------------------------------------------
@@ -333,7 +333,7 @@ class OnPolicyBatches:
         wall = max(time.monotonic() - s.pop("t0"), 1e-9)
         s["teacher_share"] = s["teacher_wait_s"] / wall
         s["teacher_retries"] = self.client.num_retries if self.client else 0
-        return s
+        return {**s, **self.shards.pop_metrics()}  # the prompts' rows over max_length
 
 
 class SampleWriter:

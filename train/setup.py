@@ -12,7 +12,7 @@ from shards.errors import ShardError
 from shards.fingerprint import tokenizer_fingerprint
 from shards.reader import ShardFolder, ShardReader
 from train.batches import ShardBatches
-from train.config import TrainConfig
+from train.config import ConfigError, TrainConfig
 from train.logger import tracker_names
 from train.mixture import MixtureBatches
 from train.model import DistillModule, load_student, mixed_precision
@@ -75,7 +75,7 @@ def shard_batches(cfg: TrainConfig, folder: str, accelerator, tokenizer, *, trai
         verify=cfg.data.verify,
     )
     if train and len(reader.folder.blocks) < reader.num_shards:
-        raise ValueError(
+        raise ConfigError(
             f"{folder}: {len(reader.folder.blocks)} record batches cannot feed "
             f"{reader.num_shards} ranks x workers; write smaller batches or use fewer workers"
         )
@@ -88,6 +88,7 @@ def shard_batches(cfg: TrainConfig, folder: str, accelerator, tokenizer, *, trai
         sort_window=cfg.data.sort_window,
         seed=cfg.seed,
         pad_id=pad,
+        overlong=cfg.data.overlong,
     )
 
 
@@ -151,7 +152,7 @@ def build_run(cfg: TrainConfig) -> Run:
     # out_features, not weight.shape: under ZeRO-3 the weight is partitioned (shape 0).
     student_vocab = getattr(head, "out_features", None) or head.weight.shape[0]
     if teacher_vocab > student_vocab:
-        raise ValueError(
+        raise ConfigError(
             f"shards have teacher ids up to {teacher_vocab - 1} but the student's output head "
             f"has {student_vocab} rows"
         )
@@ -171,7 +172,7 @@ def build_run(cfg: TrainConfig) -> Run:
     module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
     deepspeed = acc.state.deepspeed_plugin is not None
     if cfg.deepspeed and not deepspeed:
-        raise ValueError(
+        raise ConfigError(
             f"deepspeed={cfg.deepspeed} is set but accelerate did not start DeepSpeed "
             f"({acc.distributed_type}); launch with torchrun or accelerate launch on GPUs"
         )
