@@ -35,8 +35,9 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "bench" / "results" / "loss_memory.json"
+from bench.common import REPO, RESULTS, header, write_result
+
+DEFAULT_OUT = RESULTS / "loss_memory.json"
 VARIANTS = ("dense", "checkpoint", "chunked")
 LOSSES = {
     "fkl": dict(divergence="forward_kl", tail="tail_bucket"),
@@ -298,9 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         k: getattr(args, k)
         for k in ("device", "V", "tokens", "hidden", "k", "chunk", "dtype", "reps")
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(config=config, env=_env(args), results=rows, table=table)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    payload = {**header("bench.loss_memory", argv), "config": config, "env": _env(args)}
+    write_result(args.out, {**payload, "results": rows, "table": table})
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0 if all("error" not in r for r in rows) else 1
 

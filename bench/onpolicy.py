@@ -23,16 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
-
+from bench.common import header, write_result
 from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
 from shards.schema import ShardMetadata
 from shards.writer import ShardRow, ShardWriter
@@ -229,14 +226,7 @@ def main(argv=None) -> None:
             server.kill()
     trl = run_trl(args, 2) if args.trl and wanted("trl") else None
     result = {
-        "command": " ".join(
-            ["python -m bench.onpolicy", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-        },
+        **header("bench.onpolicy", argv),
         "teacher": args.teacher,
         "student": args.student,
         "k": args.k,
@@ -248,8 +238,7 @@ def main(argv=None) -> None:
         "settings": settings,
         "trl": trl,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
     print(
         "| setting | step s | generate s | teacher wait s | sync s | update s | teacher share "
         "| peak RSS GiB |"

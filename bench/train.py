@@ -13,15 +13,11 @@ each, their ratio, and where the time goes. Results: bench/results/train.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
 import time
-from datetime import UTC, datetime
-from pathlib import Path
 
 import torch
 
+from bench.common import header, write_result
 from shards.reader import ShardReader
 from train.batches import collate, plan_batches
 from train.losses import KDSpec, TeacherSignal
@@ -128,12 +124,7 @@ def main(argv=None) -> None:
         len(r["teacher_prompt_ids"]) + len(r["response_ids"]) for b in batches[1:] for r in b
     )
     result = {
-        "command": " ".join(["python -m bench.train", *(sys.argv[1:] if argv is None else argv)]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-        },
+        **header("bench.train", argv),
         "shards": args.shards,
         "k": k,
         "steps_timed": len(batches) - 1,
@@ -143,8 +134,7 @@ def main(argv=None) -> None:
         "live_teacher_mode": live,
         "speedup": offline["tok_s"] / live["tok_s"],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
     print("| mode | response tok/s | teacher s | student step s |")
     print("| --- | ---: | ---: | ---: |")
     for name, r in (("from shards", offline), ("live teacher (GKD, lmbda=0)", live)):

@@ -29,11 +29,21 @@ class HFBackend:  # implements precompute.backend.Backend
     name = "hf"
 
     def __init__(
-        self, model: str, k: int, dtype: str = "float32", device: str = "cpu", batch_size: int = 8
+        self,
+        model: str,
+        k: int,
+        dtype: str = "float32",
+        device: str = "cpu",
+        batch_size: int = 8,
+        gguf_file: str | None = None,
     ):
+        """model: a Hugging Face model folder or id; gguf_file: the weights are this GGUF
+        file in that folder (transformers dequantizes it) instead of safetensors."""
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype]).to(device)
+        kw = {} if gguf_file is None else {"gguf_file": gguf_file}
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], **kw)
+        self.model = self.model.to(device)
         self.model.eval()
         self.k, self.device, self.batch_size = k, device, batch_size
         # The logit dimension, which may exceed the tokenizer (padded vocabularies).
