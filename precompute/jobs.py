@@ -22,7 +22,6 @@ import sys
 import time
 import traceback
 from dataclasses import replace
-from pathlib import Path
 
 from precompute.config import PrecomputeConfig
 from precompute.errors import WorkerFailed
@@ -31,41 +30,16 @@ from precompute.launch import (
     CPU_WORKERS,
     WorkerSlot,
     allowed_cpus,
+    local_gpus,
     local_plan,
-    visible_gpus,
+    worker_engine,
 )
+from precompute.ray_runner import run_ray
 from precompute.run import Summary, run
 
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def worker_engine(cfg: PrecomputeConfig) -> dict:
-    """The engine arguments that size one worker (its GPUs: tensor x pipeline parallel)."""
-    return cfg.engine if cfg.backend == "vllm" else {}
-
-
-def local_gpus(cfg: PrecomputeConfig) -> list[str]:
-    if cfg.backend == "hf" and not cfg.hf.device.startswith("cuda"):
-        return []
-    return visible_gpus()
-
-
-def absolute_paths(cfg: PrecomputeConfig) -> PrecomputeConfig:
-    """Paths that do not depend on the worker's working directory (Ray workers have their
-    own); the model folders only when they exist here, as they may name a hub model."""
-
-    def local(p: str) -> str:
-        return str(Path(p).resolve()) if p and Path(p).exists() else p
-
-    return replace(
-        cfg,
-        out=str(Path(cfg.out).resolve()),
-        teacher=local(cfg.teacher),
-        student=local(cfg.student),
-        data=replace(cfg.data, path=local(cfg.data.path)),
-    )
 
 
 def run_job(cfg: PrecomputeConfig, log=None, on_event=None) -> Summary:
@@ -74,8 +48,6 @@ def run_job(cfg: PrecomputeConfig, log=None, on_event=None) -> Summary:
     `on_event(ev)` sees each progress event (tests use it to kill a worker mid-run)."""
     log = log or _stderr
     if cfg.ray:
-        from precompute.ray_runner import run_ray
-
         return run_ray(cfg, log, on_event)
     # The CPU default was measured with vLLM's engine; transformers uses every core itself.
     cpu_workers = CPU_WORKERS if cfg.backend == "vllm" else 1

@@ -1,4 +1,4 @@
-"""bench/shards.py: the teacher-forcing top-k and the size / accuracy measurements."""
+"""bench/common.py (teacher-forcing top-k, result files) and bench/shards.py (size, accuracy)."""
 
 from __future__ import annotations
 
