@@ -22,7 +22,7 @@ from precompute.config import PrecomputeConfig
 
 # vLLM workers on a CPU-only machine when num_workers=0 (auto). One vLLM CPU engine runs its
 # model on one core and keeps one for its scheduler; on 2 cores two workers, each engine
-# bound to its own core, did the default data in 179 s against 246 s for one (BENCHMARKS.md,
+# bound to its own core, finish the default data sooner than one (figures in BENCHMARKS.md,
 # "Precompute workers on one machine"). Never more than the allowed cores.
 CPU_WORKERS = 2
 

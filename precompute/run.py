@@ -50,9 +50,9 @@ from shards.writer import ShardRow, ShardWriter
 
 CONFIG_KIND = "precompute_config"  # committed as precompute_config-w<I>-<n>.yaml
 REJECTS_KIND = "rejects"  # committed as rejects-w<I>-<n>.jsonl
-# zstd level of the files committed during a run: at k=64, 3 writes about 2.2x faster than
-# the writer's 12 for 6% more bytes, which the merge at the end of the run takes back
-# (BENCHMARKS.md, "Precompute host path").
+# zstd level of the files committed during a run: faster than the writer's 12 for a few
+# percent more bytes, which the merge at the end of the run takes back (figures in
+# BENCHMARKS.md, "Precompute host path").
 COMMIT_LEVEL = 3
 
 
