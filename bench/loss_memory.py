@@ -35,7 +35,13 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
 from bench.common import REPO, RESULTS, header, write_result
+from train.chunked import LinearHead, student_logprobs
+from train.losses import KDSpec, TeacherSignal, kd_loss, token_loss_fn
 
 DEFAULT_OUT = RESULTS / "loss_memory.json"
 VARIANTS = ("dense", "checkpoint", "chunked")
@@ -119,13 +125,6 @@ def _inputs(args, torch, device, dtype):
 
 
 def _worker(args) -> dict:
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
-
-    from train.chunked import LinearHead, student_logprobs
-    from train.losses import KDSpec, TeacherSignal, kd_loss, token_loss_fn
-
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[args.dtype]
@@ -214,8 +213,6 @@ def _run_variant(args, loss: str, variant: str) -> dict:
 
 
 def _env(args) -> dict:
-    import torch
-
     env = dict(torch=torch.__version__, python=platform.python_version(), host=platform.node())
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name(0)

@@ -29,6 +29,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+from transformers import AutoTokenizer
+
 from bench.common import header, write_result
 from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
 from shards.schema import ShardMetadata
@@ -48,8 +51,6 @@ def prompt_shards(
     teacher (used only as prompts here, lmbda = 1)."""
     if any(folder.glob("manifest*.json")):
         return folder
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(teacher)
     client = TeacherClient(url, k)
     client.connect(tok)
@@ -81,8 +82,6 @@ def prompt_shards(
 
 def tree_rss_gib(pid: int) -> float:
     """Resident memory of a process and its descendants now (the teacher server's engine)."""
-    import psutil
-
     root = psutil.Process(pid)
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**30
 

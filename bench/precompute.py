@@ -17,24 +17,26 @@ import sys
 import time
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from bench.common import REPO, RESULTS, header, write_result
+from precompute.config import SamplingConfig, ViewConfig
+from precompute.default_data import build_splits
+from precompute.hf_backend import HFBackend
+from precompute.inputs import Example
+from precompute.views import make_views
 from vllm_engine.env import default_kvcache_space
+from vllm_engine.teacher import VLLMBackend
 
 DEFAULT_OUT = RESULTS / "precompute.json"
 DEFAULT_DATA = REPO / "data" / "default" / "train.jsonl"
 
 
 def teacher_prompts(tokenizer, n: int) -> list[list[int]]:
-    from precompute.config import ViewConfig
-    from precompute.inputs import Example
-    from precompute.views import make_views
-
     rows = []
     if DEFAULT_DATA.exists():
         rows = [json.loads(x) for x in DEFAULT_DATA.read_text().splitlines()[:n]]
     if len(rows) < n:
-        from precompute.default_data import build_splits
-
         rows = build_splits("basic_arithmetic", n, 0, 0)["train"]
     prompts = []
     for i, r in enumerate(rows[:n]):
@@ -70,12 +72,6 @@ def main(argv=None) -> int:
     p.add_argument("--hf-batch", type=int, default=32, help="transformers: prompts per call")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
-
-    from transformers import AutoTokenizer
-
-    from precompute.config import SamplingConfig
-    from precompute.hf_backend import HFBackend
-    from vllm_engine.teacher import VLLMBackend
 
     tok = AutoTokenizer.from_pretrained(args.teacher)
     prompts = teacher_prompts(tok, args.prompts)

@@ -16,6 +16,7 @@ import argparse
 import time
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from bench.common import header, write_result
 from shards.reader import ShardReader
@@ -63,8 +64,6 @@ def teacher_signal(teacher, rows, k: int, max_length: int) -> TeacherSignal:
 
 
 def run_mode(student_dir, batches, *, teacher=None, k: int, max_length: int, chunk: int):
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     module = DistillModule(lm, KDSpec(divergence="forward_kl", tail="tail_bucket"), chunk)
@@ -107,8 +106,6 @@ def main(argv=None) -> None:
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--out", default="bench/results/train.json")
     args = ap.parse_args(argv)
-    from transformers import AutoModelForCausalLM
-
     k = ShardReader(args.shards).metadata.k
     batches = batches_of_rows(args.shards, args.steps, args.batch_tokens, args.max_length)
     common = dict(k=k, max_length=args.max_length, chunk=args.chunk)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
 
 from precompute.backend import Scored
 from precompute.config import SamplingConfig
@@ -39,8 +40,6 @@ class HFBackend:  # implements precompute.backend.Backend
     ):
         """model: a Hugging Face model folder or id; gguf_file: the weights are this GGUF
         file in that folder (transformers dequantizes it) instead of safetensors."""
-        from transformers import AutoModelForCausalLM
-
         kw = {} if gguf_file is None else {"gguf_file": gguf_file}
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], **kw)
         self.model = self.model.to(device)

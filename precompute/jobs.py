@@ -24,7 +24,7 @@ import traceback
 from dataclasses import replace
 
 from precompute.config import PrecomputeConfig
-from precompute.errors import WorkerFailed
+from precompute.errors import WorkerFailed, error_lines, expected_errors
 from precompute.job_progress import JobProgress, event, reporter
 from precompute.launch import (
     CPU_WORKERS,
@@ -76,8 +76,6 @@ def _local_worker(cfg: PrecomputeConfig, env: dict, queue) -> None:
     """A spawned child: one worker, with its devices set before torch or vLLM load."""
     os.environ.update(env)
     _die_with_parent()
-    from precompute.errors import error_lines, expected_errors
-
     i = cfg.worker_index
     try:
         summary = run(cfg, log=lambda m: _stderr(f"[w{i}] {m}"), progress=reporter(queue.put, i))

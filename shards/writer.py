@@ -26,6 +26,7 @@ import pyarrow.feather as feather
 import xxhash
 
 from shards import codec
+from shards.compact import merged_order, rebuild
 from shards.errors import ShardError
 from shards.manifest import (
     DATA_KIND,
@@ -524,8 +525,6 @@ class ShardWriter:
         return [self._merge(group) for group in groups]
 
     def _merge(self, group: list[FileEntry]) -> FileEntry:
-        from shards.compact import merged_order, rebuild
-
         sources = []
         for f in group:
             # Never launder a damaged file into a new one with fresh checksums.
