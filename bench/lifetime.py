@@ -17,6 +17,8 @@ import sys
 import threading
 import time
 
+import psutil
+
 from runtime.lifetime import STEADY_S, guard_children
 
 CHILD = (
@@ -33,8 +35,6 @@ def cpu_percent(proc, seconds: float) -> float:
 
 
 def main(argv=None) -> int:
-    import psutil
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=60)
     ap.add_argument("--seconds", type=float, default=8.0)

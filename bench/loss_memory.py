@@ -35,8 +35,15 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "bench" / "results" / "loss_memory.json"
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from bench.common import REPO, RESULTS, header, write_result
+from train.chunked import LinearHead, student_logprobs
+from train.losses import KDSpec, TeacherSignal, kd_loss, token_loss_fn
+
+DEFAULT_OUT = RESULTS / "loss_memory.json"
 VARIANTS = ("dense", "checkpoint", "chunked")
 LOSSES = {
     "fkl": dict(divergence="forward_kl", tail="tail_bucket"),
@@ -118,13 +125,6 @@ def _inputs(args, torch, device, dtype):
 
 
 def _worker(args) -> dict:
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
-
-    from train.chunked import LinearHead, student_logprobs
-    from train.losses import KDSpec, TeacherSignal, kd_loss, token_loss_fn
-
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[args.dtype]
@@ -213,8 +213,6 @@ def _run_variant(args, loss: str, variant: str) -> dict:
 
 
 def _env(args) -> dict:
-    import torch
-
     env = dict(torch=torch.__version__, python=platform.python_version(), host=platform.node())
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name(0)
@@ -298,9 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         k: getattr(args, k)
         for k in ("device", "V", "tokens", "hidden", "k", "chunk", "dtype", "reps")
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(config=config, env=_env(args), results=rows, table=table)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    payload = {**header("bench.loss_memory", argv), "config": config, "env": _env(args)}
+    write_result(args.out, {**payload, "results": rows, "table": table})
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0 if all("error" not in r for r in rows) else 1
 

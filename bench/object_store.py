@@ -2,7 +2,7 @@
 
     python -m bench.object_store [--k 64] [--runs 3] [--out bench/results/object_store.json]
 
-The data is bench.shards' (SmolLM2-135M-Instruct's top-k on gsm_symbolic worked solutions,
+The data is bench/common.py's (SmolLM2-135M-Instruct's top-k on gsm_symbolic worked solutions,
 cached in bench/cache/), written once with `ShardWriter` defaults into a local folder and
 uploaded as is to a moto S3 server (`moto_server`, a separate process on 127.0.0.1; dummy
 credentials, nothing reaches AWS). Each figure is `ShardReader` iteration to torch tensors
@@ -21,22 +21,23 @@ import socket
 import subprocess
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.shards import (
+from bench.common import (
     REPO,
-    _machine,
-    _metadata,
-    _rows,
-    _single_core,
-    _versions,
+    RESULTS,
+    header,
     log,
-    read_speed,
+    shard_metadata,
+    shard_rows,
+    single_core,
     teacher_data,
+    write_result,
 )
+from bench.shards import read_speed
+from shards.writer import ShardWriter
 
-DEFAULT_OUT = REPO / "bench" / "results" / "object_store.json"
+DEFAULT_OUT = RESULTS / "object_store.json"
 BUCKET = "kdshards-bench"
 
 
@@ -58,7 +59,7 @@ def _s3_env(port: int) -> dict:
 
 
 def speed_worker(folder: str) -> dict:
-    _single_core()
+    single_core()
     return {"read_full": read_speed(folder, "full"), "read_none": read_speed(folder, "none")}
 
 
@@ -93,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(speed_worker(args.speed_worker)))
         return 0
 
-    from shards.writer import ShardWriter
-
     data = teacher_data(args.examples, 0, 8, args.teacher)
     n_tok = int(data["response_off"][-1])
     port = _free_port()
@@ -108,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="kdshards-bench-") as tmp:
             local = Path(tmp) / f"k{args.k}"
-            with ShardWriter(local, _metadata(data, args.k)) as writer:
-                for row in _rows(data, args.k):
+            with ShardWriter(local, shard_metadata(data, args.k)) as writer:
+                for row in shard_rows(data, args.k):
                     writer.add(row)
             files = writer.files_written
             url = f"s3://{BUCKET}/k{args.k}"
@@ -136,16 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.kill()
         server.wait()
-    out = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python -m bench.object_store " + " ".join(argv or sys.argv[1:]),
-        "machine": _machine(),
-        "versions": _versions(),
-        "runs": args.runs,
-        "result": result,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    write_result(
+        args.out, {**header("bench.object_store", argv), "runs": args.runs, "result": result}
+    )
     rows = [("local disk", result["local"]), ("S3 (moto, 127.0.0.1)", result["s3_moto"])]
     print("| folder | read tok/s (sha256 verified) | read tok/s (no verify) |")
     print("| --- | ---: | ---: |")

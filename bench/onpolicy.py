@@ -23,16 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
+import psutil
+from transformers import AutoTokenizer
 
+from bench.common import header, write_result
 from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
 from shards.schema import ShardMetadata
 from shards.writer import ShardRow, ShardWriter
@@ -51,8 +51,6 @@ def prompt_shards(
     teacher (used only as prompts here, lmbda = 1)."""
     if any(folder.glob("manifest*.json")):
         return folder
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(teacher)
     client = TeacherClient(url, k)
     client.connect(tok)
@@ -84,8 +82,6 @@ def prompt_shards(
 
 def tree_rss_gib(pid: int) -> float:
     """Resident memory of a process and its descendants now (the teacher server's engine)."""
-    import psutil
-
     root = psutil.Process(pid)
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**30
 
@@ -229,14 +225,7 @@ def main(argv=None) -> None:
             server.kill()
     trl = run_trl(args, 2) if args.trl and wanted("trl") else None
     result = {
-        "command": " ".join(
-            ["python -m bench.onpolicy", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-        },
+        **header("bench.onpolicy", argv),
         "teacher": args.teacher,
         "student": args.student,
         "k": args.k,
@@ -248,8 +237,7 @@ def main(argv=None) -> None:
         "settings": settings,
         "trl": trl,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
     print(
         "| setting | step s | generate s | teacher wait s | sync s | update s | teacher share "
         "| peak RSS GiB |"

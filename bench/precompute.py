@@ -13,30 +13,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-from vllm_engine.env import default_kvcache_space
+from transformers import AutoTokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "bench" / "results" / "precompute.json"
+from bench.common import REPO, RESULTS, header, write_result
+from precompute.config import SamplingConfig, ViewConfig
+from precompute.default_data import build_splits
+from precompute.hf_backend import HFBackend
+from precompute.inputs import Example
+from precompute.views import make_views
+from vllm_engine.env import default_kvcache_space
+from vllm_engine.teacher import VLLMBackend
+
+DEFAULT_OUT = RESULTS / "precompute.json"
 DEFAULT_DATA = REPO / "data" / "default" / "train.jsonl"
 
 
 def teacher_prompts(tokenizer, n: int) -> list[list[int]]:
-    from precompute.config import ViewConfig
-    from precompute.inputs import Example
-    from precompute.views import make_views
-
     rows = []
     if DEFAULT_DATA.exists():
         rows = [json.loads(x) for x in DEFAULT_DATA.read_text().splitlines()[:n]]
     if len(rows) < n:
-        from precompute.default_data import build_splits
-
         rows = build_splits("basic_arithmetic", n, 0, 0)["train"]
     prompts = []
     for i, r in enumerate(rows[:n]):
@@ -73,13 +73,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
 
-    import torch
-    from transformers import AutoTokenizer
-
-    from precompute.config import SamplingConfig
-    from precompute.hf_backend import HFBackend
-    from vllm_engine.teacher import VLLMBackend
-
     tok = AutoTokenizer.from_pretrained(args.teacher)
     prompts = teacher_prompts(tok, args.prompts)
     sampling = SamplingConfig(n=1, temperature=1.0, max_tokens=args.tokens)
@@ -99,6 +92,7 @@ def main(argv=None) -> int:
     }
     ratio = rows["vllm"]["tokens_per_s"] / rows["transformers"]["tokens_per_s"]
     report = {
+        **header("bench.precompute", argv),
         "teacher": Path(args.teacher).name,
         "prompts": args.prompts,
         "tokens_per_prompt": args.tokens,
@@ -106,17 +100,11 @@ def main(argv=None) -> int:
         "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1),
         "hf_batch": args.hf_batch,
         "dtype": "float32",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-        },
         "backends": rows,
         "vllm_over_transformers": round(ratio, 2),
         "target": ">= 5x",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_result(args.out, report)
     print("\n| backend | tokens | seconds | tokens/s |\n| --- | --- | --- | --- |")
     for name, r in rows.items():
         print(f"| {name} | {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} |")

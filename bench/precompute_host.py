@@ -33,21 +33,35 @@ Markdown tables.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
-import json
-import platform
 import shutil
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "bench" / "results" / "precompute_host.json"
+from bench.common import (
+    RESULTS,
+    header,
+    log,
+    shard_metadata,
+    single_core,
+    teacher_data,
+    write_result,
+)
+from precompute.backend import (
+    topk_from_entries,
+    topk_from_flat_logprobs,
+    topk_from_logprob_arrays,
+)
+from shards import codec
+from shards.writer import ShardRow, ShardWriter
+from vllm_engine.arrays import LogprobArrays, install
+
+DEFAULT_OUT = RESULTS / "precompute_host.json"
 KS = (20, 64, 128)
 LEVELS = (1, 3, 6, 9, 12)
 DEFAULT_LEVEL = 12
@@ -61,10 +75,6 @@ TARGET_K = 64
 LAYOUTS = ("dicts", "flat", "arrays")  # vllm_engine.teacher.LAYOUTS, the old one first
 DEFAULT = "arrays"
 TARGETS = {"convert_tokens_per_s": 400e3, "host_tokens_per_s": 150e3}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def engine_outputs(data: dict, k: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -106,8 +116,6 @@ def pythonize(step_lists, k: int, layout: str) -> list:
     from vllm.logprobs import create_sample_logprobs
     from vllm.v1.engine.logprobs import LogprobsProcessor
 
-    from vllm_engine.arrays import LogprobArrays, install
-
     if not install():
         raise RuntimeError("this vLLM lacks the internals vllm_engine/arrays.py needs")
     containers = []
@@ -131,12 +139,6 @@ def pythonize(step_lists, k: int, layout: str) -> list:
 
 
 def convert(containers, outputs, k: int, layout: str) -> list:
-    from precompute.backend import (
-        topk_from_entries,
-        topk_from_flat_logprobs,
-        topk_from_logprob_arrays,
-    )
-
     tokens = [o[0][:, 0].tolist() for o in outputs]
     requests = [(c, t, 0) for c, t in zip(containers, tokens, strict=True)]
     if layout == "arrays":  # one engine call's outputs at once, as VLLMBackend does
@@ -169,14 +171,10 @@ def vllm_and_convert(outputs, k: int, layout: str, repeats: int) -> tuple[float,
 
 
 def metadata(data: dict, k: int):
-    from bench.shards import _metadata
-
-    return dataclasses.replace(_metadata(data, k), extra={"bench": "bench.precompute_host"})
+    return shard_metadata(data, k, "bench.precompute_host")
 
 
 def rows(data: dict, scored: list):
-    from shards.writer import ShardRow
-
     poff = data["prompt_off"]
     for i, s in enumerate(scored):
         prompt = data["prompt"][poff[i] : poff[i + 1]]
@@ -193,8 +191,6 @@ def rows(data: dict, scored: list):
 
 def write_seconds(data: dict, scored: list, md, level: int, repeats: int):
     """(best seconds of a whole ShardWriter run, bytes on disk, the files' bytes)."""
-    from shards.writer import ShardWriter
-
     best, size, blobs = float("inf"), 0, None
     for _ in range(repeats):
         folder = Path(tempfile.mkdtemp(prefix="kd-host-"))
@@ -216,10 +212,6 @@ def write_seconds(data: dict, scored: list, md, level: int, repeats: int):
 
 def encode_and_compress_seconds(scored: list, k: int, vocab: int, level: int, repeats: int):
     """(encode seconds, compress seconds) over the writer's batches of 16,384 tokens."""
-    import pyarrow as pa
-
-    from shards import codec
-
     batches, cur, n = [], [], 0
     for s in scored:
         cur.append(s)
@@ -339,9 +331,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
 
-    from bench.shards import _single_core, teacher_data
-
-    _single_core()
+    single_core()
     data = teacher_data(args.examples, args.seed, 8, args.teacher)
     warm = engine_outputs({**data, "response_off": data["response_off"][:2]}, 8)
     for layout in LAYOUTS:  # imports and first calls stay out of the timings
@@ -361,16 +351,13 @@ def main(argv=None) -> int:
                 "targets": TARGETS,
             }
     out = {
-        "command": "python -m bench.precompute_host " + " ".join(argv or sys.argv[1:]),
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": platform.processor() or platform.machine(),
+        **header("bench.precompute_host", argv),
         "teacher": data["teacher"],
         "results": results,
         "summary_k64": summary,
         "table": table,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    write_result(args.out, out)
     log(f"wrote {args.out}")
     if any(not r["identical_files"] for r in results):
         log("the layouts wrote different files")

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -25,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "bench" / "results" / "precompute_workers.json"
+from bench.common import REPO, RESULTS, header, write_result
+
+DEFAULT_OUT = RESULTS / "precompute_workers.json"
 SUMMARY = re.compile(r"precompute: (\d+) examples .*?, (\d+) tokens, .* teacher (\d+) tokens/s")
 
 
@@ -96,13 +95,12 @@ def main(argv=None) -> int:
             f"{b['tokens_per_s_wall']} | {b['teacher_tokens_per_s']} |"
         )
     result = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        **header("bench.precompute_workers", argv),
         "args": {k: v for k, v in vars(args).items() if k != "out"},
         "runs": runs,
         "best": best,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     return 0
 
 

@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import shutil
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
-
+from bench.common import header, write_result
 from bench.onpolicy import prompt_shards
 from train.__main__ import main as train_main
 from vllm_engine.teacher_server import TeacherServer
@@ -144,12 +141,7 @@ def main(argv=None) -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     steps = args.samples // args.max_prompts
     result = {
-        "command": " ".join(["python -m bench.rounds", *(sys.argv[1:] if argv is None else argv)]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-        },
+        **header("bench.rounds", argv),
         "teacher": args.teacher,
         "student": args.student,
         "samples": args.samples,
@@ -159,8 +151,7 @@ def main(argv=None) -> None:
         "live_hf_sampler": live(args, steps),
         "rounds": rounds(args, steps),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
     lv, rd = result["live_hf_sampler"], result["rounds"]
     print("| path | student samples | steps | wall s | parts |")
     print("| --- | ---: | ---: | ---: | --- |")

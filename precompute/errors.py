@@ -8,6 +8,12 @@ is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from precompute.config import ConfigError
+from precompute.inputs import InputError, InputFileError
+from precompute.launch import LaunchError
+from precompute.run import TokenizerMismatch
+from shards.errors import ShardError
+
 SHOWN_REJECTS = 20  # bad rows listed on stderr; --skip-invalid's rejects file holds them all
 
 
@@ -22,14 +28,7 @@ class WorkerFailed(RuntimeError):
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-    """The exception types that end a run with `error_lines` instead of a traceback. Imported
-    when called: a spawned worker sets its devices before torch loads."""
-    from precompute.config import ConfigError
-    from precompute.inputs import InputError, InputFileError
-    from precompute.launch import LaunchError
-    from precompute.run import TokenizerMismatch
-    from shards.errors import ShardError
-
+    """The exception types that end a run with `error_lines` instead of a traceback."""
     return (
         InputError,
         InputFileError,
@@ -43,9 +42,6 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
 def error_lines(e: BaseException, out: str | None = None) -> list[str]:
     """`FILE:LINE: FIELD: MESSAGE` lines (the parts that apply) for an expected error."""
-    from precompute.inputs import InputError, InputFileError
-    from shards.errors import ShardError
-
     if isinstance(e, WorkerFailed):
         return str(e).splitlines()
     if isinstance(e, InputError):

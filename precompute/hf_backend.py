@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
 
 from precompute.backend import Scored
 from precompute.config import SamplingConfig
@@ -29,11 +30,19 @@ class HFBackend:  # implements precompute.backend.Backend
     name = "hf"
 
     def __init__(
-        self, model: str, k: int, dtype: str = "float32", device: str = "cpu", batch_size: int = 8
+        self,
+        model: str,
+        k: int,
+        dtype: str = "float32",
+        device: str = "cpu",
+        batch_size: int = 8,
+        gguf_file: str | None = None,
     ):
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype]).to(device)
+        """model: a Hugging Face model folder or id; gguf_file: the weights are this GGUF
+        file in that folder (transformers dequantizes it) instead of safetensors."""
+        kw = {} if gguf_file is None else {"gguf_file": gguf_file}
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], **kw)
+        self.model = self.model.to(device)
         self.model.eval()
         self.k, self.device, self.batch_size = k, device, batch_size
         # The logit dimension, which may exceed the tokenizer (padded vocabularies).

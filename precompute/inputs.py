@@ -22,6 +22,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from precompute.config import DataConfig
 from shards.fingerprint import files_fingerprint
 
@@ -311,11 +314,7 @@ def _require_column(path: Path, columns, required: str) -> None:
 
 
 def _arrow_batches(path: Path, suffix: str):
-    import pyarrow as pa
-
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         pf = pq.ParquetFile(path)
         return pf.schema_arrow, pf.iter_batches(batch_size=1024)
     try:
@@ -327,8 +326,6 @@ def _arrow_batches(path: Path, suffix: str):
 
 
 def _table_rows(path: Path, required: str):
-    import pyarrow as pa
-
     try:
         schema, batches = _arrow_batches(path, path.suffix.lower())
     except (pa.ArrowException, OSError) as e:
@@ -346,7 +343,7 @@ def _table_rows(path: Path, required: str):
 
 
 def _saved_rows(path: Path, split: str, required: str):
-    import datasets
+    import datasets  # seconds to import; only saved-dataset inputs need it
 
     try:
         ds = datasets.load_from_disk(str(path))

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict
 
 from precompute.run import Summary
+from runtime.progress import progress
 
 
 def event(worker: int, summary: Summary, todo: int) -> dict:
@@ -41,8 +42,6 @@ class JobProgress:
     later adds its share)."""
 
     def __init__(self, workers: int, enabled: bool = True):
-        from runtime.progress import progress
-
         self.workers = workers
         self.t0 = time.time()
         self.todo: dict[int, int] = {}  # worker -> examples it had left at its first report

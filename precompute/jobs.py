@@ -22,50 +22,24 @@ import sys
 import time
 import traceback
 from dataclasses import replace
-from pathlib import Path
 
 from precompute.config import PrecomputeConfig
-from precompute.errors import WorkerFailed
+from precompute.errors import WorkerFailed, error_lines, expected_errors
 from precompute.job_progress import JobProgress, event, reporter
 from precompute.launch import (
     CPU_WORKERS,
     WorkerSlot,
     allowed_cpus,
+    local_gpus,
     local_plan,
-    visible_gpus,
+    worker_engine,
 )
+from precompute.ray_runner import run_ray
 from precompute.run import Summary, run
 
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def worker_engine(cfg: PrecomputeConfig) -> dict:
-    """The engine arguments that size one worker (its GPUs: tensor x pipeline parallel)."""
-    return cfg.engine if cfg.backend == "vllm" else {}
-
-
-def local_gpus(cfg: PrecomputeConfig) -> list[str]:
-    if cfg.backend == "hf" and not cfg.hf.device.startswith("cuda"):
-        return []
-    return visible_gpus()
-
-
-def absolute_paths(cfg: PrecomputeConfig) -> PrecomputeConfig:
-    """Paths that do not depend on the worker's working directory (Ray workers have their
-    own); the model folders only when they exist here, as they may name a hub model."""
-
-    def local(p: str) -> str:
-        return str(Path(p).resolve()) if p and Path(p).exists() else p
-
-    return replace(
-        cfg,
-        out=str(Path(cfg.out).resolve()),
-        teacher=local(cfg.teacher),
-        student=local(cfg.student),
-        data=replace(cfg.data, path=local(cfg.data.path)),
-    )
 
 
 def run_job(cfg: PrecomputeConfig, log=None, on_event=None) -> Summary:
@@ -74,8 +48,6 @@ def run_job(cfg: PrecomputeConfig, log=None, on_event=None) -> Summary:
     `on_event(ev)` sees each progress event (tests use it to kill a worker mid-run)."""
     log = log or _stderr
     if cfg.ray:
-        from precompute.ray_runner import run_ray
-
         return run_ray(cfg, log, on_event)
     # The CPU default was measured with vLLM's engine; transformers uses every core itself.
     cpu_workers = CPU_WORKERS if cfg.backend == "vllm" else 1
@@ -104,8 +76,6 @@ def _local_worker(cfg: PrecomputeConfig, env: dict, queue) -> None:
     """A spawned child: one worker, with its devices set before torch or vLLM load."""
     os.environ.update(env)
     _die_with_parent()
-    from precompute.errors import error_lines, expected_errors
-
     i = cfg.worker_index
     try:
         summary = run(cfg, log=lambda m: _stderr(f"[w{i}] {m}"), progress=reporter(queue.put, i))

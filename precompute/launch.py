@@ -7,17 +7,22 @@ Pure functions (no GPU, no Ray needed) so that the arithmetic is tested on any m
   (8 GPUs, TP=2: 4 workers, CUDA_VISIBLE_DEVICES=0,1 / 2,3 / 4,5 / 6,7), or on a CPU
   `CPU_WORKERS` vLLM workers, each engine bound to its own cores.
 - `ray_workers`: how many workers a Ray cluster holds, and each one's resources.
+- `worker_engine`, `local_gpus`, `absolute_paths`: a config's worker settings, for the local
+  launcher (precompute/jobs.py) and the Ray one (precompute/ray_runner.py).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from precompute.config import PrecomputeConfig
 
 # vLLM workers on a CPU-only machine when num_workers=0 (auto). One vLLM CPU engine runs its
 # model on one core and keeps one for its scheduler; on 2 cores two workers, each engine
-# bound to its own core, did the default data in 179 s against 246 s for one (BENCHMARKS.md,
+# bound to its own core, finish the default data sooner than one (figures in BENCHMARKS.md,
 # "Precompute workers on one machine"). Never more than the allowed cores.
 CPU_WORKERS = 2
 
@@ -154,3 +159,34 @@ def ray_workers(
             )
         return num_workers or fit, {"num_gpus": per}
     return num_workers or cluster_nodes, {"num_cpus": 1}
+
+
+# ---- a config's worker settings ----------------------------------------------------------
+
+
+def worker_engine(cfg: PrecomputeConfig) -> dict:
+    """The engine arguments that size one worker (its GPUs: tensor x pipeline parallel)."""
+    return cfg.engine if cfg.backend == "vllm" else {}
+
+
+def local_gpus(cfg: PrecomputeConfig) -> list[str]:
+    """The GPUs this machine gives the workers ([] for transformers on the CPU)."""
+    if cfg.backend == "hf" and not cfg.hf.device.startswith("cuda"):
+        return []
+    return visible_gpus()
+
+
+def absolute_paths(cfg: PrecomputeConfig) -> PrecomputeConfig:
+    """Paths that do not depend on the worker's working directory (Ray workers have their
+    own); the model folders only when they exist here, as they may name a hub model."""
+
+    def local(p: str) -> str:
+        return str(Path(p).resolve()) if p and Path(p).exists() else p
+
+    return replace(
+        cfg,
+        out=str(Path(cfg.out).resolve()),
+        teacher=local(cfg.teacher),
+        student=local(cfg.student),
+        data=replace(cfg.data, path=local(cfg.data.path)),
+    )

@@ -22,17 +22,14 @@ from dataclasses import replace
 from precompute.config import PrecomputeConfig
 from precompute.errors import WorkerFailed, error_lines
 from precompute.job_progress import JobProgress, event, reporter
-from precompute.jobs import absolute_paths, worker_engine
-from precompute.launch import ray_workers
-from precompute.run import Summary
+from precompute.launch import absolute_paths, ray_workers, worker_engine
+from precompute.run import Summary, run
 
 # Environment the driver passes on to the workers (vLLM's KV cache size, logging, caches).
 FORWARD_ENV = ("VLLM_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
 
 
 def _worker(cfg: PrecomputeConfig, queue) -> None:
-    from precompute.run import run
-
     i = cfg.worker_index
     summary = run(
         cfg, log=lambda m: print(f"[w{i}] {m}", flush=True), progress=reporter(queue.put, i)

@@ -39,10 +39,13 @@ from precompute.inputs import (
     InputError,
     Reject,
     data_fingerprint,
+    raw_rows,
     raw_text_of,
     read_examples,
+    rejects_jsonl,
 )
 from precompute.views import Views, derive_seed, make_views
+from runtime.progress import progress as progress_bar
 from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
 from shards.manifest import load_manifest, read_extra
 from shards.schema import ShardMetadata
@@ -50,9 +53,9 @@ from shards.writer import ShardRow, ShardWriter
 
 CONFIG_KIND = "precompute_config"  # committed as precompute_config-w<I>-<n>.yaml
 REJECTS_KIND = "rejects"  # committed as rejects-w<I>-<n>.jsonl
-# zstd level of the files committed during a run: at k=64, 3 writes about 2.2x faster than
-# the writer's 12 for 6% more bytes, which the merge at the end of the run takes back
-# (BENCHMARKS.md, "Precompute host path").
+# zstd level of the files committed during a run: faster than the writer's 12 for a few
+# percent more bytes, which the merge at the end of the run takes back (figures in
+# BENCHMARKS.md, "Precompute host path").
 COMMIT_LEVEL = 3
 
 
@@ -109,6 +112,8 @@ def worker_of(example_id: str, num_workers: int) -> int:
 
 
 def load_tokenizer(path: str):
+    # transformers loads torch: a spawned worker imports this module before it sets its
+    # devices (precompute/jobs.py), so torch may only load once a worker runs.
     from transformers import AutoTokenizer
 
     try:
@@ -134,7 +139,7 @@ def check_tokenizers(cfg: PrecomputeConfig, tokenizer) -> str:
 
 def model_vocab_size(path: str) -> int:
     """The logit dimension from config.json (may exceed the tokenizer: padded vocabularies)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # loads torch: see load_tokenizer
 
     conf = AutoConfig.from_pretrained(path)
     conf = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
@@ -165,7 +170,7 @@ def make_backend(cfg: PrecomputeConfig) -> Backend:
 
         engine = {"seed": cfg.sampling.seed, **cfg.engine}
         return VLLMBackend(cfg.teacher, cfg.k, engine, cfg.sampling.per_request_seed)
-    from precompute.hf_backend import HFBackend
+    from precompute.hf_backend import HFBackend  # loads torch: see load_tokenizer
 
     return HFBackend(cfg.teacher, cfg.k, cfg.hf.dtype, cfg.hf.device, cfg.hf.batch_size)
 
@@ -245,8 +250,6 @@ def row_source(cfg: PrecomputeConfig) -> str:
 
 def given_response_ids(cfg: PrecomputeConfig, indices: set[int], vocab_size: int) -> dict:
     """Score mode with score.response_ids_field: the token ids of rows `indices`, by index."""
-    from precompute.inputs import raw_rows
-
     name, out = cfg.score.response_ids_field, {}
     for index, (where, row, _) in enumerate(raw_rows(Path(cfg.data.path), cfg.data.split)):
         if index not in indices:
@@ -399,8 +402,6 @@ def commit_records(
 def commit_rejects(writer: ShardWriter, rejects: list[Reject]):
     """Commit the rejected rows that no earlier run of the folder committed, as one
     append-only rejects file of this writer; returns its entry, or None."""
-    from precompute.inputs import rejects_jsonl
-
     earlier = set()
     for e in load_manifest(writer.folder).extras:
         if e.kind == REJECTS_KIND:
@@ -426,8 +427,6 @@ def _loop(
     given=None,
     progress=None,
 ) -> None:
-    from runtime.progress import progress as progress_bar
-
     bar = progress_bar(len(todo), "precompute", "ex", disable=not cfg.progress, file=sys.stderr)
     try:
         for b in range(0, len(todo), cfg.commit_every):

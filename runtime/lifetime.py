@@ -46,6 +46,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 POLL_S = 0.5  # the whole tree
 FAST_S = 0.05  # the guarded process's own children, while the tree changes
 STEADY_S = 10.0  # ... and for this long after its last change
@@ -64,10 +66,6 @@ def guard_children(pid: int | None = None) -> subprocess.Popen | None:
     if dog is not None and dog.poll() is None:
         return dog
     if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import psutil  # noqa: F401  (vLLM depends on it; checked here, used by the watchdog)
-    except ImportError:
         return None
     # The watchdog imports this module from the same checkout, whatever the caller's cwd.
     root = str(Path(__file__).resolve().parents[1])
@@ -115,8 +113,6 @@ def _children(pid: int) -> list[int]:
 def _add(known: dict, pids, me: int) -> list[int]:
     """Record the new ones among `pids` (psutil.Process: its start time guards against a
     reused pid later); returns them."""
-    import psutil
-
     new = []
     for p in pids:
         if p != me and p not in known:
@@ -136,8 +132,6 @@ def _add_tree(known: dict, roots, me: int) -> None:
 
 
 def _watch(pid: int, poll_s: float = POLL_S, fast_s: float = FAST_S) -> None:
-    import psutil
-
     # The terminal's Ctrl-C and a hang-up go to the whole process group: the watchdog must
     # outlive the guarded process to clean up after it, and ends by itself afterwards.
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):

@@ -1,13 +1,14 @@
 """Encoding of the teacher's per-token top-k into compact integer streams, and back.
 
-Why this layout (measured on SmolLM2-135M-Instruct's top-k, see docs/shard-format.md):
+Why this layout (measured on SmolLM2-135M-Instruct's top-k: docs/shard-format.md, and
+BENCHMARKS.md, "Shard format"):
 
 * Ids are stored as a *set*, not in rank order. The order of the top-k costs about as many
   bits as the ids themselves; the losses do not need it (ids and logprobs stay aligned).
 * Each file carries a frequency ranking of the vocabulary (`rank order`): ids become ranks,
   each token's ranks are sorted and delta coded, so frequent tokens become small numbers
-  and zstd's entropy coder sees a skewed, byte-sized alphabet (about 6.5 bits per id at
-  k=64, against 15.6 bits raw).
+  and zstd's entropy coder sees a skewed, byte-sized alphabet (far fewer bits per id than
+  raw: BENCHMARKS.md, "Shard format").
 * Logprobs are quantized with a `Codebook` whose step grows as the probability falls
   (step ~ c / sqrt(p), capped). Each top-k entry then adds about the same KL error, which
   is what minimizes bits at a given mean KL(decoded || float32 top-k).
@@ -278,8 +279,9 @@ def _empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     """An uninitialized array in Arrow's memory pool.
 
     Decoding allocates a few MB per block and frees them right away; from malloc, each such
-    array is a fresh mmap whose pages fault in one by one (about 0.8 us per token on a VM),
-    while Arrow's pool (mimalloc/jemalloc) keeps freed pages mapped and reuses them.
+    array is a fresh mmap whose pages fault in one by one (a large part of the read time:
+    BENCHMARKS.md, "Shard format", malloc tuned), while Arrow's pool (mimalloc/jemalloc)
+    keeps freed pages mapped and reuses them.
     """
     dtype = np.dtype(dtype)
     n = int(np.prod(shape))

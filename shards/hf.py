@@ -96,7 +96,7 @@ def load(folder: str | Path, streaming: bool = False, *, verify: str = "full"):
     """The folder as a `datasets.Dataset` (decoded in memory), or with streaming=True as a
     `datasets.IterableDataset` that decodes block by block (for folders larger than memory;
     its shards are the folder's files, so DataLoader workers split them)."""
-    import datasets
+    import datasets  # seconds to import; readers and writers of shards do without it
 
     if not streaming:
         table = pa.Table.from_batches(list(decoded_batches(folder, verify=verify)), DECODED_SCHEMA)

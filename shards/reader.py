@@ -230,7 +230,8 @@ class ShardFolder:
         try:
             batch = handle.reader.get_batch(bi)
             # Arrow does not check offsets when reading IPC: a damaged file that passed the
-            # checks of `verify` would make to_pylist read out of bounds and crash. ~20 us.
+            # checks of `verify` would make to_pylist read out of bounds and crash. Cheap per
+            # batch (BENCHMARKS.md, "Checksums per record batch").
             batch.validate(full=True)
         except (OSError, pa.ArrowException, IndexError, ValueError) as e:
             raise ShardError(p, f"record batch {bi} unreadable: {e}") from e

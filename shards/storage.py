@@ -129,7 +129,7 @@ class FsspecStorage:
     local = False
 
     def __init__(self, url: str, **storage_options):
-        import fsspec
+        import fsspec  # the `cloud` extra: local folders work without it
 
         self.root = url.rstrip("/")
         self._options = storage_options

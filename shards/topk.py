@@ -13,8 +13,8 @@ vLLM gives, per response token, the chosen token and the top k. Three layouts:
   the same entries in the same order, so the chosen token is the first key and, when it is in
   the top k, it is one entry, not two. `topk_arrays` converts it with a loop and a sort per
   token; the on-policy teacher client, which parses the server's JSON, uses it (there
-  json.loads alone costs more than this loop, about 150 against 60 µs per token at k=64,
-  and both are under 1% of an on-policy step: not worth a second layout).
+  json.loads alone costs more than this loop, and both are a small part of an on-policy
+  step: not worth a second layout; figures in BENCHMARKS.md, "Precompute host path").
 
 All give the same result on the same engine output (tests/test_topk.py,
 tests/test_precompute_vllm.py): the k entries with the highest logprobs, where a tie is won

@@ -26,6 +26,7 @@ import pyarrow.feather as feather
 import xxhash
 
 from shards import codec
+from shards.compact import merged_order, rebuild
 from shards.errors import ShardError
 from shards.manifest import (
     DATA_KIND,
@@ -201,9 +202,9 @@ class ShardWriter:
     Data-parallel precompute runs one writer per process, each with its own `writer_id`, into
     one folder; their files and manifests never collide, and they share no lock.
 
-    compression_level: zstd level of the Arrow IPC buffers. 12 writes about 70k tokens/s per
-    core at k=64 for 3-4% more bytes than 19, which writes under 10k tokens/s and would
-    throttle a fast teacher (measured in BENCHMARKS.md).
+    compression_level: zstd level of the Arrow IPC buffers. 12 writes several times faster
+    than 19 for a few percent more bytes; 19 would throttle a fast teacher (figures in
+    BENCHMARKS.md, "Shard format" and "Precompute host path").
     commit_level: zstd level of the files written as rows come in (default: compression_level);
     `compact` writes its merged files at compression_level. Precompute commits at a fast
     level, where the teacher waits on the host, and its merge at the end of the run gives the
@@ -524,8 +525,6 @@ class ShardWriter:
         return [self._merge(group) for group in groups]
 
     def _merge(self, group: list[FileEntry]) -> FileEntry:
-        from shards.compact import merged_order, rebuild
-
         sources = []
         for f in group:
             # Never launder a damaged file into a new one with fresh checksums.

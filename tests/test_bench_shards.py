@@ -1,10 +1,13 @@
-"""bench/shards.py: the teacher-forcing top-k and the size / accuracy measurements."""
+"""bench/common.py (teacher-forcing top-k, result files) and bench/shards.py (size, accuracy)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 
+from bench import common
 from bench import shards as bench
 from shards.schema import arrow_schema
 from shards.writer import ShardWriter
@@ -15,26 +18,27 @@ from tests.shards_helpers import random_distributions
 def tiny():
     tiny_model = pytest.importorskip("tests.fixtures.tiny_model")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
         path = tiny_model.tiny_model_dir()
     except Exception as e:  # pragma: no cover - the builder is someone else's module
         pytest.skip(f"tiny model not buildable: {e}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def test_teacher_topk_equals_full_forward(tiny):
     import torch
 
-    model, tok = tiny
+    from precompute.hf_backend import HFBackend
+
+    path, model = tiny
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
     prompts = [rng.integers(0, vocab, n).tolist() for n in (5, 1, 9, 3)]
     responses = [rng.integers(0, vocab, n).tolist() for n in (4, 7, 2, 1)]
     k = 12
-    got = bench.teacher_topk(model, tok, prompts, responses, k, batch_size=3, head_chunk=5)
+    got = common.teacher_topk(HFBackend(str(path), k, batch_size=3), prompts, responses)
     for p, r, g in zip(prompts, responses, got, strict=True):
         with torch.inference_mode():
             logits = model(input_ids=torch.tensor([p + r])).logits[0].double()
@@ -46,6 +50,23 @@ def test_teacher_topk_equals_full_forward(tiny):
         np.testing.assert_allclose(np.take_along_axis(lp, g["ids"], 1), want, atol=1e-4)
         assert (np.diff(g["logprobs"], axis=1) <= 0).all()  # descending
         np.testing.assert_allclose(g["token_logprob"], lp[np.arange(len(r)), r], atol=1e-4)
+
+
+def test_results_name_paths_relative_to_the_checkout(tmp_path):
+    out = common.write_result(
+        tmp_path / "r.json",
+        {
+            **common.header("bench.shards", ["--k", "64"]),
+            "cache": str(common.CACHE_DIR / "x.npz"),
+            "paths": [common.REPO / "models" / "m", "/elsewhere/y"],
+        },
+    )
+    got = json.loads(out.read_text())
+    assert got["command"] == "python -m bench.shards --k 64"
+    assert got["cache"] == "bench/cache/x.npz"
+    assert got["paths"] == ["models/m", "/elsewhere/y"]
+    assert {"date", "machine", "versions"} <= set(got) and got["machine"]["cores"] >= 1
+    assert str(common.REPO) not in out.read_text()
 
 
 def synthetic_data(n_examples: int = 30, vocab: int = 700, cache_k: int = 40) -> dict:
@@ -76,8 +97,8 @@ def synthetic_data(n_examples: int = 30, vocab: int = 700, cache_k: int = 40) ->
 def test_sizes_and_accuracy(tmp_path, k):
     data = synthetic_data()
     folder = tmp_path / "s"
-    with ShardWriter(folder, bench._metadata(data, k), batch_tokens=300) as w:
-        for row in bench._rows(data, k):
+    with ShardWriter(folder, common.shard_metadata(data, k), batch_tokens=300) as w:
+        for row in common.shard_rows(data, k):
             w.add(row)
     files = [folder / e.name for e in w.files_written]
     acc = bench.accuracy(folder, data, k)

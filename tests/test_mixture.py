@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from torch.utils.data import DataLoader
 
 from shards.errors import ShardError
 from shards.reader import ShardReader
@@ -93,6 +94,23 @@ def test_token_shares_follow_weights_within_sampling_error(folders):
     lo, hi = ((n * p + d) * m0 / ((n * p + d) * m0 + (n - n * p - d) * m1) for d in (-slack, slack))
     assert lo <= share <= hi and lo < 0.7 < hi, (lo, share, hi)
     assert mix.pop_metrics() == {"mix/short": share, "mix/long": 1 - share}
+
+
+def test_mixture_reads_through_one_loader_per_folder(folders):
+    # bind(load): every folder gets its own loader (DataLoader and workers in training), and
+    # the mixture's batches are those loaders' batches, in the order of a bare mixture.
+    bare = make_mixture(folders)
+    reference = [(b.folder, b.ids) for b, _ in zip(bare, range(12), strict=False)]
+    mix, wrapped = make_mixture(folders), []
+
+    def load(part):
+        wrapped.append(part)
+        return DataLoader(part, batch_size=None)
+
+    bound = mix.bind(load)
+    assert bound is mix and wrapped == mix.parts == mix.folders()
+    assert [(b.folder, b.ids) for b, _ in zip(bound, range(12), strict=False)] == reference
+    assert mix.after_step(1) is None and mix.close() is None  # no-op hooks of BatchSource
 
 
 def test_mixture_source_resumes_exactly(folders):

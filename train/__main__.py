@@ -103,8 +103,7 @@ def main(argv=None) -> None:
             deepspeed=run.deepspeed,
         )
         step += 1
-        if hasattr(source, "after_step"):  # on-policy: the student engine gets the new weights
-            source.after_step(step)
+        source.after_step(step)  # on-policy: the student engine gets the new weights
         tokens_seen += stats.tokens
         write = step % cfg.log_every == 0 or step == last_step or ended
         metrics = {}
@@ -136,8 +135,7 @@ def main(argv=None) -> None:
                 flush=True,
             )
     log.close()
-    if hasattr(source, "close"):  # on-policy: the teacher client's threads, the student engine
-        source.close()
+    source.close()  # on-policy: the teacher client's threads, the student engine
     acc.end_training()
 
 

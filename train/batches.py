@@ -21,9 +21,10 @@ counts survive a resume without double counting.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 import numpy as np
 import torch
@@ -76,19 +77,47 @@ class Batch:
         return Batch(**moved)
 
 
-class BatchSource(Protocol):
-    """Where the trainer's batches come from: shards (`ShardBatches`) or live student samples
-    (train/onpolicy.py). `update` gets each consumed batch after its optimizer step."""
+class BatchSource(ABC):
+    """Where the trainer's batches come from: shards (`ShardBatches`), a weighted mixture of
+    folders (train/mixture.py) or live student samples (train/onpolicy.py).
 
+    Every source implements `__iter__`, `state_dict`, `load_state_dict`, `update` (each
+    consumed batch, after its optimizer step) and `folders`. The hooks below have defaults
+    here, so that the training loop calls them on any source without asking which it is.
+    """
+
+    @abstractmethod
     def __iter__(self) -> Iterator[Batch]: ...
 
+    @abstractmethod
     def state_dict(self) -> dict: ...
 
+    @abstractmethod
     def load_state_dict(self, state: dict) -> None: ...
 
+    @abstractmethod
     def update(self, batch: Batch) -> None: ...
 
-    def pop_metrics(self) -> dict: ...
+    def pop_metrics(self) -> dict:
+        return {}
+
+    @abstractmethod
+    def folders(self) -> list[ShardBatches]:
+        """The shard folders this source reads, one `ShardBatches` each."""
+
+    def bind(self, load: Callable[[ShardBatches], Iterable[Batch]]) -> Iterable[Batch]:
+        """What the trainer iterates: `load` turns each shard folder's `ShardBatches` into a
+        loader (a DataLoader with its workers); the source reads through those loaders."""
+        return self
+
+    def after_step(self, step: int) -> None:
+        """Called after optimizer step `step` (1-based). Shards have nothing to refresh."""
+        return None
+
+    def close(self) -> None:
+        """Called once when training ends: release threads, engines, connections. Shard
+        readers hold none between batches."""
+        return None
 
 
 def collate(rows: list[dict], max_length: int, pad_id: int = 0) -> Batch:
@@ -147,7 +176,7 @@ def plan_batches(lengths: list[int], batch_tokens: int, max_rows: int) -> list[l
     return batches
 
 
-class ShardBatches(IterableDataset):
+class ShardBatches(IterableDataset, BatchSource):
     """Batches of one rank, for a DataLoader with `batch_size=None`."""
 
     def __init__(
@@ -256,6 +285,12 @@ class ShardBatches(IterableDataset):
         """Rows longer than max_length skipped or truncated so far, and their tokens."""
         rows, tokens = self.overlong_seen
         return {"overlong_rows": rows, "overlong_tokens": tokens} if rows else {}
+
+    def folders(self) -> list[ShardBatches]:
+        return [self]
+
+    def bind(self, load: Callable[[ShardBatches], Iterable[Batch]]) -> Iterable[Batch]:
+        return load(self)
 
     def state_dict(self) -> dict:
         return {

@@ -18,12 +18,12 @@ micro-batches, batches and tokens per folder: resume is exact.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from train.batches import Batch, ShardBatches
+from train.batches import Batch, BatchSource, ShardBatches
 
 DRAW = 2  # seed stream of the folder draws (train/onpolicy.py uses 0 and 1)
 
@@ -44,7 +44,7 @@ def choose_folder(
     return min(int(np.searchsorted(np.cumsum(p), u, side="right")), len(p) - 1)
 
 
-class MixtureBatches:
+class MixtureBatches(BatchSource):
     """A BatchSource over several `ShardBatches`, one per folder (see the module doc)."""
 
     def __init__(self, parts: list[ShardBatches], paths: list[str], weights: list[float], seed):
@@ -64,9 +64,12 @@ class MixtureBatches:
         dup = {b for b in base if base.count(b) > 1}
         return [f"{i}-{b}" if b in dup else b for i, b in enumerate(base)]
 
-    def bind(self, loaders: list) -> MixtureBatches:
-        """Iterate over these loaders (DataLoaders over `parts`, in order) instead of parts."""
-        self._loaders = loaders
+    def folders(self) -> list[ShardBatches]:
+        return list(self.parts)
+
+    def bind(self, load: Callable[[ShardBatches], Iterable[Batch]]) -> MixtureBatches:
+        """Iterate over one loader per folder (`load(part)`, with its own workers)."""
+        self._loaders = [part.bind(load) for part in self.parts]
         return self
 
     def __iter__(self) -> Iterator[Batch]:

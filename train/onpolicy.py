@@ -23,7 +23,7 @@ wall time.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from shards.codec import tail_logprob_of
-from train.batches import Batch, ShardBatches, collate
+from train.batches import Batch, BatchSource, ShardBatches, collate
 from train.config import OnPolicyConfig
 from vllm_engine.teacher_client import TeacherClient
 
@@ -68,7 +68,7 @@ def cut_at_eos(tokens: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
     return tokens[: hits[0] + 1] if hits else tokens
 
 
-class OnPolicyBatches:
+class OnPolicyBatches(BatchSource):
     """A BatchSource: shard batches, or student samples with teacher scores (see above)."""
 
     def __init__(
@@ -113,9 +113,9 @@ class OnPolicyBatches:
             "sync_s": 0.0,
         }
 
-    def bind(self, loader) -> OnPolicyBatches:
-        """Iterate over `loader` (a DataLoader over the shard source) for prompts."""
-        self._loader = loader
+    def bind(self, load: Callable[[ShardBatches], Iterable[Batch]]) -> OnPolicyBatches:
+        """Take prompts from the shard source's loader(s) (`load`, see BatchSource.bind)."""
+        self._loader = self.shards.bind(load)
         self._since = self._blank()
         return self
 
@@ -305,6 +305,9 @@ class OnPolicyBatches:
         return out
 
     # ---- BatchSource ---------------------------------------------------------------------
+
+    def folders(self) -> list[ShardBatches]:
+        return self.shards.folders()
 
     def update(self, batch: Batch) -> None:
         self.consumed += 1

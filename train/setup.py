@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,12 +12,12 @@ from torch.utils.data import DataLoader
 from shards.errors import ShardError
 from shards.fingerprint import tokenizer_fingerprint
 from shards.reader import ShardFolder, ShardReader
-from train.batches import ShardBatches
+from train.batches import Batch, BatchSource, ShardBatches
 from train.config import ConfigError, TrainConfig
 from train.logger import tracker_names
 from train.mixture import MixtureBatches
 from train.model import DistillModule, load_student, mixed_precision
-from train.onpolicy import OnPolicyBatches, build_onpolicy
+from train.onpolicy import build_onpolicy
 from train.step import global_sum
 
 
@@ -26,7 +27,7 @@ class Run:
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
-    source: ShardBatches | MixtureBatches | OnPolicyBatches
+    source: BatchSource
     tokenizer: object
     out_dir: Path
     deepspeed: bool
@@ -45,15 +46,15 @@ class Run:
             f"{acc.mixed_precision}, device {acc.device}, {trainable:,} trainable parameters"
         )
 
-    def loader(self, source: ShardBatches | MixtureBatches | OnPolicyBatches | None = None):
-        source = source or self.source
-        if isinstance(source, OnPolicyBatches):  # samples in this process, prompts from shards
-            return source.bind(self.loader(source.shards))
-        if isinstance(source, MixtureBatches):  # one loader (and its workers) per folder
-            return source.bind([self.loader(part) for part in source.parts])
+    def loader(self, source: BatchSource | None = None) -> Iterable[Batch]:
+        """What the training loop iterates: the source reading through one DataLoader (and
+        its workers) per shard folder."""
+        return (source if source is not None else self.source).bind(self._dataloader)
+
+    def _dataloader(self, shards: ShardBatches) -> DataLoader:
         workers = self.cfg.data.num_workers
         return DataLoader(
-            source,
+            shards,
             batch_size=None,  # ShardBatches collates whole batches in the worker
             num_workers=workers,
             persistent_workers=False,
@@ -146,8 +147,7 @@ def build_run(cfg: TrainConfig) -> Run:
     set_seed(cfg.seed)
     lm, tokenizer = load_student(cfg.model)
     source = training_source(cfg, acc, tokenizer)
-    parts = source.parts if isinstance(source, MixtureBatches) else [source]
-    teacher_vocab = max(p.reader.metadata.vocab_size for p in parts)
+    teacher_vocab = max(p.reader.metadata.vocab_size for p in source.folders())
     head = lm.get_output_embeddings()
     # out_features, not weight.shape: under ZeRO-3 the weight is partitioned (shape 0).
     student_vocab = getattr(head, "out_features", None) or head.weight.shape[0]

@@ -4,8 +4,8 @@ vLLM's output processor (`vllm.v1.engine.logprobs.LogprobsProcessor`) receives e
 logprobs as arrays, per position the chosen token then the top k. It turns them into Python
 lists (`tolist`) and appends them number by number to the request's logprobs container
 (even the flat one, `FlatLogprobs`), and precompute then reads those numbers back into
-arrays. At k = 64 the two halves cost about 10 and 5 µs per token, more than the rest of
-the host path before zstd (BENCHMARKS.md, "Precompute host path").
+arrays. Both halves cost more than the rest of the host path before zstd (figures in
+BENCHMARKS.md, "Precompute host path").
 
 `install()` makes LogprobsProcessor keep the arrays for the requests that ask for it with
 `SamplingParams(extra_args={ARRAYS: True})`: their `logprobs` / `prompt_logprobs` is then a
