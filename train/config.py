@@ -53,7 +53,8 @@ class ModelConfig:
         "down_proj",
     )
     gradient_checkpointing: bool = False
-    quantize: Literal["none", "4bit", "8bit"] = "none"  # QLoRA; needs CUDA and bitsandbytes
+    # QLoRA: LoRA adapters on a frozen bitsandbytes base, nf4 4-bit (CPU or GPU) or 8-bit (GPU)
+    quantize: Literal["none", "4bit", "8bit"] = "none"
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,13 @@ class TrainConfig:
             raise ValueError(
                 "on-policy distillation takes its prompts from one shard folder, not a mixture"
             )
+        if self.onpolicy.teacher_url and self.onpolicy.sampler == "vllm":
+            if self.model.quantize != "none":
+                raise ValueError(
+                    f"onpolicy.sampler=vllm cannot take a quantized student "
+                    f"(model.quantize={self.model.quantize}): use onpolicy.sampler=hf, "
+                    "or model.quantize=none (with model.lora=true for adapters)"
+                )
         from train.logger import tracker_names  # train.logger imports this module
 
         tracker_names(self.log_with)

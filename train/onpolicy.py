@@ -420,12 +420,6 @@ def build_onpolicy(cfg, shards: ShardBatches, accelerator, module, tokenizer) ->
     if op.sampler == "vllm":
         from vllm_engine.student import VLLMStudent
 
-        if cfg.model.quantize != "none":
-            raise ValueError(
-                "onpolicy.sampler=vllm cannot push quantized (QLoRA) weights into the "
-                "engine; use onpolicy.sampler=hf with model.quantize"
-            )
-
         lm = accelerator.unwrap_model(module).lm
         bf16 = accelerator.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16"
         engine = VLLMStudent(
