@@ -16,6 +16,7 @@ recipes of configs/train/ are values: seqkd is `alpha: 0`, skd `divergence: forw
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,6 +25,8 @@ import yaml
 
 from runtime.typed_config import apply_overrides, build
 from train.losses import KDSpec
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Keys of older configs, and what replaced them (named in the unknown-key error).
 RENAMED = {
@@ -141,6 +144,13 @@ class OnPolicyConfig:
     sync_every: int = 1
     gpu_memory_utilization: float = 0.3  # GPU: share of the device for the student engine
     cpu_kv_cache_gib: float = 1.0  # CPU: the engine's KV cache (VLLM_CPU_KVCACHE_SPACE wins)
+    # A teacher on another machine (docs/onpolicy.md): the NAME of the environment variable
+    # that holds its API key (the key itself never goes into a config or a log), a CA bundle
+    # for https with a private CA, and the model name the server must report when its folder
+    # is not readable here ("": the shards' teacher).
+    teacher_api_key_env: str = ""
+    teacher_ca_file: str = ""
+    teacher_model: str = ""
 
     def __post_init__(self) -> None:
         checks = [
@@ -157,6 +167,12 @@ class OnPolicyConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        if self.teacher_api_key_env and not ENV_NAME.fullmatch(self.teacher_api_key_env):
+            # Not echoed: a key pasted here by mistake must not reach the terminal or a log.
+            raise ValueError(
+                "onpolicy.teacher_api_key_env must be the name of an environment variable "
+                "(letters, digits, _) that holds the key, not the key itself"
+            )
 
 
 @dataclass(frozen=True)
