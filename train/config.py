@@ -207,13 +207,14 @@ class TrainConfig:
             raise ValueError(
                 "on-policy distillation takes its prompts from one shard folder, not a mixture"
             )
-        if self.onpolicy.teacher_url and self.onpolicy.sampler == "vllm":
-            if self.model.quantize != "none":
-                raise ValueError(
-                    f"onpolicy.sampler=vllm cannot take a quantized student "
-                    f"(model.quantize={self.model.quantize}): use onpolicy.sampler=hf, "
-                    "or model.quantize=none (with model.lora=true for adapters)"
-                )
+        op = self.onpolicy
+        if op.teacher_url and op.sampler == "vllm" and self.model.quantize != "none":
+            # The engine's in-place reload takes checkpoint-format weights, not bitsandbytes'.
+            raise ValueError(
+                f"onpolicy.sampler=vllm cannot take a quantized student "
+                f"(model.quantize={self.model.quantize}): use onpolicy.sampler=hf, "
+                "or model.quantize=none (with model.lora=true for adapters)"
+            )
         from train.logger import tracker_names  # train.logger imports this module
 
         tracker_names(self.log_with)
