@@ -49,6 +49,9 @@ RESUMABLE_KEYS = {
     "onpolicy.backoff_s",
     "onpolicy.max_backoff_s",
     "onpolicy.give_up_after_s",
+    # Where the teacher is reached and how (a resumed run may find it on another machine).
+    "onpolicy.teacher_api_key_env",
+    "onpolicy.teacher_ca_file",
 }
 
 

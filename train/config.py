@@ -16,6 +16,7 @@ recipes of configs/train/ are values: seqkd is `alpha: 0`, skd `divergence: forw
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,6 +25,8 @@ import yaml
 
 from runtime.typed_config import apply_overrides, build, help_lines, option
 from train.losses import KDSpec
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Keys of older configs, and what replaced them (named in the unknown-key error).
 RENAMED = {
@@ -58,7 +61,8 @@ class ModelConfig:
         False, "recompute activations in the backward: less memory, same numbers"
     )
     quantize: Literal["none", "4bit", "8bit"] = option(
-        "none", "QLoRA: load the frozen base in 4 or 8 bits; needs CUDA and bitsandbytes"
+        "none",
+        "QLoRA: LoRA adapters on a frozen bitsandbytes base, nf4 4-bit (CPU or GPU) or 8-bit (GPU)",
     )
 
 
@@ -174,6 +178,15 @@ class OnPolicyConfig:
     cpu_kv_cache_gib: float = option(
         1.0, "vllm sampler on the CPU: the engine's KV cache (VLLM_CPU_KVCACHE_SPACE wins)"
     )
+    # A teacher on another machine (docs/onpolicy.md): the key itself never goes into a
+    # config or a log, only the name of the variable that holds it.
+    teacher_api_key_env: str = option(
+        "", "NAME of the environment variable holding the teacher server's API key"
+    )
+    teacher_ca_file: str = option("", "CA bundle for an https teacher with a private CA")
+    teacher_model: str = option(
+        "", "model name a remote teacher must report; empty: the shards' teacher"
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -190,6 +203,12 @@ class OnPolicyConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        if self.teacher_api_key_env and not ENV_NAME.fullmatch(self.teacher_api_key_env):
+            # Not echoed: a key pasted here by mistake must not reach the terminal or a log.
+            raise ValueError(
+                "onpolicy.teacher_api_key_env must be the name of an environment variable "
+                "(letters, digits, _) that holds the key, not the key itself"
+            )
 
 
 @dataclass(frozen=True)
@@ -250,6 +269,14 @@ class TrainConfig:
             raise ValueError(
                 "num_epochs counts passes over shard rows; on-policy batches are samples: "
                 "use max_steps"
+            )
+        op = self.onpolicy
+        if op.teacher_url and op.sampler == "vllm" and self.model.quantize != "none":
+            # The engine's in-place reload takes checkpoint-format weights, not bitsandbytes'.
+            raise ValueError(
+                f"onpolicy.sampler=vllm cannot take a quantized student "
+                f"(model.quantize={self.model.quantize}): use onpolicy.sampler=hf, "
+                "or model.quantize=none (with model.lora=true for adapters)"
             )
         from train.logger import tracker_names  # train.logger imports this module
 

@@ -1,4 +1,5 @@
-"""The student: a transformers causal LM, optionally with LoRA, wrapped with its loss.
+"""The student: a transformers causal LM, optionally with LoRA (or QLoRA: LoRA on a 4-bit or 8-bit
+bitsandbytes base), wrapped with its loss.
 
 `DistillModule.forward` runs the student's decoder and the chunked loss in one module, so the
 whole step happens inside the forward of whatever wraps it (DDP, DeepSpeed): gradient sync
@@ -35,21 +36,43 @@ def mixed_precision(name: str) -> str:
     return "no"
 
 
-def load_student(cfg: ModelConfig):
+def quantization_config(quantize: str, dtype: str, device: torch.device):
+    """bitsandbytes settings for model.quantize: nf4 (QLoRA) or LLM.int8.
+
+    The 4-bit compute dtype is what the dequantized weights multiply in: float32 on the CPU
+    (bitsandbytes' CPU kernels; bf16 there is slow and lossy), bf16 on a GPU unless model.dtype
+    says float32.
+    """
+    from transformers import BitsAndBytesConfig
+
+    if device.type == "cpu" and quantize == "8bit":
+        # Linear8bitLt runs a CPU forward, but its weights cannot be loaded back into a CPU
+        # layer ("Please call module.cuda()"), so no checkpoint could ever be resumed.
+        raise ValueError("model.quantize=8bit needs a CUDA GPU; on the CPU use model.quantize=4bit")
+    on_gpu = device.type == "cuda"
+    compute = torch.bfloat16 if on_gpu and dtype in ("auto", "bfloat16") else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=quantize == "4bit",
+        load_in_8bit=quantize == "8bit",
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def load_student(cfg: ModelConfig, device: torch.device | str = "cpu"):
+    """(model, tokenizer) of model.path, with LoRA adapters when model.lora or model.quantize.
+
+    device: where a quantized model is loaded (bitsandbytes quantizes while loading); a
+    full-precision model is moved by accelerate's prepare instead.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = torch.device(device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.path)
     kwargs = {"dtype": resolve_dtype(cfg.dtype)}
     if cfg.quantize != "none":
-        if not torch.cuda.is_available():
-            raise ValueError("model.quantize (QLoRA) needs a CUDA GPU and bitsandbytes")
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=cfg.quantize == "4bit",
-            load_in_8bit=cfg.quantize == "8bit",
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
+        kwargs["quantization_config"] = quantization_config(cfg.quantize, cfg.dtype, device)
+        kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
     model.config.use_cache = False  # training: no KV cache
     if cfg.gradient_checkpointing:
@@ -77,7 +100,42 @@ def load_student(cfg: ModelConfig):
                 task_type="CAUSAL_LM",
             ),
         )
+    if cfg.quantize != "none":
+        train_quantized_layers(model)
     return model, tokenizer
+
+
+def train_quantized_layers(model: nn.Module) -> None:
+    """Keep the frozen quantized layers as loaded, and out of the model's state dict.
+
+    bitsandbytes repacks a 4-bit layer for its bf16 CPU kernels the first time it runs in
+    eval mode without gradients (evaluation, HF sampling), rounding its scales to bf16 for
+    good: training would go on with other base weights than a resumed run quantizes, and
+    than tools.eval dequantizes. Turned off, every pass computes with the loaded weights.
+
+    The quantized weights leave the state dict, so that a checkpoint (accelerate.save_state)
+    holds the adapters and the other weights only, and their absence is accepted when a
+    state dict is loaded back: they are not trained, and quantizing model.path again gives
+    them back bit for bit, which is what a resumed run does. bitsandbytes could not load its
+    own state back anyway (4-bit: unexpected quant-state keys; 8-bit on the CPU: refused).
+    """
+    import bitsandbytes as bnb
+
+    def drop(module, state_dict, prefix, local_metadata):
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            name = key[len(prefix) :]
+            if name in ("weight", "SCB", "weight_format") or name.startswith("weight."):
+                del state_dict[key]
+
+    def keep_own(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        state_dict[prefix + "weight"] = module.weight  # loads as a copy onto itself
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            module.register_state_dict_post_hook(drop)
+            module.register_load_state_dict_pre_hook(keep_own)
 
 
 class DistillModule(nn.Module):

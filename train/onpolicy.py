@@ -22,6 +22,7 @@ wall time.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -382,6 +383,14 @@ def build_onpolicy(cfg, shards: ShardBatches, accelerator, module, tokenizer) ->
     op = cfg.onpolicy
     meta = shards.reader.metadata
     k = op.k or meta.k
+    api_key = None
+    if op.teacher_api_key_env:
+        api_key = os.environ.get(op.teacher_api_key_env)
+        if not api_key:
+            raise ValueError(
+                f"onpolicy.teacher_api_key_env={op.teacher_api_key_env}: that environment "
+                "variable is not set or empty; export the teacher server's API key in it"
+            )
     client = TeacherClient(
         op.teacher_url,
         k,
@@ -391,8 +400,11 @@ def build_onpolicy(cfg, shards: ShardBatches, accelerator, module, tokenizer) ->
         max_backoff_s=op.max_backoff_s,
         give_up_after_s=op.give_up_after_s,
         concurrency=op.concurrency,
+        api_key=api_key,
+        ca_file=op.teacher_ca_file or None,
     )
-    described = client.connect(tokenizer)  # refuses another tokenizer
+    # Refuses another tokenizer, and a remote server that reports another model.
+    described = client.connect(tokenizer, op.teacher_model or meta.teacher)
     if accelerator.is_main_process:
         print(f"[train] on-policy: lmbda={op.lmbda}, k={k}, {described}", flush=True)
     writer = None
@@ -422,12 +434,6 @@ def build_onpolicy(cfg, shards: ShardBatches, accelerator, module, tokenizer) ->
     engine = None
     if op.sampler == "vllm":
         from vllm_engine.student import VLLMStudent
-
-        if cfg.model.quantize != "none":
-            raise ValueError(
-                "onpolicy.sampler=vllm cannot push quantized (QLoRA) weights into the "
-                "engine; use onpolicy.sampler=hf with model.quantize"
-            )
 
         lm = accelerator.unwrap_model(module).lm
         bf16 = accelerator.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16"

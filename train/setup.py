@@ -145,7 +145,7 @@ def build_run(cfg: TrainConfig) -> Run:
         project_dir=cfg.out_dir,
     )
     set_seed(cfg.seed)
-    lm, tokenizer = load_student(cfg.model)
+    lm, tokenizer = load_student(cfg.model, acc.device)
     source = training_source(cfg, acc, tokenizer)
     teacher_vocab = max(p.reader.metadata.vocab_size for p in source.folders())
     head = lm.get_output_embeddings()

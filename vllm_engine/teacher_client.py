@@ -14,11 +14,16 @@ match what was sent (other prompt ids, missing entries, fewer than K logprobs, t
 token absent) is retried `retries` times and then refused with `TeacherAnswerError`: nothing
 is ever trained on a partial or mismatched answer. A 4xx answer is a configuration error
 (e.g. K above the server's --max-logprobs) and raises `TeacherRequestError` at once.
+
+A remote teacher: an API key (`api_key`, sent as `Authorization: Bearer`; the trainer reads
+it from the environment variable `onpolicy.teacher_api_key_env` names, so it is in no config
+or log) and https (system CAs, or `ca_file` for a private CA or a self-signed certificate).
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -74,8 +79,20 @@ class TeacherClient:
         max_backoff_s: float = 10.0,
         give_up_after_s: float = 300.0,
         concurrency: int = 8,
+        api_key: str | None = None,
+        ca_file: str | None = None,
     ):
         self.url = url.rstrip("/")
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:  # kept in the request headers only: never printed, never in an error
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._ssl = None
+        if ca_file and not Path(ca_file).is_file():
+            raise FileNotFoundError(f"CA file {ca_file} (for the teacher's https): no such file")
+        if self.url.startswith("https://"):
+            self._ssl = ssl.create_default_context(cafile=ca_file or None)
+        elif ca_file:
+            raise ValueError(f"a CA file ({ca_file}) is for https, but the teacher is {self.url}")
         self.k = k
         self.timeout_s, self.retries = timeout_s, retries
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
@@ -90,18 +107,31 @@ class TeacherClient:
 
     def _http(self, path: str, body: dict | None = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.url + path, data=data, headers={"Content-Type": "application/json"}
-        )
+        req = urllib.request.Request(self.url + path, data=data, headers=self._headers)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout_s, context=self._ssl) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")[:500]
             if e.code >= 500 or e.code in (408, 429):
                 raise _Retry(f"HTTP {e.code} from {self.url}{path}: {detail}") from e
-            raise TeacherRequestError(f"HTTP {e.code} from {self.url}{path}: {detail}") from e
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+            hint = ""
+            if e.code in (401, 403):
+                hint = (
+                    "; the server wants an API key: name the environment variable holding it "
+                    "in onpolicy.teacher_api_key_env"
+                    if "Authorization" not in self._headers
+                    else "; the server refused the API key of onpolicy.teacher_api_key_env"
+                )
+            raise TeacherRequestError(f"HTTP {e.code} from {self.url}{path}: {detail}{hint}") from e
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, ssl.SSLError):  # a certificate is not a passing failure
+                raise TeacherRequestError(
+                    f"{self.url}{path}: TLS failed ({e.reason}); for a private CA or a "
+                    "self-signed certificate, set onpolicy.teacher_ca_file to its CA bundle"
+                ) from e
+            raise _Retry(f"{self.url}{path}: {e}") from e
+        except (ConnectionError, TimeoutError, OSError) as e:
             raise _Retry(f"{self.url}{path}: {e}") from e
         except json.JSONDecodeError as e:
             raise _Retry(f"{self.url}{path}: not JSON ({e})") from e
@@ -132,20 +162,23 @@ class TeacherClient:
 
     # ---- start-up checks -------------------------------------------------------------------
 
-    def connect(self, tokenizer) -> str:
-        """Read the served model and refuse a teacher whose tokenizer is not the student's.
+    def connect(self, tokenizer, model_name: str = "") -> str:
+        """Read the served model and refuse a teacher that is not the one expected.
 
-        Checks: the tokenizer fingerprint of the server's model folder (when it is readable
-        here) and, always, the ids the server's own tokenizer gives a probe text rendered
-        with the student's chat template. Returns a one-line description.
+        Local teacher (its model folder is readable here): the tokenizer fingerprint of that
+        folder against the student's. Remote teacher: the model name the server reports (its
+        served name or its model path) against `model_name`, when one is given. Both: the ids
+        the server's own tokenizer gives a probe text rendered with the student's chat
+        template. Returns a one-line description that says which checks ran.
         """
         from shards.fingerprint import tokenizer_fingerprint
 
         card = self.call("/v1/models")["data"][0]
         self.model, self.root = card["id"], card.get("root") or card["id"]
         self.max_model_len = card.get("max_model_len")
-        how = []
-        if self.root_is_local():
+        local = self.root_is_local()
+        ran = []
+        if local:
             from transformers import AutoTokenizer
 
             theirs = tokenizer_fingerprint(AutoTokenizer.from_pretrained(self.root))
@@ -155,7 +188,17 @@ class TeacherClient:
                     f"teacher {self.root} served at {self.url} has tokenizer fingerprint "
                     f"{theirs}, the student's is {ours}: refusing to distil across tokenizers"
                 )
-            how.append("fingerprint")
+            ran.append("fingerprint ok")
+        elif model_name:
+            if model_name not in (self.model, self.root):
+                raise TeacherMismatch(
+                    f"teacher at {self.url} serves model {self.model!r} (path {self.root!r}), "
+                    f"not {model_name!r}: refusing an unknown teacher (if it is the same "
+                    "model, set onpolicy.teacher_model to the name the server reports)"
+                )
+            ran.append("model name ok")
+        else:
+            ran.append("model name not checked (none given)")
         probe = PROBE
         if tokenizer.chat_template:
             chat = [{"role": "user", "content": PROBE}, {"role": "assistant", "content": "42"}]
@@ -169,8 +212,9 @@ class TeacherClient:
                 f"the student ({len(theirs)} vs {len(ours)} ids): refusing to distil across "
                 "tokenizers"
             )
-        how.append("probe ids")
-        return f"teacher {self.model} at {self.url} (tokenizer checked: {', '.join(how)})"
+        ran.append("tokenizer probe ok")
+        where = "local" if local else "remote"
+        return f"teacher {self.model} at {self.url}; teacher identity: {', '.join(ran)} ({where})"
 
     def root_is_local(self) -> bool:
         """Whether the served model's folder is readable here (same machine or filesystem)."""

@@ -112,21 +112,45 @@ def standard_models(teacher: str, student: str | None, runs: str) -> list[ModelS
     return models
 
 
+def adapter_quantization(adapter_dir: str) -> str:
+    """model.quantize of the run that trained an adapter, from its checkpoint's config
+    ("none" for an adapter folder outside a checkpoint)."""
+    checkpoint = Path(adapter_dir).parent
+    if not (checkpoint / "config.yaml").exists():
+        return "none"
+    return ckpt.checkpoint_config(checkpoint).get("model", {}).get("quantize", "none")
+
+
 def merged_lora(adapter_dir: str, cache: Path) -> str:
-    """A LoRA checkpoint merged into its base model (vLLM then loads it like any model)."""
+    """A LoRA checkpoint merged into its base model (vLLM then loads it like any model).
+
+    A QLoRA adapter (model.quantize) was trained on the quantized base: it is merged into
+    that base quantized as training quantized it, then dequantized, so that the merged model
+    computes what the trained one did (merging into the full-precision base would not).
+    """
     cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    key = hashlib.sha256(
-        (Path(adapter_dir) / "adapter_model.safetensors").read_bytes()
-    ).hexdigest()[:16]
-    out = cache / f"merged-{key}"
+    quantize = adapter_quantization(adapter_dir)
+    digest = hashlib.sha256((Path(adapter_dir) / "adapter_model.safetensors").read_bytes())
+    if quantize != "none":
+        digest.update(quantize.encode())
+    out = cache / f"merged-{digest.hexdigest()[:16]}"
     if not (out / "config.json").exists():
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        kwargs = {}
+        if quantize != "none":
+            from train.model import quantization_config
+
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            kwargs["quantization_config"] = quantization_config(quantize, "float32", device)
+            kwargs["device_map"] = {"": device}
         base = AutoModelForCausalLM.from_pretrained(
-            cfg["base_model_name_or_path"], dtype=torch.float32
+            cfg["base_model_name_or_path"], dtype=torch.float32, **kwargs
         )
+        if quantize != "none":
+            base = base.dequantize().to(dtype=torch.float32, device="cpu")
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         merged.save_pretrained(out)
         AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out)
