@@ -34,7 +34,7 @@ from precompute.launch import (
     local_plan,
     visible_gpus,
 )
-from precompute.run import Summary, run
+from precompute.run import Summary, check_required, run
 
 
 def _stderr(msg: str) -> None:
@@ -73,6 +73,7 @@ def run_job(cfg: PrecomputeConfig, log=None, on_event=None) -> Summary:
 
     `on_event(ev)` sees each progress event (tests use it to kill a worker mid-run)."""
     log = log or _stderr
+    check_required(cfg)  # before any worker starts
     if cfg.ray:
         from precompute.ray_runner import run_ray
 
