@@ -28,6 +28,7 @@ from pathlib import Path
 
 PY = sys.executable
 METHODS = ("skd", "seqkd")
+DEMO_CONFIG = "configs/demo/precompute.yaml"  # its teacher, view, sampling and CPU engine
 
 
 def stage(title: str, cmd: list[str]) -> None:
@@ -53,7 +54,7 @@ def main(argv=None) -> None:
         stage(
             f"precompute ({split}): the teacher runs once, seeing the experience",
             [PY, "-m", "precompute", "--out", out, "--data", f"data/default/{split}.jsonl",
-             "--no-progress", f"sampling.seed={args.seed}"],
+             "--no-progress", f"sampling.seed={args.seed}", "--config", DEMO_CONFIG],
         )  # fmt: skip
     stage("inspect the shards", [PY, "-m", "tools.shards", "stats", args.shards])
     for method in METHODS:

@@ -128,6 +128,8 @@ def seed_stages(args, seed: int, teacher_url: str = "{teacher_url}") -> list[Sta
                 PY,
                 "-m",
                 "precompute",
+                "--config",
+                "configs/demo/precompute.yaml",
                 "--teacher",
                 args.teacher,
                 "--data",
