@@ -105,7 +105,7 @@ TRAIN_OVERRIDES += $(if $(TEACHER_URL),onpolicy.teacher_url=$(TEACHER_URL))
 train: setup ## train the student from shards (METHOD=skd|seqkd|jsd|dualkl, see configs/train)
 	$(TRAIN_LAUNCH) train configs/train/$(METHOD).yaml $(TRAIN_OVERRIDES)
 
-bench-train: setup models ## SKD from shards vs. a live teacher per batch (run make precompute first)
+bench-train: setup models ## SKD from shards vs. a live teacher per batch (run make precompute CONFIG=configs/demo/precompute.yaml first)
 	$(PYTHON) -m bench.train --shards $(or $(SHARDS),out/shards)
 
 bench-loss: setup ## peak memory/time of the chunked loss vs dense (ARGS='--device cuda --V 151936 ...')

@@ -311,6 +311,22 @@ def test_run_without_teacher_or_data_says_which(tiny, tmp_path, capsys):
     assert err == ["precompute: error: data.path is not set: --data FILE or data.path=..."]
 
 
+def test_cli_without_config_runs_any_teacher(tiny, tmp_path, capsys, monkeypatch):
+    """The README's `make precompute TEACHER=... DATA=...` from the repository root: no demo
+    config is read, so no demo student is checked (issue #19: it was, and refused the
+    teacher)."""
+    from precompute.__main__ import main
+
+    monkeypatch.chdir(REPO)
+    data = write_jsonl(tmp_path / "q.jsonl", questions(3))
+    argv = ["--teacher", str(tiny), "--data", str(data), "--out", str(tmp_path / "o")]
+    argv += ["--backend", "hf", "--k", str(K), "--no-progress", "sampling.max_tokens=4"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "precompute: 3 examples (0 already done), 3 rows (" in err
+    assert load_manifest(tmp_path / "o").metadata.sampling["max_tokens"] == 4
+
+
 def test_config_choices_are_typed_and_errors_list_them():
     """Choices are Literal fields of the typed loader: a bad value names the key and the
     allowed values, before anything is loaded; YAML's true/false read as the choice's words."""
