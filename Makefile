@@ -19,7 +19,7 @@ help: ## list the targets
 	@echo "kdshards make targets:"
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "variables: PYTEST_ARGS='...' (extra pytest args), KDSHARDS_DEVICE=cpu|gpu (setup)"
-	@echo "  precompute: CONFIG TEACHER DATA K OUT WORKERS RAY=1 PRECOMPUTE_ARGS"
+	@echo "  precompute: TEACHER DATA STUDENT K OUT CONFIG WORKERS RAY=1 PRECOMPUTE_ARGS"
 	@echo "  train: METHOD BETA ALPHA TEMP STEPS SHARDS STUDENT RUN GPUS ZERO TEACHER_URL ARGS"
 	@echo "         several machines: NNODES with RDZV=host:port, or NODE_RANK MASTER_ADDR MASTER_PORT"
 	@echo "  eval: EVAL_ARGS   demo: DEMO_ARGS (e.g. --seed 1)"
@@ -55,10 +55,15 @@ bench-shards: setup models ## benchmark shard writing/reading
 bench-object-store: setup models ## shard read speed from a local S3 server (moto) vs local disk
 	$(PYTHON) -m bench.object_store
 
-# make precompute [CONFIG= TEACHER= DATA= K= OUT= WORKERS= RAY=1 PRECOMPUTE_ARGS='key=value ...']
+# make precompute TEACHER=DIR DATA=FILE [STUDENT=DIR K= OUT= CONFIG= WORKERS= RAY=1
+#                 PRECOMPUTE_ARGS='key=value ...']
+# Neutral defaults for any teacher: response length and context are the model's; STUDENT=
+# checks that student's tokenizer (none named: no check). CONFIG=configs/demo/precompute.yaml
+# is the CPU demo's (its teacher, data, student and engine settings; make demo uses it).
 # WORKERS=N splits the data over N local workers (default: one per GPU group); RAY=1 runs
 # them as Ray tasks on the cluster at RAY_ADDRESS (or a local one).
-CONFIG  ?= configs/precompute.yaml
+CONFIG  ?=
+DEMO_PRECOMPUTE_CONFIG := configs/demo/precompute.yaml
 PRECOMPUTE_ARGS ?=
 DEFAULT_DATA := data/default/train.jsonl
 
@@ -67,9 +72,11 @@ $(DEFAULT_DATA): | $(SETUP_STAMP)
 
 default-data: $(DEFAULT_DATA) ## generate the demo questions offline (data/default)
 
-precompute: setup models $(DEFAULT_DATA) ## teacher -> shards (CONFIG= TEACHER= DATA= K= OUT= WORKERS= RAY=1 PRECOMPUTE_ARGS=)
-	$(PYTHON) -m precompute --config $(CONFIG) \
+# The demo's config needs the demo's models and questions; another teacher needs neither.
+precompute: setup $(if $(filter $(DEMO_PRECOMPUTE_CONFIG),$(CONFIG)),models $(DEFAULT_DATA)) ## teacher -> shards (TEACHER= DATA= STUDENT= K= OUT= CONFIG= WORKERS= RAY=1 PRECOMPUTE_ARGS=)
+	$(PYTHON) -m precompute $(if $(CONFIG),--config $(CONFIG)) \
 	  $(if $(TEACHER),--teacher $(TEACHER)) $(if $(DATA),--data $(DATA)) \
+	  $(if $(STUDENT),--student $(STUDENT)) \
 	  $(if $(K),--k $(K)) $(if $(OUT),--out $(OUT)) $(if $(WORKERS),--num-workers $(WORKERS)) \
 	  $(if $(filter 1,$(RAY)),--ray) $(PRECOMPUTE_ARGS)
 
@@ -111,7 +118,7 @@ TRAIN_OVERRIDES += $(if $(TEACHER_URL),onpolicy.teacher_url=$(TEACHER_URL))
 train: setup ## train the student from shards (METHOD=skd|seqkd|jsd|dualkl, see configs/train)
 	$(TRAIN_CHECK)$(TRAIN_LAUNCH) train configs/train/$(METHOD).yaml $(TRAIN_OVERRIDES)
 
-bench-train: setup models ## SKD from shards vs. a live teacher per batch (run make precompute first)
+bench-train: setup models ## SKD from shards vs. a live teacher per batch (run make precompute CONFIG=configs/demo/precompute.yaml first)
 	$(PYTHON) -m bench.train --shards $(or $(SHARDS),out/shards)
 
 bench-loss: setup ## peak memory/time of the chunked loss vs dense (ARGS='--device cuda --V 151936 ...')

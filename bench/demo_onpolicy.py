@@ -40,6 +40,7 @@ from tools.stages import Runner, Service, Stage, later
 from train.checkpoint import latest_model_dir
 
 PY = sys.executable
+DEMO_PRECOMPUTE = "configs/demo/precompute.yaml"  # the demo's teacher view, sampling and CPU engine
 
 
 def parser() -> argparse.ArgumentParser:
@@ -135,7 +136,8 @@ def seed_stages(args, seed: int, teacher: Service | None = None) -> list[Stage]:
         return Stage(f"seed{seed}/{name}", cmd=cmd, inputs=inputs, services=services)
 
     return [
-        stage("precompute", [PY, "-m", "precompute", "--teacher", args.teacher, "--data", train,
+        stage("precompute", [PY, "-m", "precompute", "--config", DEMO_PRECOMPUTE,
+                             "--teacher", args.teacher, "--data", train,
                              "--out", shards, "--no-progress", f"sampling.seed={seed}"], train),
         stage("skd", trainer("skd", "skd"), shards),
         stage("seqkd", trainer("seqkd", "seqkd"), shards),

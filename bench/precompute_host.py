@@ -1,7 +1,7 @@
 """The host side of precompute per token, without a model: vLLM's logprobs to shards on disk.
 
     python -m bench.precompute_host [--k 20 64 128] [--levels 1 3 6 9 12]
-        [--examples 480] [--out bench/results/precompute_host.json]
+        [--examples 480] [--call-examples 32] [--out bench/results/precompute_host.json]
 
 The engine's output is replayed, not generated. Distributions: SmolLM2-135M-Instruct's
 float32 top-128 at every token of 480 gsm_symbolic worked solutions (bench.shards' teacher
@@ -18,8 +18,9 @@ thread), CPU time of the process, best of --repeats, in µs per response token:
   `LLM.generate`; with "arrays", our hook in place of vLLM's list building);
 * convert: those logprobs to (T, k) arrays: `precompute.backend.topk_from_entries` (a loop
   and a sort per token), `topk_from_flat_logprobs` and `topk_from_logprob_arrays` (array
-  operations over the 32 requests of an engine call, precompute's commit_every); all are
-  checked equal;
+  operations over the requests of an engine call: --call-examples, 32 by default, precompute's
+  commit_every; its engine_window with vLLM is 4096, all of these examples); all are checked
+  equal;
 * encode: `shards.codec.encode_tokens` on the writer's 16,384-token batches;
 * compress: zstd at the writer's level on the encoded columns (what Arrow IPC compresses);
 * write: the rest of `ShardWriter` (row checks, Arrow batches, file, fsync, sha256,
@@ -65,9 +66,9 @@ DEFAULT_OUT = RESULTS / "precompute_host.json"
 KS = (20, 64, 128)
 LEVELS = (1, 3, 6, 9, 12)
 DEFAULT_LEVEL = 12
-# Examples per engine call, as precompute's commit_every (default 32): also bounds the memory
-# that the dict path holds.
-CHUNK_EXAMPLES = 32
+# Examples per engine call (--call-examples), as precompute's commit_every (default 32);
+# precompute's engine_window gives vLLM up to 4096 per call.
+CALL_EXAMPLES = 32
 # CPU time of this process, not wall time: per-core cost is the figure, and on a shared
 # machine wall time would also count the other jobs' turns on the core.
 clock = time.process_time
@@ -148,11 +149,14 @@ def convert(containers, outputs, k: int, layout: str) -> list:
     return [topk_from_entries(c, t, k) for c, t in zip(containers, tokens, strict=True)]
 
 
-def vllm_and_convert(outputs, k: int, layout: str, repeats: int) -> tuple[float, float, list]:
-    """(vLLM seconds, conversion seconds, Scored per example), each the best of `repeats`."""
+def vllm_and_convert(
+    outputs, k: int, layout: str, repeats: int, call: int = CALL_EXAMPLES
+) -> tuple[float, float, list]:
+    """(vLLM seconds, conversion seconds, Scored per example), each the best of `repeats`;
+    `call` examples per engine call."""
     t_vllm, t_conv, scored = 0.0, 0.0, []
-    for lo in range(0, len(outputs), CHUNK_EXAMPLES):
-        chunk = outputs[lo : lo + CHUNK_EXAMPLES]
+    for lo in range(0, len(outputs), call):
+        chunk = outputs[lo : lo + call]
         step_lists = steps(chunk)
         best_v = best_c = float("inf")
         for _ in range(repeats):
@@ -249,14 +253,14 @@ def encode_and_compress_seconds(scored: list, k: int, vocab: int, level: int, re
     return best_e, best_c
 
 
-def bench_k(data: dict, k: int, levels: list[int], repeats: int) -> dict:
+def bench_k(data: dict, k: int, levels: list[int], repeats: int, call: int = CALL_EXAMPLES) -> dict:
     outputs = engine_outputs(data, k)
     tokens = sum(len(o[0]) for o in outputs)
     log(f"k={k}: {len(outputs)} examples, {tokens} tokens")
-    res: dict = {"k": k, "tokens": tokens}
+    res: dict = {"k": k, "tokens": tokens, "call_examples": call}
     scored = {}
     for layout in LAYOUTS:
-        v, c, scored[layout] = vllm_and_convert(outputs, k, layout, repeats)
+        v, c, scored[layout] = vllm_and_convert(outputs, k, layout, repeats, call)
         res[layout] = {"vllm_s": v, "convert_s": c}
         log(f"  {layout}: vLLM {v:.2f} s, convert {c:.2f} s")
     for layout in LAYOUTS[1:]:
@@ -328,6 +332,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher", default=None, help="model folder (default: as bench.shards)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--call-examples",
+        type=int,
+        default=CALL_EXAMPLES,
+        help="examples per engine call (precompute: commit_every; engine_window with vLLM)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
 
@@ -336,7 +346,7 @@ def main(argv=None) -> int:
     warm = engine_outputs({**data, "response_off": data["response_off"][:2]}, 8)
     for layout in LAYOUTS:  # imports and first calls stay out of the timings
         convert(pythonize(steps(warm), 8, layout), warm, 8, layout)
-    results = [bench_k(data, k, args.levels, args.repeats) for k in args.k]
+    results = [bench_k(data, k, args.levels, args.repeats, args.call_examples) for k in args.k]
     table = report(results)
     print(table)
     summary = {}

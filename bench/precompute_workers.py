@@ -35,7 +35,7 @@ def one_run(args, workers: int, out: Path) -> dict:
         "-m",
         "precompute",
         "--config",
-        str(REPO / "configs" / "precompute.yaml"),
+        str(REPO / "configs" / "demo" / "precompute.yaml"),
         "--teacher",
         args.teacher,
         "--student",

@@ -1,9 +1,12 @@
 """python -m precompute: run the teacher once over a data set and write shards.
 
-The CLI is a thin overlay on configs/precompute.yaml: a few common options have flags, and
-any config key can be set as `key=value` or `--key=value` (dotted keys reach into sections,
-e.g. sampling.n=4, view.thinking=mixed, engine.tensor_parallel_size=2), anywhere among the
-arguments. Unknown keys are errors.
+The CLI is a thin overlay on the config: neutral defaults for any teacher (name it and the
+data: `--teacher DIR --data FILE`), or a YAML (`--config configs/demo/precompute.yaml`, the
+CPU demo's). A few common options have flags, and any config key can be set as `key=value`
+or `--key=value` (dotted keys reach into sections, e.g. sampling.n=4, view.thinking=mixed,
+engine.tensor_parallel_size=2), anywhere among the arguments. Unknown keys are errors.
+Response length and context default to the model's own (generation_config.json, config.json);
+a student's tokenizer is checked only when one is named.
 
 Expected failures (bad input rows, a config that cannot work, shard folder conflicts, an
 output folder that cannot be written) end with one line per problem,
@@ -17,7 +20,6 @@ import argparse
 import dataclasses
 import os
 import sys
-from pathlib import Path
 
 import yaml
 
@@ -28,8 +30,6 @@ from precompute.errors import WorkerFailed, error_lines, expected_errors
 from precompute.jobs import run_job
 from precompute.launch import slurm_overrides
 from vllm_engine.env import default_kvcache_space
-
-DEFAULT_CONFIG = "configs/precompute.yaml"
 
 # flag -> config key
 FLAGS = {
@@ -60,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         default=None,
-        help=f"YAML config (default: {DEFAULT_CONFIG} if it exists; '' for none)",
+        help="YAML config (default: none, the neutral defaults below; the demo's: "
+        "configs/demo/precompute.yaml)",
     )
     p.add_argument("--teacher", help="teacher model folder (teacher=)")
     p.add_argument("--student", help="student folder whose tokenizer must match (student=)")
@@ -133,10 +134,7 @@ def resolve(argv: list[str] | None = None):
         overrides.append("ray=true")
     if args.no_progress:
         overrides.append("progress=false")
-    config = args.config
-    if config is None:
-        config = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else ""
-    return args, load_config(config or None, overrides)
+    return args, load_config(args.config or None, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

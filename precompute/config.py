@@ -1,8 +1,8 @@
 """Typed precompute configuration: one frozen dataclass per component, YAML plus overrides.
 
-`load_config("configs/precompute.yaml", ["k=32", "sampling.n=4", "engine.max_model_len=1024"])`
-reads the YAML, applies `key=value` overrides (dotted keys reach into sections, values are
-parsed as YAML scalars and checked against the field's type) and refuses unknown keys, so a
+`load_config("configs/demo/precompute.yaml", ["k=32", "sampling.n=4"])` reads the YAML,
+applies `key=value` overrides (dotted keys reach into sections, values are parsed as YAML
+scalars and checked against the field's type) and refuses unknown keys, so a
 typo fails before the teacher is loaded. The `engine` section is the exception: it is passed
 to `vllm.LLM(**engine)` as is, and checked against `vllm.EngineArgs`' fields instead, so every
 vLLM engine argument (tensor_parallel_size, dtype, gpu_memory_utilization, ...) is available
@@ -10,6 +10,11 @@ without being re-declared here.
 
 Every field carries its help text (`metadata["help"]`), which `python -m precompute --help`
 lists, so the options are documented in one place.
+
+The defaults are neutral, for any teacher: no model or data is named (the CPU demo's settings
+live in configs/demo/precompute.yaml), the engine section is empty (device-dependent engine
+settings are resolved where the engine starts; the context is the model's), and the response
+length is the model's own (precompute/model_limits.py).
 """
 
 from __future__ import annotations
@@ -25,9 +30,6 @@ from runtime.typed_config import apply_overrides, build
 
 # Engine arguments that precompute owns: the shards' meaning depends on them.
 ENGINE_RESERVED = ("model", "logprobs_mode")
-# Defaults under the YAML's `engine:` section; CPU-friendly and explicit about dtype
-# (dtype="auto" silently downcasts float32 weights to bfloat16 on the CPU).
-ENGINE_DEFAULTS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048}
 
 
 class ConfigError(ValueError):
@@ -45,8 +47,8 @@ def _f(default, help: str, **kw):
 @dataclass(frozen=True)
 class DataConfig:
     path: str = _f(
-        "data/default/train.jsonl",
-        "input: .jsonl/.json/.parquet/.csv/.arrow file, or a folder saved by datasets",
+        "",
+        "input (required): .jsonl/.json/.parquet/.csv/.arrow file, or a folder saved by datasets",
     )
     split: str = _f("train", "split to read from a DatasetDict folder")
     question_field: str = _f("question", "field with the question text")
@@ -91,7 +93,11 @@ class SamplingConfig:
     temperature: float = _f(1.0, "generate: sampling temperature (0: greedy)")
     top_p: float = _f(1.0, "generate: nucleus sampling")
     top_k: int = _f(0, "generate: top-k sampling (0: off); unrelated to the stored k")
-    max_tokens: int = _f(256, "generate: response length limit")
+    max_tokens: int = _f(
+        0,
+        "generate: response length limit; 0: the model's (generation_config.json "
+        "max_new_tokens, else max_length, else up to the end of the context window)",
+    )
     seed: int = _f(0, "per-example seeds derive from (seed, example index)")
     per_request_seed: Literal["auto", "true", "false"] = _f(
         "auto",
@@ -125,11 +131,11 @@ class HFConfig:
 
 @dataclass(frozen=True)
 class PrecomputeConfig:
-    teacher: str = _f("models/smollm2-135m-instruct", "teacher model folder")
+    teacher: str = _f("", "teacher model folder (required)")
     student: str = _f(
         "",
-        "student model/tokenizer folder; its tokenizer fingerprint must equal the teacher's "
-        "(empty: the teacher's tokenizer is the student's)",
+        "student model/tokenizer folder, checked only when named: its tokenizer fingerprint "
+        "must equal the teacher's (empty: no check; the shards carry the teacher's tokenizer)",
     )
     out: str = _f("out/shards", "shard folder (shared by all workers)")
     mode: Literal["generate", "score"] = _f("generate", "generate | score")
@@ -150,10 +156,12 @@ class PrecomputeConfig:
         "vllm", "vllm | hf (transformers; slow, for machines without vLLM)"
     )
     k: int = _f(64, "top-k logprobs stored per response token")
-    commit_every: int = _f(
-        32,
-        "examples per engine call and per committed file: at most this much is redone "
-        "after a crash",
+    commit_every: int = _f(32, "examples per committed file: a crash never loses committed rows")
+    engine_window: int = _f(
+        0,
+        "examples per engine call, committed every commit_every once the call returns (a "
+        "crash loses at most one window of teacher work); 0: auto (4096 with vLLM, which "
+        "batches best with many prompts at once; commit_every with hf)",
     )
     skip_invalid: bool = _f(
         False, "write invalid input rows to rejects-w<I>.jsonl instead of stopping"
@@ -182,7 +190,7 @@ class PrecomputeConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     hf: HFConfig = field(default_factory=HFConfig)
     engine: dict = _f(
-        dict(ENGINE_DEFAULTS),
+        {},
         "vllm.LLM engine arguments, checked against vllm.EngineArgs "
         "(e.g. engine.tensor_parallel_size=2 engine.gpu_memory_utilization=0.9)",
     )
@@ -199,6 +207,7 @@ RUN_FIELDS = (
     "max_retries",
     "progress",
     "commit_every",
+    "engine_window",
 )
 
 
@@ -233,6 +242,7 @@ def validate(cfg: PrecomputeConfig) -> PrecomputeConfig:
     checks = [
         (cfg.k >= 1, "k must be >= 1"),
         (cfg.commit_every >= 1, "commit_every must be >= 1"),
+        (cfg.engine_window >= 0, "engine_window must be >= 0 (0: auto)"),
         (cfg.num_workers >= 0, "num_workers must be >= 0 (0: auto)"),
         (
             cfg.worker_index == -1 or 0 <= cfg.worker_index < cfg.num_workers,
@@ -257,7 +267,7 @@ def validate(cfg: PrecomputeConfig) -> PrecomputeConfig:
         (cfg.sampling.temperature >= 0, "sampling.temperature must be >= 0"),
         (0 < cfg.sampling.top_p <= 1, "sampling.top_p must be in (0, 1]"),
         (cfg.sampling.top_k >= 0, "sampling.top_k must be >= 0"),
-        (cfg.sampling.max_tokens >= 1, "sampling.max_tokens must be >= 1"),
+        (cfg.sampling.max_tokens >= 0, "sampling.max_tokens must be >= 0 (0: the model's)"),
         (cfg.data.limit >= 0, "data.limit must be >= 0"),
         (cfg.hf.batch_size >= 1, "hf.batch_size must be >= 1"),
     ]
@@ -284,8 +294,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Precomput
         data = apply_overrides(data, list(overrides))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    # The engine section merges into the defaults, so a YAML that sets one key keeps the rest.
-    data["engine"] = {**ENGINE_DEFAULTS, **(data.get("engine") or {})}
+    data["engine"] = dict(data.get("engine") or {})
     try:
         cfg = build(PrecomputeConfig, data)
     except ValueError as e:

@@ -8,7 +8,7 @@ Questions come from reasoning-gym (`basic_arithmetic` by default: two terms of o
 digits, + - *, small enough for a 135M teacher). train.jsonl, the held-out test.jsonl
 (evaluation) and val.jsonl (the trainer's held-out loss) have disjoint questions. Each row
 carries an `experience`: three worked demonstrations (drawn from a disjoint pool), which
-the teacher sees before the question (configs/precompute.yaml:
+the teacher sees before the question (configs/demo/precompute.yaml:
 view.experience_position=prefix) and the student never sees. `--measure` runs the teacher
 greedily on held-out questions without experience and with each experience style and
 position, and reports reasoning-gym's mean score of each (numbers in docs/precompute.md).

@@ -86,13 +86,16 @@ class JobProgress:
         """The job's summary: sums over all attempts; rejects once per worker (every attempt
         finds the same); teacher time of the longest worker."""
         out = Summary()
-        per_attempt = ("examples", "rows", "tokens", "files", "bytes", "retokenize_mismatches")
+        per_attempt = ("examples", "rows", "tokens", "files", "bytes", "cut")
+        per_attempt += ("retokenize_mismatches",)
         rejects: dict[int, int] = {}
         for (w, _), s in self.attempts.items():
             for key in per_attempt:
                 setattr(out, key, getattr(out, key) + s[key])
             rejects[w] = max(rejects.get(w, 0), s["rejects"])
         out.rejects = sum(rejects.values())
+        # Every worker resolves the same limit from the same config and model.
+        out.max_tokens = max((s["max_tokens"] for s in self.attempts.values()), default=0)
         out.skipped_done = sum(self.done_before.values())
         out.wall_s = time.time() - self.t0
         out.engine_s = self.engine_s()

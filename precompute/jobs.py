@@ -35,7 +35,7 @@ from precompute.launch import (
     worker_engine,
 )
 from precompute.ray_runner import run_ray
-from precompute.run import Summary, run
+from precompute.run import Summary, check_required, run
 
 
 def _stderr(msg: str) -> None:
@@ -47,6 +47,7 @@ def run_job(cfg: PrecomputeConfig, log=None, on_event=None) -> Summary:
 
     `on_event(ev)` sees each progress event (tests use it to kill a worker mid-run)."""
     log = log or _stderr
+    check_required(cfg)  # before any worker starts
     if cfg.ray:
         return run_ray(cfg, log, on_event)
     # The CPU default was measured with vLLM's engine; transformers uses every core itself.

@@ -4,12 +4,15 @@ Order matters for cost: everything that can refuse (config, tokenizer fingerprin
 rows, prompt lengths, an existing folder made with other settings) is checked before the
 teacher is loaded, and nothing is loaded at all when every example is already done.
 
-Resume: every `commit_every` examples the writer closes a file and lists it in its manifest
-(the commit point). A run killed at any moment loses at most the uncommitted chunk; the next
-run skips the examples of committed files (`ShardWriter.completed_ids`) and never rewrites
-them. Commits are written at a fast zstd level (COMMIT_LEVEL); at its end a run merges its
-own files into files of up to 64 MiB at the writer's level, in one more commit
-(`ShardWriter.compact`): fewer bytes per token, same rows.
+Engine windows and commits: the engine gets `engine_window` examples per call (vLLM batches
+best with many prompts at once; LLM.generate returns only at the end of a call), and their
+rows are then committed every `commit_every` examples. Resume: at each commit the writer closes
+a file and lists it in its manifest (the commit point). A run killed at any moment loses no
+committed row, and at most one window of teacher work; the next run skips the examples of
+committed files (`ShardWriter.completed_ids`) and never rewrites them. Commits are written
+at a fast zstd level (COMMIT_LEVEL); at its end a run merges its own files into files of up
+to 64 MiB at the writer's level, in one more commit (`ShardWriter.compact`): fewer bytes per
+token, same rows.
 
 Data parallelism: worker I of N takes the examples whose id hashes to I mod N and writes as
 writer `w{I}` into the shared folder, committing in its own manifest; readers merge them.
@@ -44,6 +47,7 @@ from precompute.inputs import (
     read_examples,
     rejects_jsonl,
 )
+from precompute.model_limits import ModelLimits, model_context, resolve_limits
 from precompute.views import Views, derive_seed, make_views
 from runtime.progress import progress as progress_bar
 from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
@@ -57,10 +61,24 @@ REJECTS_KIND = "rejects"  # committed as rejects-w<I>-<n>.jsonl
 # percent more bytes, which the merge at the end of the run takes back (figures in
 # BENCHMARKS.md, "Precompute host path").
 COMMIT_LEVEL = 3
+# engine_window=0 with vLLM: examples per engine call. Large enough that the engine's batch
+# stays full between calls (vLLM's max_num_seqs is 256 to 1024), small enough that one call's
+# top-k (k=64: 512 bytes per token) stays in memory: 4096 responses of 1k tokens, 2 GiB.
+VLLM_WINDOW = 4096
 
 
 class TokenizerMismatch(ValueError):
     pass
+
+
+def check_required(cfg: PrecomputeConfig) -> None:
+    """The settings no default can stand for (the config names no model or data)."""
+    for key, flag, value in (
+        ("teacher", "--teacher DIR", cfg.teacher),
+        ("data.path", "--data FILE", cfg.data.path),
+    ):
+        if not value:
+            raise ConfigError(f"{key} is not set: {flag} or {key}=...")
 
 
 def check_model_folder(role: str, path: str) -> None:
@@ -86,6 +104,8 @@ class Summary:
     bytes: int = 0
     rejects: int = 0
     retokenize_mismatches: int = 0
+    cut: int = 0  # generate: responses cut at max_tokens (or the context), finish_reason "length"
+    max_tokens: int = 0  # generate: the response limit the run used (0: score mode)
     wall_s: float = 0.0
     engine_s: float = 0.0
     extra: dict = field(default_factory=dict)
@@ -96,9 +116,10 @@ class Summary:
 
     def text(self) -> str:
         tps = self.tokens / self.engine_s if self.engine_s else 0.0
+        cut = f" ({self.cut} cut at max_tokens={self.max_tokens})" if self.max_tokens else ""
         return (
             f"precompute: {self.examples} examples ({self.skipped_done} already done), "
-            f"{self.rows} rows, {self.tokens} tokens, {self.files} files, "
+            f"{self.rows} rows{cut}, {self.tokens} tokens, {self.files} files, "
             f"{self.bytes_per_token:.1f} bytes/token, {self.rejects} rejected rows, "
             f"{self.retokenize_mismatches} re-tokenization mismatches, "
             f"teacher {tps:.0f} tokens/s, wall {self.wall_s:.1f} s"
@@ -124,7 +145,8 @@ def load_tokenizer(path: str):
 
 
 def check_tokenizers(cfg: PrecomputeConfig, tokenizer) -> str:
-    """The teacher's fingerprint; refuses a student whose tokenizer differs."""
+    """The teacher's fingerprint; refuses a student whose tokenizer differs (only a named
+    student is checked: without one the shards carry the teacher's fingerprint)."""
     fp = tokenizer_fingerprint(tokenizer)
     if cfg.student:
         sfp = tokenizer_fingerprint(load_tokenizer(cfg.student))
@@ -275,6 +297,7 @@ def _rows_for(
             meta["answer"] = ex.answer
         if s.finish_reason is not None:
             meta["finish_reason"] = s.finish_reason
+            summary.cut += s.finish_reason == "length"
         if cfg.mode == "generate" and not retokenizes(tokenizer, s.token_ids):
             summary.retokenize_mismatches += 1
             meta["retokenize_mismatch"] = True
@@ -316,6 +339,7 @@ def run(
     t0 = time.time()
     summary = Summary()
     out = cfg.out  # a folder or an fsspec URL (s3://...): the writer makes it
+    check_required(cfg)
     check_model_folder("teacher", cfg.teacher)
     if cfg.student:
         check_model_folder("student", cfg.student)
@@ -329,7 +353,14 @@ def run(
         )
     if cfg.k > vocab_size:
         raise ConfigError(f"k={cfg.k} is above the teacher's vocabulary size ({vocab_size})")
-    max_len = cfg.engine.get("max_model_len") if cfg.backend == "vllm" else None
+    cfg, limits = with_model_limits(cfg)
+    if limits is not None:
+        summary.max_tokens = limits.max_tokens
+        if cfg.worker_index == 0:
+            log(f"precompute: {limits.text()}")
+    # The prompt-length check: vLLM refuses a prompt that fills its context; transformers
+    # has no such limit here (as before).
+    max_len = limits_context(cfg, limits) if cfg.backend == "vllm" else None
     work, rejects = prepare(cfg, tokenizer, max_len)
     summary.rejects = len(rejects)
     metadata = metadata_for(cfg, tok_fp, vocab_size)
@@ -382,6 +413,30 @@ def run(
     return summary
 
 
+def with_model_limits(cfg: PrecomputeConfig) -> tuple[PrecomputeConfig, ModelLimits | None]:
+    """Generate mode: the config with its response limit resolved (sampling.max_tokens=0
+    takes the model's, precompute/model_limits.py), so the shards' metadata and the committed
+    config record the value used, and the limits; score mode: the config as is, None."""
+    if cfg.mode != "generate":
+        return cfg, None
+    limits = resolve_limits(cfg.teacher, cfg.engine.get("max_model_len"), cfg.sampling.max_tokens)
+    return replace(cfg, sampling=replace(cfg.sampling, max_tokens=limits.max_tokens)), limits
+
+
+def limits_context(cfg: PrecomputeConfig, limits: ModelLimits | None) -> int | None:
+    if limits is not None:
+        return limits.context
+    return cfg.engine.get("max_model_len") or model_context(cfg.teacher)
+
+
+def engine_window(cfg: PrecomputeConfig) -> int:
+    """Examples per engine call: engine_window, else (0) VLLM_WINDOW with vLLM and
+    commit_every with transformers (which runs hf.batch_size prompts at a time whatever it
+    gets: a larger window would only delay the commits). Never below commit_every."""
+    window = cfg.engine_window or (VLLM_WINDOW if cfg.backend == "vllm" else cfg.commit_every)
+    return max(window, cfg.commit_every)
+
+
 def commit_records(
     writer: ShardWriter, cfg: PrecomputeConfig, rejects, log, config: bool = True
 ) -> None:
@@ -428,38 +483,48 @@ def _loop(
     progress=None,
 ) -> None:
     bar = progress_bar(len(todo), "precompute", "ex", disable=not cfg.progress, file=sys.stderr)
+    window = engine_window(cfg)
     try:
-        for b in range(0, len(todo), cfg.commit_every):
-            chunk = todo[b : b + cfg.commit_every]
+        for w in range(0, len(todo), window):
+            part = todo[w : w + window]
             t = time.time()
-            teacher_prompts = [generator_prompt(cfg, v) for _, v in chunk]
-            if cfg.mode == "generate":
-                seeds = [derive_seed(cfg.sampling.seed, "sample", ex.index) for ex, _ in chunk]
-                results = backend.generate(teacher_prompts, seeds, cfg.sampling)
-            else:
-                resp = [
-                    given[ex.index] + ([tokenizer.eos_token_id] if cfg.score.append_eos else [])
-                    if given is not None
-                    else response_ids(tokenizer, ex.response, cfg.score.append_eos)
-                    for ex, _ in chunk
-                ]
-                results = [[s] for s in backend.score(teacher_prompts, resp)]
+            results = _engine_call(cfg, tokenizer, backend, part, given)
             summary.engine_s += time.time() - t
-            for (ex, views), samples in zip(chunk, results, strict=True):
-                rows = _rows_for(cfg, tokenizer, ex, views, samples, summary)
-                for r in rows:
-                    if np.asarray(r.response_ids).size == 0:
-                        raise RuntimeError(f"example {ex.id!r}: the teacher returned no tokens")
-                writer.add(rows)
-                summary.examples += 1
-                summary.rows += len(rows)
-                summary.tokens += sum(len(r.response_ids) for r in rows)
-            writer.flush()  # the commit point: a crash after this loses nothing of the chunk
-            if progress is not None:
-                _count_files(writer, summary)
-                progress(summary, len(todo))
-            bar.update(len(chunk))
-            tps = summary.tokens / summary.engine_s if summary.engine_s else 0.0
-            bar.set_postfix(tok_s=f"{tps:.0f}", ex_s=f"{summary.examples / summary.engine_s:.2f}")
+            # The window's rows, committed every commit_every examples as before: a kill
+            # during these commits leaves whole committed chunks, which the next run skips.
+            for b in range(0, len(part), cfg.commit_every):
+                chunk = part[b : b + cfg.commit_every]
+                for (ex, views), samples in zip(chunk, results[b : b + len(chunk)], strict=True):
+                    rows = _rows_for(cfg, tokenizer, ex, views, samples, summary)
+                    for r in rows:
+                        if np.asarray(r.response_ids).size == 0:
+                            raise RuntimeError(f"example {ex.id!r}: the teacher returned no tokens")
+                    writer.add(rows)
+                    summary.examples += 1
+                    summary.rows += len(rows)
+                    summary.tokens += sum(len(r.response_ids) for r in rows)
+                writer.flush()  # the commit point: a crash after this loses nothing of the chunk
+                if progress is not None:
+                    _count_files(writer, summary)
+                    progress(summary, len(todo))
+                bar.update(len(chunk))
+                tps = summary.tokens / summary.engine_s if summary.engine_s else 0.0
+                ex_s = summary.examples / summary.engine_s if summary.engine_s else 0.0
+                bar.set_postfix(tok_s=f"{tps:.0f}", ex_s=f"{ex_s:.2f}")
     finally:
         bar.close()
+
+
+def _engine_call(cfg, tokenizer, backend: Backend, part, given) -> list[list]:
+    """One engine call over `part` [(example, views)]: per example its samples."""
+    prompts = [generator_prompt(cfg, v) for _, v in part]
+    if cfg.mode == "generate":
+        seeds = [derive_seed(cfg.sampling.seed, "sample", ex.index) for ex, _ in part]
+        return backend.generate(prompts, seeds, cfg.sampling)
+    resp = [
+        given[ex.index] + ([tokenizer.eos_token_id] if cfg.score.append_eos else [])
+        if given is not None
+        else response_ids(tokenizer, ex.response, cfg.score.append_eos)
+        for ex, _ in part
+    ]
+    return [[s] for s in backend.score(prompts, resp)]

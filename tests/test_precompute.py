@@ -278,8 +278,53 @@ def test_config_refuses_unknown_keys():
         load_config(None, ["engine.not_an_arg=1"])
     with pytest.raises(ValueError, match="set by precompute"):
         load_config(None, ["engine.logprobs_mode=processed_logprobs"])
-    c = load_config(f"{REPO}/configs/precompute.yaml", ["engine.tensor_parallel_size=2"])
+    c = load_config(f"{REPO}/configs/demo/precompute.yaml", ["engine.tensor_parallel_size=2"])
     assert c.engine["tensor_parallel_size"] == 2 and c.engine["dtype"] == "float32"
+
+
+def test_neutral_defaults_name_nothing_of_the_demo():
+    """Without a config: no model, data or student, no engine settings (the device and the
+    model decide them), the model's response length; the demo's settings are in its YAML."""
+    from precompute.__main__ import resolve
+
+    c = load_config(None)
+    assert (c.teacher, c.student, c.data.path, c.engine) == ("", "", "", {})
+    assert (c.sampling.max_tokens, c.engine_window) == (0, 0)
+    _, c = resolve(["--teacher", "t", "--data", "d.jsonl"])  # no --config: no YAML at all
+    assert (c.student, c.engine, c.sampling.max_tokens) == ("", {}, 0)
+    demo = load_config(f"{REPO}/configs/demo/precompute.yaml")
+    assert demo.engine == {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048}
+    assert (demo.teacher, demo.student) == (
+        "models/smollm2-135m-instruct",
+        "models/smollm2-student",
+    )
+    assert demo.sampling.max_tokens == 96
+
+
+def test_run_without_teacher_or_data_says_which(tiny, tmp_path, capsys):
+    from precompute.__main__ import main
+
+    with pytest.raises(ConfigError, match=r"^teacher is not set: --teacher DIR or teacher="):
+        run(load_config(None, [f"out={tmp_path / 'o'}"]), backend=NoEngine())
+    assert main(["--teacher", str(tiny), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["precompute: error: data.path is not set: --data FILE or data.path=..."]
+
+
+def test_cli_without_config_runs_any_teacher(tiny, tmp_path, capsys, monkeypatch):
+    """The README's `make precompute TEACHER=... DATA=...` from the repository root: no demo
+    config is read, so no demo student is checked (issue #19: it was, and refused the
+    teacher)."""
+    from precompute.__main__ import main
+
+    monkeypatch.chdir(REPO)
+    data = write_jsonl(tmp_path / "q.jsonl", questions(3))
+    argv = ["--teacher", str(tiny), "--data", str(data), "--out", str(tmp_path / "o")]
+    argv += ["--backend", "hf", "--k", str(K), "--no-progress", "sampling.max_tokens=4"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "precompute: 3 examples (0 already done), 3 rows (" in err
+    assert load_manifest(tmp_path / "o").metadata.sampling["max_tokens"] == 4
 
 
 def test_config_choices_are_typed_and_errors_list_them():
@@ -339,6 +384,129 @@ def test_cli_overlay_and_help():
         "commit_every",
     ):
         assert key in out
+
+
+# ---- the model's limits, cut responses, engine windows ---------------------------------------
+
+
+def model_copy(tiny, tmp_path, generation: dict | None):
+    """The tiny model with another generation_config.json (None: without one)."""
+    d = tmp_path / "model"
+    shutil.copytree(tiny, d)
+    (d / "generation_config.json").unlink()
+    if generation is not None:
+        (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, **generation}))
+    return d
+
+
+@pytest.mark.parametrize(
+    "generation, max_model_len, max_tokens, want",
+    [
+        ({"max_new_tokens": 300}, None, 0, (300, "generation_config.json max_new_tokens")),
+        ({"max_length": 500}, None, 0, (500, "generation_config.json max_length")),
+        ({"max_new_tokens": 30, "max_length": 50}, None, 0, (30, "generation_config.json max_new_tokens")),  # noqa: E501
+        ({}, None, 0, (2048, "the context window")),  # transformers' max_length=20 is no limit
+        (None, None, 0, (2048, "the context window")),
+        (None, 1024, 0, (1024, "the context window")),
+        ({"max_new_tokens": 300}, 1024, 7, (7, "sampling.max_tokens")),
+    ],
+)  # fmt: skip
+def test_limits_come_from_the_model_unless_set(
+    tiny, tmp_path, generation, max_model_len, max_tokens, want
+):
+    from precompute.model_limits import resolve_limits
+
+    limits = resolve_limits(str(model_copy(tiny, tmp_path, generation)), max_model_len, max_tokens)
+    assert (limits.max_tokens, limits.max_tokens_from) == want
+    ctx_from = "engine.max_model_len" if max_model_len else "config.json max_position_embeddings"
+    assert (limits.context, limits.context_from) == (max_model_len or 2048, ctx_from)
+
+
+def test_cut_responses_are_counted_and_the_models_limit_recorded(tiny, tmp_path, capsys):
+    """sampling.max_tokens=0: generation_config.json's max_new_tokens (3) limits the
+    responses, is recorded in the shards' metadata, and the rows cut there are counted in
+    the summary line and by `tools.shards stats`; no student named: the shards carry the
+    teacher's tokenizer fingerprint."""
+    from transformers import AutoTokenizer
+
+    from shards.fingerprint import tokenizer_fingerprint
+
+    teacher = model_copy(tiny, tmp_path, {"max_new_tokens": 3})
+    data = write_jsonl(tmp_path / "q.jsonl", questions(6))
+    out = tmp_path / "out"
+    c = cfg(teacher, data, out, "sampling.max_tokens=0", "sampling.n=2")
+    s = run(c, backend=HFBackend(str(teacher), K))
+    rows = all_rows(out)
+    reasons = [json.loads(r["meta"])["finish_reason"] for r in rows]
+    assert all(len(r["response_ids"]) <= 3 for r in rows)
+    want_cut = reasons.count("length")
+    assert want_cut == sum(len(r["response_ids"]) == 3 for r in rows) > 0
+    assert (s.cut, s.max_tokens, s.rows) == (want_cut, 3, 12)
+    err = capsys.readouterr().err
+    assert "precompute: max_tokens 3 (generation_config.json max_new_tokens), context 256 " in err
+    assert f", 12 rows ({want_cut} cut at max_tokens=3), " in s.text()
+    meta = load_manifest(out).metadata
+    assert meta.sampling["max_tokens"] == 3
+    assert meta.tokenizer_fingerprint == tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny))
+    stats = cli.compute_stats(out)
+    assert (stats["cut_rows"], stats["generated_rows"], stats["max_tokens"]) == (want_cut, 12, 3)
+
+
+class Recording:
+    """A backend that records its calls' sizes and can die on one of them."""
+
+    def __init__(self, inner, die_on_call: int | None = None):
+        self.inner, self.die_on_call, self.calls = inner, die_on_call, []
+        self.name, self.k, self.vocab_size = inner.name, inner.k, inner.vocab_size
+
+    def generate(self, prompts, seeds, sampling, fixed_length=False):
+        self.calls.append(len(prompts))
+        if len(self.calls) == self.die_on_call:
+            raise RuntimeError("the engine died")
+        return self.inner.generate(prompts, seeds, sampling, fixed_length)
+
+    def score(self, prompts, responses):
+        self.calls.append(len(prompts))
+        return self.inner.score(prompts, responses)
+
+    def close(self) -> None:
+        pass
+
+
+def test_engine_gets_windows_and_rows_are_committed_every_commit_every(tiny, hf, tmp_path):
+    """12 examples, windows of 5, commits of 2: engine calls 5, 5, 2; commits after each
+    chunk of each window (2, 2, 1 | 2, 2, 1 | 2). An engine dying in the second window loses
+    that window's teacher work only: the first window's rows stay committed, and the next
+    run does the rest, each example exactly once."""
+    from precompute.run import VLLM_WINDOW, engine_window
+
+    data = write_jsonl(
+        tmp_path / "q.jsonl", [{**q, "id": f"q{i}"} for i, q in enumerate(questions())]
+    )
+    c = cfg(tiny, data, tmp_path / "out", "commit_every=2", "engine_window=5")
+    commits = []
+    engine = Recording(hf)
+    s = run(c, backend=engine, progress=lambda summary, todo: commits.append(summary.examples))
+    assert engine.calls == [5, 5, 2]
+    assert commits == [0, 2, 4, 5, 7, 9, 10, 12]  # the first call: before any work
+    assert s.examples == 12
+
+    c = cfg(tiny, data, tmp_path / "crash", "commit_every=2", "engine_window=5")
+    with pytest.raises(RuntimeError, match="the engine died"):
+        run(c, backend=Recording(hf, die_on_call=2))
+    ids = [r["id"] for r in all_rows(tmp_path / "crash")]
+    assert len(ids) == len(set(ids)) == 5  # the first window, in 3 commits
+    engine = Recording(hf)
+    s = run(c, backend=engine)
+    assert (s.skipped_done, s.examples, engine.calls) == (5, 7, [5, 2])
+    ids = [r["id"] for r in all_rows(tmp_path / "crash")]
+    assert sorted(ids) == sorted(f"q{i}" for i in range(12))
+
+    # The defaults: one large window with vLLM, commit_every with transformers (which runs
+    # hf.batch_size prompts at a time anyway); never below commit_every.
+    assert engine_window(load_config(None, ["commit_every=32"])) == VLLM_WINDOW == 4096
+    assert engine_window(load_config(None, ["backend=hf", "commit_every=32"])) == 32
+    assert engine_window(load_config(None, ["engine_window=8", "commit_every=32"])) == 32
 
 
 # ---- tokenizers -----------------------------------------------------------------------------

@@ -133,8 +133,9 @@ def test_config_refuses_bad_worker_settings():
     assert c.ray and c.max_retries == 1
 
 
-def _ev(worker, attempt, todo, examples, rows, tokens, done=0, rejects=0):
+def _ev(worker, attempt, todo, examples, rows, tokens, done=0, rejects=0, cut=0):
     s = Summary(examples=examples, rows=rows, tokens=tokens, skipped_done=done, rejects=rejects)
+    s.cut, s.max_tokens = cut, 64
     from dataclasses import asdict
 
     return {"worker": worker, "attempt": attempt, "todo": todo, "summary": asdict(s)}
@@ -143,15 +144,17 @@ def _ev(worker, attempt, todo, examples, rows, tokens, done=0, rejects=0):
 def test_job_progress_sums_attempts_of_restarted_workers():
     job = JobProgress(2, enabled=False)
     job.update(_ev(0, "h:1", 10, 0, 0, 0, done=2, rejects=1))
-    job.update(_ev(0, "h:1", 10, 4, 8, 80, done=2, rejects=1))
+    job.update(_ev(0, "h:1", 10, 4, 8, 80, done=2, rejects=1, cut=3))
     assert (job.total, job.done) == (10, 4)
-    job.update(_ev(1, "h:2", 6, 6, 12, 60))
+    job.update(_ev(1, "h:2", 6, 6, 12, 60, cut=1))
     assert (job.total, job.done) == (16, 10)
     # w0 was killed after 4 committed examples; its new attempt finds 2 + 4 done, 6 to do.
     job.update(_ev(0, "h:3", 6, 0, 0, 0, done=6, rejects=1))
     assert (job.total, job.done) == (16, 10)
-    job.update(_ev(0, "h:3", 6, 6, 12, 120, done=6, rejects=1))
+    job.update(_ev(0, "h:3", 6, 6, 12, 120, done=6, rejects=1, cut=2))
     s = job.summary()
     assert (s.examples, s.rows, s.tokens, s.skipped_done, s.rejects) == (16, 32, 260, 2, 1)
+    assert (s.cut, s.max_tokens) == (6, 64)  # cut rows of every attempt's committed rows
+    assert ", 32 rows (6 cut at max_tokens=64), 260 tokens," in s.text()
     assert s.extra == {"workers": 2, "attempts": 3}
     job.close()

@@ -102,6 +102,10 @@ def test_generate_writes_valid_shards(engine, model, tiny, data, tmp_path):
     assert meta.logprobs_mode == "raw_logprobs" and meta.k == K and meta.vocab_size == 512
     assert meta.sampling["n"] == 2 and meta.sampling["mode"] == "generate"
     assert [p.name for p in out.glob("precompute_config*")] == ["precompute_config-w0-00000.yaml"]
+    # vLLM's finish reasons are kept per row; those cut at max_tokens are counted.
+    reasons = [json.loads(r["meta"])["finish_reason"] for r in rows]
+    assert set(reasons) <= {"stop", "length"}
+    assert (s.cut, s.max_tokens) == (reasons.count("length"), 12)
     by_id = {}
     for r in rows:
         by_id.setdefault(r["id"], []).append(r)
@@ -119,7 +123,7 @@ def test_generate_writes_valid_shards(engine, model, tiny, data, tmp_path):
 def test_generate_is_reproducible_per_example(engine, tiny, data, tmp_path):
     """Per-example seeds: the same example samples the same tokens whatever the batch."""
     a = run(cfg(tiny, data, tmp_path / "a", "commit_every=12"), backend=engine)
-    b = run(cfg(tiny, data, tmp_path / "b", "commit_every=5"), backend=engine)
+    b = run(cfg(tiny, data, tmp_path / "b", "commit_every=2", "engine_window=5"), backend=engine)
     assert a.examples == b.examples == 12
 
     def responses(folder):

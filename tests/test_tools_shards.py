@@ -133,6 +133,41 @@ def test_stats_text(folder, capsys):
     assert f"{naive_stats(folder)['response_tokens']:,}" in out
 
 
+def test_stats_counts_responses_cut_at_max_tokens(tmp_path, capsys):
+    """Rows whose meta says finish_reason "length" are counted against the rows that have a
+    finish reason at all (generated ones); rows without one (scored) are neither."""
+    import dataclasses
+
+    rng = np.random.default_rng(5)
+    reasons = [None, "stop", "length", "length", "stop", None, "length", "stop", "stop"]
+    rows = []
+    for i, reason in enumerate(reasons):
+        (row,) = make_examples(i, 1, max_samples=1)[0]
+        meta = {"answer": int(rng.integers(9))} | ({"finish_reason": reason} if reason else {})
+        # A text that names the key but is not one (an answer quoting it) counts nothing.
+        if i == 0:
+            meta["answer"] = '"finish_reason": "length"'
+        rows.append(dataclasses.replace(row, id=f"r{i}", meta=meta))
+    meta = ShardMetadata(
+        k=16, vocab_size=1000, teacher="t", teacher_fingerprint="t", tokenizer_fingerprint="t",
+        sampling={"mode": "generate", "max_tokens": 40},
+    )  # fmt: skip
+    with ShardWriter(tmp_path / "cut", meta, batch_tokens=100) as w:
+        for r in rows:
+            w.add([r])
+    code, out, _ = run(capsys, "stats", tmp_path / "cut", "--json")
+    got = json.loads(out)
+    want_cut = sum(r == "length" for r in reasons)
+    want_gen = sum(r is not None for r in reasons)
+    assert (got["cut_rows"], got["generated_rows"], got["max_tokens"]) == (want_cut, want_gen, 40)
+    code, out, _ = run(capsys, "stats", tmp_path / "cut")
+    assert code == 0
+    (line,) = [x for x in out.splitlines() if x.startswith("cut at max_tokens")]
+    assert (
+        line.split(None, 3)[3] == f"{want_cut} of {want_gen} generated rows, 42.9% (max_tokens=40)"
+    )
+
+
 def test_stats_empty_folder(tmp_path, capsys):
     ShardWriter(
         tmp_path / "empty",
@@ -144,6 +179,8 @@ def test_stats_empty_folder(tmp_path, capsys):
     assert code == 0
     got = json.loads(out)
     assert got["rows"] == 0 and got["response_tokens"] == 0 and got["topk_mass_p5"] is None
+    assert (got["cut_rows"], got["generated_rows"]) == (0, 0)
+    assert "n/a (no generated rows)" in cli.render_stats(got)
 
 
 def test_not_a_shard_folder(tmp_path, capsys):

@@ -30,6 +30,7 @@ from tools.stages import Runner, Stage
 
 PY = sys.executable
 METHODS = ("skd", "seqkd")
+DEMO_CONFIG = "configs/demo/precompute.yaml"  # its teacher, view, sampling and CPU engine
 
 
 def stages(args) -> list[Stage]:
@@ -44,7 +45,7 @@ def stages(args) -> list[Stage]:
             f"precompute-{split}",
             f"precompute ({split}): the teacher runs once, seeing the experience",
             cmd=[PY, "-m", "precompute", "--out", out, "--data", str(data / f"{split}.jsonl"),
-                 "--no-progress", f"sampling.seed={args.seed}"],
+                 "--no-progress", f"sampling.seed={args.seed}", "--config", DEMO_CONFIG],
             inputs=[data / f"{split}.jsonl"], outputs=[out],
         ))  # fmt: skip
     jobs.append(Stage("inspect", "inspect the shards",

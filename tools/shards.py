@@ -12,8 +12,10 @@ position the token, the teacher's logprob of it and the teacher's top-N with pro
 most probable first, and the tail mass.
 
 `stats` streams the folder block by block (never loading it whole) and prints sizes, the
-metadata, and what the teacher signal covers: top-k probability mass (1 - tail), entropy of
-the top-k + tail buckets, and the share of response tokens inside their top-k.
+metadata, the generated responses cut at the length limit (meta.finish_reason "length": a
+silent quality loss otherwise), and what the teacher signal covers: top-k probability mass
+(1 - tail), entropy of the top-k + tail buckets, and the share of response tokens inside
+their top-k.
 
 `verify` checks the manifests (commit sequence numbers and running totals of each writer, no
 file listed twice), every data file against them (length, sha256, the checksum of every
@@ -233,13 +235,16 @@ def compute_stats(path: str | Path) -> dict:
 
     folder = _folder(path)
     meta = folder.metadata
-    rows = resp_tok = prompt_tok = tprompt_tok = in_topk = 0
+    rows = resp_tok = prompt_tok = tprompt_tok = in_topk = finished = cut = 0
     cover_sum = entropy_sum = 0.0
     hist = np.zeros(1 << 16, dtype=np.int64)
     for fi, bi in _blocks(folder):
         block = folder.read_block(fi, bi)
         t = block.tensors
         rows += len(block)
+        for reason in map(_finish_reason, block.rows["meta"]):
+            finished += reason is not None
+            cut += reason == "length"
         prompt_tok += int(block.offsets["prompt_ids"][-1])
         tprompt_tok += int(block.offsets["teacher_prompt_ids"][-1])
         n = len(t["response_ids"])
@@ -289,7 +294,19 @@ def compute_stats(path: str | Path) -> dict:
         "topk_mass_p5": p5,
         "entropy_mean_nats": entropy_sum / resp_tok if resp_tok else None,
         "response_in_topk": in_topk / resp_tok if resp_tok else None,
+        # Rows with a finish reason (generated responses) and those cut at the limit.
+        "generated_rows": finished,
+        "cut_rows": cut,
+        "max_tokens": meta.sampling.get("max_tokens"),
     }
+
+
+def _finish_reason(meta: str | None) -> str | None:
+    """A row's meta.finish_reason ("stop", "length"), None when it has none (scored rows)."""
+    if not meta or '"finish_reason"' not in meta:  # skips the JSON parse of most rows
+        return None
+    value = json.loads(meta)
+    return value.get("finish_reason") if isinstance(value, dict) else None
 
 
 def _human_bytes(n: float) -> str:
@@ -324,9 +341,18 @@ def render_stats(s: dict) -> str:
         ),
         ("entropy, top-k + tail", f"{num(s['entropy_mean_nats'], '.3f')} nats (mean)"),
         ("response token in top-k", num(s["response_in_topk"], ".2%")),
+        ("cut at max_tokens", _cut_text(s)),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _cut_text(s: dict) -> str:
+    if not s["generated_rows"]:
+        return "n/a (no generated rows)"
+    limit = f" (max_tokens={s['max_tokens']})" if s["max_tokens"] else ""
+    share = s["cut_rows"] / s["generated_rows"]
+    return f"{s['cut_rows']:,} of {s['generated_rows']:,} generated rows, {share:.1%}{limit}"
 
 
 def cmd_stats(args) -> int:

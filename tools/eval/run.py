@@ -44,7 +44,7 @@ from train import checkpoint as ckpt
 from train.logger import tracker_names
 from vllm_engine.env import default_kvcache_space
 
-DEFAULT_CONFIG = "configs/precompute.yaml"
+DEFAULT_CONFIG = "configs/demo/precompute.yaml"
 VIEWS = {"q": "Q", "qe": "Q+E"}
 
 

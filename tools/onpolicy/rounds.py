@@ -78,7 +78,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--work", required=True, help="folder of the rounds' shards, runs, state")
     ap.add_argument("--train-config", default="configs/train/jsd.yaml", help="KD method YAML")
     ap.add_argument(
-        "--precompute-config", default="configs/precompute.yaml", help="precompute YAML ('': none)"
+        "--precompute-config",
+        default="configs/demo/precompute.yaml",
+        help="precompute YAML ('': none)",
     )
     ap.add_argument("--steps", type=int, default=20, help="training steps per round")
     ap.add_argument("--n", type=int, default=1, help="student samples per prompt")
