@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from precompute.backend import Scored
 from precompute.config import SamplingConfig
+from shards.topk import Scored
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
