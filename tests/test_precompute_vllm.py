@@ -185,7 +185,8 @@ def test_eval_generation_agrees_with_transformers_greedy(engine, tiny):
     from transformers import AutoTokenizer
 
     from precompute.views import render
-    from tools.eval.generate import generate_hf, generate_vllm
+    from tools.eval.generate import generate_hf
+    from vllm_engine.generate import generate as generate_vllm
 
     tok = AutoTokenizer.from_pretrained(tiny)
     prompts = [render(tok, [{"role": "user", "content": q["question"]}], {}) for q in questions(4)]
@@ -207,11 +208,11 @@ def test_logprob_layouts_write_the_same_shards(engine, tiny, tmp_path):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from precompute.backend import topk_from_entries, topk_from_flat_logprobs
     from shards.schema import ShardMetadata
     from shards.topk import topk_arrays
     from shards.writer import ShardRow, ShardWriter
     from vllm_engine.arrays import LogprobArrays
+    from vllm_engine.topk import topk_from_entries, topk_from_flat_logprobs
 
     assert engine.layout == "arrays"  # the default, where this vLLM allows it
     tok = AutoTokenizer.from_pretrained(tiny)
