@@ -280,3 +280,34 @@ def test_eval_passes_its_engine_options_to_the_generation_process():
         "enforce_eager": False,
     }
     assert engine_options(ap.parse_args(engine_flags(given))) == engine_options(given)
+
+
+@pytest.mark.slow
+def test_eval_engine_starts_with_the_device_settings_and_generates():
+    """vllm_engine.generate (tools.eval, precompute.default_data): an engine on the tiny
+    model with only max_model_len and seed given runs with the device's dtype and eager
+    mode, and greedy generation is the same whatever the batch."""
+    import os
+
+    import torch
+
+    from tests.fixtures.tiny_model import tiny_model_dir
+    from vllm_engine.engine_args import device_defaults
+    from vllm_engine.generate import generate, start_llm
+
+    pytest.importorskip("vllm")
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    llm = start_llm(str(tiny_model_dir()), {"max_model_len": 128, "seed": 0})
+    try:
+        want, cfg = device_defaults(), llm.llm_engine.model_config
+        assert cfg.enforce_eager == want["enforce_eager"]
+        if want["dtype"] == "float32":
+            assert cfg.dtype == torch.float32
+        prompts = [[5, 6, 7, 8], [9, 10, 11], [12] * 125]
+        outs = generate(llm, prompts, 6, 0.0, 0, progress=False)
+        lens = [len(ids) for ids, _ in outs]
+        # At most max_tokens, and never past the window (128 - 125: vLLM refuses more).
+        assert 1 <= lens[0] <= 6 and 1 <= lens[1] <= 6 and 1 <= lens[2] <= 3, lens
+        assert generate(llm, prompts[1:2], 6, 0.0, 0, progress=False) == outs[1:2]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
