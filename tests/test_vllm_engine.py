@@ -199,6 +199,36 @@ def test_other_signatures_are_refused_in_one_line(uninstalled, monkeypatch, caps
     assert arrays.incompatible(Processor, "0.32.0") is not None
 
 
+def test_precompute_falls_back_to_the_flat_lists(uninstalled, monkeypatch, capsys):
+    """The teacher backend on an untested vLLM: no hook, vLLM's flat lists, one line; its
+    engine gets the device's dtype and eager mode, raw logprobs and room for k (no engine
+    is started: vllm.LLM is replaced by a recorder)."""
+    vllm = pytest.importorskip("vllm")
+    from vllm_engine import teacher
+    from vllm_engine.engine_args import device_defaults
+
+    class LLM:
+        def __init__(self, model, **args):
+            self.args = args
+            config = SimpleNamespace(get_vocab_size=lambda: 512, max_model_len=64)
+            self.llm_engine = SimpleNamespace(model_config=config)
+
+    monkeypatch.setattr(vllm, "LLM", LLM)
+    monkeypatch.setattr(teacher, "guard_children", lambda: None)
+    monkeypatch.setattr(arrays, "outside_range", lambda v=None: version.outside_range("0.40.1"))
+    backend = teacher.VLLMBackend("m", 8, {"max_model_len": 64, "max_logprobs": 4})
+    assert backend.layout == "flat" and backend._layout_params() == {"flat_logprobs": True}
+    assert backend.llm.args == {
+        **device_defaults(),
+        "max_model_len": 64,
+        "max_logprobs": 8,
+        "logprobs_mode": "raw_logprobs",
+    }
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(EngineArgsError, match="engine.logprobs_mode is set by the teacher"):
+        teacher.VLLMBackend("m", 8, {"logprobs_mode": "processed_logprobs"})
+
+
 def test_the_student_engine_refuses_an_untested_vllm(monkeypatch):
     """Its weight sync rests on vLLM internals: a clear error before any engine starts."""
     pytest.importorskip("vllm")
