@@ -137,18 +137,26 @@ ONPOLICY_DEMO_ARGS ?=
 demo-onpolicy: setup models ## on-policy vs SKD: SKD, SeqKD, live, two-stage, rounds x 2 seeds, paired tests
 	$(PYTHON) -m bench.demo_onpolicy $(ONPOLICY_DEMO_ARGS)
 
-# make teacher-server [TEACHER_MODEL= TEACHER_PORT=8000 TEACHER_HOST=127.0.0.1 TEACHER_DTYPE=]
-# Foreground: Ctrl-C stops it. On GPU machines TEACHER_DTYPE=bfloat16 (or auto) is usual.
+# make teacher-server [TEACHER_MODEL= TEACHER_PORT=8000 TEACHER_HOST=127.0.0.1 TEACHER_DTYPE=
+#   TEACHER_TP= TEACHER_EAGER=1|0]   (python -m vllm_engine.teacher_server --help)
+# Foreground: Ctrl-C stops it. Unset TEACHER_DTYPE / TEACHER_EAGER: the device's defaults
+# (float32 and eager on the CPU; the model's dtype and CUDA graphs on a GPU).
 TEACHER_MODEL  ?= $(MODELS_DIR)/smollm2-135m-instruct
 TEACHER_PORT   ?= 8000
 TEACHER_HOST   ?= 127.0.0.1
-TEACHER_DTYPE  ?= float32
+TEACHER_DTYPE  ?=
+TEACHER_TP     ?=
+TEACHER_EAGER  ?=
 TEACHER_MAXLEN ?= 2048
 
 teacher-server: setup models ## serve the teacher for on-policy training (TEACHER_PORT=8000; Ctrl-C stops)
-	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} exec $(PYTHON) -m vllm.entrypoints.openai.api_server \
+	exec $(PYTHON) -m vllm_engine.teacher_server \
 	  --model $(TEACHER_MODEL) --host $(TEACHER_HOST) --port $(TEACHER_PORT) \
-	  --max-model-len $(TEACHER_MAXLEN) --dtype $(TEACHER_DTYPE) --max-logprobs 64
+	  --max-model-len $(TEACHER_MAXLEN) --max-logprobs 64 \
+	  $(if $(TEACHER_DTYPE),--dtype $(TEACHER_DTYPE)) \
+	  $(if $(TEACHER_TP),--tensor-parallel-size $(TEACHER_TP)) \
+	  $(if $(filter 1,$(TEACHER_EAGER)),--enforce-eager) \
+	  $(if $(filter 0,$(TEACHER_EAGER)),--no-enforce-eager)
 
 bench-onpolicy: setup models ## on-policy step: generation / teacher wait / sync / update, sampler hf vs vllm, and TRL
 	$(PYTHON) -m bench.onpolicy $(ARGS)

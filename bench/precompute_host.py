@@ -16,7 +16,7 @@ thread), CPU time of the process, best of --repeats, in µs per response token:
 
 * vllm: vLLM's output processor building the logprobs (in the process that calls
   `LLM.generate`; with "arrays", our hook in place of vLLM's list building);
-* convert: those logprobs to (T, k) arrays: `precompute.backend.topk_from_entries` (a loop
+* convert: those logprobs to (T, k) arrays: `vllm_engine.topk.topk_from_entries` (a loop
   and a sort per token), `topk_from_flat_logprobs` and `topk_from_logprob_arrays` (array
   operations over the requests of an engine call: --call-examples, 32 by default, precompute's
   commit_every; its engine_window with vLLM is 4096, all of these examples); all are checked
@@ -53,14 +53,13 @@ from bench.common import (
     teacher_data,
     write_result,
 )
-from precompute.backend import (
+from shards import codec
+from shards.writer import ShardRow, ShardWriter
+from vllm_engine.topk import (
     topk_from_entries,
     topk_from_flat_logprobs,
     topk_from_logprob_arrays,
 )
-from shards import codec
-from shards.writer import ShardRow, ShardWriter
-from vllm_engine.arrays import LogprobArrays, install
 
 DEFAULT_OUT = RESULTS / "precompute_host.json"
 KS = (20, 64, 128)
@@ -102,10 +101,10 @@ def steps(outputs) -> list:
     """Per example, what vLLM's output processor gets at each decoding step: one position's
     LogprobsLists (made here, outside the timings: the engine's side, the same for every
     layout)."""
-    from vllm.v1.outputs import LogprobsLists
+    from vllm_engine.output_processor import sample_step
 
     return [
-        [LogprobsLists(ids[t : t + 1], lps[t : t + 1], ranks[t : t + 1]) for t in range(len(ids))]
+        [sample_step(ids[t : t + 1], lps[t : t + 1], ranks[t : t + 1]) for t in range(len(ids))]
         for ids, lps, ranks in outputs
     ]
 
@@ -114,27 +113,13 @@ def pythonize(step_lists, k: int, layout: str) -> list:
     """vLLM's output processor: the engine's arrays to each request's logprobs container,
     one decoding step at a time, as vLLM calls it (with "arrays", as precompute installs
     it: vllm_engine/arrays.py)."""
-    from vllm.logprobs import create_sample_logprobs
-    from vllm.v1.engine.logprobs import LogprobsProcessor
+    from vllm_engine.output_processor import feed_sample, make_logprobs_processor
 
-    if not install():
-        raise RuntimeError("this vLLM lacks the internals vllm_engine/arrays.py needs")
     containers = []
     for example in step_lists:
-        proc = LogprobsProcessor(
-            tokenizer=None,  # detokenize=False, as precompute asks
-            logprobs=(
-                LogprobArrays(k + 1)
-                if layout == "arrays"
-                else create_sample_logprobs(layout == "flat")
-            ),
-            prompt_logprobs=None,
-            cumulative_logprob=0.0,
-            num_logprobs=k,
-            num_prompt_logprobs=None,
-        )
+        proc = make_logprobs_processor(k, layout)
         for step in example:
-            proc._update_sample_logprobs(step)
+            feed_sample(proc, step)
         containers.append(proc.logprobs)
     return containers
 

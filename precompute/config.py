@@ -27,6 +27,8 @@ from typing import Literal
 import yaml
 
 from runtime.typed_config import apply_overrides, build
+from vllm_engine.engine_args import EngineArgsError
+from vllm_engine.engine_args import check_engine_args as vllm_check_engine_args
 
 # Engine arguments that precompute owns: the shards' meaning depends on them.
 ENGINE_RESERVED = ("model", "logprobs_mode")
@@ -211,31 +213,19 @@ RUN_FIELDS = (
 )
 
 
-def engine_arg_names() -> set[str]:
-    """The keyword arguments vllm.EngineArgs accepts (what `LLM(**engine)` forwards)."""
-    from vllm import EngineArgs
-
-    return {f.name for f in dataclasses.fields(EngineArgs)}
-
-
 def check_engine_args(engine: dict, names: set[str] | None = None) -> None:
+    """The engine section: no argument precompute owns, none that vLLM lacks
+    (vllm_engine.engine_args checks the names against the installed vLLM)."""
     reserved = sorted(set(engine) & set(ENGINE_RESERVED))
     if reserved:
         raise ConfigError(
             f"engine.{reserved[0]} is set by precompute (teacher= selects the model; "
             "logprobs are always raw_logprobs)"
         )
-    if names is None:
-        try:
-            names = engine_arg_names()
-        except ImportError:
-            return  # no vLLM here: the hf backend ignores the section
-    unknown = sorted(set(engine) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown vLLM engine argument(s) {', '.join('engine.' + u for u in unknown)} "
-            "(see vllm.EngineArgs)"
-        )
+    try:
+        vllm_check_engine_args(engine, names)
+    except EngineArgsError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate(cfg: PrecomputeConfig) -> PrecomputeConfig:

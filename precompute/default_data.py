@@ -25,7 +25,7 @@ from pathlib import Path
 
 from precompute.config import ViewConfig
 from precompute.views import teacher_messages
-from vllm_engine.env import default_kvcache_space
+from vllm_engine.generate import generate, start_llm
 
 TASKS = {
     # Two terms, one or two digits, no parentheses or negation: a 135M model gets some right.
@@ -186,15 +186,11 @@ def score(task: str, row: dict, response: str) -> float:
 
 def measure(task: str, n: int, seed: int, teacher: str, max_tokens: int, train: int) -> dict:
     """Teacher accuracy (greedy, vLLM) on n held-out questions, with and without experience."""
-    default_kvcache_space()  # before vLLM's import, which reads it
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
 
     tok = AutoTokenizer.from_pretrained(teacher)
     # The held-out split's first n questions, with each experience style and position.
-    llm = LLM(model=teacher, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    llm = start_llm(teacher, {"max_model_len": 2048, "seed": 0})  # the device's dtype
     result = {"task": task, "n": n, "teacher": teacher, "max_tokens": max_tokens}
     variants = [("without", None, None)] + [
         (f"{style}_{pos}", style, pos) for style in STYLES for pos in ("system", "prefix")
@@ -210,15 +206,14 @@ def measure(task: str, n: int, seed: int, teacher: str, max_tokens: int, train: 
                 view,
             )
             text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            prompts.append(TokensPrompt(prompt_token_ids=ids))
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        texts = [o.outputs[0].text for o in outs]
+            prompts.append(tok(text, add_special_tokens=False)["input_ids"])
+        outs = generate(llm, prompts, max_tokens, 0.0, 0, progress=False)
+        texts = [text for _, text in outs]
         acc = sum(score(task, r, t) for r, t in zip(test, texts, strict=True)) / n
         result[name] = {
             "accuracy": acc,
             "first_response": texts[0],
-            "mean_tokens": sum(len(o.outputs[0].token_ids) for o in outs) / n,
+            "mean_tokens": sum(len(ids) for ids, _ in outs) / n,
         }
         print(f"{task} {name}: accuracy {acc:.2f}", file=sys.stderr, flush=True)
     return result

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from precompute.backend import Scored
 from precompute.config import SamplingConfig
+from shards.topk import Scored
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

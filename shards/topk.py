@@ -39,6 +39,18 @@ class TopKError(ValueError):
     """A logprob map that cannot give k values, or lacks the chosen token."""
 
 
+@dataclass
+class Scored:
+    """One response with the teacher's signal on each of its T tokens (raw logprobs): what a
+    teacher engine returns (vllm_engine.teacher, precompute.hf_backend) and a shard row keeps."""
+
+    token_ids: np.ndarray  # (T,) int: the response tokens, as the teacher saw them
+    topk_ids: np.ndarray  # (T, k) int32
+    topk_logprobs: np.ndarray  # (T, k) float32
+    token_logprobs: np.ndarray  # (T,) float32: logprob of token_ids[t]
+    finish_reason: str | None = None
+
+
 def topk_arrays(
     entries: Sequence[Mapping[int, object] | None],
     tokens: Sequence[int],

@@ -49,15 +49,25 @@ def engine(tiny):
     from vllm_engine.teacher import VLLMBackend
 
     # Seeded requests are safe here: the prompts are short enough never to be prefilled in
-    # chunks (see sampling.per_request_seed).
-    b = VLLMBackend(
-        str(tiny),
-        K,
-        {"dtype": "float32", "enforce_eager": True, "max_model_len": MAX_LEN},
-        per_request_seed="true",
-    )
+    # chunks (see sampling.per_request_seed). dtype and eager mode: the device's
+    # (test_the_engine_takes_the_devices_settings).
+    b = VLLMBackend(str(tiny), K, {"max_model_len": MAX_LEN}, per_request_seed="true")
     yield b
     b.close()
+
+
+def test_the_engine_takes_the_devices_settings(engine):
+    """No dtype or eager mode given: the device's (vllm_engine/engine_args.py); on the CPU
+    float32, which `auto` would have downcast to bfloat16, and eager mode."""
+    import torch
+
+    from vllm_engine.engine_args import device_defaults
+
+    want = device_defaults()
+    cfg = engine.llm.llm_engine.model_config
+    assert cfg.enforce_eager == want["enforce_eager"]
+    if want["dtype"] == "float32":
+        assert cfg.dtype == torch.float32
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +199,8 @@ def test_eval_generation_agrees_with_transformers_greedy(engine, tiny):
     from transformers import AutoTokenizer
 
     from precompute.views import render
-    from tools.eval.generate import generate_hf, generate_vllm
+    from tools.eval.generate import generate_hf
+    from vllm_engine.generate import generate as generate_vllm
 
     tok = AutoTokenizer.from_pretrained(tiny)
     prompts = [render(tok, [{"role": "user", "content": q["question"]}], {}) for q in questions(4)]
@@ -208,14 +219,12 @@ def test_logprob_layouts_write_the_same_shards(engine, tiny, tmp_path):
     from operator import attrgetter
 
     from transformers import AutoTokenizer
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
-    from precompute.backend import topk_from_entries, topk_from_flat_logprobs
     from shards.schema import ShardMetadata
     from shards.topk import topk_arrays
     from shards.writer import ShardRow, ShardWriter
     from vllm_engine.arrays import LogprobArrays
+    from vllm_engine.topk import topk_from_entries, topk_from_flat_logprobs
 
     assert engine.layout == "arrays"  # the default, where this vLLM allows it
     tok = AutoTokenizer.from_pretrained(tiny)
@@ -240,32 +249,27 @@ def test_logprob_layouts_write_the_same_shards(engine, tiny, tmp_path):
 
     # Sampled at temperature 1, n=2 samples per prompt, seeded per request: the same samples
     # as flat lists (converted two ways) and, in another run, as the engine's arrays.
-    def sampled(extra: dict) -> list:
-        params = [
-            SamplingParams(
-                n=2,
-                temperature=1.0,
-                max_tokens=24,
-                logprobs=K,
-                seed=100 + i,
-                detokenize=False,
-                **extra,
+    def sampled(layout: str) -> list:
+        """(logprobs, tokens, first position) of each sample, as generate converts them."""
+        seen, convert = [], engine._topk
+        engine.layout, engine._topk = layout, lambda reqs: seen.extend(reqs) or convert(reqs)
+        try:
+            engine.generate(
+                prompts, [100 + i for i in range(8)], SamplingConfig(n=2, max_tokens=24)
             )
-            for i in range(8)
-        ]
-        outs = engine.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
-        )
-        return [(c.logprobs, list(c.token_ids), 0) for out in outs for c in out.outputs]
+        finally:
+            engine.layout = "arrays"
+            del engine._topk  # the class's method again
+        return seen
 
-    for lp, toks, _ in sampled({"flat_logprobs": True}):
+    for lp, toks, _ in sampled("flat"):
         assert type(lp).__name__ == "FlatLogprobs"
         scored["flat"].append(topk_from_flat_logprobs([(lp, toks, 0)], K)[0])
         scored["dicts"].append(topk_from_entries(list(lp), toks, K))
         # The engine's dicts are what the flat lists become position by position.
         ids, _, _ = topk_arrays(list(lp), toks, K, logprob=attrgetter("logprob"))
         assert ids.shape == (len(toks), K)
-    arrays = sampled(engine._layout_params())
+    arrays = sampled("arrays")
     assert all(isinstance(lp, LogprobArrays) for lp, _, _ in arrays)
     scored["arrays"] += engine._topk(arrays)
     assert len(scored["dicts"]) == len(scored["flat"]) == len(scored["arrays"]) == 32

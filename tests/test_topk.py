@@ -5,7 +5,6 @@ distributions full of ties."""
 
 from __future__ import annotations
 
-import itertools
 from operator import attrgetter
 
 import numpy as np
@@ -13,13 +12,10 @@ import pytest
 
 pytest.importorskip("vllm")
 import torch  # noqa: E402
-from vllm.logprobs import (  # noqa: E402
-    append_logprobs_for_next_position,
-    create_prompt_logprobs,
-    create_sample_logprobs,
-)
 
 from shards.topk import TopKError, topk_arrays, topk_from_flat  # noqa: E402
+from vllm_engine import output_processor as vproc  # noqa: E402
+from vllm_engine.topk import topk_from_logprob_arrays  # noqa: E402
 
 VOCAB = 40
 
@@ -32,9 +28,8 @@ def engine_like(rng: np.random.Generator, t_len: int, k: int, prompt: bool = Fal
     vocabulary, so it is often outside the top k. As in vLLM's sampler: torch.topk (sorted),
     the chosen token's logprob gathered from the same log_softmax, its rank = count(>=).
     """
-    flat, dicts = create_sample_logprobs(True), create_sample_logprobs(False)
-    if prompt:  # prompt logprobs start with None for the first token
-        flat, dicts = create_prompt_logprobs(True), create_prompt_logprobs(False)
+    # Prompt logprobs start with None for the first token.
+    flat, dicts = vproc.logprob_container(True, prompt), vproc.logprob_container(False, prompt)
     logits = torch.tensor(rng.integers(0, 8, (t_len, VOCAB)) * 0.25, dtype=torch.float32)
     lp = torch.log_softmax(logits, dim=-1)
     top_lp, top_ids = torch.topk(lp, k, dim=-1)
@@ -48,13 +43,8 @@ def engine_like(rng: np.random.Generator, t_len: int, k: int, prompt: bool = Fal
     lps_all = torch.cat([chosen_lp, top_lp], dim=1)
     for t in range(t_len):
         for container in (flat, dicts):
-            append_logprobs_for_next_position(
-                container,
-                ids_all[t].tolist(),
-                lps_all[t].tolist(),
-                itertools.repeat(None),
-                int(ranks[t]),
-                k,
+            vproc.append_position(
+                container, ids_all[t].tolist(), lps_all[t].tolist(), int(ranks[t]), k
             )
     return flat, dicts, tokens.tolist()
 
@@ -162,39 +152,18 @@ def processed_arrays(rows, k: int, prompt: bool, pad: int = 0):
     vllm_engine.arrays installed, as the engine hands them over: sample logprobs one
     decoding step at a time, prompt logprobs in two prefill chunks; `pad` extra columns, as
     when another request of the engine's batch asked for more logprobs."""
-    from vllm.v1.engine.logprobs import LogprobsProcessor
-    from vllm.v1.outputs import LogprobsLists, LogprobsTensors
-
-    from vllm_engine.arrays import LogprobArrays, install
-
-    assert install()
     ids, lps = rows
     ids = np.concatenate([ids, np.full((len(ids), pad), 7, ids.dtype)], axis=1)
     lps = np.concatenate([lps, np.full((len(lps), pad), -99.0, lps.dtype)], axis=1)
-    proc = LogprobsProcessor(
-        tokenizer=None,
-        logprobs=None if prompt else LogprobArrays(k + 1),
-        prompt_logprobs=LogprobArrays(k + 1, 1) if prompt else None,
-        cumulative_logprob=None if prompt else 0.0,
-        num_logprobs=None if prompt else k,
-        num_prompt_logprobs=k if prompt else None,
-    )
+    proc = vproc.make_logprobs_processor(k, "arrays", prompt=prompt)
     ranks = np.zeros(len(ids), np.int64)
     if prompt:
         half = len(ids) // 2
         for a, b in ((0, half), (half, len(ids))):
-            proc._update_prompt_logprobs(
-                LogprobsTensors(
-                    torch.from_numpy(ids[a:b]),
-                    torch.from_numpy(lps[a:b]),
-                    torch.from_numpy(ranks[a:b]),
-                )
-            )
+            vproc.feed_prompt(proc, vproc.prompt_chunk(ids[a:b], lps[a:b], ranks[a:b]))
         return proc.prompt_logprobs
     for t in range(len(ids)):
-        proc._update_sample_logprobs(
-            LogprobsLists(ids[t : t + 1], lps[t : t + 1], ranks[t : t + 1])
-        )
+        vproc.feed_sample(proc, vproc.sample_step(ids[t : t + 1], lps[t : t + 1], ranks[t : t + 1]))
     np.testing.assert_allclose(proc.cumulative_logprob, lps[:, 0].astype(np.float64).sum())
     return proc.logprobs
 
@@ -204,8 +173,6 @@ def processed_arrays(rows, k: int, prompt: bool, pad: int = 0):
 def test_engine_arrays_equal_the_dict_loop_with_ties(k, prompt):
     """vllm_engine/arrays.py keeps vLLM's arrays instead of lists: converted with
     topk_from_rows they equal the per-token loop over vLLM's dicts of the same positions."""
-    from precompute.backend import topk_from_logprob_arrays
-
     rng = np.random.default_rng(10 + k)
     flat, dicts, tokens = engine_like(rng, 300, k, prompt=prompt)
     first = 1 if prompt else 0  # position 0 of prompt logprobs has none

@@ -12,14 +12,20 @@ BENCHMARKS.md, "Precompute host path").
 `LogprobArrays`, read with array operations only (`shards.topk.topk_from_rows`). Other
 requests go through vLLM's own code unchanged. This rests on three vLLM internals
 (`from_new_request`, `_update_sample_logprobs`, `_update_prompt_logprobs`, as in vLLM 0.32):
-where they are missing `install()` returns False and precompute asks for vLLM's flat lists.
-tests/test_precompute_vllm.py checks that the layouts write the same shards on real engine
-outputs.
+outside the tested versions (vllm_engine/version.py) or where their signatures differ,
+`install()` says so in one line, returns False, and precompute asks for vLLM's flat lists.
+tests/test_vllm_engine.py checks the hook's contract against the installed vLLM, and
+tests/test_precompute_vllm.py that the layouts write the same shards on real engine outputs.
 """
 
 from __future__ import annotations
 
+import inspect
+import sys
+
 import numpy as np
+
+from vllm_engine.version import outside_range
 
 ARRAYS = "kdshards_logprob_arrays"  # the SamplingParams.extra_args key
 _installed = False
@@ -63,19 +69,74 @@ class LogprobArrays:
         return self._ids[0][lo:hi], self._lps[0][lo:hi]
 
 
-def install() -> bool:
-    """Make vLLM's LogprobsProcessor keep arrays for requests that ask (see the module
-    docstring); idempotent. False where this vLLM lacks the internals it needs."""
-    global _installed
-    if _installed:
-        return True
+# The parameters of the LogprobsProcessor methods install() replaces, as in vLLM 0.32: the
+# replacements call the originals with these arguments and read the same fields.
+SIGNATURES = {
+    "from_new_request": ("tokenizer", "request"),
+    "_update_sample_logprobs": ("self", "logprobs_lists"),
+    "_update_prompt_logprobs": ("self", "prompt_logprobs_tensors"),
+}
+FIELDS = (
+    "logprobs",
+    "prompt_logprobs",
+    "cumulative_logprob",
+    "num_logprobs",
+    "num_prompt_logprobs",
+)
+_refusal: str | None = None  # why install() refused, said once per process
+
+
+def processor_class():
+    """vLLM's LogprobsProcessor, None where this vLLM has none."""
     try:
         from vllm.v1.engine.logprobs import LogprobsProcessor
     except ImportError:
+        return None
+    return LogprobsProcessor
+
+
+def incompatible(processor=None, version: str | None = None) -> str | None:
+    """Why the hook cannot go into this vLLM (its version, then the processor's methods and
+    fields); None when it can. processor, version: the installed ones when None."""
+    reason = outside_range(version)
+    if reason:
+        return reason
+    processor = processor_class() if processor is None else processor
+    if processor is None:
+        return "vLLM has no vllm.v1.engine.logprobs.LogprobsProcessor"
+    for name, params in SIGNATURES.items():
+        method = getattr(processor, name, None)
+        try:
+            got = tuple(inspect.signature(method).parameters) if callable(method) else None
+        except (TypeError, ValueError):
+            got = None
+        if got != params:
+            return f"vLLM's LogprobsProcessor.{name} takes {got}, not {params}"
+    fields = getattr(processor, "__dataclass_fields__", {})
+    missing = [f for f in FIELDS if f not in fields]
+    if missing:
+        return f"vLLM's LogprobsProcessor has no field(s) {', '.join(missing)}"
+    return None
+
+
+def install() -> bool:
+    """Make vLLM's LogprobsProcessor keep arrays for requests that ask (see the module
+    docstring); idempotent. False, with one line on stderr saying why, where this vLLM is
+    outside the tested range or its methods are not the ones replaced."""
+    global _installed, _refusal
+    if _installed:
+        return True
+    reason = incompatible()
+    if reason:
+        if reason != _refusal:
+            _refusal = reason
+            print(
+                f"vllm_engine: {reason}; logprobs come through vLLM's public flat lists",
+                file=sys.stderr,
+                flush=True,
+            )
         return False
-    needed = ("from_new_request", "_update_sample_logprobs", "_update_prompt_logprobs")
-    if not all(callable(getattr(LogprobsProcessor, n, None)) for n in needed):
-        return False
+    LogprobsProcessor = processor_class()
     new_request = LogprobsProcessor.from_new_request.__func__
     update_sample = LogprobsProcessor._update_sample_logprobs
     update_prompt = LogprobsProcessor._update_prompt_logprobs
@@ -102,7 +163,8 @@ def install() -> bool:
         for lp in lps[:, 0].tolist():
             self.cumulative_logprob += lp
 
-    def _update_prompt_logprobs(self, tensors) -> None:
+    def _update_prompt_logprobs(self, prompt_logprobs_tensors) -> None:
+        tensors = prompt_logprobs_tensors  # the name vLLM's signature has (SIGNATURES)
         if not isinstance(self.prompt_logprobs, LogprobArrays):
             return update_prompt(self, tensors)
         self.prompt_logprobs.add(tensors[0].cpu().numpy(), tensors[1].cpu().numpy())

@@ -12,6 +12,9 @@ gate/up, repacking for the CPU kernels) into the existing storage; no restart, n
 `trainer_weights(lm)` yields those tensors from the trainer's model: merged W + BA for
 LoRA, gathered from their partitions under DeepSpeed ZeRO-3.
 
+The weight sync rests on vLLM internals, so the engine refuses a vLLM outside the tested
+versions (vllm_engine/version.py); dtype and eager mode follow vllm_engine/engine_args.py.
+
 Memory: on a GPU the engine takes `gpu_memory_utilization` of the device (weights + KV
 cache; the trainer needs the rest); on the CPU its KV cache is `cpu_kv_cache_gib`
 (VLLM_CPU_KVCACHE_SPACE, when set, wins).
@@ -25,7 +28,9 @@ from collections.abc import Iterator
 
 import torch
 
+from vllm_engine.engine_args import resolve_engine_args
 from vllm_engine.env import KVCACHE_SPACE_VAR
+from vllm_engine.version import outside_range
 
 
 def trainer_weights(lm: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -122,10 +127,21 @@ class VLLMStudent:
             ) from e
         import vllm.envs
 
+        # push() goes through vLLM internals (the worker's reload_weights, the output head's
+        # post-load processing) that change between releases: refuse an untested vLLM
+        # rather than sample from stale weights.
+        reason = outside_range()
+        if reason:
+            raise RuntimeError(
+                f"onpolicy.sampler=vllm pushes weights through vLLM internals: {reason} "
+                "(vllm_engine/version.py); install a tested vLLM or use onpolicy.sampler=hf"
+            )
         cpu = current_platform.is_cpu()
-        args = {
+        # The device's defaults for what the trainer leaves unset (dtype: the trainer's;
+        # eager mode: on for the CPU, whose compiling costs more start-up than it saves).
+        args = resolve_engine_args({"dtype": dtype}, current_platform)
+        args |= {
             "model": str(model),
-            "dtype": dtype,
             "max_model_len": max_model_len,
             "seed": seed,
             "max_logprobs": max_logprobs,
@@ -136,10 +152,8 @@ class VLLMStudent:
             "max_num_batched_tokens": max(max_model_len, 2048),
             "gpu_memory_utilization": gpu_memory_utilization,
         }
-        if cpu:
-            args["enforce_eager"] = True  # compiling costs more start-up than it saves here
-            if not os.environ.get(KVCACHE_SPACE_VAR):  # the variable, when set, wins
-                args["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * (1 << 30))
+        if cpu and not os.environ.get(KVCACHE_SPACE_VAR):  # the variable, when set, wins
+            args["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * (1 << 30))
         if distributed:  # one engine per rank, in the ranks' own torch.distributed world
             args["distributed_executor_backend"] = "external_launcher"
         saved_env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
@@ -155,7 +169,10 @@ class VLLMStudent:
                 os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
             else:
                 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved_env
-            vllm.envs.disable_envs_cache()
+            # Where a vLLM has no environment cache, there is none to undo.
+            disable_envs_cache = getattr(vllm.envs, "disable_envs_cache", None)
+            if disable_envs_cache is not None:
+                disable_envs_cache()
             torch.set_num_threads = set_num_threads
         self.max_model_len = max_model_len
 

@@ -7,22 +7,38 @@ guard (python -m precompute has one), and its KV-cache size needs a default
 
 from __future__ import annotations
 
-from precompute.backend import (
-    Scored,
+from typing import Protocol
+
+from runtime.lifetime import guard_children
+from shards.topk import Scored
+from vllm_engine import arrays as vllm_arrays
+from vllm_engine.engine_args import (
+    EngineArgsError,
+    check_engine_args,
+    resolve_engine_args,
+)
+from vllm_engine.env import default_kvcache_space
+from vllm_engine.topk import (
     topk_from_entries,
     topk_from_flat_logprobs,
     topk_from_logprob_arrays,
 )
-from precompute.config import SamplingConfig, check_engine_args
-from runtime.lifetime import guard_children
-from vllm_engine import arrays as vllm_arrays
-from vllm_engine.env import default_kvcache_space
 
 LOGPROBS_MODE = "raw_logprobs"
 LAYOUTS = ("arrays", "flat", "dicts")
 
 
-class VLLMBackend:  # implements precompute.backend.Backend
+class Sampling(Protocol):
+    """What generate reads of its sampling settings (precompute.config.SamplingConfig)."""
+
+    n: int
+    temperature: float
+    top_p: float
+    top_k: int  # 0: off
+    max_tokens: int
+
+
+class VLLMBackend:  # implements precompute.backend.Backend (which this package cannot import)
     name = "vllm"
 
     def __init__(
@@ -34,10 +50,14 @@ class VLLMBackend:  # implements precompute.backend.Backend
         layout: str = "arrays",
     ):
         default_kvcache_space()
+        reserved = sorted(set(engine_args) & {"model", "logprobs_mode"})
+        if reserved:  # the backend sets them: the shards' meaning depends on them
+            raise EngineArgsError(f"engine.{reserved[0]} is set by the teacher backend")
         check_engine_args(engine_args)
         from vllm import LLM
 
-        args = dict(engine_args)
+        # The device's dtype and eager mode where the config leaves them out.
+        args = resolve_engine_args(engine_args)
         # prompt_logprobs / logprobs above max_logprobs are refused per request.
         args["max_logprobs"] = max(k, int(args.get("max_logprobs") or 0))
         # Raw: the full-vocabulary log_softmax of the logits, before temperature, top-p and
@@ -74,7 +94,7 @@ class VLLMBackend:  # implements precompute.backend.Backend
         self,
         prompts: list[list[int]],
         seeds: list[int],
-        sampling: SamplingConfig,
+        sampling: Sampling,
         fixed_length: bool = False,
     ) -> list[list[Scored]]:
         """Backend.generate with vLLM's sampler (seeded per request only where that is safe:

@@ -2,6 +2,7 @@
 
     python -m tools.eval.generate --model DIR --prompts prompts.json --out generations.json
         [--backend vllm|hf] [--max-tokens 64] [--temperature 0] [--seed 0]
+        [--dtype D] [--tensor-parallel-size N] [--enforce-eager | --no-enforce-eager]
 
 `tools.eval` runs this once per model in its own process: vLLM's CPU engine does not give
 its memory and worker processes back when a second engine starts in the same process, and
@@ -10,44 +11,19 @@ a fresh process per model also keeps one model's failure from taking the others 
 prompts.json: [{"id": ..., "prompt_ids": [...]}, ...]. The output holds, per prompt, the
 generated token ids and text, and the generation's wall time without the engine start-up
 (what `tools.eval` reports as tokens per second).
+
+vLLM's dtype, tensor parallelism and eager mode default to the device's
+(vllm_engine/engine_args.py: float32 and eager on the CPU; the model's dtype and CUDA graphs on
+a GPU); the engine itself is vllm_engine/generate.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
-
-from vllm_engine.env import default_kvcache_space
-
-
-def generate_vllm(llm, prompts: list[list[int]], max_tokens: int, temperature: float, seed: int):
-    """[(token_ids, text)] per prompt from a `vllm.LLM` already started."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    max_len = int(llm.llm_engine.model_config.max_model_len)
-    params = [
-        SamplingParams(
-            temperature=temperature,
-            # vLLM refuses a request that cannot fit in the context window.
-            max_tokens=max(1, min(max_tokens, max_len - len(p))),
-            seed=None if temperature == 0 else seed,
-        )
-        for p in prompts
-    ]
-    from runtime.progress import line_progress_factory
-
-    # vLLM's own bar (prompts, tokens/s, ETA), as plain lines when the output is a log.
-    outs = llm.generate(
-        [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-        params,
-        use_tqdm=line_progress_factory(),
-    )
-    return [(list(o.outputs[0].token_ids), o.outputs[0].text) for o in outs]
 
 
 def generate_hf(
@@ -78,6 +54,37 @@ def generate_hf(
     return results
 
 
+ENGINE_OPTIONS = ("dtype", "tensor_parallel_size", "enforce_eager")
+
+
+def add_engine_options(ap: argparse.ArgumentParser) -> None:
+    """vLLM's dtype, tensor parallelism and eager mode; unset: the device's default."""
+    ap.add_argument("--dtype", help="vllm: model dtype (default: float32 on CPU, auto on GPU)")
+    ap.add_argument("--tensor-parallel-size", type=int, help="vllm: GPUs per engine")
+    ap.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        help="vllm: no CUDA graphs (default: on for CPU, off on GPU)",
+    )
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The engine options given on the command line (None: not given)."""
+    return {name: getattr(args, name) for name in ENGINE_OPTIONS}
+
+
+def engine_flags(args: argparse.Namespace) -> list[str]:
+    """The given engine options as command-line flags again, for a generation process."""
+    flags = []
+    for name, value in engine_options(args).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
@@ -88,27 +95,20 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-model-len", type=int, default=2048)
+    add_engine_options(ap)
     args = ap.parse_args(argv)
     rows = json.loads(args.prompts.read_text())
     prompts = [r["prompt_ids"] for r in rows]
     t_start = time.time()
     if args.backend == "vllm":
-        default_kvcache_space()
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        from vllm import LLM
+        from vllm_engine.generate import generate, start_llm
 
-        from runtime.lifetime import guard_children
-
-        guard_children()  # vLLM's engine processes must not outlive this one (kill -9 too)
-        llm = LLM(
-            model=args.model,
-            dtype="float32",
-            enforce_eager=True,
-            max_model_len=args.max_model_len,
-            seed=args.seed,
+        llm = start_llm(
+            args.model,
+            {**engine_options(args), "max_model_len": args.max_model_len, "seed": args.seed},
         )
         t0 = time.time()
-        outs = generate_vllm(llm, prompts, args.max_tokens, args.temperature, args.seed)
+        outs = generate(llm, prompts, args.max_tokens, args.temperature, args.seed)
     else:
         t0 = time.time()
         outs = generate_hf(args.model, prompts, args.max_tokens, args.temperature, args.seed)

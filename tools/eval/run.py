@@ -2,6 +2,7 @@
 
     python -m tools.eval [--data data/default/test.jsonl] [--out reports/demo]
         [--runs runs] [--model NAME=PATH[@q|@qe] ...] [--backend vllm|hf] [--reference NAME]
+        [--dtype D] [--tensor-parallel-size N] [--enforce-eager | --no-enforce-eager]
 
 Each model generates (greedy by default) for every held-out example, in the student view
 (`@q`, the question alone) or the teacher view (`@qe`, question + experience, rendered
@@ -38,6 +39,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools.eval.generate import add_engine_options, engine_flags, engine_options
 from tools.eval.report import BASELINE, write_report
 from tools.eval.trackers import log_results
 from train import checkpoint as ckpt
@@ -199,6 +201,8 @@ def generations(spec: ModelSpec, prompts: list[dict], args, cache: Path) -> dict
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "seed": args.seed,
+        # Given engine options only: a run on the device's defaults keeps its cache key.
+        **{k: v for k, v in engine_options(args).items() if v is not None},
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     out = cache / f"{key}.json"
@@ -211,7 +215,7 @@ def generations(spec: ModelSpec, prompts: list[dict], args, cache: Path) -> dict
         sys.executable, "-m", "tools.eval.generate", "--model", spec.model_dir,
         "--prompts", str(prompt_file), "--out", str(out), "--backend", args.backend,
         "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature),
-        "--seed", str(args.seed),
+        "--seed", str(args.seed), *engine_flags(args),
     ]  # fmt: skip
     print(f"[eval] {spec.name}: {len(prompts)} prompts\n$ {shlex.join(cmd)}", flush=True)
     from runtime.lifetime import spawn_guarded
@@ -311,6 +315,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--seed", type=int, default=0)
+    add_engine_options(ap)
     ap.add_argument("--limit", type=int, default=0, help="first N examples only (0: all)")
     ap.add_argument("--code-timeout", type=float, default=5.0, help="seconds per program")
     ap.add_argument(
