@@ -78,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip-invalid",
         action="store_true",
-        help="write invalid input rows to OUT/rejects-w<I>.jsonl and go on (default: stop)",
+        help="write invalid input rows to OUT/rejects-w<I>-<n>.jsonl and go on (default: stop)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -156,7 +156,7 @@ class PrecomputeConfig:
         "after a crash",
     )
     skip_invalid: bool = _f(
-        False, "write invalid input rows to rejects-w<I>.jsonl instead of stopping"
+        False, "write invalid input rows to rejects-w<I>-<n>.jsonl instead of stopping"
     )
     num_workers: int = _f(
         0,
