@@ -38,15 +38,35 @@ FLAGS = {
 }
 
 
-def parser() -> argparse.ArgumentParser:
-    from precompute.config import help_lines
+def config_file(argv: list[str]) -> str:
+    """The config file `--config` names in argv, else DEFAULT_CONFIG if it exists, else ''."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else ""
 
+
+def parser(config: str = "") -> argparse.ArgumentParser:
+    """The CLI; its help lists every config key with the value in effect under `config`."""
+    from precompute.config import help_lines, load_config
+
+    try:
+        effective = load_config(config, [], check=False) if config else None
+        heading = (
+            f"the values in effect with {config} (marked where it changes the built-in default)"
+            if config
+            else "the built-in defaults (no config file)"
+        )
+    except (OSError, ValueError) as e:  # --help still works; running reports the error
+        effective, heading = None, f"the built-in defaults ({config} does not load: {e})"
     p = argparse.ArgumentParser(
         prog="python -m precompute",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (key=value or --key=value; defaults before the YAML):\n"
-        + "\n".join(help_lines())
+        epilog=f"config keys (key=value or --key=value), {heading}:\n"
+        + "\n".join(help_lines(effective=effective, source=config))
         + "\n  engine.<any vllm.EngineArgs field>=VALUE\n      e.g. --engine.dtype=bfloat16 "
         "--engine.max_model_len=4096 --engine.tensor_parallel_size=2",
     )
@@ -116,7 +136,8 @@ def resolve(argv: list[str] | None = None):
     from precompute.config import load_config
     from precompute.launch import slurm_overrides
 
-    args, extra = parser().parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extra = parser(config_file(argv)).parse_known_args(argv)
     # A SLURM array task is one worker of the split; explicit settings (later) win.
     overrides = slurm_overrides(os.environ) + list(args.overrides) + split_overrides(extra)
     for flag, key in FLAGS.items():
@@ -129,9 +150,7 @@ def resolve(argv: list[str] | None = None):
         overrides.append("ray=true")
     if args.no_progress:
         overrides.append("progress=false")
-    config = args.config
-    if config is None:
-        config = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else ""
+    config = config_file(argv) if args.config is None else args.config
     return args, load_config(config or None, overrides)
 
 
