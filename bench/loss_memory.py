@@ -35,6 +35,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench import checkout_relative
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "loss_memory.json"
 VARIANTS = ("dense", "checkpoint", "chunked")
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(config=config, env=_env(args), results=rows, table=table)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    args.out.write_text(json.dumps(checkout_relative(payload), indent=2) + "\n")
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0 if all("error" not in r for r in rows) else 1
 

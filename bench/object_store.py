@@ -24,6 +24,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench import checkout_relative
 from bench.shards import (
     REPO,
     _machine,
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "result": result,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    args.out.write_text(json.dumps(checkout_relative(out), indent=1) + "\n")
     rows = [("local disk", result["local"]), ("S3 (moto, 127.0.0.1)", result["s3_moto"])]
     print("| folder | read tok/s (sha256 verified) | read tok/s (no verify) |")
     print("| --- | ---: | ---: |")

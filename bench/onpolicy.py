@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from bench import checkout_relative
 from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
 from shards.schema import ShardMetadata
 from shards.writer import ShardRow, ShardWriter
@@ -249,7 +250,7 @@ def main(argv=None) -> None:
         "trl": trl,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).write_text(json.dumps(checkout_relative(result), indent=1))
     print(
         "| setting | step s | generate s | teacher wait s | sync s | update s | teacher share "
         "| peak RSS GiB |"

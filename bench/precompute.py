@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench import checkout_relative
 from vllm_engine.env import default_kvcache_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
         "target": ">= 5x",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    args.out.write_text(json.dumps(checkout_relative(report), indent=1) + "\n")
     print("\n| backend | tokens | seconds | tokens/s |\n| --- | --- | --- | --- |")
     for name, r in rows.items():
         print(f"| {name} | {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} |")

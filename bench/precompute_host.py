@@ -46,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import checkout_relative
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "precompute_host.json"
 KS = (20, 64, 128)
@@ -370,7 +372,7 @@ def main(argv=None) -> int:
         "table": table,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    args.out.write_text(json.dumps(checkout_relative(out), indent=1) + "\n")
     log(f"wrote {args.out}")
     if any(not r["identical_files"] for r in results):
         log("the layouts wrote different files")

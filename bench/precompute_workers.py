@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import checkout_relative
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "precompute_workers.json"
 SUMMARY = re.compile(r"precompute: (\d+) examples .*?, (\d+) tokens, .* teacher (\d+) tokens/s")
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
         "best": best,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(checkout_relative(result), indent=2) + "\n")
     return 0
 
 

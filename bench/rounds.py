@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from bench import checkout_relative
 from bench.onpolicy import prompt_shards
 from train.__main__ import main as train_main
 from vllm_engine.teacher_server import TeacherServer
@@ -160,7 +161,7 @@ def main(argv=None) -> None:
         "rounds": rounds(args, steps),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).write_text(json.dumps(checkout_relative(result), indent=1))
     lv, rd = result["live_hf_sampler"], result["rounds"]
     print("| path | student samples | steps | wall s | parts |")
     print("| --- | ---: | ---: | ---: | --- |")

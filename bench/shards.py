@@ -47,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import checkout_relative
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "shards.json"
 CACHE_DIR = REPO / "bench" / "cache"
@@ -824,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     result["targets"] = _targets(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.write_text(json.dumps(checkout_relative(result), indent=1) + "\n")
     os.replace(tmp, args.out)
     print(markdown(result))
     log(f"wrote {args.out}")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bench import checkout_relative
 from shards.reader import ShardReader
 from train.batches import collate, plan_batches
 from train.losses import KDSpec, TeacherSignal
@@ -144,7 +145,7 @@ def main(argv=None) -> None:
         "speedup": offline["tok_s"] / live["tok_s"],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).write_text(json.dumps(checkout_relative(result), indent=1))
     print("| mode | response tok/s | teacher s | student step s |")
     print("| --- | ---: | ---: | ---: |")
     for name, r in (("from shards", offline), ("live teacher (GKD, lmbda=0)", live)):
