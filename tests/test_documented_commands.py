@@ -188,6 +188,15 @@ def _ok(proc, what: str) -> None:
         pytest.fail(f"{what} exited {proc.returncode}:\n{tail}", pytrace=False)
 
 
+# A recipe's `\`-continued lines as one line each (make -n prints them as written).
+JOIN_CONTINUATIONS = r"""awk '/\\$/ {sub(/\\$/, ""); printf "%s", $0; next} {print}'"""
+# Each precompute command of the input, resolved (--print-config) instead of run.
+PRINT_CONFIGS = (
+    "grep -E -- '-m precompute( |$)' | sed 's/$/ --print-config/' "
+    '| while read -r line; do eval "$line" >/dev/null || exit 1; done'
+)
+
+
 def check_only_steps(cmd_text: str) -> list[str]:
     """Shell lines that check a command without running it (each must exit 0)."""
     steps = [f"bash -n <<'DOC_EOF'\n{cmd_text}\nDOC_EOF"]
@@ -200,10 +209,7 @@ def check_only_steps(cmd_text: str) -> list[str]:
             dry = "make -n " + part.split("make", 1)[1]
             steps.append(dry)
             # The precompute config a make target would resolve, from the dry run's lines.
-            steps.append(
-                f"{dry} | grep -E -- '-m precompute( |$)' | sed 's/$/ --print-config/' "
-                '| while read -r line; do eval "$line" >/dev/null || exit 1; done'
-            )
+            steps.append(f"{dry} | {JOIN_CONTINUATIONS} | {PRINT_CONFIGS}")
         elif prog in ("python", "python3"):
             for mod in python_modules(part):
                 if mod == "precompute":
