@@ -24,6 +24,9 @@ from pathlib import Path
 FENCE_LANGS = ("sh", "bash", "shell", "console", "zsh")
 DOC_GLOBS = ("README.md", "docs/*.md")
 
+# A command's start: `VAR=value` words, then the program.
+CMD = r"^(?:\w+=\S*\s+)*"
+
 # Why a command is not run here: (regex searched in one part of the command, reason).
 # The first match wins; the reason is the test's message and the table in one place.
 CHECK_ONLY: tuple[tuple[str, str], ...] = (
@@ -34,15 +37,19 @@ CHECK_ONLY: tuple[tuple[str, str], ...] = (
     (r"tensor_parallel_size=([2-9]|\d\d)", "tensor parallelism needs several GPUs"),
     (r"^ray start\b|\bRAY_ADDRESS=", "needs a Ray cluster of several machines"),
     (r"\bs3://|\bgs://", "needs object-store credentials"),
-    (r"^make (demo|demo-onpolicy)\b", "the demo: 20 min to 2 h on 2 cores with the SmolLM2 models"),
-    (r"^make bench-", "a benchmark: minutes to hours, with the SmolLM2 models"),
+    (CMD + r"make (demo|demo-onpolicy)\b", "the demo: 20 min to 2 h on 2 cores with SmolLM2"),
+    (r"-m (tools|bench)\.demo", "the demo: 20 min to 2 h on 2 cores with SmolLM2"),
+    (CMD + r"make bench-|-m bench\.", "a benchmark: minutes to hours, with the SmolLM2 models"),
     (
-        r"^make teacher-server\b",
+        CMD + r"make teacher-server\b",
         "a server in the foreground until Ctrl-C (tests/test_onpolicy.py starts the same one)",
     ),
-    (r"vllm\.entrypoints\.openai\.api_server", "a server in the foreground until Ctrl-C"),
+    (r"vllm\.entrypoints\.openai\.api_server|\bvllm serve\b", "a server in the foreground"),
     (r"\bTEACHER_URL=", "talks to a server started in another terminal"),
-    (r"^make (setup|test|lint|format)\b", "re-creates .venv or runs the whole suite"),
+    (CMD + r"make (setup|test|lint|format)\b", "re-creates .venv or runs the whole suite"),
+    (CMD + r"make (models|clean-models)\b|-m tools\.models\b", "converts or deletes SmolLM2"),
+    (r"\bpip3? install\b|\buv (pip|add)\b", "installs into the environment"),
+    (r"\b(git clone|curl|wget)\b", "needs the network"),
 )
 
 

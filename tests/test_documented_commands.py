@@ -164,6 +164,7 @@ def workspace(tmp_path_factory) -> Path:
     for entry in ROOT.iterdir():
         if entry.name not in {".git", ".venv", "models", "data", "out", "runs", "reports"}:
             (ws / entry.name).symlink_to(entry)
+    (ws / ".venv").symlink_to(VENV)  # `source .venv/bin/activate` finds the tests' venv
     models = {"teacher": tiny_model_dir(), "student": tiny_model_dir(seed=1)}
     _build_data(ws)
     for rel, what in FIXTURE_PATHS.items():
@@ -206,7 +207,8 @@ def check_only_steps(cmd_text: str) -> list[str]:
     for part in re.split(r"\s&&\s", cmd_text):
         prog = program(part)
         if prog == "make":
-            dry = "make -n " + part.split("make", 1)[1]
+            env_words, rest = part.split("make", 1)
+            dry = f"{env_words}make -n{rest}"
             steps.append(dry)
             # The precompute config a make target would resolve, from the dry run's lines.
             steps.append(f"{dry} | {JOIN_CONTINUATIONS} | {PRINT_CONFIGS}")
@@ -280,4 +282,7 @@ def test_classification_and_substitution():
     assert substitute("make onpolicy-rounds ROUNDS=3", 4) == (
         "make onpolicy-rounds WORK=runs/rounds-4 ROUNDS=1"
     )
-    assert check_only_steps("make demo")[1] == "make -n  demo"
+    assert check_only_steps("make demo")[1] == "make -n demo"
+    setup = block_commands("f.md", 1, "sh", ["KDSHARDS_DEVICE=cpu make setup"])[0]
+    assert setup.check_only_reason() is not None
+    assert check_only_steps(setup.text)[1] == "KDSHARDS_DEVICE=cpu make -n setup"
