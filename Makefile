@@ -89,7 +89,7 @@ bench-precompute-host: setup ## host cost per token: vLLM logprobs -> top-k -> s
 bench-precompute-workers: setup models $(DEFAULT_DATA) ## precompute with 1 vs 2 local workers
 	$(PYTHON) -m bench.precompute_workers $(ARGS)
 
-# make train METHOD=skd|seqkd|jsd|dualkl [BETA= ALPHA= TEMP= STEPS= SHARDS= STUDENT= RUN=]
+# make train METHOD=skd|seqkd|jsd|dualkl|onpolicy [BETA= ALPHA= TEMP= STEPS= SHARDS= STUDENT= RUN=]
 #            [GPUS=n] [ZERO=2|3] [ARGS='key=value ...']
 # Several machines (the same command on each, GPUS = processes per machine):
 #   make train NNODES=2 RDZV=host0:29500 ...                         (c10d rendezvous), or
@@ -115,7 +115,7 @@ TRAIN_CHECK = $(if $(filter 1,$(NNODES)),,$(if $(RDZV)$(and $(NODE_RANK),$(MASTE
 # On-policy (METHOD=onpolicy): the teacher server's address, e.g. http://localhost:8000.
 TRAIN_OVERRIDES += $(if $(TEACHER_URL),onpolicy.teacher_url=$(TEACHER_URL))
 
-train: setup ## train the student from shards (METHOD=skd|seqkd|jsd|dualkl, see configs/train)
+train: setup ## train the student from shards (METHOD=skd|seqkd|jsd|dualkl|onpolicy, see configs/train)
 	$(TRAIN_CHECK)$(TRAIN_LAUNCH) train configs/train/$(METHOD).yaml $(TRAIN_OVERRIDES)
 
 bench-train: setup models ## SKD from shards vs. a live teacher per batch (run make precompute CONFIG=configs/demo/precompute.yaml first)

@@ -94,17 +94,17 @@ def header(module: str, argv: list[str] | None) -> dict:
     }
 
 
-def relative(value):
-    """`value` with every path inside this checkout written relative to it (in strings, lists
-    and dicts), so that results do not name the machine's directories."""
+def relative(value, root: Path = REPO):
+    """`value` with every path inside the checkout `root` written relative to it (in strings,
+    lists and dicts), so that results do not name the machine's directories."""
     if isinstance(value, dict):
-        return {k: relative(v) for k, v in value.items()}
+        return {k: relative(v, root) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [relative(v) for v in value]
+        return [relative(v, root) for v in value]
     if isinstance(value, Path):
         value = str(value)
     if isinstance(value, str):
-        return value.replace(f"{REPO}{os.sep}", "").replace(str(REPO), ".")
+        return value.replace(f"{root}{os.sep}", "").replace(str(root), ".")
     return value
 
 

@@ -47,13 +47,33 @@ FLAGS = {
 }
 
 
-def parser() -> argparse.ArgumentParser:
+def config_file(argv: list[str]) -> str:
+    """The config file `--config` names in argv, else '' (the neutral built-in defaults)."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return ""
+
+
+def parser(config: str = "") -> argparse.ArgumentParser:
+    """The CLI; its help lists every config key with the value in effect under `config`."""
+    try:
+        effective = load_config(config, [], check=False) if config else None
+        heading = (
+            f"the values in effect with {config} (marked where it changes the built-in default)"
+            if config
+            else "the built-in defaults (no config file)"
+        )
+    except (OSError, ValueError) as e:  # --help still works; running reports the error
+        effective, heading = None, f"the built-in defaults ({config} does not load: {e})"
     p = argparse.ArgumentParser(
         prog="python -m precompute",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (key=value or --key=value; defaults before the YAML):\n"
-        + "\n".join(help_lines())
+        epilog=f"config keys (key=value or --key=value), {heading}:\n"
+        + "\n".join(help_lines(effective=effective, source=config))
         + "\n  engine.<any vllm.EngineArgs field>=VALUE\n      e.g. --engine.dtype=bfloat16 "
         "--engine.max_model_len=4096 --engine.tensor_parallel_size=2",
     )
@@ -86,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip-invalid",
         action="store_true",
-        help="write invalid input rows to OUT/rejects-w<I>.jsonl and go on (default: stop)",
+        help="write invalid input rows to OUT/rejects-w<I>-<n>.jsonl and go on (default: stop)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -121,7 +141,8 @@ def split_overrides(extra: list[str]) -> list[str]:
 
 
 def resolve(argv: list[str] | None = None):
-    args, extra = parser().parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extra = parser(config_file(argv)).parse_known_args(argv)
     # A SLURM array task is one worker of the split; explicit settings (later) win.
     overrides = slurm_overrides(os.environ) + list(args.overrides) + split_overrides(extra)
     for flag, key in FLAGS.items():

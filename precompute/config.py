@@ -166,7 +166,7 @@ class PrecomputeConfig:
         "batches best with many prompts at once; commit_every with hf)",
     )
     skip_invalid: bool = _f(
-        False, "write invalid input rows to rejects-w<I>.jsonl instead of stopping"
+        False, "write invalid input rows to rejects-w<I>-<n>.jsonl instead of stopping"
     )
     num_workers: int = _f(
         0,
@@ -271,7 +271,11 @@ def validate(cfg: PrecomputeConfig) -> PrecomputeConfig:
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> PrecomputeConfig:
+def load_config(
+    path: str | Path | None, overrides: list[str] = (), *, check: bool = True
+) -> PrecomputeConfig:
+    """The config of YAML `path` with `overrides`; check=False skips validate (and its
+    vLLM import: --help lists the values without loading vLLM)."""
     data = {}
     if path:
         try:
@@ -289,7 +293,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Precomput
         cfg = build(PrecomputeConfig, data)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return validate(cfg)
+    return validate(cfg) if check else cfg
 
 
 def to_dict(cfg) -> dict:
@@ -305,14 +309,22 @@ def content_dict(cfg: PrecomputeConfig) -> dict:
     return d
 
 
-def help_lines(cls=PrecomputeConfig, prefix: str = "") -> list[str]:
-    """`key (default): help` for every field, sections flattened with dots."""
+def help_lines(
+    cls=PrecomputeConfig, prefix: str = "", effective=None, source: str = ""
+) -> list[str]:
+    """`key=value` and its help for every field, sections flattened with dots.
+
+    value is the one in effect: `effective`'s (the config file `source` loaded) where given,
+    marked with the file and the built-in default where the file changes it; else the
+    built-in default."""
     out = []
     inst = cls()
     for f in dataclasses.fields(cls):
-        value = getattr(inst, f.name)
-        if dataclasses.is_dataclass(value):
-            out.extend(help_lines(type(value), f"{prefix}{f.name}."))
-        else:
-            out.append(f"  {prefix}{f.name}={value!r}\n      {f.metadata.get('help', '')}")
+        default = getattr(inst, f.name)
+        value = default if effective is None else getattr(effective, f.name)
+        if dataclasses.is_dataclass(default):
+            out.extend(help_lines(type(default), f"{prefix}{f.name}.", value, source))
+            continue
+        where = f"  [{source}; built-in {default!r}]" if value != default else ""
+        out.append(f"  {prefix}{f.name}={value!r}{where}\n      {f.metadata.get('help', '')}")
     return out

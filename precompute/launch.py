@@ -178,10 +178,12 @@ def local_gpus(cfg: PrecomputeConfig) -> list[str]:
 
 def absolute_paths(cfg: PrecomputeConfig) -> PrecomputeConfig:
     """Paths that do not depend on the worker's working directory (Ray workers have their
-    own); the model folders only when they exist here, as they may name a hub model."""
+    own); the model folders only when they exist here, as they may name a hub model.
+    Symlinks are kept (abspath, not resolve): the metadata records the teacher folder's name,
+    and a linked models/ folder must give the same name as a local run's."""
 
     def local(p: str) -> str:
-        return str(Path(p).resolve()) if p and Path(p).exists() else p
+        return os.path.abspath(p) if p and Path(p).exists() else p
 
     return replace(
         cfg,

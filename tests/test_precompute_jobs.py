@@ -90,3 +90,20 @@ def test_slurm_array_task_runs_its_worker_only(tiny, tmp_path, monkeypatch):
     assert sorted(r["id"] for r in all_rows(out)) == sorted(
         r["id"] for r in rows if worker_of(r["id"], 2) == 1
     )
+
+
+def test_absolute_paths_keep_a_linked_teacher_folders_name(tmp_path, monkeypatch):
+    """A Ray run makes paths absolute; the teacher's name in the metadata must stay the one
+    a local run records (docs/precompute.md's `make precompute RAY=1` after `make precompute`
+    with models/ linked to another folder was refused as "other settings")."""
+    from precompute.config import load_config
+    from precompute.launch import absolute_paths
+
+    (tmp_path / "store" / "qwen3-abc").mkdir(parents=True)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "teacher").symlink_to(tmp_path / "store" / "qwen3-abc")
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(load_config(None, ["teacher=models/teacher", "student=models/teacher"]))
+    assert cfg.teacher == str(tmp_path / "models" / "teacher")
+    assert cfg.student == cfg.teacher
+    assert absolute_paths(load_config(None, ["teacher=org/hub-name"])).teacher == "org/hub-name"

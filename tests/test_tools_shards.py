@@ -365,7 +365,8 @@ def tiny_tokenizer_dir():
         pytest.skip(f"tiny model not buildable: {e}")
 
 
-def test_inspect_decodes_with_tokenizer(tiny_tokenizer_dir, tmp_path, capsys):
+@pytest.mark.parametrize("found_by", ["metadata", "committed_config"])
+def test_inspect_decodes_with_tokenizer(tiny_tokenizer_dir, tmp_path, capsys, found_by):
     from transformers import AutoTokenizer
 
     from shards.fingerprint import tokenizer_fingerprint
@@ -391,11 +392,15 @@ def test_inspect_decodes_with_tokenizer(tiny_tokenizer_dir, tmp_path, capsys):
     meta = ShardMetadata(
         k=8,
         vocab_size=vocab,
-        teacher=str(tiny_tokenizer_dir),
+        # precompute writes only the folder's name here; its committed config has the path.
+        teacher=str(tiny_tokenizer_dir) if found_by == "metadata" else tiny_tokenizer_dir.name,
         teacher_fingerprint="t",
         tokenizer_fingerprint=tokenizer_fingerprint(tok),
     )
     with ShardWriter(tmp_path / "s", meta) as w:
+        if found_by == "committed_config":
+            w.add_extra("precompute_config", b"teacher: /no/such/teacher\n", ".yaml")
+            w.add_extra("precompute_config", f"teacher: {tiny_tokenizer_dir}\n".encode(), ".yaml")
         w.add(
             ShardRow(
                 id="capital",
@@ -407,7 +412,8 @@ def test_inspect_decodes_with_tokenizer(tiny_tokenizer_dir, tmp_path, capsys):
                 meta={"answer": "Paris"},
             )
         )
-    # The tokenizer is found through the metadata's teacher folder, and given explicitly.
+    # The tokenizer is found through the teacher folder (the metadata's, or the newest
+    # committed config's), and given explicitly.
     for extra in ([], ["--tokenizer", str(tiny_tokenizer_dir)]):
         code, out, err = run(capsys, "inspect", tmp_path / "s", "--top", 3, *extra)
         assert code == 0
@@ -424,3 +430,10 @@ def test_inspect_decodes_with_tokenizer(tiny_tokenizer_dir, tmp_path, capsys):
             fields = line.split()
             assert fields[3] == "1" and fields[5] == fields[1]
             assert float(fields[6]) == pytest.approx(0.6, abs=0.01)
+
+
+def test_inspect_prints_ids_and_says_how_to_decode(folder, capsys):
+    """The synthetic folder's teacher is no local folder: ids, and a note naming --tokenizer."""
+    code, out, err = run(capsys, "inspect", folder, "--row", 0)
+    assert code == 0
+    assert "not a local folder" in err and "--tokenizer DIR" in err

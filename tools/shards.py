@@ -7,7 +7,8 @@
     python -m tools.shards import PARQUET --tokenizer DIR --out DIR [--k K] [--skip-invalid]
 
 `inspect` prints one row: its fields, the prompt and response (decoded with --tokenizer, else
-with the manifest's `teacher` if that is a local model folder, else as ids), and per response
+with the teacher's tokenizer when the folder's committed precompute config or the manifest's
+`teacher` names a local model folder, else as ids), and per response
 position the token, the teacher's logprob of it and the teacher's top-N with probabilities,
 most probable first, and the tail mass.
 
@@ -67,14 +68,43 @@ def _blocks(folder):
 # ---- tokenizer ---------------------------------------------------------------------------------
 
 
-def load_tokenizer(path: str | Path | None, metadata, *, quiet: bool = False):
-    """The tokenizer at `path`, else at metadata.teacher when that is a local folder, else None.
+def committed_teacher(folder) -> str | None:
+    """The teacher path of the folder's newest committed precompute config, if any.
+
+    The metadata keeps only the teacher's folder name (paths differ between machines); the
+    precompute_config-w<I>-<n>.yaml extras record the path the run resolved."""
+    import yaml
+
+    configs = [e for e in folder.manifest.extras if e.kind == "precompute_config"]
+    for entry in reversed(configs):
+        try:
+            teacher = yaml.safe_load(folder.store.read(entry.name)).get("teacher")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue  # unreadable: the tokenizer falls back to the next candidate
+        if teacher:
+            return str(teacher)
+    return None
+
+
+def load_tokenizer(
+    path: str | Path | None, metadata, *, quiet: bool = False, teacher: str | None = None
+):
+    """The tokenizer at `path`, else at the first of `teacher` (committed_teacher) and
+    metadata.teacher that is a local folder, else None (ids are printed, with a note saying
+    how to pass --tokenizer).
 
     Warns (on stderr) when its fingerprint differs from the folder's.
     """
     candidates = [path] if path is not None else []
-    if path is None and metadata.teacher and Path(metadata.teacher).is_dir():
-        candidates.append(metadata.teacher)
+    if path is None:
+        local = [t for t in (teacher, metadata.teacher) if t and Path(t).is_dir()]
+        candidates += local[:1]
+        if not local and not quiet:
+            print(
+                f"note: the teacher {teacher or metadata.teacher!r} is not a local folder here; "
+                "printing token ids (pass --tokenizer DIR to decode them)",
+                file=sys.stderr,
+            )
     for cand in candidates:
         try:
             from transformers import AutoTokenizer
@@ -213,7 +243,7 @@ def render_row(r: dict, metadata, tok, *, positions: str | None, top: int) -> st
 
 def cmd_inspect(args) -> int:
     folder = _folder(args.dir)
-    tok = load_tokenizer(args.tokenizer, folder.metadata)
+    tok = load_tokenizer(args.tokenizer, folder.metadata, teacher=committed_teacher(folder))
     r = find_row(folder, args.row)
     print(render_row(r, folder.metadata, tok, positions=args.positions, top=args.top))
     return 0

@@ -1,0 +1,288 @@
+"""Every shell command that README.md and docs/*.md tell a user to type is tried (#19 §6).
+
+tests/doc_commands.py says which fences count and how a block splits into commands. Each
+command is one test (id: file:line), run in document order with `bash -c` in one workspace
+that lives for the module, so `make train` finds the shards `make precompute` wrote. The
+workspace links the checkout's code, configs and Makefile and holds its own models/, data/,
+out/, runs/ and reports/:
+
+- FIXTURE_PATHS: every model or data path the docs name is there, built by
+  tests/fixtures/tiny_model.py (a random Qwen3 teacher; the student the same architecture
+  with other weights and the same tokenizer) and `precompute.default_data` (a few
+  questions), never the demo's SmolLM2 models;
+- SIZE_ENV: small sizes through the documented make variables (STEPS, PRECOMPUTE_ARGS,
+  EVAL_ARGS), read by make from the environment;
+- SUBSTITUTIONS: a table of (pattern, replacement) applied to every command, for sizes a
+  command sets itself (`STEPS=100`, `max_steps=500`) and for outputs that two documented
+  alternatives would otherwise share (each is a new folder named by the command's line);
+- `make` runs with VENV= the interpreter's venv and its setup stamp and `models` target
+  marked done (-o), so it neither re-creates .venv nor converts SmolLM2.
+
+Commands that need a GPU or a cluster, or take more than a minute here (doc_commands.CHECK_ONLY
+lists each with its reason) are checked without running: `bash -n`, `make -n`, the module's
+`--help`, and for precompute its resolved config (`--print-config`). Any other command runs,
+so a new fenced command is picked up without editing this file; one that fails fails its test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.doc_commands import (
+    block_commands,
+    documented_commands,
+    program,
+    python_modules,
+    unlabeled_command_blocks,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(sys.executable).parent.parent
+COMMAND_TIMEOUT_S = 900
+
+# Workspace path -> what is put there ("teacher", "student", or a file of the tiny data).
+FIXTURE_PATHS = {
+    "models/smollm2-135m-instruct": "teacher",
+    "models/smollm2-student": "student",
+    "models/qwen3-8b": "teacher",
+    "models/x": "teacher",
+    "path/to/qwen3-8b": "teacher",
+    "my.jsonl": "data/default/train.jsonl",
+    "my_test.jsonl": "data/default/test.jsonl",
+    "my.parquet": "parquet:data/default/train.jsonl",
+}
+
+# Read by make as variables (a command that sets one itself wins; SUBSTITUTIONS shrinks it).
+SIZE_ENV = {
+    "STEPS": "2",
+    "PRECOMPUTE_ARGS": "num_workers=1 sampling.max_tokens=16 commit_every=4",
+    "EVAL_ARGS": "--backend hf --max-tokens 8 --limit 4",
+}
+
+# (regex, replacement) on every command; `{line}` is the command's line in its file.
+SUBSTITUTIONS: tuple[tuple[str, str], ...] = (
+    (r"\bSTEPS=\d+", "STEPS=2"),
+    (r"\bmax_steps=\d+", "max_steps=2"),
+    (r"\bROUNDS=\d+", "ROUNDS=1"),
+    (r"--limit \d+", "--limit 4"),
+    (r"\bEVAL_ARGS='", "EVAL_ARGS='--backend hf --max-tokens 8 "),
+    (r"(python -m tools\.eval\b)", r"\1 --backend hf --max-tokens 8 --limit 4"),
+    # A direct precompute run gets the same sizes as `make precompute`, and its own folder:
+    # the docs list it as an alternative, and a folder refuses a second config.
+    (
+        r"^python -m precompute\b(?!.*(--out\b|\bout=|--help|--print-config))",
+        "python -m precompute --out out/doc-{line}",
+    ),
+    (
+        r"^python -m precompute\b(?!.*--(help|print-config))",
+        "python -m precompute $PRECOMPUTE_ARGS",
+    ),
+    # Rounds refuse other settings in a used WORK folder; each documented variant gets one.
+    (r"^make onpolicy-rounds\b(?!.*\bWORK=)", "make onpolicy-rounds WORK=runs/rounds-{line}"),
+)
+
+COMMANDS = documented_commands(ROOT)
+
+
+def substitute(text: str, line: int) -> str:
+    parts = []
+    for part in re.split(r"(\s&&\s)", text):
+        for pattern, repl in SUBSTITUTIONS:
+            part = re.sub(pattern, repl.replace("{line}", str(line)), part, flags=re.M)
+        parts.append(part)
+    return "".join(parts)
+
+
+def _make_wrapper() -> str:
+    stamp = VENV / ".setup-stamp"
+    return (
+        f"make() {{ command make VENV={shlex.quote(str(VENV))} -o {shlex.quote(str(stamp))} "
+        '-o models "$@"; }\n'
+    )
+
+
+def _build_data(ws: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "precompute.default_data", "--out", "data/default"]
+        + ["--train", "8", "--val", "4", "--test", "4"],
+        cwd=ws,
+        env=_env(ws),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
+def _place(ws: Path, rel: str, what: str, models: dict[str, Path]) -> None:
+    dest = ws / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if what in models:
+        dest.symlink_to(models[what], target_is_directory=True)
+    elif what.startswith("parquet:"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = [json.loads(x) for x in (ws / what[8:]).read_text().splitlines() if x.strip()]
+        # Score mode with data.answer_field=solution (docs/precompute.md): the answer field
+        # holds the response to teacher-force.
+        for r in rows:
+            r["solution"] = r.pop("answer")
+        pq.write_table(pa.Table.from_pylist(rows), dest)
+    else:
+        shutil.copyfile(ws / what, dest)
+
+
+def _env(ws: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(SIZE_ENV)
+    env.update(
+        PATH=f"{VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=str(ROOT),
+        VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="offline",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    from tests.fixtures.tiny_model import tiny_model_dir
+
+    ws = tmp_path_factory.mktemp("docs-workspace")
+    for entry in ROOT.iterdir():
+        if entry.name not in {".git", ".venv", "models", "data", "out", "runs", "reports"}:
+            (ws / entry.name).symlink_to(entry)
+    (ws / ".venv").symlink_to(VENV)  # `source .venv/bin/activate` finds the tests' venv
+    models = {"teacher": tiny_model_dir(), "student": tiny_model_dir(seed=1)}
+    _build_data(ws)
+    for rel, what in FIXTURE_PATHS.items():
+        _place(ws, rel, what, models)
+    return ws
+
+
+def _bash(ws: Path, script: str, timeout: float = COMMAND_TIMEOUT_S):
+    return subprocess.run(
+        ["bash", "-c", _make_wrapper() + script],
+        cwd=ws,
+        env=_env(ws),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _ok(proc, what: str) -> None:
+    if proc.returncode:
+        tail = (proc.stdout[-3000:] + "\n" + proc.stderr[-6000:]).strip()
+        pytest.fail(f"{what} exited {proc.returncode}:\n{tail}", pytrace=False)
+
+
+# A recipe's `\`-continued lines as one line each (make -n prints them as written).
+JOIN_CONTINUATIONS = r"""awk '/\\$/ {sub(/\\$/, ""); printf "%s", $0; next} {print}'"""
+# Each precompute command of the input, resolved (--print-config) instead of run.
+PRINT_CONFIGS = (
+    "grep -E -- '-m precompute( |$)' | sed 's/$/ --print-config/' "
+    '| while read -r line; do eval "$line" >/dev/null || exit 1; done'
+)
+
+
+def check_only_steps(cmd_text: str) -> list[str]:
+    """Shell lines that check a command without running it (each must exit 0)."""
+    steps = [f"bash -n <<'DOC_EOF'\n{cmd_text}\nDOC_EOF"]
+    if cmd_text.startswith("#!"):
+        # A batch script: its commands need the cluster's paths; check the modules it runs.
+        return steps + [f"python -m {m} --help >/dev/null" for m in python_modules(cmd_text)]
+    for part in re.split(r"\s&&\s", cmd_text):
+        prog = program(part)
+        if prog == "make":
+            env_words, rest = part.split("make", 1)
+            dry = f"{env_words}make -n{rest}"
+            steps.append(dry)
+            # The precompute config a make target would resolve, from the dry run's lines.
+            steps.append(f"{dry} | {JOIN_CONTINUATIONS} | {PRINT_CONFIGS}")
+        elif prog in ("python", "python3"):
+            for mod in python_modules(part):
+                if mod == "precompute":
+                    env_words = part.split("python", 1)[0]
+                    steps.append(f"{env_words}{part[len(env_words) :]} --print-config >/dev/null")
+                else:
+                    steps.append(f"python -m {mod} --help >/dev/null")
+        else:
+            steps.append(f"command -v {shlex.quote(prog)}")
+    return steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cmd", COMMANDS, ids=[c.where for c in COMMANDS])
+def test_documented_command(cmd, workspace):
+    reason = cmd.check_only_reason()
+    if reason is not None:
+        for step in check_only_steps(cmd.text):
+            _ok(_bash(workspace, step, timeout=300), f"{cmd.where} ({reason}), check `{step}`")
+        return
+    script = substitute(cmd.text, cmd.line)
+    _ok(_bash(workspace, "set -e\n" + script), f"{cmd.where} `{script}`")
+
+
+# --- the harness itself (fast) ---
+
+
+def test_docs_have_commands_and_no_unlabeled_command_fences():
+    assert len(COMMANDS) > 20, [c.where for c in COMMANDS]
+    assert unlabeled_command_blocks(ROOT) == [], "label these fences `sh`"
+
+
+def test_block_splitting():
+    lines = [
+        "make a                      # a comment",
+        "# = python -m x \\",
+        "#     --y",
+        'python -m tools.eval --model "a (Q+E)=m@qe" \\',
+        "    --data d.jsonl   # trailing",
+        "make train STEPS=1 && \\",
+        "make eval EVAL_ARGS='--x #not-a-comment'",
+        "$ make help",
+    ]
+    cmds = block_commands("f.md", 10, "sh", lines)
+    assert [(c.line, c.text) for c in cmds] == [
+        (10, "make a"),
+        (13, 'python -m tools.eval --model "a (Q+E)=m@qe" --data d.jsonl'),
+        (15, "make train STEPS=1 && make eval EVAL_ARGS='--x #not-a-comment'"),
+        (17, "make help"),
+    ]
+    assert cmds[2].parts() == ["make train STEPS=1", "make eval EVAL_ARGS='--x #not-a-comment'"]
+    console = block_commands("f.md", 1, "console", ["$ make x", "some output", "$ ls"])
+    assert [c.text for c in console] == ["make x", "ls"]
+    script = block_commands("f.md", 1, "bash", ["#!/bin/bash", "#SBATCH --x", "python -m a"])
+    assert len(script) == 1 and script[0].check_only_reason() is not None
+
+
+def test_classification_and_substitution():
+    run = block_commands("f.md", 7, "sh", ["make train METHOD=skd", "python -m precompute --k 8"])
+    assert [c.check_only_reason() for c in run] == [None, None]
+    gpu = block_commands("f.md", 1, "sh", ["make train METHOD=jsd GPUS=8 ZERO=3", "make demo"])
+    assert all(c.check_only_reason() for c in gpu)
+    assert substitute("make onpolicy-live STEPS=100", 3) == "make onpolicy-live STEPS=2"
+    assert substitute("python -m precompute --k 8", 9) == (
+        "python -m precompute $PRECOMPUTE_ARGS --out out/doc-9 --k 8"
+    )
+    assert substitute("python -m precompute --help", 9) == "python -m precompute --help"
+    assert substitute("make onpolicy-rounds ROUNDS=3", 4) == (
+        "make onpolicy-rounds WORK=runs/rounds-4 ROUNDS=1"
+    )
+    assert check_only_steps("make demo")[1] == "make -n demo"
+    setup = block_commands("f.md", 1, "sh", ["KDSHARDS_DEVICE=cpu make setup"])[0]
+    assert setup.check_only_reason() is not None
+    assert check_only_steps(setup.text)[1] == "KDSHARDS_DEVICE=cpu make -n setup"
