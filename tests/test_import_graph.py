@@ -13,8 +13,6 @@ import ast
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("shards", "precompute", "train", "tools", "runtime", "vllm_engine", "bench")
 # Tests that test vllm_engine itself against the installed vLLM may import it.
@@ -175,22 +173,5 @@ def test_the_checks_see_lazy_relative_and_from_imports(tmp_path, monkeypatch):
     assert violations(("pkg",), {"pkg": {"vllm"}}) == ["pkg/a.py:3 imports vllm.inputs"]
 
 
-# Cycles other branches remove (the lead flips this test to strict after merging them).
-KNOWN_CYCLES = [
-    ["precompute.jobs", "precompute.ray_runner"],
-    ["tools.demo_onpolicy", "tools.demo_onpolicy_report"],
-]
-
-
-def test_no_import_cycles_but_the_known_ones():
-    assert [c for c in cycles(graph()) if c not in KNOWN_CYCLES] == []
-
-
-@pytest.mark.xfail(
-    any(c in cycles(graph()) for c in KNOWN_CYCLES),
-    reason="precompute/jobs.py <-> precompute/ray_runner.py and tools/demo_onpolicy.py <-> "
-    "tools/demo_onpolicy_report.py are being removed on other branches",
-    strict=False,
-)
 def test_no_import_cycles():
     assert cycles(graph()) == []
