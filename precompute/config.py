@@ -49,6 +49,11 @@ class DataConfig:
         "input: .jsonl/.json/.parquet/.csv/.arrow file, or a folder saved by datasets",
     )
     split: str = _f("train", "split to read from a DatasetDict folder")
+    format: Literal["auto", "question_answer", "messages", "prompt_completion"] = _f(
+        "auto",
+        "rows' format: auto (from the columns: question, messages, prompt; "
+        "docs/precompute.md) | question_answer | messages | prompt_completion (TRL's)",
+    )
     question_field: str = _f("question", "field with the question text")
     messages_field: str = _f(
         "", "field with a chat `messages` list instead of a question (takes precedence)"
