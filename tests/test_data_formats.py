@@ -1,0 +1,218 @@
+"""Data as Hugging Face and TRL users have it: each format recognised from its columns and
+mapped to the student's prompt, the teacher's, the answer and the response to score
+(datafiles/formats.py); tables of no known format and bad rows refused in one line each; the
+same reading in precompute, tools.eval and on-policy prompts."""
+
+from __future__ import annotations
+
+import pytest
+
+from datafiles.formats import Fields, read_examples
+from datafiles.reading import InputFileError
+from precompute.config import load_config
+from precompute.hf_backend import HFBackend
+from precompute.inputs import read_examples as precompute_examples
+from precompute.run import run
+from tests.fixtures.tiny_model import tiny_model_dir
+from tests.precompute_helpers import K, all_rows, cfg, write_jsonl
+
+SYS = {"role": "system", "content": "Be brief."}
+USER = {"role": "user", "content": "What is 2 + 2?"}
+BOT = {"role": "assistant", "content": "2 + 2 = 4."}
+
+# (row, student chat, answer, score-mode response); experience and id ride along.
+CASES = {
+    "question_answer": ({"question": USER["content"], "answer": "4"}, [USER], "4", "4"),
+    "messages": ({"messages": [SYS, USER, BOT]}, [SYS, USER], BOT["content"], BOT["content"]),
+    "standard prompt-completion": (
+        {"prompt": USER["content"], "completion": BOT["content"]},
+        [USER],
+        BOT["content"],
+        BOT["content"],
+    ),
+    "conversational prompt-completion": (
+        {"prompt": [SYS, USER], "completion": [BOT]},
+        [SYS, USER],
+        BOT["content"],
+        BOT["content"],
+    ),
+    # A reference answer beside a completion: the answer is the answer, the completion
+    # is what is scored.
+    "prompt-completion with an answer": (
+        {"prompt": USER["content"], "completion": BOT["content"], "answer": "4"},
+        [USER],
+        "4",
+        BOT["content"],
+    ),
+}
+PROMPT_ONLY = {
+    "standard prompt-only": ({"prompt": USER["content"]}, [USER]),
+    "conversational prompt-only": ({"prompt": [SYS, USER]}, [SYS, USER]),
+}
+
+
+def write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def write(tmp_path, rows, suffix):
+    path = tmp_path / f"data.{suffix}"
+    return write_jsonl(path, rows) if suffix == "jsonl" else write_parquet(path, rows)
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_format_is_recognised_and_mapped(tmp_path, case, suffix):
+    row, chat, answer, response = CASES[case]
+    rows = [{**row, "experience": "Add.", "id": "a"}, {**row, "id": "b"}]
+    path = write(tmp_path, rows, suffix)
+    examples, rejects, total = read_examples(path, "train", Fields(), "score")
+    assert rejects == [] and total == 2
+    for ex, e in zip(examples, ["Add.", ""], strict=True):
+        assert list(ex.messages) == chat
+        assert (ex.answer, ex.response, ex.experience) == (answer, response, e)
+    assert [ex.id for ex in examples] == ["a", "b"]
+
+
+@pytest.mark.parametrize("case", list(PROMPT_ONLY))
+def test_prompt_only_rows_generate_and_have_nothing_to_score(tmp_path, case):
+    row, chat = PROMPT_ONLY[case]
+    path = write_jsonl(tmp_path / "p.jsonl", [row])
+    (ex,), rejects, _ = read_examples(path, "train", Fields(), "generate")
+    assert rejects == [] and list(ex.messages) == chat and ex.answer is None
+    _, rejects, _ = read_examples(path, "train", Fields(), "score")
+    assert [r.message() for r in rejects] == [
+        f"{path}:1: completion: score mode needs a non-empty response to score"
+    ]
+
+
+def test_a_table_of_no_known_format_is_refused_in_one_line(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"input": "a?", "output": "b"}])
+    with pytest.raises(InputFileError) as e:
+        read_examples(path, "train", Fields(), "generate")
+    assert str(e.value) == (
+        f"{path}: no known format: columns [input, output]; looked for: question(+answer) | "
+        "messages | prompt(+completion); or name them with data.format and data.*_field"
+    )
+    csv = tmp_path / "t.csv"
+    csv.write_text("text,source\nhello world,web\n")
+    with pytest.raises(InputFileError, match=r"columns \[text, source\].*`text` is language"):
+        read_examples(csv, "train", Fields(), "generate")
+
+
+def test_settings_win_over_the_columns(tmp_path):
+    rows = [{"question": "q?", "prompt": "p?", "completion": "c", "messages": [USER]}]
+    path = write_parquet(tmp_path / "all.parquet", rows)
+
+    def chat(*overrides):
+        c = load_config(None, [f"data.path={path}", *overrides])
+        (ex,), rejects, _ = precompute_examples(c.data, "generate")
+        assert rejects == []
+        return ex.messages[0]["content"]
+
+    assert chat() == "q?"  # kdshards' own format first, as before the formats were read
+    assert chat("data.format=prompt_completion") == "p?"
+    assert chat("data.format=messages") == USER["content"]
+    assert chat("data.messages_field=messages") == USER["content"]
+    only = write_parquet(tmp_path / "m.parquet", [{"messages": [USER], "prompt": "p?"}])
+    assert chat(f"data.path={only}") == USER["content"]  # messages before prompt
+    c = load_config(None, [f"data.path={only}", "data.question_field=q"])
+    with pytest.raises(InputFileError, match="no column 'q' \\(format question_answer, from"):
+        precompute_examples(c.data, "generate")
+    with pytest.raises(ValueError, match="data.format"):
+        load_config(None, ["data.format=alpaca"])
+
+
+def test_bad_rows_name_file_line_and_field(tmp_path):
+    path = write_jsonl(
+        tmp_path / "pc.jsonl",
+        [
+            "{not json",  # the format is read from the first object, the next line
+            {"prompt": "ok?", "completion": "yes"},
+            {"prompt": 3, "completion": "x"},
+            {"prompt": [USER, BOT], "completion": "x"},
+            {"prompt": [{"role": "user"}], "completion": "x"},
+            {"prompt": "p?", "completion": [BOT, BOT]},
+            {"prompt": "p?", "completion": 7},
+            {"completion": "no prompt"},
+            {"prompt": "  ", "completion": "x"},
+        ],
+    )
+    examples, rejects, total = read_examples(path, "train", Fields(), "generate")
+    assert total == 9 and [ex.messages[0]["content"] for ex in examples] == ["ok?"]
+    assert [r.message() for r in rejects] == [
+        f"{path}:1: <json>: not valid JSON: Expecting property name enclosed in double quotes",
+        f"{path}:3: prompt: expected a string, got int",
+        f"{path}:4: prompt: ends with an assistant turn: the response belongs in the completion",
+        f"{path}:5: prompt[0]: expected {{role: str, content: str}}",
+        f"{path}:6: completion: expected one assistant message",
+        f"{path}:7: completion: expected a string or messages, got int",
+        f"{path}:8: prompt: missing",
+        f"{path}:9: prompt: empty",
+    ]
+
+
+def test_a_folder_reads_each_file_in_its_own_format(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"question": "a?"}])
+    write_jsonl(folder / "b.jsonl", [{"prompt": [USER]}])
+    write_jsonl(folder / "c.jsonl", [{"messages": [USER, BOT]}])
+    examples, rejects, _ = read_examples(folder, "train", Fields(), "generate")
+    assert rejects == []
+    assert [ex.messages[-1]["content"] for ex in examples] == ["a?"] + [USER["content"]] * 2
+    assert [ex.prompt_field for ex in examples] == ["question", "prompt", "messages"]
+
+
+# ---- precompute: the tokens of both views and of the scored response ------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model_dir()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_precompute_scores_each_format_with_the_right_tokens(tiny, tmp_path, case):
+    """Score mode on the tiny model: prompt ids are the chat template of the student's chat,
+    the teacher's add the experience, the response is the completion's tokens and EOS."""
+    from transformers import AutoTokenizer
+
+    row, chat, _, response = CASES[case]
+    path = write_jsonl(tmp_path / "d.jsonl", [{**row, "experience": "Add the numbers."}])
+    out = tmp_path / "out"
+    c = cfg(tiny, path, out, "mode=score", "view.experience_position=prefix")
+    run(c, HFBackend(str(tiny), K))
+    (shard_row,) = all_rows(out)
+    tok = AutoTokenizer.from_pretrained(tiny)
+
+    def ids(messages):  # written out here, not datafiles.views.render
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    teacher_chat = [dict(m) for m in chat]
+    teacher_chat[-1]["content"] = "Add the numbers.\n\n" + teacher_chat[-1]["content"]
+    assert list(shard_row["prompt_ids"]) == ids(chat)
+    assert list(shard_row["teacher_prompt_ids"]) == ids(teacher_chat)
+    expected = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert list(shard_row["response_ids"]) == expected
+
+
+# ---- tools.eval ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_eval_reads_each_format(tmp_path, case):
+    from tools.eval import run as ev
+
+    row, chat, answer, _ = CASES[case]
+    path = write_jsonl(tmp_path / "test.jsonl", [row])
+    _, (ex,), raws = ev.load_examples("configs/precompute.yaml", str(path), 0)
+    assert list(ex.messages) == chat and ex.answer == answer
+    # Every case's answer ends in 4: the final number is matched.
+    assert ev.score(raws[ex.index], ex.answer, "The answer is 4.", 1.0) == ("exact_match", 1.0)
+    assert ev.score(raws[ex.index], ex.answer, "The answer is 5.", 1.0) == ("exact_match", 0.0)
