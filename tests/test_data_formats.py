@@ -216,3 +216,108 @@ def test_eval_reads_each_format(tmp_path, case):
     # Every case's answer ends in 4: the final number is matched.
     assert ev.score(raws[ex.index], ex.answer, "The answer is 4.", 1.0) == ("exact_match", 1.0)
     assert ev.score(raws[ex.index], ex.answer, "The answer is 5.", 1.0) == ("exact_match", 0.0)
+
+
+# ---- on-policy prompts from a data file (training against a server: test_onpolicy.py) ------
+
+
+def prompt_rows(n):
+    return [
+        {"prompt": [SYS, {"role": "user", "content": f"What is {i} + 1?"}], "experience": "Add."}
+        if i % 2
+        else {"prompt": f"What is {i} + 1?"}
+        for i in range(n)
+    ]
+
+
+def test_prompt_batches_render_both_views_and_cover_each_epoch(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    from train.prompts import PromptBatches
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    path = write_jsonl(tmp_path / "p.jsonl", prompt_rows(7))
+
+    def ids(messages):
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    src = PromptBatches(path, tok, max_rows=3, max_length=512, seed=1)
+    by_id = {}
+    batches = iter(src)
+    for _ in range(3):  # one epoch: 3 + 3 + 1 prompts
+        b = next(batches)
+        assert b.num_tokens == 0 and len(b.ids) == len(b.prompt_ids) <= 3
+        for i, p, t in zip(b.ids, b.prompt_ids, b.teacher_prompt_ids, strict=True):
+            by_id[i] = (p.tolist(), t.tolist())
+    assert len(by_id) == 7
+    for ex in src.examples:
+        chat = list(ex.messages)
+        p, t = by_id[ex.id]
+        assert p == ids(chat)
+        if ex.experience:  # the system message gets the experience after a blank line
+            teacher = [{**chat[0], "content": chat[0]["content"] + "\n\nAdd."}, *chat[1:]]
+            assert t == ids(teacher) and t != p
+        else:
+            assert t == p
+    # Two ranks split the rows; a rank's order differs per epoch.
+    r0 = PromptBatches(path, tok, max_rows=8, max_length=512, rank=0, world_size=2)
+    r1 = PromptBatches(path, tok, max_rows=8, max_length=512, rank=1, world_size=2)
+    assert sorted(r0.ids + r1.ids) == sorted(src.ids) and not set(r0.ids) & set(r1.ids)
+    it = iter(r0)
+    first, second = next(it).ids, next(it).ids
+    assert sorted(first) == sorted(second) and first != second
+
+
+def test_prompt_batches_resume_where_the_trainer_stopped(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    from train.prompts import PromptBatches
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    path = write_jsonl(tmp_path / "p.jsonl", prompt_rows(5))
+    src = PromptBatches(path, tok, max_rows=2, max_length=512)
+    it = iter(src)
+    seen = []
+    for _ in range(4):  # into the second epoch (3 batches an epoch)
+        b = next(it)
+        src.update(b)
+        seen.append(b.ids)
+    again = PromptBatches(path, tok, max_rows=2, max_length=512)
+    again.load_state_dict(src.state_dict())
+    whole = PromptBatches(path, tok, max_rows=2, max_length=512)
+    expected = [b.ids for _, b in zip(range(6), iter(whole), strict=False)]
+    assert seen + [b.ids for _, b in zip(range(2), iter(again), strict=False)] == expected
+
+
+def test_prompt_batches_refuse_bad_rows_and_prompts_without_room(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    from datafiles.formats import InputError
+    from train.prompts import PromptBatches
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a?"}, {"prompt": 5}])
+    with pytest.raises(InputError, match=f"{path}:2: prompt: expected a string, got int"):
+        PromptBatches(path, tok, max_rows=2, max_length=512)
+    path = write_jsonl(tmp_path / "q.jsonl", [{"question": "a?"}, {"question": "b " * 300}])
+    src = PromptBatches(path, tok, max_rows=2, max_length=512)
+    src.check_room(None)
+    with pytest.raises(InputError, match=f"{path}:2: question: teacher view needs"):
+        src.check_room(64)
+
+
+def test_onpolicy_prompts_config_is_checked(tmp_path):
+    from train.config import load_config as train_config
+
+    base = ["onpolicy.prompts=p.jsonl", "onpolicy.k=8", "onpolicy.lmbda=1"]
+    cfg = train_config("configs/train/onpolicy.yaml", base)
+    assert cfg.onpolicy.prompts == "p.jsonl" and cfg.onpolicy.experience_position == "system"
+    with pytest.raises(ValueError, match="onpolicy.lmbda=1"):
+        train_config("configs/train/onpolicy.yaml", [*base, "onpolicy.lmbda=0.5"])
+    with pytest.raises(ValueError, match="set onpolicy.k"):
+        train_config("configs/train/onpolicy.yaml", [*base, "onpolicy.k=0"])
+    with pytest.raises(ValueError, match="need onpolicy.teacher_url"):
+        train_config("configs/train/onpolicy.yaml", [*base, "onpolicy.teacher_url="])
+    with pytest.raises(ValueError, match="experience_position"):
+        train_config("configs/train/onpolicy.yaml", [*base, "onpolicy.experience_position=top"])

@@ -33,6 +33,7 @@ import torch
 from shards.codec import tail_logprob_of
 from train.batches import Batch, ShardBatches, collate
 from train.config import OnPolicyConfig
+from train.prompts import PromptBatches
 from vllm_engine.teacher_client import TeacherClient
 
 MIX, SAMPLE = 0, 1  # seed streams
@@ -371,14 +372,16 @@ class SampleWriter:
         self.writer.flush()
 
 
-def build_onpolicy(cfg, shards: ShardBatches, accelerator, module, tokenizer) -> OnPolicyBatches:
+def build_onpolicy(
+    cfg, shards: ShardBatches | PromptBatches, accelerator, module, tokenizer
+) -> OnPolicyBatches:
     """The on-policy source of a run: connect to the teacher server and check it first."""
     from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
     from shards.schema import ShardMetadata
 
     op = cfg.onpolicy
-    meta = shards.reader.metadata
-    k = op.k or meta.k
+    from_file = isinstance(shards, PromptBatches)
+    k = op.k or shards.reader.metadata.k  # prompts from a data file: op.k, checked by the config
     client = TeacherClient(
         op.teacher_url,
         k,
@@ -390,6 +393,8 @@ def build_onpolicy(cfg, shards: ShardBatches, accelerator, module, tokenizer) ->
         concurrency=op.concurrency,
     )
     described = client.connect(tokenizer)  # refuses another tokenizer
+    if from_file:
+        shards.check_room(client.max_model_len)
     if accelerator.is_main_process:
         print(f"[train] on-policy: lmbda={op.lmbda}, k={k}, {described}", flush=True)
     writer = None
@@ -400,7 +405,11 @@ def build_onpolicy(cfg, shards: ShardBatches, accelerator, module, tokenizer) ->
             op.write_shards,
             ShardMetadata(
                 k=k,
-                vocab_size=meta.vocab_size,
+                vocab_size=(
+                    accelerator.unwrap_model(module).lm.config.vocab_size
+                    if from_file
+                    else shards.reader.metadata.vocab_size
+                ),
                 teacher=client.root,
                 teacher_fingerprint=(
                     weights_fingerprint(root) if has_weights else f"server:{client.model}"

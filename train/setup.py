@@ -17,6 +17,7 @@ from train.logger import tracker_names
 from train.mixture import MixtureBatches
 from train.model import DistillModule, load_student, mixed_precision
 from train.onpolicy import OnPolicyBatches, build_onpolicy
+from train.prompts import PromptBatches
 from train.step import global_sum
 
 
@@ -26,7 +27,7 @@ class Run:
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
-    source: ShardBatches | MixtureBatches | OnPolicyBatches
+    source: ShardBatches | MixtureBatches | OnPolicyBatches | PromptBatches
     tokenizer: object
     out_dir: Path
     deepspeed: bool
@@ -48,6 +49,8 @@ class Run:
     def loader(self, source: ShardBatches | MixtureBatches | OnPolicyBatches | None = None):
         source = source or self.source
         if isinstance(source, OnPolicyBatches):  # samples in this process, prompts from shards
+            if isinstance(source.shards, PromptBatches):  # or from a data file, in this process
+                return source.bind(source.shards)
             return source.bind(self.loader(source.shards))
         if isinstance(source, MixtureBatches):  # one loader (and its workers) per folder
             return source.bind([self.loader(part) for part in source.parts])
@@ -91,8 +94,36 @@ def shard_batches(cfg: TrainConfig, folder: str, accelerator, tokenizer, *, trai
     )
 
 
-def training_source(cfg: TrainConfig, accelerator, tokenizer) -> ShardBatches | MixtureBatches:
-    """The shard batches of `data.shards`: one folder, or a weighted mixture of several."""
+def prompt_batches(cfg: TrainConfig, accelerator, tokenizer) -> PromptBatches:
+    """On-policy prompts from the data file `onpolicy.prompts` (train/prompts.py)."""
+    op = cfg.onpolicy
+    source = PromptBatches(
+        op.prompts,
+        tokenizer,
+        split=op.prompts_split,
+        max_rows=op.max_prompts,
+        max_length=cfg.data.max_length,
+        seed=cfg.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        experience_position=op.experience_position,
+    )
+    if accelerator.is_main_process:
+        print(
+            f"[train] on-policy prompts: {op.prompts} ({len(source)} on this rank; "
+            "data.shards is not read)",
+            flush=True,
+        )
+    return source
+
+
+def training_source(
+    cfg: TrainConfig, accelerator, tokenizer
+) -> ShardBatches | MixtureBatches | PromptBatches:
+    """The shard batches of `data.shards`: one folder, or a weighted mixture of several; or
+    the prompts of `onpolicy.prompts`."""
+    if cfg.onpolicy.prompts:
+        return prompt_batches(cfg, accelerator, tokenizer)
     sources = cfg.data.shards
     if len(sources) == 1:
         return shard_batches(cfg, sources[0].path, accelerator, tokenizer, train=True)
@@ -146,7 +177,11 @@ def build_run(cfg: TrainConfig) -> Run:
     lm, tokenizer = load_student(cfg.model)
     source = training_source(cfg, acc, tokenizer)
     parts = source.parts if isinstance(source, MixtureBatches) else [source]
-    teacher_vocab = max(p.reader.metadata.vocab_size for p in parts)
+    # Prompts from a data file: the teacher's ids are checked against the tokenizer by the
+    # teacher client instead.
+    teacher_vocab = max(
+        (p.reader.metadata.vocab_size for p in parts if hasattr(p, "reader")), default=0
+    )
     head = lm.get_output_embeddings()
     # out_features, not weight.shape: under ZeRO-3 the weight is partitioned (shape 0).
     student_vocab = getattr(head, "out_features", None) or head.weight.shape[0]
