@@ -321,3 +321,74 @@ def test_onpolicy_prompts_config_is_checked(tmp_path):
         train_config("configs/train/onpolicy.yaml", [*base, "onpolicy.teacher_url="])
     with pytest.raises(ValueError, match="experience_position"):
         train_config("configs/train/onpolicy.yaml", [*base, "onpolicy.experience_position=top"])
+
+
+class RecordingTeacher:
+    """A stand-in for the teacher server's client: records each request (teacher prompt,
+    response) and answers with fixed top-k scores."""
+
+    max_model_len, num_retries = 512, 0
+
+    def __init__(self):
+        self.requests = []
+
+    def submit(self, prompt_ids, response_ids):
+        from concurrent.futures import Future
+
+        import numpy as np
+
+        from vllm_engine.teacher_client import TeacherScore
+
+        self.requests.append((list(prompt_ids), list(response_ids)))
+        t = len(response_ids)
+        ids = np.tile(np.arange(K, dtype=np.int64), (t, 1))
+        lps = np.full((t, K), np.log(1.0 / (K + 1)), dtype=np.float32)
+        future = Future()
+        future.set_result(TeacherScore(ids, lps, lps[:, 0].copy()))
+        return future
+
+    def close(self):
+        pass
+
+
+def test_onpolicy_batches_sample_on_q_and_are_scored_on_q_plus_e(tiny, tmp_path):
+    """OnPolicyBatches over a prompt file: the student samples on its prompt (Q), the
+    teacher is asked on Q+E, and the batch trains the samples with the teacher's scores."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train.config import OnPolicyConfig
+    from train.onpolicy import OnPolicyBatches
+    from train.prompts import PromptBatches
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    lm = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    path = write_jsonl(tmp_path / "p.jsonl", prompt_rows(5))
+    prompts = PromptBatches(path, tok, max_rows=2, max_length=512)
+    teacher = RecordingTeacher()
+    op = OnPolicyConfig(teacher_url="http://x", max_new_tokens=6, max_prompts=2, k=K)
+    src = OnPolicyBatches(
+        prompts, teacher, op, student=lambda: lm, tokenizer=tok, seed=0, grad_accum=1,
+        max_length=512,
+    )  # fmt: skip
+    views = {
+        tuple(p.tolist()): t.tolist()
+        for p, t in zip(prompts.prompt_ids, prompts.teacher_prompt_ids, strict=True)
+    }
+    batches = iter(src)
+    for _ in range(3):  # an epoch of 5 prompts, 2 a batch
+        asked = len(teacher.requests)
+        batch = next(batches)
+        src.update(batch)
+        new = teacher.requests[asked:]
+        assert len(new) == len(batch.ids) >= 1 and batch.num_tokens > 0
+        responses = []
+        for b, (teacher_prompt, response) in enumerate(new):
+            prompt = batch.prompt_ids[b].tolist()
+            assert views[tuple(prompt)] == teacher_prompt  # scored on Q+E
+            row = batch.input_ids[b][batch.attention_mask[b].bool()].tolist()
+            assert row == prompt + response  # trained on Q + the sample
+            responses += response
+        assert batch.targets.tolist() == responses
+        assert (batch.topk_ids == torch.arange(K)).all()
+    assert src.state_dict()["shards"] == {"prompts": str(path), "epoch": 1, "next": 0}
