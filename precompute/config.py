@@ -308,6 +308,10 @@ def content_dict(cfg: PrecomputeConfig) -> dict:
     for name in RUN_FIELDS:
         d.pop(name)
     d["data"].pop("limit")
+    if d["data"]["format"] == "auto":
+        # What auto finds follows from the data (fingerprinted) and the fields (recorded);
+        # left out, folders made before data.format existed keep resuming.
+        d["data"].pop("format")
     return d
 
 
