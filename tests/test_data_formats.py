@@ -392,3 +392,37 @@ def test_onpolicy_batches_sample_on_q_and_are_scored_on_q_plus_e(tiny, tmp_path)
         assert batch.targets.tolist() == responses
         assert (batch.topk_ids == torch.arange(K)).all()
     assert src.state_dict()["shards"] == {"prompts": str(path), "epoch": 1, "next": 0}
+
+
+def test_rounds_take_a_trl_prompt_file(tiny, tmp_path):
+    """tools.rounds' data steps on a TRL file: the student's samples (precompute, student
+    view) become score-mode rows with the file's chat and experience, which the scoring
+    step's fixed fields read back."""
+    from tools.rounds import parser, write_responses
+
+    rows = prompt_rows(4)
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    samples = tmp_path / "samples"
+    run(
+        cfg(tiny, path, samples, "generator_view=student", "source=student"),
+        HFBackend(str(tiny), K),
+    )
+    args = parser().parse_args(
+        ["--rounds", "1", "--work", str(tmp_path / "w"), "--teacher", str(tiny),
+         "--student", str(tiny), "--data", str(path), "--precompute-config", ""]
+    )  # fmt: skip
+    out = tmp_path / "responses.jsonl"
+    assert write_responses(args, samples, out) == 4
+    scoring = load_config(
+        None,
+        [f"data.path={out}", "data.messages_field=messages", "data.response_field=response"],
+    )
+    scored, rejects, _ = precompute_examples(scoring.data, "score")
+    assert rejects == []
+    want = sorted((str(r["prompt"]), r.get("experience") or "") for r in rows)
+    got = []
+    for ex in scored:
+        chat = list(ex.messages)
+        prompt = chat[0]["content"] if len(chat) == 1 else chat
+        got.append((str(prompt), ex.experience))
+    assert sorted(got) == want
