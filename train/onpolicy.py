@@ -1,6 +1,7 @@
 """On-policy distillation (GKD): a batch source of live student samples scored by a teacher.
 
-`OnPolicyBatches` wraps the shard source. For micro-batch b (step b // grad_accum, index
+`OnPolicyBatches` wraps the shard source (or, with `onpolicy.prompts`, the prompts of a data
+file: train/prompts.py, every batch on-policy). For micro-batch b (step b // grad_accum, index
 b % grad_accum) a draw seeded by (seed, step, index) decides, with probability `lmbda`,
 whether the batch is on-policy: the student samples `n_samples` responses to the student
 view of the shard batch's prompts (with `sampler=vllm` a vLLM engine in this process,
