@@ -426,3 +426,31 @@ def test_rounds_take_a_trl_prompt_file(tiny, tmp_path):
         prompt = chat[0]["content"] if len(chat) == 1 else chat
         got.append((str(prompt), ex.experience))
     assert sorted(got) == want
+
+
+def test_train_names_bad_prompt_rows_in_lines(tiny, tmp_path, monkeypatch):
+    """python -m train with a bad prompt file stops before the teacher is asked, one line
+    per bad row (FILE:LINE: FIELD: reason), or one for a file of no known format."""
+    from train.__main__ import cli
+
+    bad = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a?"}, {"prompt": None}, {"prompt": 1}])
+    other = write_jsonl(tmp_path / "o.jsonl", [{"text": "a"}])
+
+    def train(prompts):
+        argv = [
+            "train", "configs/train/onpolicy.yaml", f"model.path={tiny}",
+            f"out_dir={tmp_path / 'run'}", f"onpolicy.prompts={prompts}", "onpolicy.k=8",
+            "onpolicy.lmbda=1", "onpolicy.teacher_url=http://127.0.0.1:9",
+        ]  # fmt: skip
+        monkeypatch.setattr("sys.argv", argv)
+        with pytest.raises(SystemExit) as e:
+            cli()
+        return str(e.value.code).splitlines()
+
+    assert train(bad) == [
+        f"[train] {bad}:2: prompt: missing",
+        f"[train] {bad}:3: prompt: expected a string, got int",
+        "[train] 2 invalid row(s) of 3",
+    ]
+    (line,) = train(other)
+    assert line.startswith(f"[train] {other}: no known format: columns [text]")

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from datafiles.formats import InputError
+from datafiles.reading import InputFileError
 from shards.errors import ShardError
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import dump_config, load_config, to_dict
@@ -88,9 +90,15 @@ def main(argv=None) -> None:
 
 
 def cli() -> None:
-    """main(), with damaged shard data reported in one line instead of a traceback."""
+    """main(), with damaged shard data and bad prompt rows reported in lines instead of a
+    traceback."""
     try:
         main()
+    except InputFileError as e:  # onpolicy.prompts: the file as a whole
+        sys.exit(f"[train] {e}")
+    except InputError as e:  # onpolicy.prompts: its bad rows, FILE:LINE: FIELD: reason each
+        lines = [f"[train] {r.message()}" for r in e.rejects[:20]]
+        sys.exit("\n".join([*lines, f"[train] {len(e.rejects)} invalid row(s) of {e.total}"]))
     except ShardError as e:
         sys.exit(
             f"[train] stopped on bad shard data: {e}. Find every damaged file with "
