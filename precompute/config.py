@@ -53,6 +53,11 @@ class DataConfig:
         "input (required): .jsonl/.json/.parquet/.csv/.arrow file, or a folder saved by datasets",
     )
     split: str = _f("train", "split to read from a DatasetDict folder")
+    format: Literal["auto", "question_answer", "messages", "prompt_completion"] = _f(
+        "auto",
+        "rows' format: auto (from the columns: question, messages, prompt; "
+        "docs/precompute.md) | question_answer | messages | prompt_completion (TRL's)",
+    )
     question_field: str = _f("question", "field with the question text")
     messages_field: str = _f(
         "", "field with a chat `messages` list instead of a question (takes precedence)"
@@ -306,6 +311,10 @@ def content_dict(cfg: PrecomputeConfig) -> dict:
     for name in RUN_FIELDS:
         d.pop(name)
     d["data"].pop("limit")
+    if d["data"]["format"] == "auto":
+        # What auto finds follows from the data (fingerprinted) and the fields (recorded);
+        # left out, folders made before data.format existed keep resuming.
+        d["data"].pop("format")
     return d
 
 

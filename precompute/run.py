@@ -250,8 +250,9 @@ def prepare(cfg: PrecomputeConfig, tokenizer, max_len: int | None):
                 continue
         work.append((ex, views))
     raws = raw_text_of(cfg.data, [ex.index for ex, _ in too_long])
-    field = cfg.data.messages_field or cfg.data.question_field
-    rejects += [Reject.of(ex.index, ex.where, field, why, raws[ex.index]) for ex, why in too_long]
+    rejects += [
+        Reject.of(ex.index, ex.where, ex.prompt_field, why, raws[ex.index]) for ex, why in too_long
+    ]
     if rejects and not cfg.skip_invalid:
         raise InputError(sorted(rejects, key=lambda r: r.index), total)
     return work, rejects

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from datafiles import views as chat
+from datafiles.views import render
 from precompute.config import ViewConfig
 from precompute.inputs import Example
 
@@ -42,34 +44,9 @@ def thinking_for(cfg: ViewConfig, seed: int, index: int) -> bool | None:
 
 def teacher_messages(messages: list[dict], experience: str, cfg: ViewConfig) -> list[dict]:
     """The student's chat with the experience added where the config says."""
-    msgs = [dict(m) for m in messages]
-    if not experience:
-        return msgs
-    text = cfg.experience_template.replace("{experience}", experience)
-    if cfg.experience_position == "system":
-        if msgs[0]["role"] == "system":
-            msgs[0]["content"] = msgs[0]["content"] + cfg.separator + text
-        else:
-            msgs.insert(0, {"role": "system", "content": text})
-        return msgs
-    # prefix / suffix: attach to the last user turn (the question being answered).
-    users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
-    i = users[-1] if users else len(msgs) - 1
-    q = msgs[i]["content"]
-    if cfg.experience_position == "prefix":
-        msgs[i]["content"] = text + cfg.separator + q
-    else:
-        msgs[i]["content"] = q + cfg.separator + text
-    return msgs
-
-
-def render(tokenizer, messages: list[dict], kwargs: dict) -> list[int]:
-    """Chat template to text, then ids without adding special tokens a second time (the
-    template already wrote BOS and the role markers)."""
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, **kwargs
+    return chat.teacher_messages(
+        messages, experience, cfg.experience_position, cfg.experience_template, cfg.separator
     )
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def make_views(tokenizer, ex: Example, cfg: ViewConfig, seed: int) -> Views:

@@ -265,13 +265,16 @@ def test_parquet_with_nested_types(tmp_path):
 def test_saved_dataset_with_another_schema_is_one_line(tiny, tmp_path, capsys):
     import datasets
 
+    # prompt/completion is TRL's format and is read (tests/test_data_formats.py); a table of
+    # no known format is refused in one line that lists its columns.
     path = tmp_path / "saved"
-    datasets.Dataset.from_list([{"prompt": "a?", "completion": "b"}] * 3).save_to_disk(str(path))
+    datasets.Dataset.from_list([{"input": "a?", "output": "b"}] * 3).save_to_disk(str(path))
     rc, lines = cli(capsys, tiny, path, tmp_path / "out")
     assert rc == 2
     assert error_lines(lines) == [
-        f"precompute: error: {path}: no column 'question' (the configured question or "
-        "messages field); columns: prompt, completion"
+        f"precompute: error: {path}: no known format: columns [input, output]; looked for: "
+        "question(+answer) | messages | prompt(+completion); or name them with data.format "
+        "and data.*_field"
     ]
 
 

@@ -389,3 +389,46 @@ def test_two_stage_in_one_command_starts_on_policy_from_skds_weights(
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
     assert onpolicy_live.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == before
+
+
+@pytest.mark.slow
+def test_onpolicy_prompts_from_a_data_file_need_no_shards(server, student, tmp_path):
+    """onpolicy.prompts: a TRL prompt file instead of shards (data.shards names no folder):
+    the student samples on Q, the teacher scores on Q+E (the row's experience in the system
+    message), and a resumed run continues."""
+    from transformers import AutoTokenizer
+
+    from tests.precompute_helpers import write_jsonl
+
+    rows = [
+        {"prompt": [{"role": "user", "content": f"What is {i} + 2?"}], "experience": "Add 2."}
+        for i in range(6)
+    ]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    samples = tmp_path / "samples"
+    extra = ["save_every=2", f"onpolicy.prompts={prompts}", f"onpolicy.k={K}", "onpolicy.lmbda=1"]
+    nowhere = tmp_path / "no-shards"
+    out, log = train(
+        tmp_path, nowhere, student, server.url, "max_steps=2", *extra,
+        f"onpolicy.write_shards={samples}",
+    )  # fmt: skip
+    assert not nowhere.exists()
+    assert [r["step"] for r in log] == [1, 2] and all(r["onpolicy"] == 1 for r in log)
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in log)
+    tok = AutoTokenizer.from_pretrained(student)
+
+    def ids(messages):
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    by_question = {
+        tuple(ids(r["prompt"])): ids([{"role": "system", "content": "Add 2."}, *r["prompt"]])
+        for r in rows
+    }
+    written = list(ShardReader(samples, shuffle=False, epochs=1))
+    # 2 steps: one epoch of the 6 prompts, 4 then 2 (max_prompts 4), each prompt once.
+    assert len({tuple(r["prompt_ids"].tolist()) for r in written}) == len(written) == 6
+    for r in written:
+        assert r["teacher_prompt_ids"].tolist() == by_question[tuple(r["prompt_ids"].tolist())]
+    _, log = train(tmp_path, nowhere, student, server.url, "max_steps=3", "resume=true", *extra)
+    assert [r["step"] for r in log] == [1, 2, 3]  # the log is appended: step 3 is new

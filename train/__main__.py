@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from datafiles.formats import InputError
+from datafiles.reading import InputFileError
 from shards.errors import ShardError
 from train.checkpoint import load_checkpoint, resume_from, save_checkpoint
 from train.config import ConfigError, config_help, dump_config, load_config, to_dict
@@ -140,12 +142,17 @@ def main(argv=None) -> None:
 
 
 def cli() -> None:
-    """main(), with config errors and damaged shard data reported in one line each instead
-    of a traceback."""
+    """main(), with config errors, damaged shard data and bad prompt rows reported in lines
+    instead of a traceback."""
     try:
         main()
     except ConfigError as e:
         fail(str(e))
+    except InputFileError as e:  # onpolicy.prompts: the file as a whole
+        sys.exit(f"[train] {e}")
+    except InputError as e:  # onpolicy.prompts: its bad rows, FILE:LINE: FIELD: reason each
+        lines = [f"[train] {r.message()}" for r in e.rejects[:20]]
+        sys.exit("\n".join([*lines, f"[train] {len(e.rejects)} invalid row(s) of {e.total}"]))
     except ShardError as e:
         # A ShardError re-raised from a DataLoader worker keeps its text, not its attributes.
         field = e.field or next(iter(re.findall(r"field '([^']+)'", str(e))), None)

@@ -166,6 +166,13 @@ class OnPolicyConfig:
     )
     concurrency: int = option(8, "teacher requests in flight")
     write_shards: str = option("", "also write the samples with their teacher scores here")
+    # Prompts from a data file (the formats of datafiles/: question, messages, prompt) instead
+    # of the shard batches' (train/prompts.py); data.shards is then not read.
+    prompts: str = option("", "on-policy prompts from a data file instead of the shards")
+    prompts_split: str = option("train", "split of a DatasetDict folder of prompts")
+    experience_position: Literal["system", "prefix", "suffix"] = option(
+        "system", "where the teacher view adds a prompt row's experience"
+    )
     # vllm: a vLLM engine for the student in this process, its weights pushed from the
     # trainer every sync_every optimizer steps; hf: transformers generate.
     sampler: Literal["hf", "vllm"] = option(
@@ -261,7 +268,19 @@ class TrainConfig:
             raise ValueError(
                 "on-policy distillation needs a KD loss (loss.alpha > 0), not seqkd (alpha 0)"
             )
-        if len(self.data.shards) > 1 and self.onpolicy.teacher_url:
+        if self.onpolicy.prompts and not self.onpolicy.teacher_url:
+            raise ValueError("onpolicy.prompts: on-policy prompts need onpolicy.teacher_url")
+        if self.onpolicy.prompts and not self.onpolicy.k:
+            raise ValueError(
+                "onpolicy.prompts: set onpolicy.k, the teacher's top-k per token (there are no "
+                "shards to take it from)"
+            )
+        if self.onpolicy.prompts and self.onpolicy.lmbda < 1.0:
+            raise ValueError(
+                "onpolicy.prompts: with prompts from a data file every micro-batch is the "
+                "student's samples (there are no shard responses to mix in): onpolicy.lmbda=1"
+            )
+        if len(self.data.shards) > 1 and self.onpolicy.teacher_url and not self.onpolicy.prompts:
             raise ValueError(
                 "on-policy distillation takes its prompts from one shard folder, not a mixture"
             )

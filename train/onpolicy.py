@@ -1,6 +1,7 @@
 """On-policy distillation (GKD): a batch source of live student samples scored by a teacher.
 
-`OnPolicyBatches` wraps the shard source. For micro-batch b (step b // grad_accum, index
+`OnPolicyBatches` wraps the shard source (or, with `onpolicy.prompts`, the prompts of a data
+file: train/prompts.py, every batch on-policy). For micro-batch b (step b // grad_accum, index
 b % grad_accum) a draw seeded by (seed, step, index) decides, with probability `lmbda`,
 whether the batch is on-policy: the student samples `n_samples` responses to the student
 view of the shard batch's prompts (with `sampler=vllm` a vLLM engine in this process,
@@ -34,6 +35,7 @@ import torch
 from shards.codec import tail_logprob_of
 from train.batches import Batch, BatchSource, ShardBatches, collate
 from train.config import OnPolicyConfig
+from train.prompts import PromptBatches
 from vllm_engine.teacher_client import TeacherClient
 
 MIX, SAMPLE = 0, 1  # seed streams
@@ -375,14 +377,16 @@ class SampleWriter:
         self.writer.flush()
 
 
-def build_onpolicy(cfg, shards: ShardBatches, accelerator, module, tokenizer) -> OnPolicyBatches:
+def build_onpolicy(
+    cfg, shards: ShardBatches | PromptBatches, accelerator, module, tokenizer
+) -> OnPolicyBatches:
     """The on-policy source of a run: connect to the teacher server and check it first."""
     from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
     from shards.schema import ShardMetadata
 
     op = cfg.onpolicy
-    meta = shards.reader.metadata
-    k = op.k or meta.k
+    from_file = isinstance(shards, PromptBatches)
+    k = op.k or shards.reader.metadata.k  # prompts from a data file: op.k, checked by the config
     api_key = None
     if op.teacher_api_key_env:
         api_key = os.environ.get(op.teacher_api_key_env)
@@ -404,7 +408,11 @@ def build_onpolicy(cfg, shards: ShardBatches, accelerator, module, tokenizer) ->
         ca_file=op.teacher_ca_file or None,
     )
     # Refuses another tokenizer, and a remote server that reports another model.
-    described = client.connect(tokenizer, op.teacher_model or meta.teacher)
+    described = client.connect(
+        tokenizer, op.teacher_model or ("" if from_file else shards.reader.metadata.teacher)
+    )
+    if from_file:
+        shards.check_room(client.max_model_len)
     if accelerator.is_main_process:
         print(f"[train] on-policy: lmbda={op.lmbda}, k={k}, {described}", flush=True)
     writer = None
@@ -415,7 +423,11 @@ def build_onpolicy(cfg, shards: ShardBatches, accelerator, module, tokenizer) ->
             op.write_shards,
             ShardMetadata(
                 k=k,
-                vocab_size=meta.vocab_size,
+                vocab_size=(
+                    accelerator.unwrap_model(module).lm.config.vocab_size
+                    if from_file
+                    else shards.reader.metadata.vocab_size
+                ),
                 teacher=client.root,
                 teacher_fingerprint=(
                     weights_fingerprint(root) if has_weights else f"server:{client.model}"

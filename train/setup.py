@@ -18,6 +18,7 @@ from train.logger import tracker_names
 from train.mixture import MixtureBatches
 from train.model import DistillModule, load_student, mixed_precision
 from train.onpolicy import build_onpolicy
+from train.prompts import PromptBatches
 from train.step import global_sum
 
 
@@ -93,8 +94,36 @@ def shard_batches(cfg: TrainConfig, folder: str, accelerator, tokenizer, *, trai
     )
 
 
-def training_source(cfg: TrainConfig, accelerator, tokenizer) -> ShardBatches | MixtureBatches:
-    """The shard batches of `data.shards`: one folder, or a weighted mixture of several."""
+def prompt_batches(cfg: TrainConfig, accelerator, tokenizer) -> PromptBatches:
+    """On-policy prompts from the data file `onpolicy.prompts` (train/prompts.py)."""
+    op = cfg.onpolicy
+    source = PromptBatches(
+        op.prompts,
+        tokenizer,
+        split=op.prompts_split,
+        max_rows=op.max_prompts,
+        max_length=cfg.data.max_length,
+        seed=cfg.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        experience_position=op.experience_position,
+    )
+    if accelerator.is_main_process:
+        print(
+            f"[train] on-policy prompts: {op.prompts} ({len(source)} on this rank; "
+            "data.shards is not read)",
+            flush=True,
+        )
+    return source
+
+
+def training_source(
+    cfg: TrainConfig, accelerator, tokenizer
+) -> ShardBatches | MixtureBatches | PromptBatches:
+    """The shard batches of `data.shards`: one folder, or a weighted mixture of several; or
+    the prompts of `onpolicy.prompts`."""
+    if cfg.onpolicy.prompts:
+        return prompt_batches(cfg, accelerator, tokenizer)
     sources = cfg.data.shards
     if len(sources) == 1:
         return shard_batches(cfg, sources[0].path, accelerator, tokenizer, train=True)
@@ -147,7 +176,9 @@ def build_run(cfg: TrainConfig) -> Run:
     set_seed(cfg.seed)
     lm, tokenizer = load_student(cfg.model, acc.device)
     source = training_source(cfg, acc, tokenizer)
-    teacher_vocab = max(p.reader.metadata.vocab_size for p in source.folders())
+    teacher_vocab = max(
+        (p.reader.metadata.vocab_size for p in source.folders()), default=0
+    )  # prompts from a data file: no folder; the teacher client checks the ids
     head = lm.get_output_embeddings()
     # out_features, not weight.shape: under ZeRO-3 the weight is partitioned (shape 0).
     student_vocab = getattr(head, "out_features", None) or head.weight.shape[0]

@@ -1,0 +1,51 @@
+"""The two prompts of an example: the student's (Q) and the teacher's (Q+E), as token ids.
+
+Both go through the same chat template with the same arguments, so the only difference
+between them is the experience. precompute/views.py adds its config (position, template,
+thinking); train/ renders on-policy prompts from a data file with the same functions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Position = Literal["system", "prefix", "suffix"]
+
+
+def teacher_messages(
+    messages: list[dict],
+    experience: str,
+    position: Position = "system",
+    template: str = "{experience}",
+    separator: str = "\n\n",
+) -> list[dict]:
+    """The student's chat with the experience (formatted by `template`) added at
+    `position`: in the system message, or before or after the last user turn."""
+    msgs = [dict(m) for m in messages]
+    if not experience:
+        return msgs
+    text = template.replace("{experience}", experience)
+    if position == "system":
+        if msgs[0]["role"] == "system":
+            msgs[0]["content"] = msgs[0]["content"] + separator + text
+        else:
+            msgs.insert(0, {"role": "system", "content": text})
+        return msgs
+    # prefix / suffix: attach to the last user turn (the question being answered).
+    users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+    i = users[-1] if users else len(msgs) - 1
+    q = msgs[i]["content"]
+    if position == "prefix":
+        msgs[i]["content"] = text + separator + q
+    else:
+        msgs[i]["content"] = q + separator + text
+    return msgs
+
+
+def render(tokenizer, messages: list[dict], kwargs: dict | None = None) -> list[int]:
+    """Chat template to text, then ids without adding special tokens a second time (the
+    template already wrote BOS and the role markers)."""
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **(kwargs or {})
+    )
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
