@@ -14,7 +14,16 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("shards", "precompute", "train", "tools", "runtime", "vllm_engine", "bench")
+PACKAGES = (
+    "shards",
+    "datafiles",
+    "precompute",
+    "train",
+    "tools",
+    "runtime",
+    "vllm_engine",
+    "bench",
+)
 # Tests that test vllm_engine itself against the installed vLLM may import it.
 VLLM_TESTS = ("tests/test_vllm_engine.py",)
 
@@ -144,7 +153,9 @@ def test_only_vllm_engine_imports_vllm():
 def test_layering_rules():
     others = {"precompute", "train", "tools", "runtime", "vllm_engine", "bench"}
     rules = {
-        "shards": others,
+        "shards": others | {"datafiles"},
+        # Users' data files in HF/TRL formats, read by precompute, train and tools alike.
+        "datafiles": others | {"shards"},
         "precompute": {"train", "tools", "bench"},
         "train": {"precompute", "tools", "bench"},
         "vllm_engine": {"precompute", "train", "tools", "bench"},
