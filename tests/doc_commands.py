@@ -46,6 +46,10 @@ CHECK_ONLY: tuple[tuple[str, str], ...] = (
     ),
     (r"vllm\.entrypoints\.openai\.api_server|\bvllm serve\b", "a server in the foreground"),
     (r"\bTEACHER_URL=", "talks to a server started in another terminal"),
+    (
+        r"teacher_url=https?://(?!localhost\b|127\.)",
+        "talks to a teacher server on another machine",
+    ),
     (CMD + r"make (setup|test|lint|format)\b", "re-creates .venv or runs the whole suite"),
     (CMD + r"make (models|clean-models)\b|-m tools\.models\b", "converts or deletes SmolLM2"),
     (r"\bpip3? install\b|\buv (pip|add)\b", "installs into the environment"),

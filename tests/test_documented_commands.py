@@ -56,6 +56,7 @@ FIXTURE_PATHS = {
     "models/qwen3-8b": "teacher",
     "models/x": "teacher",
     "path/to/qwen3-8b": "teacher",
+    "path/to/qwen3-0.6b": "student",
     "my.jsonl": "data/default/train.jsonl",
     "my_test.jsonl": "data/default/test.jsonl",
     "my.parquet": "parquet:data/default/train.jsonl",
@@ -219,6 +220,11 @@ def check_only_steps(cmd_text: str) -> list[str]:
                     steps.append(f"{env_words}{part[len(env_words) :]} --print-config >/dev/null")
                 else:
                     steps.append(f"python -m {mod} --help >/dev/null")
+        elif prog == "sbatch":
+            # The cluster is not here; the script the docs name is, and must parse.
+            scripts = [w for w in shlex.split(part) if w.endswith((".sbatch", ".sh"))]
+            assert scripts, f"sbatch without a script: {part}"
+            steps += [f"test -f {shlex.quote(s)} && bash -n {shlex.quote(s)}" for s in scripts]
         else:
             steps.append(f"command -v {shlex.quote(prog)}")
     return steps
