@@ -93,6 +93,8 @@ def ensure_chat_template(tokenizer) -> None:
 
 def load_teacher(gguf: Path):
     """Load (model, tokenizer) from the GGUF, dequantized to float32."""
+    # torch and transformers only once a model is built: `make models` runs before most make
+    # targets, and with the models up to date it answers without them, in well under a second.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -129,7 +131,7 @@ def derive_student(teacher, stride: int = STUDENT_LAYER_STRIDE):
     teacher's renumbered weights, rather than by deleting modules in place, so that
     per-layer state (attention layer_idx, layer_types) is consistent with the new depth.
     """
-    import torch
+    import torch  # heavy: see load_teacher
     from transformers import AutoModelForCausalLM
 
     kept = student_layers(teacher.config.num_hidden_layers, stride)
@@ -157,7 +159,7 @@ def derive_student(teacher, stride: int = STUDENT_LAYER_STRIDE):
 
 def greedy_answer(model, tokenizer, question: str, max_new_tokens: int = 24) -> str:
     """The model's greedy reply to one user message, using the chat template."""
-    import torch
+    import torch  # heavy: see load_teacher
 
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
@@ -179,7 +181,7 @@ def _verify_saved(folder: Path, model, tokenizer) -> None:
     Catches a chat template lost in the tokenizer save, a config that no longer loads,
     and weights that did not survive serialisation.
     """
-    import torch
+    import torch  # heavy: see load_teacher
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     reloaded_tok = AutoTokenizer.from_pretrained(folder)
@@ -251,7 +253,7 @@ def save_model_dir(folder: Path, model, tokenizer, build_info: dict) -> None:
 
 
 def _build_info(gguf: Path, sha: str, role: str, layers_kept: list[int], teacher_layers: int):
-    import transformers
+    import transformers  # heavy: see load_teacher
 
     try:
         pkg_version = importlib.metadata.version(GGUF_DISTRIBUTION)

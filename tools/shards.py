@@ -36,10 +36,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 
+from shards.codec import TAIL_STEPS_PER_NAT
 from shards.errors import ShardError
+from shards.fingerprint import tokenizer_fingerprint
 from shards.manifest import check_listing, load_manifest, read_extra
+from shards.reader import ShardFolder
 from shards.storage import as_folder, open_storage
+from tools.shards_exchange import add_commands
 
 
 def _describe(e: ShardError) -> str:
@@ -53,8 +58,6 @@ def _describe(e: ShardError) -> str:
 
 
 def _folder(path: str | Path, verify: str = "size"):
-    from shards.reader import ShardFolder
-
     return ShardFolder(path, verify=verify)
 
 
@@ -73,8 +76,6 @@ def committed_teacher(folder) -> str | None:
 
     The metadata keeps only the teacher's folder name (paths differ between machines); the
     precompute_config-w<I>-<n>.yaml extras record the path the run resolved."""
-    import yaml
-
     configs = [e for e in folder.manifest.extras if e.kind == "precompute_config"]
     for entry in reversed(configs):
         try:
@@ -107,6 +108,8 @@ def load_tokenizer(
             )
     for cand in candidates:
         try:
+            # transformers takes seconds to import: only decoding text needs it, not --help,
+            # stats or verify
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(str(cand))
@@ -116,8 +119,6 @@ def load_tokenizer(
             if not quiet:
                 print(f"note: cannot load tokenizer {cand}: {e}; printing ids", file=sys.stderr)
             return None
-        from shards.fingerprint import tokenizer_fingerprint
-
         if tokenizer_fingerprint(tok) != metadata.tokenizer_fingerprint and not quiet:
             print(
                 f"warning: tokenizer {cand} has another fingerprint than the shards "
@@ -261,8 +262,6 @@ def compute_stats(path: str | Path) -> dict:
     those steps holds the whole distribution (inverted-CDF percentile, numpy's
     method="inverted_cdf").
     """
-    from shards.codec import TAIL_STEPS_PER_NAT
-
     folder = _folder(path)
     meta = folder.metadata
     rows = resp_tok = prompt_tok = tprompt_tok = in_topk = finished = cut = 0
@@ -396,8 +395,6 @@ def cmd_stats(args) -> int:
 
 def verify_folder(path: str | Path) -> tuple[list[tuple[str, str]], list[str], int]:
     """([(file, problem)] of bad files, [debris file names], files checked)."""
-    from shards.reader import ShardFolder
-
     path = open_storage(path)  # a folder or an fsspec URL
     try:
         manifest = load_manifest(path)  # the manifest's own errors name the manifest
@@ -476,8 +473,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every file against the manifest")
     p.add_argument("dir", type=as_folder)
     p.set_defaults(fn=cmd_verify)
-
-    from tools.shards_exchange import add_commands
 
     add_commands(sub)  # export, import
     return parser

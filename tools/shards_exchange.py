@@ -38,8 +38,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from precompute.inputs import InputError, Reject, Where
+from precompute.run import commit_rejects
 from shards.codec import tail_logprob_of
 from shards.errors import ShardError
+from shards.fingerprint import files_fingerprint, tokenizer_fingerprint
 from shards.hf import DECODED_SCHEMA, decoded_batches
 from shards.manifest import load_manifest
 from shards.schema import SOURCES, ShardMetadata
@@ -242,9 +245,9 @@ def import_metadata(
     pf: pq.ParquetFile, path: Path, tokenizer_dir: Path, k: int | None, teacher: str | None,
     vocab_size: int | None,
 ) -> ShardMetadata:  # fmt: skip
+    # transformers takes seconds to import: only import needs it (tools.shards imports this
+    # module for every command and --help)
     from transformers import AutoTokenizer
-
-    from shards.fingerprint import files_fingerprint, tokenizer_fingerprint
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok_fp = tokenizer_fingerprint(tok)
@@ -295,9 +298,6 @@ def import_parquet(
     vocab_size: int | None = None,
     batch_size: int = 256,
 ) -> ImportSummary:
-    from precompute.inputs import InputError, Reject, Where
-    from precompute.run import commit_rejects
-
     path, out = Path(parquet), Path(out)
     pf = pq.ParquetFile(path)
     missing = [c for c in REQUIRED if c not in pf.schema_arrow.names]
@@ -381,8 +381,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from precompute.inputs import InputError
-
     try:
         s = import_parquet(
             args.parquet, args.tokenizer, args.out, k=args.k, skip_invalid=args.skip_invalid,

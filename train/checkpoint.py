@@ -190,8 +190,6 @@ def checkpoint_model_dir(checkpoint: str | Path) -> Path:
 
 def checkpoint_config(checkpoint: str | Path) -> dict:
     """The resolved training config saved with a checkpoint, as plain YAML data."""
-    import yaml
-
     return yaml.safe_load((Path(checkpoint) / "config.yaml").read_text())
 
 

@@ -24,6 +24,7 @@ from typing import Literal
 import yaml
 
 from runtime.typed_config import apply_overrides, build, help_lines, option
+from train.logger import tracker_names
 from train.losses import KDSpec
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -297,8 +298,6 @@ class TrainConfig:
                 f"(model.quantize={self.model.quantize}): use onpolicy.sampler=hf, "
                 "or model.quantize=none (with model.lora=true for adapters)"
             )
-        from train.logger import tracker_names  # train.logger imports this module
-
         tracker_names(self.log_with)
 
 

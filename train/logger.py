@@ -12,6 +12,9 @@ import json
 import time
 from pathlib import Path
 
+from accelerate import tracking
+from torch.utils.tensorboard import SummaryWriter
+
 from runtime.progress import progress
 
 PROJECT = "kdshards"
@@ -28,9 +31,8 @@ def tracker_names(spec: str, where: str = "log_with") -> list[str]:
             "(metrics.jsonl and TensorBoard are always written)"
         )
     if names:
-        from accelerate.tracking import get_available_trackers
-
-        available = {str(t) for t in get_available_trackers()}
+        # Through the module, not a name bound at import: tests patch what is installed.
+        available = {str(t) for t in tracking.get_available_trackers()}
         missing = [n for n in names if n not in available]
         if missing:
             raise ValueError(
@@ -96,8 +98,6 @@ class Logger:
         self.enabled = enabled
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         keep_until(out / "metrics.jsonl", start_step)

@@ -43,7 +43,7 @@ def quantization_config(quantize: str, dtype: str, device: torch.device):
     (bitsandbytes' CPU kernels; bf16 there is slow and lossy), bf16 on a GPU unless model.dtype
     says float32.
     """
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # heavy: see load_student
 
     if device.type == "cpu" and quantize == "8bit":
         # Linear8bitLt runs a CPU forward, but its weights cannot be loaded back into a CPU
@@ -65,6 +65,8 @@ def load_student(cfg: ModelConfig, device: torch.device | str = "cpu"):
     device: where a quantized model is loaded (bitsandbytes quantizes while loading); a
     full-precision model is moved by accelerate's prepare instead.
     """
+    # transformers' model classes and peft take seconds to import (peft pulls in bitsandbytes):
+    # loaded with the model, so that `python -m train --help` and config checks stay fast.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device)
@@ -119,7 +121,7 @@ def train_quantized_layers(model: nn.Module) -> None:
     them back bit for bit, which is what a resumed run does. bitsandbytes could not load its
     own state back anyway (4-bit: unexpected quant-state keys; 8-bit on the CPU: refused).
     """
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # optional: quantized (QLoRA) runs only
 
     def drop(module, state_dict, prefix, local_metadata):
         for key in [k for k in state_dict if k.startswith(prefix)]:

@@ -33,9 +33,13 @@ import numpy as np
 import torch
 
 from shards.codec import tail_logprob_of
+from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
+from shards.schema import ShardMetadata
+from shards.writer import ShardRow, ShardWriter
 from train.batches import Batch, BatchSource, ShardBatches, collate
 from train.config import OnPolicyConfig
 from train.prompts import PromptBatches
+from vllm_engine.student import VLLMStudent, trainer_weights
 from vllm_engine.teacher_client import TeacherClient
 
 MIX, SAMPLE = 0, 1  # seed streams
@@ -167,8 +171,6 @@ class OnPolicyBatches(BatchSource):
 
     def sync(self) -> None:
         """Push the trainer's weights into the student engine, in place."""
-        from vllm_engine.student import trainer_weights
-
         t0 = time.monotonic()
         self.engine.push(trainer_weights(self.student()))
         self._stale = False
@@ -347,13 +349,9 @@ class SampleWriter:
     inspection with tools.shards and re-use; files are committed at each checkpoint."""
 
     def __init__(self, folder: str | Path, metadata, writer_id: str = "r0"):
-        from shards.writer import ShardWriter
-
         self.writer = ShardWriter(folder, metadata, writer_id=writer_id)
 
     def write(self, examples: dict, ids: list[str], where: str) -> None:
-        from shards.writer import ShardRow
-
         for p, samples in examples.items():
             self.writer.add(
                 [
@@ -381,9 +379,6 @@ def build_onpolicy(
     cfg, shards: ShardBatches | PromptBatches, accelerator, module, tokenizer
 ) -> OnPolicyBatches:
     """The on-policy source of a run: connect to the teacher server and check it first."""
-    from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
-    from shards.schema import ShardMetadata
-
     op = cfg.onpolicy
     from_file = isinstance(shards, PromptBatches)
     k = op.k or shards.reader.metadata.k  # prompts from a data file: op.k, checked by the config
@@ -445,8 +440,6 @@ def build_onpolicy(
         )
     engine = None
     if op.sampler == "vllm":
-        from vllm_engine.student import VLLMStudent
-
         lm = accelerator.unwrap_model(module).lm
         bf16 = accelerator.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16"
         engine = VLLMStudent(

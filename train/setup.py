@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, set_seed
 from torch.utils.data import DataLoader
 
 from shards.errors import ShardError
@@ -156,8 +158,8 @@ def training_source(
 
 
 def build_run(cfg: TrainConfig) -> Run:
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, set_seed
+    # transformers' optimization module pulls in peft and bitsandbytes (seconds): here, not at
+    # the top, so that `python -m train --help` and config errors come back at once.
     from transformers import get_scheduler
 
     plugin = None
@@ -208,7 +210,7 @@ def build_run(cfg: TrainConfig) -> Run:
             f"({acc.distributed_type}); launch with torchrun or accelerate launch on GPUs"
         )
     if deepspeed and acc.state.deepspeed_plugin.zero_stage == 3:
-        import deepspeed as ds
+        import deepspeed as ds  # optional: only ZeRO-3 runs on GPUs need it
 
         # The loss uses the head's weight outside the head's own forward: ZeRO-3 must gather
         # it whenever DistillModule runs.

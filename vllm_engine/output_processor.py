@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import torch
 
 from vllm_engine import arrays
 
@@ -69,7 +70,6 @@ def sample_step(ids_NW: np.ndarray, logprobs_NW: np.ndarray, ranks_N: np.ndarray
 
 def prompt_chunk(ids_NW: np.ndarray, logprobs_NW: np.ndarray, ranks_N: np.ndarray):
     """The same for N prompt positions of one prefill chunk (vLLM's LogprobsTensors)."""
-    import torch
     from vllm.v1.outputs import LogprobsTensors
 
     return LogprobsTensors(

@@ -43,6 +43,7 @@ def trainer_weights(lm: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     lora = {}
     if base is not lm:
+        # peft takes seconds to import: only LoRA students need it, and train imports this module
         from peft.tuners.lora import LoraLayer
 
         lora = {n: m for n, m in base.named_modules() if isinstance(m, LoraLayer)}
@@ -86,7 +87,7 @@ def gathered(params: list, zero3: bool):
     """DeepSpeed ZeRO-3: the full tensors of `params` on every rank inside the block."""
     if not zero3:
         return contextlib.nullcontext()
-    import deepspeed
+    import deepspeed  # optional: ZeRO-3 runs on GPUs only
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 

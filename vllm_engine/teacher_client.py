@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.fingerprint import tokenizer_fingerprint
 from shards.topk import TopKError, topk_arrays
 
 PROBE = "Knowledge distillation: 12 + 30 = 42. Paris, Berlin; def f(x): return x * 2"
@@ -171,14 +172,14 @@ class TeacherClient:
         the server's own tokenizer gives a probe text rendered with the student's chat
         template. Returns a one-line description that says which checks ran.
         """
-        from shards.fingerprint import tokenizer_fingerprint
-
         card = self.call("/v1/models")["data"][0]
         self.model, self.root = card["id"], card.get("root") or card["id"]
         self.max_model_len = card.get("max_model_len")
         local = self.root_is_local()
         ran = []
         if local:
+            # transformers' tokenizers take seconds to import; train imports this module at
+            # start (`python -m train --help`), and remote teachers never need them
             from transformers import AutoTokenizer
 
             theirs = tokenizer_fingerprint(AutoTokenizer.from_pretrained(self.root))

@@ -25,6 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+from precompute.config import SamplingConfig
+from vllm_engine.generate import generate, start_llm
+
 
 def generate_hf(
     model_dir: str,
@@ -37,9 +40,10 @@ def generate_hf(
     """The same with transformers' `generate`, through precompute's transformers backend
     (left padding, cut after the end-of-sequence token), for machines without vLLM and for
     tests on tiny models."""
+    # transformers (and the backend, which loads it) take seconds to import: only this
+    # backend needs them, not vLLM runs nor tools.eval's parent process, which imports this file
     from transformers import AutoTokenizer
 
-    from precompute.config import SamplingConfig
     from precompute.hf_backend import HFBackend
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -101,8 +105,6 @@ def main(argv=None) -> int:
     prompts = [r["prompt_ids"] for r in rows]
     t_start = time.time()
     if args.backend == "vllm":
-        from vllm_engine.generate import generate, start_llm
-
         llm = start_llm(
             args.model,
             {**engine_options(args), "max_model_len": args.max_model_len, "seed": args.seed},

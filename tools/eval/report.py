@@ -14,6 +14,8 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
+
 from tools.eval.paired import paired_differences
 
 BASELINE = "student before (Q)"
@@ -76,11 +78,10 @@ def write_csv(path: Path, results: list[dict], tasks: list[str]) -> None:
 
 def plot_metrics(path: Path, results: list[dict], tasks: list[str]) -> None:
     """One bar per model and task, with the 95% interval as error bars."""
-    import matplotlib
+    import matplotlib  # optional: only figures need it, and Agg must be chosen before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(max(6, 1.3 * len(results)) * len(tasks), 4.5),
                              squeeze=False)  # fmt: skip
@@ -112,7 +113,7 @@ def plot_paired(path: Path, paired: dict[str, dict], tasks: list[str], reference
     tasks = [t for t in tasks if any(t in d and d[t]["n"] for d in paired.values())]
     if not tasks:
         return False
-    import matplotlib
+    import matplotlib  # optional: only figures need it, and Agg must be chosen before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -175,7 +176,7 @@ def plot_curves(path: Path, results: list[dict]) -> bool:
     keys = [k for k in CURVES if any(k in rec for _, m in runs for rec in m)]
     if not keys:
         return False
-    import matplotlib
+    import matplotlib  # optional: only figures need it, and Agg must be chosen before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

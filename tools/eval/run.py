@@ -39,11 +39,22 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from precompute.config import load_config
+from precompute.inputs import InputError, raw_rows, read_examples
+from precompute.views import make_views
+from runtime.lifetime import spawn_guarded
+from shards.fingerprint import weights_fingerprint
+from tools.eval import scorers
+from tools.eval.code_runner import check_humaneval
 from tools.eval.generate import add_engine_options, engine_flags, engine_options
 from tools.eval.report import BASELINE, write_report
+from tools.eval.scorers import bootstrap_interval, wilson_interval
 from tools.eval.trackers import log_results
 from train import checkpoint as ckpt
 from train.logger import tracker_names
+from train.model import quantization_config
 from vllm_engine.env import default_kvcache_space
 
 DEFAULT_CONFIG = "configs/demo/precompute.yaml"
@@ -137,14 +148,13 @@ def merged_lora(adapter_dir: str, cache: Path) -> str:
         digest.update(quantize.encode())
     out = cache / f"merged-{digest.hexdigest()[:16]}"
     if not (out / "config.json").exists():
-        import torch
+        # peft and transformers' model classes take seconds to import: only a LoRA merge needs
+        # them here (generation runs in tools.eval.generate's own process)
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         kwargs = {}
         if quantize != "none":
-            from train.model import quantization_config
-
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             kwargs["quantization_config"] = quantization_config(quantize, "float32", device)
             kwargs["device_map"] = {"": device}
@@ -161,9 +171,6 @@ def merged_lora(adapter_dir: str, cache: Path) -> str:
 
 def load_examples(config: str, data: str | None, limit: int):
     """(precompute config, examples, raw rows by index): the held-out rows, validated."""
-    from precompute.config import load_config
-    from precompute.inputs import InputError, raw_rows, read_examples
-
     overrides = [f"data.path={data}"] if data else []
     cfg = load_config(config if Path(config).exists() else None, overrides)
     examples, rejects, total = read_examples(cfg.data, mode="generate")
@@ -176,9 +183,7 @@ def load_examples(config: str, data: str | None, limit: int):
 
 
 def build_prompts(model_dir: str, examples, cfg, view: str) -> list[dict]:
-    from transformers import AutoTokenizer
-
-    from precompute.views import make_views
+    from transformers import AutoTokenizer  # seconds to import: see merged_lora
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     rows = []
@@ -192,8 +197,6 @@ def build_prompts(model_dir: str, examples, cfg, view: str) -> list[dict]:
 
 def generations(spec: ModelSpec, prompts: list[dict], args, cache: Path) -> dict:
     """The model's responses to the prompts: cached, else generated in a child process."""
-    from shards.fingerprint import weights_fingerprint
-
     settings = {
         "weights": weights_fingerprint(spec.model_dir),
         "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
@@ -218,8 +221,6 @@ def generations(spec: ModelSpec, prompts: list[dict], args, cache: Path) -> dict
         "--seed", str(args.seed), *engine_flags(args),
     ]  # fmt: skip
     print(f"[eval] {spec.name}: {len(prompts)} prompts\n$ {shlex.join(cmd)}", flush=True)
-    from runtime.lifetime import spawn_guarded
-
     proc = spawn_guarded(cmd)  # dies with this process (kill -9 too), its engine with it
     if proc.wait() != 0:
         raise subprocess.CalledProcessError(proc.returncode, cmd)
@@ -237,12 +238,8 @@ def scorer_for(row: dict) -> str:
 
 def score(row: dict, answer: str | None, response: str, timeout_s: float) -> tuple[str, float]:
     """(metric name, score in [0, 1]) of one response, by the row's own checker."""
-    from tools.eval import scorers
-
     kind = scorer_for(row)
     if kind == "pass@1":
-        from tools.eval.code_runner import check_humaneval
-
         code = scorers.extract_code(response, row["prompt"])
         # check_humaneval prepends the prompt: pass the completion alone.
         completion = code[len(row["prompt"]) :] if code.startswith(row["prompt"]) else code
@@ -255,8 +252,6 @@ def score(row: dict, answer: str | None, response: str, timeout_s: float) -> tup
 
 
 def evaluate_model(spec: ModelSpec, cfg, examples, raws, args, cache: Path) -> dict:
-    from tools.eval.scorers import bootstrap_interval, wilson_interval
-
     prompts = build_prompts(spec.model_dir, examples, cfg, spec.view)
     gen = generations(spec, prompts, args, cache)
     per_task: dict[str, dict] = {}

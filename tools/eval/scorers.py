@@ -157,7 +157,7 @@ def bootstrap_interval(
     For scores that are not 0/1 (use `wilson_interval` for those). No values give
     (nan, nan): unlike a proportion, the scores have no known range to fall back on.
     """
-    import numpy as np
+    import numpy as np  # the module keeps to the standard library at import time (docstring)
 
     x = np.asarray(values, dtype=np.float64).ravel()
     if x.size == 0:

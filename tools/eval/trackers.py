@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from accelerate import Accelerator
+
 from train.logger import PROJECT, flat_config, tracker_names
 
 
@@ -27,8 +29,6 @@ def log_results(log_with: str, out_dir: Path, results: list[dict], settings: dic
     names = tracker_names(log_with, "--log-with")
     if not names:
         return
-    from accelerate import Accelerator
-
     acc = Accelerator(cpu=True, log_with=names, project_dir=str(out_dir))
     name = f"eval-{Path(out_dir).resolve().name}"
     acc.init_trackers(

@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 
 from tools.stages import Runner, Service, Stage, later
+from train.checkpoint import latest_model_dir
+from vllm_engine.teacher_server import TeacherServer
 
 PY = sys.executable
 
@@ -51,8 +53,6 @@ def parser() -> argparse.ArgumentParser:
 
 def final_model(run: Path) -> Path:
     """A finished run's final weights: where the next stage starts."""
-    from train.checkpoint import latest_model_dir
-
     model = latest_model_dir(run)
     if model is None:
         raise SystemExit(f"{run}: finished without a checkpoint (save_every?)")
@@ -63,8 +63,6 @@ def teacher_service(args) -> Service:
     """The teacher server, started on a free local port for the on-policy stage."""
 
     def start():
-        from vllm_engine.teacher_server import TeacherServer
-
         log = Path(args.out) / "teacher-server.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         print(f"teacher server: {args.teacher}, log {log}", flush=True)

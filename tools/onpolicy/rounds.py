@@ -41,7 +41,12 @@ import time
 from functools import partial
 from pathlib import Path
 
+from precompute.config import load_config
+from precompute.inputs import read_examples
+from shards.fingerprint import weights_fingerprint
+from shards.reader import read_rows
 from tools.stages import Runner, Stage, later, write_durably
+from train.checkpoint import latest_model_dir
 
 PY = sys.executable
 STATE = "rounds.json"
@@ -114,8 +119,6 @@ def student_of(args, work: Path, r: int) -> Path:
     """Round r's sampler: the initial student, then the final checkpoint of round r-1."""
     if r == 1:
         return Path(args.student)
-    from train.checkpoint import latest_model_dir
-
     model = latest_model_dir(round_dir(work, r - 1) / "train")
     if model is None:
         raise SystemExit(f"round {r - 1} is marked finished but has no checkpoint")
@@ -132,11 +135,8 @@ def split_args(text: str) -> tuple[list[str], list[str]]:
 
 def write_responses(args, samples: Path, out: Path) -> int:
     """The samples as a score-mode input: one row per sample, its token ids exact."""
+    # transformers takes seconds to import: only this stage needs it, not --help or the others
     from transformers import AutoTokenizer
-
-    from precompute.config import load_config
-    from precompute.inputs import read_examples
-    from shards.reader import read_rows
 
     data_args, _ = split_args(args.precompute_args)
     cfg = load_config(args.precompute_config or None, [f"data.path={args.data}", *data_args])
@@ -186,8 +186,6 @@ def round_stages(args, work: Path, r: int) -> list[Stage]:
     """Round r's four stages, named round-RRR/<step>. The sampler of a round after the
     first is the previous round's final checkpoint: a `later` argument, found when the
     stage starts."""
-    from shards.fingerprint import weights_fingerprint
-
     d = round_dir(work, r)
 
     def sampler() -> Path:  # known once round r-1 has trained
