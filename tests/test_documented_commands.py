@@ -44,6 +44,7 @@ from tests.doc_commands import (
     python_modules,
     unlabeled_command_blocks,
 )
+from vllm_engine.env import default_kvcache_space
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent
@@ -143,12 +144,11 @@ def _place(ws: Path, rel: str, what: str, models: dict[str, Path]) -> None:
 
 
 def _env(ws: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = default_kvcache_space(dict(os.environ))
     env.update(SIZE_ENV)
     env.update(
         PATH=f"{VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}",
         PYTHONPATH=str(ROOT),
-        VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
