@@ -52,6 +52,8 @@ RESUMABLE_KEYS = {
     # Where the teacher is reached and how (a resumed run may find it on another machine).
     "onpolicy.teacher_api_key_env",
     "onpolicy.teacher_ca_file",
+    # A copy of the samples on the side: where it goes does not change the training.
+    "onpolicy.write_shards",
 }
 
 
