@@ -19,8 +19,7 @@ import torch
 
 from shards.reader import ShardReader
 from tests.fixtures.tiny_model import build_tiny_model, tiny_model_dir
-from tests.train_helpers import write_teacher_shards
-from train.__main__ import main
+from tests.train_helpers import train_tiny, write_teacher_shards
 from train.batches import ShardBatches
 from train.config import OnPolicyConfig, load_config
 from train.losses import KDSpec
@@ -243,24 +242,12 @@ def test_another_tokenizer_is_refused(server, tmp_path, monkeypatch):
 
 def train(tmp, shards, student, url, *extra):
     out = tmp / "run"
-    main(
-        [
-            "configs/train/onpolicy.yaml",
-            f"model.path={student}",
-            f"data.shards={shards}",
-            f"out_dir={out}",
-            "data.batch_tokens=256",
-            "data.sort_window=8",
-            "optim.warmup_steps=0",
-            "optim.lr=3e-3",
-            f"onpolicy.teacher_url={url}",
-            "onpolicy.max_new_tokens=12",
-            "onpolicy.max_prompts=4",
-            "onpolicy.sampler=hf",  # the vLLM sampler has its own test below
-            *extra,
-        ]
-    )
-    return out, [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return out, train_tiny(
+        "configs/train/onpolicy.yaml", out, student, shards, f"onpolicy.teacher_url={url}",
+        "onpolicy.max_new_tokens=12", "onpolicy.max_prompts=4",
+        "onpolicy.sampler=hf",  # the vLLM sampler has its own test below
+        *extra,
+    )  # fmt: skip
 
 
 @pytest.mark.slow

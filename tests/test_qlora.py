@@ -11,9 +11,8 @@ import torch
 
 from tests.fixtures.tiny_model import build_tiny_model, tiny_model_dir
 from tests.precompute_helpers import write_jsonl
-from tests.train_helpers import write_teacher_shards
+from tests.train_helpers import train_tiny, write_teacher_shards
 from tools.eval import run as ev
-from train.__main__ import main
 from train.config import ModelConfig, load_config
 from train.model import load_student, quantization_config, train_quantized_layers
 
@@ -30,22 +29,10 @@ def student(tmp_path_factory):
 
 
 def run(out, shards, student, *extra):
-    main(
-        [
-            "configs/train/skd.yaml",
-            f"model.path={student}",
-            f"data.shards={shards}",
-            f"out_dir={out}",
-            "data.batch_tokens=256",
-            "data.sort_window=8",
-            "optim.warmup_steps=0",
-            "optim.lr=3e-3",
-            "model.quantize=4bit",
-            "model.lora_rank=8",
-            *extra,
-        ]
-    )
-    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return train_tiny(
+        "configs/train/skd.yaml", out, student, shards, "model.quantize=4bit",
+        "model.lora_rank=8", *extra,
+    )  # fmt: skip
 
 
 def test_4bit_student_has_nf4_layers_and_keeps_them_out_of_its_state(student):

@@ -11,8 +11,7 @@ import yaml
 from shards.errors import ShardError
 from shards.reader import ShardReader
 from tests.fixtures.tiny_model import build_tiny_model, tiny_model_dir
-from tests.train_helpers import write_teacher_shards
-from train.__main__ import main
+from tests.train_helpers import train_tiny, write_teacher_shards
 from train.batches import ShardBatches, collate, plan_batches
 from train.config import TrainConfig, load_config
 
@@ -29,19 +28,7 @@ def shards(tmp_path_factory, teacher_dir):
 
 def run(tmp_path, shards, model, method="skd", *extra):
     out = tmp_path / f"run-{method}"
-    args = [
-        f"configs/train/{method}.yaml",
-        f"model.path={model}",
-        f"data.shards={shards}",
-        f"out_dir={out}",
-        "data.batch_tokens=256",
-        "data.sort_window=8",
-        "optim.warmup_steps=0",
-        "optim.lr=3e-3",
-        *extra,
-    ]
-    main(args)
-    return out, [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return out, train_tiny(f"configs/train/{method}.yaml", out, model, shards, *extra)
 
 
 # ---- config -------------------------------------------------------------------------------

@@ -16,8 +16,7 @@ from shards.errors import ShardError
 from shards.reader import ShardReader
 from tests.fixtures.tiny_model import build_tiny_model, tiny_model_dir
 from tests.shards_helpers import REPO
-from tests.train_helpers import write_teacher_shards
-from train.__main__ import main
+from tests.train_helpers import train_tiny, write_teacher_shards
 from train.batches import ShardBatches
 from train.checkpoint import prune_checkpoints, resume_from
 from train.config import ConfigError, TrainConfig, dump_config, load_config
@@ -269,19 +268,7 @@ def test_a_batch_never_mixes_epochs_and_each_epoch_has_every_row_once(shards):
 
 
 def run(out, shards, student, *extra):
-    args = [
-        "configs/train/skd.yaml",
-        f"model.path={student}",
-        f"data.shards={shards}",
-        f"out_dir={out}",
-        "data.batch_tokens=256",
-        "data.sort_window=8",
-        "optim.warmup_steps=0",
-        "optim.lr=3e-3",
-        *extra,
-    ]
-    main(args)
-    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return train_tiny("configs/train/skd.yaml", out, student, shards, *extra)
 
 
 @pytest.mark.slow  # trains the tiny model for a few dozen steps

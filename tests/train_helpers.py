@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -9,6 +10,20 @@ import torch
 from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
 from shards.schema import ShardMetadata
 from shards.writer import ShardRow, ShardWriter
+from train.__main__ import main as train_main
+
+# Small batches and a quick schedule: the tiny model learns something in a few steps.
+TINY_RUN = ("data.batch_tokens=256", "data.sort_window=8", "optim.warmup_steps=0", "optim.lr=3e-3")
+
+
+def train_tiny(config: str, out: Path, model, shards, *extra: str) -> list[dict]:
+    """`python -m train CONFIG` on the tiny model and shards with TINY_RUN, then `extra`;
+    returns the run's metrics.jsonl records."""
+    train_main(
+        [config, f"model.path={model}", f"data.shards={shards}", f"out_dir={out}", *TINY_RUN]
+        + list(extra)
+    )
+    return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
 
 
 def write_teacher_shards(
