@@ -13,7 +13,7 @@ SETUP_STAMP := $(VENV)/.setup-stamp
 .PHONY: help setup test lint format models bench-shards bench-train bench-loss demo clean-models train \
 	default-data precompute bench-precompute bench-precompute-workers eval
 .PHONY: teacher-server bench-onpolicy onpolicy-rounds bench-rounds bench-precompute-host
-.PHONY: bench-object-store demo-onpolicy onpolicy-live onpolicy-two-stage
+.PHONY: bench-object-store demo-onpolicy onpolicy-live onpolicy-two-stage bench-conversations
 
 help: ## list the targets
 	@echo "kdshards make targets:"
@@ -85,6 +85,9 @@ bench-precompute: setup models $(DEFAULT_DATA) ## vLLM vs transformers teacher t
 
 bench-precompute-host: setup ## host cost per token: vLLM logprobs -> top-k -> shards (no model run)
 	$(PYTHON) -m bench.precompute_host $(ARGS)
+
+bench-conversations: setup models ## score multi-turn conversations: one teacher pass per conversation vs one per turn
+	$(PYTHON) -m bench.conversations $(ARGS)
 
 bench-precompute-workers: setup models $(DEFAULT_DATA) ## precompute with 1 vs 2 local workers
 	$(PYTHON) -m bench.precompute_workers $(ARGS)
