@@ -7,13 +7,17 @@
 3. invalid: nothing reaches the threshold: the reply is sent as written (whitespace at its
    ends stripped), the game answers with its own "Unknown action" message, and it counts.
 
-Why token F1 at 0.4 (bench/action_rule.py, 40 train seeds' gold paths, each gold action
-rewritten the ways a small model writes it (the article added, filler words, the
-observation echoed before it, a word dropped, a typo, a synonym verb, a plan appended) plus
-garbage replies and echoed observations that should stay invalid; share handled right,
-mean over the 9 kinds): twc 1 room 2 items: F1@0.4 0.926, difflib ratio@0.5 0.880 (0.589 on
-echoed observations + action: a long reply drags the character ratio down), token
-recall@0.5 0.909; cookingworld 1 room: F1@0.4 0.909, difflib@0.5 0.823, recall@0.5 0.856.
+Why token F1 at 0.4 (`python -m bench.envs`, bench/results/envs.json): along 40 train
+seeds' gold paths each gold action is rewritten the ways a small model writes it (article
+added, filler words, the observation's first sentence before it, a word dropped, a typo,
+a synonym verb, a plan appended), plus garbage replies and echoed observations that
+should stay invalid. Share handled right, mean over the 9 kinds: twc (1 room, 2 items)
+F1>=0.4 0.928, difflib ratio>=0.5 0.879 (0.59 on observation + action: a long reply drags
+the character ratio down), token recall>=0.5 0.907; cookingworld (1 room) F1>=0.4 0.916,
+difflib 0.818, recall 0.844. Higher thresholds lose more near misses than they save
+garbage. Its price: a reply sharing one word with a two-word action reaches F1 0.4
+("take the shoe" -> "take notebook"), and echoed observations are mapped about half the
+time.
 
 What the trained span holds: the action the game got (actions[i]), and the same action
 stays in the history of later prompts. The conversation a student trains on is then one

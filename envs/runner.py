@@ -20,6 +20,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from envs.actions import parse_action
@@ -69,6 +70,22 @@ class EnvPool:
             return self.free.pop()
         self.started += 1
         return self.make_env(self.config)
+
+    def warm(self, n: int, threads: int = 4) -> None:
+        """Start environments until n are free, `threads` at a time (start-up is mostly the
+        JVM's CPU time, so threads help little on two busy cores: 16 in 8.9 s against 9.9 s
+        one by one, bench/envs.py)."""
+        missing = n - len(self.free)
+        if missing <= 0:
+            return
+        with ThreadPoolExecutor(min(threads, missing)) as ex:
+            futures = [ex.submit(self.make_env, self.config) for _ in range(missing)]
+        envs = [f.result() for f in futures if f.exception() is None]
+        self.started += len(envs)
+        self.free.extend(envs)
+        for f in futures:
+            if f.exception() is not None:
+                raise f.exception()
 
     def give(self, env: Environment) -> None:
         self.free.append(env)
@@ -160,6 +177,9 @@ class _Runner:
             order = {k: i for i, k in enumerate(keys)}
             if len(order) != len(keys):
                 raise ValueError("keys: an episode (seed, sample) is listed twice")
+            t = time.perf_counter()
+            self.pool.warm(min(self.batch_size, len(keys)))
+            self.result.env_seconds += time.perf_counter() - t
             pending = deque(keys)
             while pending or active:
                 while pending and len(active) < self.batch_size:
