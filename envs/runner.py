@@ -2,10 +2,12 @@
 
 Up to batch_size episodes are active at once, each in its own environment (a game engine
 process). Every round, the prompts of all active episodes go to the policy together
-(`policy(list_of_messages) -> list_of_replies`), so an inference engine sees one batch per
-step; each reply is parsed (actions.py) and its environment stepped. A finished episode
-leaves the batch, its environment takes the next pending episode, and `on_episode` gets
-it at once (a caller commits it then: nothing waits for the slowest episode).
+(`policy(list_of_messages) -> list_of_replies`; with policy_keys=True also the episodes'
+keys, `policy(list_of_messages, keys)`, for per-episode sampling seeds), so an inference
+engine sees one batch per step; each reply is parsed (actions.py) and its environment
+stepped. A finished episode leaves the batch, its environment takes the next pending
+episode, and `on_episode` gets it at once (a caller commits it then: nothing waits for
+the slowest episode).
 
 An environment that dies (EnvironmentDied) is replaced by a fresh one in which the episode
 is replayed from its seed with the actions already taken (the games are deterministic: the
@@ -133,12 +135,16 @@ def play(
     pool: EnvPool | None = None,
     make_env: Callable[[EnvConfig], Environment] | None = None,
     on_episode: Callable[[Episode], None] | None = None,
+    policy_keys: bool = False,
     log: Callable[[str], None] = _stderr,
 ) -> PlayResult:
     """Play `keys` (default: the config's seeds x `samples`) with `policy`, batch_size
     episodes at a time. experience goes into the prompts' system message (teacher view).
     pool: environments to reuse (left open, live ones given back); without one, a pool of
-    make_env (default TextWorldEnv) is made for this call and closed at its end."""
+    make_env (default TextWorldEnv) is made for this call and closed at its end.
+    policy_keys: call policy(prompts, keys) with each prompt's EpisodeKey (a sampler can
+    then seed each episode's requests from its identity and step, so a resumed episode
+    samples the same replies)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if pool is not None and pool.config != config:
@@ -146,7 +152,8 @@ def play(
     own = pool is None
     pool = EnvPool(config, make_env) if own else pool
     try:
-        return _Runner(config, policy, batch_size, experience, pool, on_episode, log).run(
+        call = policy if policy_keys else (lambda prompts, keys: policy(prompts))
+        return _Runner(config, call, batch_size, experience, pool, on_episode, log).run(
             keys, samples
         )
     finally:
@@ -221,7 +228,7 @@ class _Runner:
             for a in active
         ]
         t = time.perf_counter()
-        replies = self.policy(prompts)
+        replies = self.policy(prompts, [a.key for a in active])
         self.result.policy_seconds += time.perf_counter() - t
         self.result.policy_calls += 1
         self.result.batch_sizes.append(len(prompts))

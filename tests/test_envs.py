@@ -369,6 +369,34 @@ def test_batch_of_episodes_of_different_lengths():
     assert len(games) == 2 and all(g.closed for g in games)  # two slots, reused, closed
 
 
+def test_policy_keys_name_each_prompts_episode():
+    seen = []
+
+    def policy(prompts, keys):
+        seen.append(
+            [(k.seed, k.sample, first_observation(p)) for k, p in zip(keys, prompts, strict=True)]
+        )
+        return counting_policy(prompts)
+
+    keys = [EpisodeKey(2, 0), EpisodeKey(2, 1), EpisodeKey(1, 0)]
+    config = EnvConfig(game="sorting", step_limit=20)
+    play(config, policy, keys=keys, make_env=CountingGame, policy_keys=True)
+    assert seen == [
+        [(2, 0, "start 2"), (2, 1, "start 2"), (1, 0, "start 1")],
+        [(2, 0, "start 2"), (2, 1, "start 2")],
+    ]
+
+
+def test_config_from_yaml_values():
+    config = build(
+        EnvConfig,
+        {"game": "coin", "params": {"numLocations": 2}, "fold": "dev", "seeds": [10001, 10003]},
+    )
+    assert config.seeds == (10001, 10003) and config.game_params() == "numLocations=2"
+    with pytest.raises(ValueError, match="fold: expected one of train | dev | test"):
+        build(EnvConfig, {"fold": "valid"})
+
+
 def test_policy_with_the_wrong_reply_count_is_an_error():
     with pytest.raises(ValueError, match="expected 2 replies"):
         play(
