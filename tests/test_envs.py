@@ -326,6 +326,9 @@ class CountingGame:
     def close(self):
         self.closed = True
 
+    def seeds(self):
+        return self.config.select_seeds([1, 2, 3, 4, 5])
+
     def _obs(self, text, done):
         won = text.startswith("stop")
         valid = ("go", "stop") if self.n >= self.seed - 1 else ("go",)
@@ -367,6 +370,13 @@ def test_batch_of_episodes_of_different_lengths():
         assert len(e.observations) == len(e.valid_actions) == e.steps + 1
         assert e.to_dict()["steps"] == e.seed and e.to_dict()["invalid"] == 0
     assert len(games) == 2 and all(g.closed for g in games)  # two slots, reused, closed
+
+
+def test_default_keys_are_the_configured_seeds_times_samples():
+    config = EnvConfig(game="sorting", seed_offset=1, num_seeds=2, step_limit=20)
+    result = play(config, counting_policy, samples=2, make_env=CountingGame)
+    assert [(e.seed, e.sample) for e in result.episodes] == [(2, 0), (2, 1), (3, 0), (3, 1)]
+    assert all(e.success for e in result.episodes)
 
 
 def test_policy_keys_name_each_prompts_episode():
