@@ -167,19 +167,29 @@ class _Runner:
         self.experience, self.pool = experience, pool
         self.on_episode, self.log = on_episode, log
         self.result = PlayResult([], [])
+        self.held: list[Environment] = []  # taken from the pool, not yet given back
 
     def _new_env(self) -> Environment:
         t = time.perf_counter()
         env = self.pool.take()
         self.result.env_seconds += time.perf_counter() - t
+        self.held.append(env)
         return env
+
+    def _give(self, env: Environment) -> None:
+        self.held.remove(env)
+        self.pool.give(env)
+
+    def _drop(self, env: Environment) -> None:
+        self.held.remove(env)
+        env.close()
 
     def run(self, keys, samples) -> PlayResult:
         active: list[_Active] = []
         try:
             if keys is None:
                 env = self._new_env()
-                self.pool.give(env)
+                self._give(env)
                 keys = default_keys(self.config, env, samples)
             order = {k: i for i, k in enumerate(keys)}
             if len(order) != len(keys):
@@ -199,8 +209,8 @@ class _Runner:
             self.result.episodes.sort(key=lambda e: order[EpisodeKey(e.seed, e.sample)])
             return self.result
         finally:
-            for a in active:  # only after an error: their episodes are unfinished
-                self.pool.give(a.env)
+            while self.held:  # only after an error (a policy's, a callback's): unfinished
+                self._give(self.held[-1])
 
     def _start(self, key: EpisodeKey) -> _Active | None:
         env = self._new_env()
@@ -252,7 +262,7 @@ class _Runner:
             ep.rewards.append(obs.reward)
             self._record(act, obs)
             if obs.done:
-                self.pool.give(act.env)
+                self._give(act.env)
                 self.result.episodes.append(ep)
                 if self.on_episode is not None:
                     self.on_episode(ep)
@@ -279,7 +289,7 @@ class _Runner:
                     raise _Reject(f"the environment died again after one replay ({e})") from e
                 act.episode.restarts += 1
                 self.log(f"envs: {act.episode.name}: {e}; replaying it in a fresh environment")
-                act.env.close()
+                self._drop(act.env)
                 act.env = self._new_env()
                 t = time.perf_counter()
                 try:
@@ -308,4 +318,4 @@ class _Runner:
         rejected = Rejected(ep.game, ep.params, ep.fold, ep.seed, ep.sample, reason)
         self.result.rejected.append(rejected)
         self.log(rejected.line())
-        act.env.close()  # it died (or diverged): the pool makes a fresh one for the next
+        self._drop(act.env)  # it died (or diverged): the pool makes a fresh one for the next

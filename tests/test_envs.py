@@ -431,6 +431,22 @@ def test_pool_keeps_environments_between_calls():
     assert len(games) == 2 and all(g.closed for g in games) and pool.free == []
 
 
+def test_an_error_mid_run_gives_every_environment_back_once():
+    config = EnvConfig(game="sorting", step_limit=20)
+
+    def fail(episode):
+        raise RuntimeError("commit failed")
+
+    with EnvPool(config, CountingGame) as pool:
+        keys = [EpisodeKey(1), EpisodeKey(3), EpisodeKey(4)]
+        with pytest.raises(RuntimeError, match="commit failed"):
+            play(config, counting_policy, keys=keys, pool=pool, on_episode=fail)
+        assert pool.started == 3 and len(pool.free) == 3
+        assert len({id(e) for e in pool.free}) == 3
+        result = play(config, counting_policy, keys=keys, pool=pool)  # the pool still works
+        assert [e.steps for e in result.episodes] == [1, 3, 4] and pool.started == 3
+
+
 # --- the batch runner on TextWorldExpress --------------------------------------------------
 
 
