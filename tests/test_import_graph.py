@@ -1,7 +1,8 @@
 """The project's import rules, read from the source (ast), so a violation fails here rather
 than in review: only vllm_engine/ imports vLLM; shards/ imports none of the other packages;
 precompute/ and train/ never import each other; vllm_engine/ imports none of precompute/,
-train/, tools/; and no import cycle joins the project's modules.
+train/, tools/; envs/ (the text-game environments precompute, train and tools all use)
+imports none of them; and no import cycle joins the project's modules.
 
 Every import counts, lazy ones inside functions included (a cycle through a function-level
 import still ties the modules together); only `if TYPE_CHECKING:` blocks are left out.
@@ -23,6 +24,7 @@ PACKAGES = (
     "runtime",
     "vllm_engine",
     "bench",
+    "envs",
 )
 # Tests that test vllm_engine itself against the installed vLLM may import it.
 VLLM_TESTS = ("tests/test_vllm_engine.py",)
@@ -151,7 +153,7 @@ def test_only_vllm_engine_imports_vllm():
 
 
 def test_layering_rules():
-    others = {"precompute", "train", "tools", "runtime", "vllm_engine", "bench"}
+    others = {"precompute", "train", "tools", "runtime", "vllm_engine", "bench", "envs"}
     rules = {
         "shards": others | {"datafiles"},
         # Users' data files in HF/TRL formats, read by precompute, train and tools alike.
@@ -159,7 +161,10 @@ def test_layering_rules():
         "precompute": {"train", "tools", "bench"},
         "train": {"precompute", "tools", "bench"},
         "vllm_engine": {"precompute", "train", "tools", "bench"},
-        "runtime": {"shards", "precompute", "train", "tools", "vllm_engine", "bench"},
+        "runtime": {"shards", "precompute", "train", "tools", "vllm_engine", "bench", "envs"},
+        # Environments, used by precompute (rollouts), train (on-policy) and tools (eval):
+        # below all three, so they never meet through it.
+        "envs": {"precompute", "train", "tools", "vllm_engine", "bench"},
     }
     assert violations(PACKAGES, rules) == []
 

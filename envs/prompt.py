@@ -1,0 +1,80 @@
+"""THE prompt format: the chat messages a policy sees before each action, and the whole
+conversation of a finished episode (the same function, one turn longer).
+
+    system:    "You are playing a text game. <task>" + the reply rule
+               [+ "Experience from earlier games:" + the experience: teacher view only]
+    user:      <observation 0> + the valid actions, one per line ("- look around")
+    assistant: <action 0>            (the action the game got: actions.py says why)
+    user:      <observation 1> + the valid actions
+    ...
+
+The student view is the same with experience=None, so a teacher episode becomes a
+student training row by rebuilding it without the experience (episode_messages).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from envs.base import Episode
+
+RULES = (
+    "Each turn you see what happened and the list of valid actions. Reply with one action "
+    "from the list, written exactly as it appears there, and nothing else."
+)
+
+
+def system_message(task: str, experience: str | None = None) -> str:
+    text = f"You are playing a text game. {task.strip()}\n\n{RULES}"
+    if experience:
+        text += f"\n\nExperience from earlier games:\n{experience.strip()}"
+    return text
+
+
+def user_message(observation: str, valid_actions: Sequence[str]) -> str:
+    listed = "\n".join(f"- {a}" for a in valid_actions)
+    return f"{observation.strip()}\n\nValid actions:\n{listed}"
+
+
+def messages(
+    task: str,
+    observations: Sequence[str],
+    valid_actions: Sequence[Sequence[str]],
+    actions: Sequence[str],
+    experience: str | None = None,
+) -> list[dict]:
+    """The conversation [{"role", "content"}, ...]: system, then user (observation i with
+    valid_actions[i]) and assistant (actions[i]) alternating.
+
+    len(observations) == len(actions) + 1: a prompt for the next action (ends with a user
+    turn); len(observations) == len(actions): a finished conversation (ends with the last
+    action), as trained on. experience (teacher view) goes into the system message.
+    """
+    if len(valid_actions) != len(observations):
+        raise ValueError(
+            f"{len(observations)} observations but {len(valid_actions)} valid-action lists"
+        )
+    if len(observations) - len(actions) not in (0, 1):
+        raise ValueError(
+            f"{len(observations)} observations and {len(actions)} actions: a conversation "
+            "has one observation per action, plus one when it asks for the next action"
+        )
+    out = [{"role": "system", "content": system_message(task, experience)}]
+    for i, observation in enumerate(observations):
+        out.append({"role": "user", "content": user_message(observation, valid_actions[i])})
+        if i < len(actions):
+            out.append({"role": "assistant", "content": actions[i]})
+    return out
+
+
+def episode_messages(episode: Episode, experience: str | None = None) -> list[dict]:
+    """A finished episode's conversation: every action is an assistant turn (a trained
+    span), the last observation (what the last action led to) is left out."""
+    n = episode.steps
+    return messages(
+        episode.task,
+        episode.observations[:n],
+        episode.valid_actions[:n],
+        episode.actions,
+        experience,
+    )
