@@ -1,7 +1,8 @@
 """The project's import rules, read from the source (ast), so a violation fails here rather
 than in review: only vllm_engine/ imports vLLM; shards/ imports none of the other packages;
 precompute/ and train/ never import each other; vllm_engine/ imports none of precompute/,
-train/, tools/; and no import cycle joins the project's modules.
+train/, tools/; crosstok/ (cross-tokenizer alignment) is a leaf above shards/ that
+precompute/, train/ and tools/ may import; and no import cycle joins the project's modules.
 
 Every import counts, lazy ones inside functions included (a cycle through a function-level
 import still ties the modules together); only `if TYPE_CHECKING:` blocks are left out.
@@ -17,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = (
     "shards",
     "datafiles",
+    "crosstok",
     "precompute",
     "train",
     "tools",
@@ -151,7 +153,7 @@ def test_only_vllm_engine_imports_vllm():
 
 
 def test_layering_rules():
-    others = {"precompute", "train", "tools", "runtime", "vllm_engine", "bench"}
+    others = {"precompute", "train", "tools", "runtime", "vllm_engine", "bench", "crosstok"}
     rules = {
         "shards": others | {"datafiles"},
         # Users' data files in HF/TRL formats, read by precompute, train and tools alike.
@@ -160,6 +162,9 @@ def test_layering_rules():
         "train": {"precompute", "tools", "bench"},
         "vllm_engine": {"precompute", "train", "tools", "bench"},
         "runtime": {"shards", "precompute", "train", "tools", "vllm_engine", "bench"},
+        # Cross-tokenizer alignment: a leaf above shards/ (tokenizer fingerprints) that
+        # precompute/, train/ and tools/ import.
+        "crosstok": (others - {"crosstok"}) | {"datafiles"},
     }
     assert violations(PACKAGES, rules) == []
 
