@@ -356,7 +356,7 @@ def test_uld_gradient_mask_and_errors():
     q = x64.softmax(1)
     ref = torch.zeros((), dtype=F64)
     for r in mask.nonzero()[:, 0].tolist():
-        order = sorted(range(10), key=lambda j: -float(q[r, j]))
+        order = sorted(range(10), key=lambda j: -float(q[r, j].detach()))
         p = sorted(lt[r].double().exp().tolist(), reverse=True) + [0.0] * 6
         ref = ref + sum((q[r, j] - p[i]).abs() for i, j in enumerate(order))
     ref.backward()
@@ -408,3 +408,43 @@ def test_student_that_cannot_represent_the_text(pair):
     assert "\n" not in msg and "byte 2" in msg and "normaliser" in msg
     with pytest.raises(CrossTokError, match="outside its vocabulary"):
         check_tokens(n_table, [10**6], "x", role="student")
+
+
+def test_llama_style_sentencepiece_with_byte_fallback():
+    """Llama 2's convention: a Prepend('▁') + Replace(' ', '▁') normaliser, a BPE with byte
+    fallback, and a Replace / ByteFallback / Fuse / Strip decoder. 'é' is not in the vocabulary
+    and falls back to its two bytes; the added leading space is not part of the text."""
+    vocab = {"<unk>": 0, "<0xC3>": 1, "<0xA9>": 2, "\u2581": 3, "a": 4, "b": 5}
+    vocab.update({"\u2581a": 6, "\u2581b": 7, "ab": 8})
+    merges = [("\u2581", "a"), ("\u2581", "b"), ("a", "b")]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    llama = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    table = token_table(llama)
+    assert table.kind == "sentencepiece" and table.strip_prefix_space
+    text = "ab é b"
+    ids, lengths = encode_exact(llama, table, text, role="student")
+    assert llama.convert_ids_to_tokens(ids) == [
+        "\u2581a",
+        "b",
+        "\u2581",
+        "<0xC3>",
+        "<0xA9>",
+        "\u2581b",
+    ]
+    assert lengths.sum() == len(text.encode()) and lengths[0] == 1  # '▁a' is 'a' here
+    # against single bytes: 'é' (two byte-fallback tokens) aligns byte by byte
+    student = byte_level_tokenizer(SINGLES, ".")
+    al, _ = align_text(text, ids, table, student, token_table(student))
+    assert al.one_to_one.tolist() == [True] * 5 + [False]  # ' b' is two student bytes
+    assert al.blocks()[-1] == (range(5, 6), range(5, 7))
