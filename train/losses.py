@@ -620,6 +620,8 @@ def kd_loss_mapped(
     if spec.needs_targets and targets is None:
         raise ValueError("this loss needs targets (CE weight > 0)")
     vocab = student.weight.shape[0] if isinstance(student, LinearHead) else student.shape[1]
+    if ids.shape[1] > vocab:
+        raise ValueError(f"a top-k of {ids.shape[1]} entries does not fit a vocabulary of {vocab}")
     filled = _fill_unmapped(ids, vocab)
     t_lp = logprobs.float().masked_fill(pad, -torch.inf)
     loss, sums = chunked_loss(
