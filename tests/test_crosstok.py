@@ -448,3 +448,30 @@ def test_llama_style_sentencepiece_with_byte_fallback():
     al, _ = align_text(text, ids, table, student, token_table(student))
     assert al.one_to_one.tolist() == [True] * 5 + [False]  # ' b' is two student bytes
     assert al.blocks()[-1] == (range(5, 6), range(5, 7))
+
+
+def test_mapped_loss_through_a_linear_head_equals_logits():
+    """The memory-bounded student input (hidden states and head) gives the logits' loss and
+    gradients with unmapped entries, over several chunks and a mask."""
+    from train.losses import LinearHead
+
+    n, v, k, h = 11, 17, 4, 6
+    _, ids, lp, tail, _ = teacher_case(n, v, k, seed=4)
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
+    s_ids = ids.masked_fill(torch.rand(n, k, generator=g) < 0.3, -1)
+    mask = torch.rand(n, generator=g) < 0.8
+    spec = KDSpec(divergence="jsd", alpha=0.7)
+    targets = ids[:, 1]
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    a = kd_loss_mapped(
+        LinearHead(h1, w1), s_ids, lp, tail, spec=spec, targets=targets, mask=mask, chunk_tokens=3
+    )
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    b = kd_loss_mapped(h2 @ w2.T, s_ids, lp, tail, spec=spec, targets=targets, mask=mask)
+    a.loss.backward()
+    b.loss.backward()
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
+    assert float(a.stats["tokens"]) == float(mask.sum())
