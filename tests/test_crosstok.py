@@ -94,6 +94,9 @@ def test_same_tokenizer_aligns_one_to_one(pair):
         assert al.one_to_one.all()
         np.testing.assert_array_equal(al.teacher[:, 0], np.arange(len(ids)))
         np.testing.assert_array_equal(al.student, al.teacher)
+        # span logprobs over the identity alignment are the token logprobs themselves
+        lp = -torch.rand(len(ids), generator=torch.Generator().manual_seed(len(ids)))
+        torch.testing.assert_close(block_logprobs(lp, al.teacher), lp, rtol=0, atol=0)
 
 
 def test_split_in_two_merges_each_pair(pair):
