@@ -14,6 +14,7 @@ SETUP_STAMP := $(VENV)/.setup-stamp
 	default-data precompute bench-precompute bench-precompute-workers eval
 .PHONY: teacher-server bench-onpolicy onpolicy-rounds bench-rounds bench-precompute-host
 .PHONY: bench-object-store demo-onpolicy onpolicy-live onpolicy-two-stage bench-conversations
+.PHONY: bench-crosstok
 
 help: ## list the targets
 	@echo "kdshards make targets:"
@@ -88,6 +89,9 @@ bench-precompute-host: setup ## host cost per token: vLLM logprobs -> top-k -> s
 
 bench-conversations: setup models ## score multi-turn conversations: one teacher pass per conversation vs one per turn
 	$(PYTHON) -m bench.conversations $(ARGS)
+
+bench-crosstok: setup models ## cross-tokenizer alignment, SmolLM2 (teacher) vs the Qwen3 tokenizer (QWEN3_TOKENIZER=DIR)
+	$(PYTHON) -m bench.crosstok $(if $(QWEN3_TOKENIZER),--qwen3-tokenizer $(QWEN3_TOKENIZER)) $(ARGS)
 
 bench-precompute-workers: setup models $(DEFAULT_DATA) ## precompute with 1 vs 2 local workers
 	$(PYTHON) -m bench.precompute_workers $(ARGS)

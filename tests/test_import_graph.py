@@ -2,7 +2,8 @@
 than in review: only vllm_engine/ imports vLLM; shards/ imports none of the other packages;
 precompute/ and train/ never import each other; vllm_engine/ imports none of precompute/,
 train/, tools/; envs/ (the text-game environments precompute, train and tools all use)
-imports none of them; and no import cycle joins the project's modules.
+imports none of them; crosstok/ (cross-tokenizer alignment) is a leaf above shards/ that
+precompute/, train/ and tools/ may import; and no import cycle joins the project's modules.
 
 Every import counts, lazy ones inside functions included (a cycle through a function-level
 import still ties the modules together); only `if TYPE_CHECKING:` blocks are left out.
@@ -18,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = (
     "shards",
     "datafiles",
+    "crosstok",
     "precompute",
     "train",
     "tools",
@@ -153,7 +155,7 @@ def test_only_vllm_engine_imports_vllm():
 
 
 def test_layering_rules():
-    others = {"precompute", "train", "tools", "runtime", "vllm_engine", "bench", "envs"}
+    others = {"precompute", "train", "tools", "runtime", "vllm_engine", "bench", "envs", "crosstok"}
     rules = {
         "shards": others | {"datafiles"},
         # Users' data files in HF/TRL formats, read by precompute, train and tools alike.
@@ -164,7 +166,10 @@ def test_layering_rules():
         "runtime": {"shards", "precompute", "train", "tools", "vllm_engine", "bench", "envs"},
         # Environments, used by precompute (rollouts), train (on-policy) and tools (eval):
         # below all three, so they never meet through it.
-        "envs": {"precompute", "train", "tools", "vllm_engine", "bench"},
+        "envs": {"precompute", "train", "tools", "vllm_engine", "bench", "crosstok"},
+        # Cross-tokenizer alignment: a leaf above shards/ (tokenizer fingerprints) that
+        # precompute/, train/ and tools/ import.
+        "crosstok": (others - {"crosstok"}) | {"datafiles"},
     }
     assert violations(PACKAGES, rules) == []
 

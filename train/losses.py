@@ -163,9 +163,12 @@ __all__ = [
     "dual_gate",
     "generalized_jsd_tokens",
     "kd_loss",
+    "kd_loss_mapped",
     "kl_tokens",
     "mc_reverse_kl_tokens",
     "token_loss_fn",
+    "uld_loss",
+    "uld_tokens",
 ]
 
 TailPolicy = Literal["renormalize", "tail_bucket"]
@@ -553,3 +556,150 @@ def kd_loss(
     if teacher is not None and spec.divergence == "dual_kl":
         stats["gate"] = sums[2]
     return LossOutput(loss, stats)
+
+
+# ---- cross-tokenizer: a teacher top-k with unmapped entries, and the ULD term ----------------
+
+
+def _fill_unmapped(ids: Tensor, vocab: int) -> Tensor:
+    """ids (N, K) with -1 slots -> (N, K) distinct ids per row: each -1 gets a student id that is
+    not in its row (the smallest free ones among the first min(V, 2K) ids)."""
+    n, k = ids.shape
+    cand = torch.arange(min(vocab, 2 * k), device=ids.device)
+    used = (ids[:, :, None] == cand[None, None, :]).any(dim=1)  # (N, C)
+    free_first = torch.sort(used.to(torch.int8), dim=1, stable=True).indices  # free ids first
+    pad = ids < 0
+    rank = (pad.cumsum(dim=1) - 1).clamp_min(0)
+    return torch.where(pad, cand[free_first.gather(1, rank)], ids)
+
+
+def _mapped_loss_fn(spec: KDSpec) -> TokenLossFn:
+    """token_loss_fn(spec) for a top-k whose pad slots (teacher probability 0) are not buckets:
+    the student's probability at a pad id is moved into its tail, so the student's buckets are
+    {mapped ids, everything else}, exactly as for a top-k of only the mapped entries."""
+    base = token_loss_fn(spec)
+
+    def fn(s: StudentLogprobs, t_logprobs, t_tail, t_token, pad):
+        pad = pad.bool()
+        # LOG_FLOOR rather than -inf: a row without pads must not put NaN into the gradient.
+        moved = torch.logsumexp(s.topk.masked_fill(~pad, LOG_FLOOR), dim=1)
+        tail = torch.where(pad.any(dim=1), torch.logaddexp(s.tail, moved), s.tail)
+        topk = s.topk.masked_fill(pad, LOG_FLOOR)
+        return base(StudentLogprobs(topk, tail, s.target), t_logprobs, t_tail, t_token)
+
+    return fn
+
+
+def kd_loss_mapped(
+    student: Student,
+    ids: Tensor,
+    logprobs: Tensor,
+    tail_logprob: Tensor,
+    *,
+    spec: KDSpec,
+    token_logprob: Tensor | None = None,
+    targets: Tensor | None = None,
+    mask: Tensor | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> LossOutput:
+    """`kd_loss` for a teacher top-k mapped onto student ids (crosstok.vocab.map_topk).
+
+    ids: (N, K) student ids, -1 for entries that did not map (their teacher mass is already in
+    tail_logprob); logprobs (N, K) (any value at -1 slots), tail_logprob (N,). Equals
+    `kd_loss` on a signal holding only the mapped entries of each row (bitwise `kd_loss` when
+    nothing is -1). Needs a divergence on the buckets (not the "mc" reverse-KL estimator).
+    """
+    if spec.reverse_kl_estimator == "mc":
+        raise ValueError("kd_loss_mapped: the Monte Carlo reverse KL needs the token's own logprob")
+    pad = ids < 0
+    if not bool(pad.any()):
+        teacher = TeacherSignal(ids, logprobs, tail_logprob, token_logprob)
+        return kd_loss(
+            student, teacher, spec=spec, targets=targets, mask=mask, chunk_tokens=chunk_tokens
+        )
+    if spec.needs_targets and targets is None:
+        raise ValueError("this loss needs targets (CE weight > 0)")
+    vocab = student.weight.shape[0] if isinstance(student, LinearHead) else student.shape[1]
+    if ids.shape[1] > vocab:
+        raise ValueError(f"a top-k of {ids.shape[1]} entries does not fit a vocabulary of {vocab}")
+    filled = _fill_unmapped(ids, vocab)
+    t_lp = logprobs.float().masked_fill(pad, -torch.inf)
+    loss, sums = chunked_loss(
+        student,
+        _mapped_loss_fn(spec),
+        ids=filled,
+        row_inputs=(t_lp, tail_logprob, token_logprob, pad),
+        targets=targets,
+        mask=mask,
+        num_stats=len(STAT_NAMES),
+        chunk_tokens=chunk_tokens,
+    )
+    n = student.num_tokens if isinstance(student, LinearHead) else student.shape[0]
+    count = mask.sum() if mask is not None else torch.tensor(n)
+    stats = {"tokens": count.to(device=loss.device, dtype=torch.float32), "kd": sums[0]}
+    if targets is not None:
+        stats["ce"] = sums[1]
+    if spec.divergence == "dual_kl":
+        stats["gate"] = sums[2]
+    return LossOutput(loss, stats)
+
+
+def uld_tokens(student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
+    """ULD per position: (n, Vs), (n, Vt) probabilities -> (n,) float32.
+
+    sum_i |q_(i) - p_(i)|, q_(i) and p_(i) the i-th largest probabilities of each row, the
+    shorter row padded with zeros (both sorted in decreasing order, then compared rank by rank).
+    """
+    q = torch.sort(student_probs.float(), dim=1, descending=True).values
+    p = torch.sort(teacher_probs.float(), dim=1, descending=True).values
+    width = max(q.shape[1], p.shape[1])
+    q = F.pad(q, (0, width - q.shape[1]))
+    p = F.pad(p, (0, width - p.shape[1]))
+    return (q - p).abs().sum(dim=1)
+
+
+def uld_loss(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    mask: Tensor | None = None,
+    student_top_k: int | None = None,
+) -> Tensor:
+    """Universal logit distillation term, the SUM over the valid positions, float32.
+
+    Boizard et al., "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation
+    Loss for LLMs" (arXiv 2402.12030): with no shared vocabulary, compare the two
+    distributions as sorted vectors. Their closed form of the Wasserstein distance (uniform
+    support and cost) is, per position t, sum_i |p^S_(i) - p^T_(i)| with each model's
+    probabilities sorted in decreasing order and the smaller vocabulary padded with zeros
+    (their code, llm-recipes models/distillation_model.py: softmax, sort descending, F.pad with
+    0, abs difference summed over the vocabulary). Exactly what this computes:
+
+        ULD_t = sum_{i=1..max(Vs, Kt)} |sort_desc(q_t)_i - sort_desc(p_t)_i|   (0-padded)
+        q_t = softmax(student_logits_t) (float32), p_t = exp(teacher_logprobs_t)
+
+    Differences from the paper, stated: temperature 1 on both sides (the paper allows tau);
+    positions are paired by the caller (the paper pairs the i-th answer token of each model
+    and truncates to the shorter answer; crosstok pairs aligned positions) and SUMMED here (the
+    trainer divides by its token count; the paper averages); the teacher side may be a top-k
+    (exp of the stored logprobs, the tail mass not spread over unknown tokens, so it counts as
+    zeros); no CE term here and no weight lambda: the caller adds `weight * uld_loss`.
+
+    student_logits: (N, Vs). teacher_logprobs: (N, Kt) (top-k or full vocabulary).
+    mask: (N,) bool, positions that count (None: all).
+    student_top_k: compare only the student's k largest probabilities (not renormalized).
+    """
+    if student_logits.dim() != 2 or teacher_logprobs.dim() != 2:
+        raise ValueError("student_logits (N, Vs) and teacher_logprobs (N, Kt) must be 2-D")
+    if student_logits.shape[0] != teacher_logprobs.shape[0]:
+        raise ValueError(
+            f"{student_logits.shape[0]} student positions, {teacher_logprobs.shape[0]} teacher"
+        )
+    if mask is not None:
+        student_logits, teacher_logprobs = student_logits[mask], teacher_logprobs[mask]
+    q = F.softmax(student_logits.float(), dim=1)
+    if student_top_k is not None:
+        if not 0 < student_top_k <= q.shape[1]:
+            raise ValueError(f"student_top_k must be in 1..{q.shape[1]}, got {student_top_k}")
+        q = torch.topk(q, student_top_k, dim=1).values
+    return uld_tokens(q, teacher_logprobs.float().exp()).sum()
