@@ -49,6 +49,33 @@ def check_spans(spans, prompt_len: int, total: int) -> tuple[np.ndarray, np.ndar
     return starts, lengths
 
 
+def check_turns(turns, total: int) -> list[tuple[int, str]]:
+    """The (start, role) pairs of `turns` as (int, str); ShardError (field turn_starts or
+    turn_roles, no path) unless each is a pair, the starts are sorted integers inside the
+    conversation [0, total) and the roles non-empty strings."""
+    out: list[tuple[int, str]] = []
+    for j, turn in enumerate(turns):
+        try:
+            start, role = turn
+        except (TypeError, ValueError):
+            msg = f"turn {j}: expected a (start, role) pair, got {turn!r}"
+            raise ShardError(None, msg, field="turn_starts") from None
+        problem = None
+        if isinstance(start, bool) or not isinstance(start, int | np.integer):
+            problem = f"turn {j}: start {start!r} is not an integer"
+        elif not 0 <= start < total:
+            problem = f"turn {j}: start {start} outside the conversation [0, {total})"
+        elif out and start < out[-1][0]:
+            problem = f"turn {j}: start {start} before turn {j - 1}'s ({out[-1][0]})"
+        if problem:
+            raise ShardError(None, problem, field="turn_starts")
+        if not isinstance(role, str) or not role:
+            msg = f"turn {j}: role must be a non-empty string, got {role!r}"
+            raise ShardError(None, msg, field="turn_roles")
+        out.append((int(start), role))
+    return out
+
+
 def gather_index(
     row_of_span: np.ndarray, base: np.ndarray, starts: np.ndarray, lengths: np.ndarray
 ) -> np.ndarray:

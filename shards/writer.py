@@ -53,7 +53,7 @@ from shards.schema import (
     ShardMetadata,
     arrow_schema,
 )
-from shards.spans import batch_spans, check_spans
+from shards.spans import batch_spans, check_spans, check_turns
 from shards.storage import open_storage
 
 log = logging.getLogger(__name__)
@@ -96,26 +96,6 @@ def _trained_index(spans: np.ndarray, prompt_len: int) -> np.ndarray:
     return np.concatenate(idx) if idx else np.zeros(0, np.int64)
 
 
-def _check_turns(turns, total: int) -> list[tuple[int, str]]:
-    """The (start, role) pairs as ints and strings; ValueError with the reason."""
-    out = []
-    for j, turn in enumerate(turns):
-        try:
-            start, role = turn
-        except (TypeError, ValueError):
-            raise ValueError(f"turn {j}: expected a (start, role) pair, got {turn!r}") from None
-        if isinstance(start, bool) or not isinstance(start, int | np.integer):
-            raise ValueError(f"turn {j}: start {start!r} is not an integer")
-        if not 0 <= start < total:
-            raise ValueError(f"turn {j}: start {start} outside the conversation [0, {total})")
-        if out and start < out[-1][0]:
-            raise ValueError(f"turn {j}: start {start} before turn {j - 1}'s ({out[-1][0]})")
-        if not isinstance(role, str) or not role:
-            raise ValueError(f"turn {j}: role must be a non-empty string, got {role!r}")
-        out.append((int(start), role))
-    return out
-
-
 def _check_row(row: ShardRow, k: int, vocab: int, where: Path) -> ShardRow:
     def bad(field: str, msg: str):
         return ShardError(where, f"example {row.id!r}: {msg}", field=field)
@@ -140,9 +120,9 @@ def _check_row(row: ShardRow, k: int, vocab: int, where: Path) -> ShardRow:
         except ValueError as e:
             raise bad("spans", str(e)) from None
     try:
-        turns = [] if row.turns is None else _check_turns(row.turns, p + len(resp))
-    except ValueError as e:
-        raise bad("turns", str(e)) from None
+        turns = [] if row.turns is None else check_turns(row.turns, p + len(resp))
+    except ShardError as e:
+        raise bad("turns", e.message) from None
     trained = resp[_trained_index(spans, p)]
     t = len(trained)  # N: top-k rows, one per span token
     ids, lps = np.asarray(row.topk_ids), np.asarray(row.topk_logprobs)
