@@ -135,8 +135,7 @@ def _check_batch_spans(row_of_span, span_off, starts, lengths, p, t) -> None:
     bad = lengths < 1
     bad[1:] |= (starts[1:] < ends[:-1]) & (row_of_span[1:] == row_of_span[:-1])
     bad |= (starts < p[row_of_span]) | (ends > (p + t)[row_of_span])
-    row_bad = np.zeros(len(p), bool)
-    np.logical_or.at(row_bad, row_of_span, bad)
+    row_bad = np.bincount(row_of_span, weights=bad, minlength=len(p)) > 0
     row_bad |= has != (t > 0)
     row_bad[has] |= (starts[first[has]] != p[has]) | (ends[last[has]] != (p + t)[has])
     if row_bad.any():
