@@ -113,7 +113,9 @@ def test_sizes_and_accuracy(tmp_path, k):
     total = sum(p.stat().st_size for p in files)
     assert set(cols) == set(arrow_schema().names)
     # Each column's compressed buffers, written alone: the file is those plus its framing.
-    assert 0.5 * total < sum(cols.values()) < total
+    # Written alone, each column repeats each record batch's framing (a few dozen bytes),
+    # which at k=1 (almost empty top-k streams) the 21 columns of schema v2 make up 2%.
+    assert 0.5 * total < sum(cols.values()) < 1.02 * total
     naive = bench.naive_bytes(data, k, w.compression_level, w.batch_tokens)
     assert naive["float32"] > naive["float16"] > 0
 
