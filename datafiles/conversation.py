@@ -117,6 +117,10 @@ def render_conversation(
                 start = eos_end(i - 1, len(full)) or at
             except SpanError:  # an untrained turn: its start is for inspection only
                 start = at
+            # The whitespace a template writes after the end-of-turn token ("<|im_end|>\n")
+            # belongs to the turn it ends, as it does where the prefix rendering holds.
+            while start < len(full) and not tokenizer.decode([full[start]]).strip():
+                start += 1
         else:
             start = at
         starts.append(max(start, starts[-1]))
