@@ -9,11 +9,14 @@ turns follow breaks the prefix: the row is refused with the turn and the first d
 token (`SpanError`), never trained on tokens the model would not have been given.
 
 Qwen3's template drops the reasoning (`<think>...</think>`) of assistant turns before the
-last user query. Both views are rendered by the same template, so such a turn is trained
-without its reasoning in both (the rule: earlier assistant turns are rendered without their
-reasoning), and `aligned` checks that every span has the same ids in both views. With
-`enable_thinking=false` its generation prompt ends in an empty think block that an earlier
-turn's rendering lacks: those rows are refused.
+last user query, so the turns before a later one render with a reasoning block that the
+whole conversation lacks, and no prefix would hold. The rule applied (`drop_reasoning`):
+an assistant turn whose reasoning the template drops from the whole conversation anyway (it
+renders the same text without it) has it removed from the message itself, before any
+rendering. Both views are rendered by the same template with the same turns, so such a turn
+is trained without its reasoning in both, and `aligned` checks that every span has the same
+ids in both views. With `enable_thinking=false` Qwen3's generation prompt ends in an empty
+think block that an earlier turn's rendering lacks: those rows are refused.
 
 Used by precompute's score mode and usable by train's on-policy path: it imports only what
 datafiles/ imports.
@@ -21,7 +24,11 @@ datafiles/ imports.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+# A reasoning block at the start of an assistant turn and the blank lines after it.
+THINK = re.compile(r"^.*</think>\n*", re.S)
 
 
 class SpanError(ValueError):
@@ -66,6 +73,28 @@ def differ(tokenizer, what: str, a: list[int], b: list[int], at: int) -> str:
     return f"{what} at token {at}: {_token(tokenizer, a, at)} vs {_token(tokenizer, b, at)}"
 
 
+def _text(tokenizer, messages: list[dict], kwargs: dict | None) -> str:
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=False, **(kwargs or {})
+    )
+
+
+def drop_reasoning(tokenizer, messages: list[dict], kwargs: dict | None = None) -> list[dict]:
+    """`messages` with the reasoning removed from every assistant turn whose reasoning the
+    template drops from the whole conversation anyway (Qwen3: the turns before the last user
+    query): rendering it without gives the same text. Other turns are kept as they are."""
+    out = [dict(m) for m in messages]
+    whole = None
+    for j, m in enumerate(out):
+        if m["role"] != "assistant" or "</think>" not in (m["content"] or ""):
+            continue
+        whole = _text(tokenizer, out, kwargs) if whole is None else whole
+        trial = [*out[:j], {**m, "content": THINK.sub("", m["content"], count=1)}, *out[j + 1 :]]
+        if _text(tokenizer, trial, kwargs) == whole:
+            out = trial
+    return out
+
+
 def render_conversation(
     tokenizer,
     messages: list[dict],
@@ -76,6 +105,7 @@ def render_conversation(
     """The ids of `messages`, the span of each assistant turn in `trained` (message indices,
     ascending) and every message's start. Raises SpanError."""
     eos = eos_ids if eos_ids is not None else {tokenizer.eos_token_id}
+    messages = drop_reasoning(tokenizer, messages, kwargs)
     full = encode(tokenizer, messages, kwargs, False)
     gen_end = {}  # assistant index -> where its content starts (after the generation prompt)
 
