@@ -4,8 +4,11 @@ Without field settings a file's format is recognised from its columns (a table's
 CSV header, or the keys of a JSON file's first object), first match wins:
 
     question_answer    `question` (+ `answer`): kdshards' own, the question is the user's turn
-    messages           `messages`: TRL's conversational; a trailing assistant turn is the answer
-                       (and, in score mode, the response), the turns before it the prompt
+    messages           `messages`: TRL's conversational, agent trajectories (tool calls, text
+                       parts: datafiles/messages.py); a trailing assistant turn is the answer,
+                       the turns before it the prompt; in score mode (without a response
+                       field) the whole conversation, its assistant turns selected by
+                       `train_turns` trained in place (datafiles/conversation.py)
     prompt_completion  `prompt` (+ `completion`): TRL's prompt-only and prompt-completion, in
                        both forms: standard (strings; the prompt is the user's turn) and
                        conversational (lists of messages); the completion is the answer and,
