@@ -525,3 +525,16 @@ def test_two_files_through_the_config(tmp_path):
     (ex,), rejects, _ = precompute_examples(c.data, "score")
     assert rejects == [] and ex.trained == (2, 4)
     assert ex.teacher_conversation[1]["content"].startswith("Experience:")
+    # Generate mode: the teacher's prompt is the teacher file's chat before its last turn.
+    from transformers import AutoTokenizer
+
+    from precompute.views import make_views
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir())
+    (ex,), rejects, _ = precompute_examples(c.data, "generate")
+    v = make_views(tok, ex, c.view, 0)
+    text = tok.apply_chat_template(
+        with_experience(conversation(1, 2))[:-1], tokenize=False, add_generation_prompt=True
+    )
+    assert v.teacher_prompt_ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(v.prompt_ids).count("Experience") == 0 and v.conversation is None

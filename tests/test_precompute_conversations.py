@@ -10,6 +10,7 @@ import pytest
 
 from precompute.hf_backend import HFBackend
 from precompute.run import run
+from shards.reader import ShardFolder
 from tests.fixtures.tiny_model import tiny_model_dir
 from tests.precompute_helpers import (
     QWEN3_LIKE_TEMPLATE,
@@ -173,6 +174,13 @@ def test_two_files_give_the_rows_of_one_file_with_experience(tiny, hf, tmp_path)
     same_rows(
         sorted(all_rows(tmp_path / "one"), key=key), sorted(all_rows(tmp_path / "two"), key=key)
     )
+    # The metadata records the settings and, with two files, the teacher file's fingerprint.
+    one, two = (
+        ShardFolder(tmp_path / x).metadata.extra["precompute"]["data"] for x in ("one", "two")
+    )
+    assert one["train_turns"] == two["train_turns"] == "all" and "teacher_path" not in two
+    assert "teacher_data_fingerprint" not in one
+    assert two["teacher_data_fingerprint"].startswith("sha256:")
 
 
 AGENT = [
