@@ -25,6 +25,7 @@ datafiles/ imports.
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from dataclasses import dataclass
 
 # A reasoning block at the start of an assistant turn and the blank lines after it.
@@ -95,6 +96,41 @@ def drop_reasoning(tokenizer, messages: list[dict], kwargs: dict | None = None) 
     return out
 
 
+class _Whole:
+    """The whole conversation's text and ids, tokenized once: a prefix rendering is checked
+    on the text and mapped to tokens through the offsets, instead of tokenizing each of the
+    turns' prefixes (a 16-turn conversation of 16k tokens: 26 ms instead of 360 ms here)."""
+
+    def __init__(self, tokenizer, text: str):
+        self.text = text
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
+        self.ids = list(enc["input_ids"])
+        offsets = enc.get("offset_mapping") or []
+        self.starts, self.ends = [a for a, _ in offsets], [b for _, b in offsets]
+        self.added = set(getattr(tokenizer, "added_tokens_decoder", {}))
+
+    def prefix_tokens(self, tokenizer, text: str) -> int | None:
+        """k when `text` tokenizes as ids[:k]; None when that is not shown here (then the
+        caller tokenizes it). A tokenizer splits its text at added tokens (the chat markers)
+        and encodes the pieces between them alone, so ids[:k] is text's tokenization when the
+        whole has a token boundary at len(text) and text's last piece after an added token
+        encodes to the same ids."""
+        if not self.ends or not self.text.startswith(text):
+            return None
+        c = len(text)
+        k = bisect_right(self.ends, c)
+        if k < len(self.ids) and self.starts[k] < c:
+            return None  # no token boundary there
+        j = k - 1
+        while j >= 0 and self.ids[j] not in self.added:
+            j -= 1
+        head = self.ends[j] if j >= 0 else 0
+        tail = (
+            list(tokenizer(text[head:], add_special_tokens=False)["input_ids"]) if head < c else []
+        )
+        return k if tail == self.ids[j + 1 : k] else None
+
+
 def render_conversation(
     tokenizer,
     messages: list[dict],
@@ -106,14 +142,30 @@ def render_conversation(
     ascending) and every message's start. Raises SpanError."""
     eos = eos_ids if eos_ids is not None else {tokenizer.eos_token_id}
     messages = drop_reasoning(tokenizer, messages, kwargs)
-    full = encode(tokenizer, messages, kwargs, False)
+    whole = _Whole(tokenizer, _text(tokenizer, messages, kwargs))
+    full = whole.ids
     gen_end = {}  # assistant index -> where its content starts (after the generation prompt)
+
+    def prefix(i: int, generation_prompt: bool) -> tuple[int, list[int] | None]:
+        """(its length, None) when messages[:i] render as a token prefix of the whole; else
+        (the first differing token, the prefix's ids)."""
+        text = tokenizer.apply_chat_template(
+            list(messages[:i]),
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+            **(kwargs or {}),
+        )
+        k = whole.prefix_tokens(tokenizer, text)
+        if k is not None:
+            return k, None
+        before = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        at = _common(before, full)
+        return (at, None) if at == len(before) else (at, before)
 
     def content_start(i: int) -> int:
         if i not in gen_end:
-            before = encode(tokenizer, messages[:i], kwargs, True)
-            at = _common(before, full)
-            if at < len(before):
+            at, before = prefix(i, True)
+            if before is not None:
                 raise SpanError(
                     i,
                     differ(
@@ -125,7 +177,7 @@ def render_conversation(
                         at,
                     ),
                 )
-            gen_end[i] = len(before)
+            gen_end[i] = at
         return gen_end[i]
 
     def eos_end(i: int, limit: int) -> int | None:
@@ -136,9 +188,8 @@ def render_conversation(
 
     starts = [0]
     for i in range(1, len(messages)):
-        before = encode(tokenizer, messages[:i], kwargs, False)
-        at = _common(before, full)
-        if at == len(before):
+        at, before = prefix(i, False)
+        if before is None:
             start = at
         elif messages[i - 1]["role"] == "assistant":
             # A template that renders the last turn differently (Qwen3's empty think block):
