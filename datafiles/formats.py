@@ -4,8 +4,11 @@ Without field settings a file's format is recognised from its columns (a table's
 CSV header, or the keys of a JSON file's first object), first match wins:
 
     question_answer    `question` (+ `answer`): kdshards' own, the question is the user's turn
-    messages           `messages`: TRL's conversational; a trailing assistant turn is the answer
-                       (and, in score mode, the response), the turns before it the prompt
+    messages           `messages`: TRL's conversational, agent trajectories (tool calls, text
+                       parts: datafiles/messages.py); a trailing assistant turn is the answer,
+                       the turns before it the prompt; in score mode (without a response
+                       field) the whole conversation, its assistant turns selected by
+                       `train_turns` trained in place (datafiles/conversation.py)
     prompt_completion  `prompt` (+ `completion`): TRL's prompt-only and prompt-completion, in
                        both forms: standard (strings; the prompt is the user's turn) and
                        conversational (lists of messages); the completion is the answer and,
@@ -29,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from datafiles.messages import conversation, trained_turns
 from datafiles.reading import BadField, InputFileError, Where, file_rows, input_files
 
 FORMATS = ("auto", "question_answer", "messages", "prompt_completion")
@@ -51,6 +55,10 @@ class Fields:
     response: str = ""  # score mode: the response's field ("": the format's own)
     prompt: str = "prompt"
     completion: str = "completion"
+    train_turns: str = (
+        "all"  # datafiles.messages.TRAIN_TURNS: the assistant turns score mode trains
+    )
+    id_required: bool = False  # two files (datafiles/pairs.py) are joined by id
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,15 @@ class Example:
     response: str | None  # score mode: the response to score
     where: Where
     prompt_field: str = "question"  # the field the prompt came from, for later rejects
+    # Score mode, `messages` format without data.response_field: the whole conversation
+    # (every message, the trailing assistant turn included) and the indices of its trained
+    # assistant turns; empty for the single-turn path (prompt `messages` + `response`).
+    conversation: tuple[dict, ...] = ()
+    trained: tuple[int, ...] = ()
+    # Two files (datafiles/pairs.py): the teacher file's chat, the same shape as `messages`
+    # (its prompt) and `conversation`; None: the teacher view adds `experience` instead.
+    teacher_messages: tuple[dict, ...] | None = None
+    teacher_conversation: tuple[dict, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -227,6 +244,8 @@ class _Mapped:
     prompt_field: str
     answer: str | None
     response_field: str
+    conversation: list[dict] | None = None  # messages format: every message
+    flags: list[bool | None] | None = None  # messages format: each message's `train` flag
 
 
 def _question_answer(row: dict, f: Fields) -> _Mapped:
@@ -236,14 +255,17 @@ def _question_answer(row: dict, f: Fields) -> _Mapped:
 
 def _conversation(row: dict, f: Fields) -> _Mapped:
     name = f.messages or "messages"
-    msgs = _messages(row, name)
-    answer = None
+    if name not in row or row[name] is None:
+        raise BadField(name, "missing")
+    whole, flags = conversation(row[name], name)
+    msgs, answer = list(whole), None
     if msgs[-1]["role"] == "assistant":
         # A trailing assistant turn is the reference answer, not part of the prompt.
-        answer = msgs.pop()["content"]
+        last = msgs.pop()
+        answer = last["content"] or json.dumps(last.get("tool_calls"), ensure_ascii=False)
     if not msgs:
         raise BadField(name, "no message before the assistant's")
-    return _Mapped(msgs, name, answer, f.answer)
+    return _Mapped(msgs, name, answer, f.answer, whole, flags)
 
 
 def _prompt_completion(row: dict, f: Fields) -> _Mapped:
@@ -285,8 +307,23 @@ def parse_row(index: int, where: Where, row, fields: Fields, mode: str, fmt: str
     given = _optional_str(row, fields.answer, numbers=True)
     answer = given if given is not None else m.answer
     experience = _optional_str(row, fields.experience) or ""
-    response = None
-    if mode == "score":
+    response, whole, trained = None, (), ()
+    if mode == "score" and m.conversation is not None and not fields.response:
+        # The conversation path: every trained assistant turn is scored in place; a
+        # reference `answer` stays the answer (meta), it is not scored.
+        trained = tuple(trained_turns(m.conversation, m.flags, fields.train_turns))
+        if not trained:
+            n = len(m.conversation)
+            why = (
+                "every assistant turn is marked `train: false` (data.train_turns=marked)"
+                if any(x["role"] == "assistant" for x in m.conversation)
+                else f"none of its {n} turns is an assistant's"
+            )
+            raise BadField(m.prompt_field, f"score mode needs an assistant turn to score: {why}")
+        whole = tuple(m.conversation)
+        last = whole[trained[-1]]
+        response = last["content"] or json.dumps(last.get("tool_calls"), ensure_ascii=False)
+    elif mode == "score":
         rf = fields.response or m.response_field
         if rf == fields.answer:
             response = answer
@@ -302,16 +339,26 @@ def parse_row(index: int, where: Where, row, fields: Fields, mode: str, fmt: str
         if isinstance(v, bool) or not isinstance(v, (str, int)) or (isinstance(v, str) and not v):
             raise BadField(fields.id, f"expected a non-empty string or an integer, got {v!r}")
         ex_id = str(v)
+    if ex_id is None and fields.id_required:
+        raise BadField(fields.id or "<id>", "missing: the two files are joined by id")
     if ex_id is None:
         # Stable across runs and machines, so that resume and the worker split agree.
-        blob = json.dumps(
-            {"m": m.messages, "e": experience, "a": answer, "r": response},
-            sort_keys=True,
-            ensure_ascii=False,
-        )
+        content = {"m": m.messages, "e": experience, "a": answer, "r": response}
+        if m.flags is not None and any(x is not None for x in m.flags):
+            content["f"] = m.flags  # rows that differ only in their marks are two examples
+        blob = json.dumps(content, sort_keys=True, ensure_ascii=False)
         ex_id = "h" + hashlib.sha256(blob.encode()).hexdigest()[:16]
     return Example(
-        index, ex_id, tuple(m.messages), experience, answer, response, where, m.prompt_field
+        index,
+        ex_id,
+        tuple(m.messages),
+        experience,
+        answer,
+        response,
+        where,
+        m.prompt_field,
+        conversation=whole,
+        trained=trained,
     )
 
 

@@ -20,7 +20,8 @@ def teacher_messages(
     separator: str = "\n\n",
 ) -> list[dict]:
     """The student's chat with the experience (formatted by `template`) added at
-    `position`: in the system message, or before or after the last user turn."""
+    `position`: in the system message, or before or after the first user turn (the task: in a
+    conversation the later user turns are its observations and replies)."""
     msgs = [dict(m) for m in messages]
     if not experience:
         return msgs
@@ -31,9 +32,10 @@ def teacher_messages(
         else:
             msgs.insert(0, {"role": "system", "content": text})
         return msgs
-    # prefix / suffix: attach to the last user turn (the question being answered).
+    # prefix / suffix: attach to the first user turn (the task; a single-turn chat's only
+    # user turn is its question).
     users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
-    i = users[-1] if users else len(msgs) - 1
+    i = users[0] if users else len(msgs) - 1
     q = msgs[i]["content"]
     if position == "prefix":
         msgs[i]["content"] = text + separator + q

@@ -69,6 +69,18 @@ class DataConfig:
         "", "score mode: field with the response to score (empty: the answer field)"
     )
     limit: int = _f(0, "use only the first N valid examples (0: all)")
+    teacher_path: str = _f(
+        "",
+        "the teacher's copy of the same rows, joined by id (two files: `path` the student's "
+        "without experience, this one with it anywhere in its system/user turns; the "
+        "assistant turns must be equal); empty: one file, the teacher view adds `experience`",
+    )
+    train_turns: Literal["all", "last", "marked"] = _f(
+        "all",
+        "score mode, `messages` rows: the assistant turns trained (each a span of the row, "
+        "scored in one teacher pass): all | last | marked (those whose message has "
+        "`train: true`; a missing flag counts as true)",
+    )
 
 
 @dataclass(frozen=True)

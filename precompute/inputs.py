@@ -21,6 +21,7 @@ from datafiles.formats import (
     raw_text,
 )
 from datafiles.formats import read_examples as read_file_examples
+from datafiles.pairs import read_pairs
 from datafiles.reading import InputFileError, Where, input_files, is_saved_dataset, raw_rows
 from precompute.config import DataConfig
 from shards.fingerprint import files_fingerprint
@@ -45,11 +46,15 @@ def fields_of(cfg: DataConfig) -> Fields:
         answer=cfg.answer_field,
         id=cfg.id_field,
         response=cfg.response_field,
+        train_turns=cfg.train_turns,
     )
 
 
 def read_examples(cfg: DataConfig, mode: str) -> tuple[list[Example], list[Reject], int]:
-    """All valid examples and all rejects (invalid rows, duplicate ids), and the row count."""
+    """All valid examples and all rejects (invalid rows, duplicate ids, with two files the
+    rows without a partner or whose assistant turns differ), and the row count."""
+    if cfg.teacher_path:
+        return read_pairs(cfg.path, cfg.teacher_path, cfg.split, fields_of(cfg), mode, cfg.limit)
     return read_file_examples(cfg.path, cfg.split, fields_of(cfg), mode, cfg.limit)
 
 

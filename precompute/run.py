@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from datafiles.reading import BadField
 from precompute.backend import Backend
 from precompute.config import ConfigError, PrecomputeConfig, content_dict
 from precompute.inputs import (
@@ -208,6 +209,9 @@ def metadata_for(cfg: PrecomputeConfig, tok_fp: str, vocab_size: int) -> ShardMe
     # Paths differ between machines and spellings; the fingerprints identify the input data,
     # the teacher's weights and the (student's = teacher's) tokenizer.
     extra["data"].pop("path"), extra.pop("teacher"), extra.pop("student")
+    if teacher_path := extra["data"].pop("teacher_path"):
+        # Left out when empty, so that folders made before two-file inputs keep resuming.
+        extra["data"]["teacher_data_fingerprint"] = data_fingerprint(teacher_path)
     extra["teacher_dtype"] = (
         str(cfg.engine.get("dtype", "auto")) if cfg.backend == "vllm" else cfg.hf.dtype
     )
@@ -233,29 +237,40 @@ def prepare(cfg: PrecomputeConfig, tokenizer, max_len: int | None):
     n, i = max(cfg.num_workers, 1), max(cfg.worker_index, 0)
     # Rejected rows have no trustworthy id: split them by row index instead.
     rejects = [r for r in rejects if r.index % n == i]
-    work, too_long = [], []
+    work, bad = [], []
+    # Score mode renders a conversation row whole with its spans (unless the response is
+    # given as token ids: the single-turn path, prompt + those ids).
+    spans = cfg.mode == "score" and not cfg.score.response_ids_field
     for ex in examples:
         if worker_of(ex.id, n) != i:
             continue
-        views = make_views(tokenizer, ex, cfg.view, cfg.sampling.seed)
+        try:
+            views = make_views(tokenizer, ex, cfg.view, cfg.sampling.seed, spans)
+        except BadField as b:
+            bad.append((ex, b.field, b.reason))
+            continue
         if max_len is not None:
             need = len(generator_prompt(cfg, views)) + (
-                len(response_ids(tokenizer, ex.response, cfg.score.append_eos))
-                if cfg.mode == "score"
-                else 1
+                scored_length(cfg, tokenizer, ex, views) if cfg.mode == "score" else 1
             )
             if need > max_len:
                 why = f"teacher view needs {need} tokens, max_model_len is {max_len}"
-                too_long.append((ex, why))
+                bad.append((ex, ex.prompt_field, why))
                 continue
         work.append((ex, views))
-    raws = raw_text_of(cfg.data, [ex.index for ex, _ in too_long])
-    rejects += [
-        Reject.of(ex.index, ex.where, ex.prompt_field, why, raws[ex.index]) for ex, why in too_long
-    ]
+    raws = raw_text_of(cfg.data, [ex.index for ex, _, _ in bad])
+    rejects += [Reject.of(ex.index, ex.where, field, why, raws[ex.index]) for ex, field, why in bad]
     if rejects and not cfg.skip_invalid:
         raise InputError(sorted(rejects, key=lambda r: r.index), total)
     return work, rejects
+
+
+def scored_length(cfg: PrecomputeConfig, tokenizer, ex: Example, views: Views) -> int:
+    """Score mode: the tokens after the teacher's prompt (a conversation's, from its first
+    span through its last)."""
+    if views.conversation is not None:
+        return len(views.conversation.teacher_response_ids)
+    return len(response_ids(tokenizer, ex.response, cfg.score.append_eos))
 
 
 def generator_prompt(cfg: PrecomputeConfig, views: Views) -> list[int]:
@@ -288,12 +303,45 @@ def given_response_ids(cfg: PrecomputeConfig, indices: set[int], vocab_size: int
     return out
 
 
+def _conversation_row(cfg: PrecomputeConfig, ex: Example, views: Views, s, meta) -> ShardRow:
+    """A conversation's row: the teacher's top-k kept at the span tokens only, gathered
+    from the teacher's coordinates (its prompt has another length) in span order."""
+    conv = views.conversation
+    at = np.concatenate(
+        [np.arange(o, o + n) for o, (_, n) in zip(conv.teacher_offsets, conv.spans, strict=True)]
+    )
+    conversation = np.asarray(views.prompt_ids + conv.response_ids)
+    trained = np.concatenate([conversation[a : a + n] for a, n in conv.spans])
+    if not np.array_equal(np.asarray(s.token_ids)[at], trained):
+        raise RuntimeError(f"example {ex.id!r}: the teacher scored other tokens than the spans")
+    meta.update(turns=len(ex.conversation), trained_turns=len(conv.spans))
+    return ShardRow(
+        id=ex.id,
+        prompt_ids=views.prompt_ids,
+        teacher_prompt_ids=views.teacher_prompt_ids,
+        response_ids=conv.response_ids,
+        topk_ids=np.asarray(s.topk_ids)[at],
+        topk_logprobs=np.asarray(s.topk_logprobs)[at],
+        token_logprobs=None if s.token_logprobs is None else np.asarray(s.token_logprobs)[at],
+        source=row_source(cfg),
+        thinking=views.thinking,
+        meta=meta,
+        spans=conv.spans,
+        turns=conv.turns,
+    )
+
+
 def _rows_for(
     cfg: PrecomputeConfig, tokenizer, ex: Example, views: Views, samples, summary: Summary
 ) -> list[ShardRow]:
     rows = []
     for j, s in enumerate(samples):
         meta = {"index": ex.index}
+        if views.conversation is not None:
+            if ex.answer is not None:
+                meta["answer"] = ex.answer
+            rows.append(_conversation_row(cfg, ex, views, s, meta))
+            continue
         if ex.answer is not None:
             meta["answer"] = ex.answer
         if s.finish_reason is not None:
@@ -503,7 +551,8 @@ def _loop(
                     writer.add(rows)
                     summary.examples += 1
                     summary.rows += len(rows)
-                    summary.tokens += sum(len(r.response_ids) for r in rows)
+                    # Trained tokens (a conversation's context tokens carry no top-k).
+                    summary.tokens += sum(len(r.topk_ids) for r in rows)
                 writer.flush()  # the commit point: a crash after this loses nothing of the chunk
                 if progress is not None:
                     _count_files(writer, summary)
@@ -523,9 +572,11 @@ def _engine_call(cfg, tokenizer, backend: Backend, part, given) -> list[list]:
         seeds = [derive_seed(cfg.sampling.seed, "sample", ex.index) for ex, _ in part]
         return backend.generate(prompts, seeds, cfg.sampling)
     resp = [
-        given[ex.index] + ([tokenizer.eos_token_id] if cfg.score.append_eos else [])
+        v.conversation.teacher_response_ids  # one pass over the whole conversation
+        if v.conversation is not None
+        else given[ex.index] + ([tokenizer.eos_token_id] if cfg.score.append_eos else [])
         if given is not None
         else response_ids(tokenizer, ex.response, cfg.score.append_eos)
-        for ex, _ in part
+        for ex, v in part
     ]
     return [[s] for s in backend.score(prompts, resp)]

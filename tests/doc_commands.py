@@ -54,6 +54,11 @@ CHECK_ONLY: tuple[tuple[str, str], ...] = (
     (CMD + r"make (models|clean-models)\b|-m tools\.models\b", "converts or deletes SmolLM2"),
     (r"\bpip3? install\b|\buv (pip|add)\b", "installs into the environment"),
     (r"\b(git clone|curl|wget)\b", "needs the network"),
+    (
+        r"\bdata/alfworld/",
+        "the conversation layouts' example files: tests/test_precompute_conversations.py runs "
+        "both layouts on the tiny model; another vLLM start costs a minute of the suite",
+    ),
 )
 
 

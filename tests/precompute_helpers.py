@@ -86,3 +86,53 @@ def kill_after_first_commit(worker: int, events: list):
 
     hook.killed = []
     return hook
+
+
+# A chat template that behaves as Qwen3's does where it matters for conversations (written
+# here, not Qwen's): assistant turns before the last user turn lose their reasoning
+# (`<think>...</think>`), the last assistant turn after it without reasoning gets an empty
+# think block, tool calls are rendered after the content, and enable_thinking=false ends the
+# generation prompt with an empty think block. The tiny tokenizer's EOS ends every turn.
+QWEN3_LIKE_TEMPLATE = (
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{{- '<|im_start|>' + m.role + '\\n' -}}"
+    "{%- set text = m.content -%}"
+    "{%- if m.role == 'assistant' and loop.index0 < ns.last_user and '</think>' in text -%}"
+    "{%- set text = text.split('</think>')[-1].lstrip('\\n') -%}"
+    "{%- elif m.role == 'assistant' and loop.last and '</think>' not in text -%}"
+    "{%- set text = '<think>\\n\\n</think>\\n\\n' + text -%}"
+    "{%- endif -%}"
+    "{{- text -}}"
+    "{%- for call in (m.tool_calls or []) -%}"
+    "{{- '\\n<tool_call>' + call.function.name + ' ' -}}"
+    "{%- if call.function.arguments is string -%}{{- call.function.arguments -}}"
+    "{%- else -%}{{- call.function.arguments | tojson -}}{%- endif -%}"
+    "{{- '</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and not enable_thinking -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}{%- endif -%}"
+)
+
+
+def with_template(tiny: Path, folder: Path, template: str) -> Path:
+    """A copy of the model folder `tiny` whose tokenizer has another chat template."""
+    import shutil
+
+    shutil.copytree(tiny, folder)
+    (folder / "chat_template.jinja").write_text(template)
+    return folder
+
+
+def conversation(i: int, turns: int = 3) -> list[dict]:
+    """A `turns`-turn conversation: a system message, then user/assistant pairs."""
+    msgs = [{"role": "system", "content": "Answer in one short sentence."}]
+    for t in range(turns):
+        msgs.append({"role": "user", "content": f"What is {i} + {t}?"})
+        msgs.append({"role": "assistant", "content": f"{i} + {t} = {i + t}."})
+    return msgs

@@ -454,3 +454,87 @@ def test_train_names_bad_prompt_rows_in_lines(tiny, tmp_path, monkeypatch):
     ]
     (line,) = train(other)
     assert line.startswith(f"[train] {other}: no known format: columns [text]")
+
+
+# ---- two files of the same conversations (issue 21): the student's and the teacher's ------
+
+
+def agent_pair(tmp_path, students, teachers):
+    from tests.precompute_helpers import write_jsonl as w
+
+    return w(tmp_path / "noexp_agent_train.jsonl", students), w(
+        tmp_path / "agent_train.jsonl", teachers
+    )
+
+
+def with_experience(chat, text="Experience: look on the desk first."):
+    """The teacher's copy: the experience inside the first user turn."""
+    out = [dict(m) for m in chat]
+    out[1]["content"] = text + "\n" + out[1]["content"]
+    return out
+
+
+def test_two_files_are_joined_by_id_and_disagreements_rejected(tmp_path):
+    from datafiles.pairs import read_pairs
+    from tests.precompute_helpers import conversation
+
+    c = {i: conversation(i, 2) for i in range(7)}
+    changed = with_experience(c[1])
+    changed[4] = {"role": "assistant", "content": "1 + 1 = 3."}
+    fewer = with_experience(c[5])[:-2]
+    student, teacher = agent_pair(
+        tmp_path,
+        [{"id": i, "messages": c[i]} for i in (0, 1, 2)]
+        + [{"id": 5, "messages": c[5]}, {"id": 6, "messages": c[6], "experience": "E"},
+           {"messages": c[3]}],
+        [{"id": 0, "messages": with_experience(c[0])}, {"id": 1, "messages": changed},
+         {"id": 4, "messages": with_experience(c[4])}, {"id": 5, "messages": fewer},
+         {"id": 6, "messages": with_experience(c[6])}],
+    )  # fmt: skip
+    examples, rejects, total = read_pairs(student, teacher, "train", Fields(), "score")
+    assert total == 11 and [ex.id for ex in examples] == ["0"]
+    (ex,) = examples
+    assert ex.conversation == tuple(c[0]) and ex.teacher_conversation == tuple(
+        with_experience(c[0])
+    )
+    assert ex.teacher_messages == tuple(with_experience(c[0])[:-1]) and ex.experience == ""
+    assert [r.message() for r in rejects] == [
+        f"{student}:2: messages[4]: turn 4 (assistant turn 1): its content differs from the "
+        f"teacher file's turn 4 ({teacher}:2): '1 + 1 = 2.' vs '1 + 1 = 3.'",
+        f"{student}:3: id: no row with id '2' in the teacher file {teacher}",
+        f"{student}:4: messages[4]: turn 4: 2 assistant turns, the teacher file's row "
+        f"({teacher}:4) has 1",
+        f"{student}:5: experience: two files (data.teacher_path): the experience belongs in "
+        "the teacher's file",
+        f"{student}:6: id: missing: the two files are joined by id",
+        f"{teacher}:3: id: no row with id '4' in the student file {student}",
+    ]
+    # The raw rows ride along for the rejects file.
+    assert rejects[1].raw == student.read_text().splitlines()[2]
+
+
+def test_two_files_through_the_config(tmp_path):
+    from tests.precompute_helpers import conversation
+
+    student, teacher = agent_pair(
+        tmp_path,
+        [{"id": "ep1", "messages": conversation(1, 2)}],
+        [{"id": "ep1", "messages": with_experience(conversation(1, 2))}],
+    )
+    c = load_config(None, [f"data.path={student}", f"data.teacher_path={teacher}"])
+    (ex,), rejects, _ = precompute_examples(c.data, "score")
+    assert rejects == [] and ex.trained == (2, 4)
+    assert ex.teacher_conversation[1]["content"].startswith("Experience:")
+    # Generate mode: the teacher's prompt is the teacher file's chat before its last turn.
+    from transformers import AutoTokenizer
+
+    from precompute.views import make_views
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir())
+    (ex,), rejects, _ = precompute_examples(c.data, "generate")
+    v = make_views(tok, ex, c.view, 0)
+    text = tok.apply_chat_template(
+        with_experience(conversation(1, 2))[:-1], tokenize=False, add_generation_prompt=True
+    )
+    assert v.teacher_prompt_ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(v.prompt_ids).count("Experience") == 0 and v.conversation is None

@@ -470,3 +470,110 @@ def test_full_disk_keeps_what_was_committed_and_resumes(tiny, tmp_path, capsys, 
     assert sorted(r["id"] for r in rows) == sorted({r["id"] for r in rows})  # no duplicates
     assert len(rows) == 12 and committed <= {r["id"] for r in rows}
     ShardFolder(out)  # the manifest loads
+
+
+# ---- issue 21: conversations, each bad one named by its turn ------------------------------
+
+U = {"role": "user", "content": "Find the mug."}
+A = {"role": "assistant", "content": "I look around."}
+
+
+def call(arguments) -> dict:
+    fn = {"name": "look", "arguments": arguments}
+    return {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"type": "function", "function": fn}],
+    }
+
+
+BAD_CONVERSATIONS = [
+    ([U, {"role": "robot", "content": "beep"}, A], "messages[1].role",
+     "turn 1 (robot): unknown role 'robot' (expected one of system, user, assistant, tool)"),
+    ([U, {"role": "assistant", "content": "  "}], "messages[1].content",
+     "turn 1 (assistant): an assistant turn needs content or tool_calls"),
+    ([U, call("{oops")], "messages[1].tool_calls",
+     "turn 1 (assistant): tool_calls[0].function.arguments is not valid JSON: Expecting "
+     "property name enclosed in double quotes"),
+    ([U, call("[1, 2]")], "messages[1].tool_calls",
+     "turn 1 (assistant): tool_calls[0].function.arguments is not a JSON object"),
+    ([U, call(7)], "messages[1].tool_calls",
+     "turn 1 (assistant): tool_calls[0].function.arguments: expected a JSON object or a "
+     "string of one, got int"),
+    ([U, {"role": "tool", "content": "a mug"}, A], "messages[1]",
+     "turn 1 (tool): a tool message with no preceding tool call"),
+    ([U, call({}), {"role": "tool", "content": "a"}, {"role": "tool", "content": "b"}, A],
+     "messages[3]", "turn 3 (tool): more tool messages than the 1 tool call(s) before them"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x.png"}]}, A],
+     "messages[0].content[0]", "turn 0 (user): expected a text part {type: text, text: str}"),
+    ([U, {**A, "train": "yes"}], "messages[1].train", "turn 1 (assistant): expected true or "
+     "false, got 'yes'"),
+    ([U], "messages", "score mode needs an assistant turn to score: none of its 1 turns is an "
+     "assistant's"),
+]  # fmt: skip
+
+
+def test_bad_conversations_are_refused_one_line_each_with_the_turn(tiny, tmp_path, capsys):
+    rows = [{"messages": [U, A]}] + [{"messages": m} for m, _, _ in BAD_CONVERSATIONS]
+    data = write_jsonl(tmp_path / "c.jsonl", rows)
+    rc, lines = cli(capsys, tiny, data, tmp_path / "out", "--mode", "score")
+    assert rc == 2
+    assert error_lines(lines)[:-1] == [
+        f"precompute: error: {data}:{n}: {field}: {reason}"
+        for n, (_, field, reason) in enumerate(BAD_CONVERSATIONS, start=2)
+    ]
+    assert error_lines(lines)[-1].startswith(
+        f"precompute: error: {len(BAD_CONVERSATIONS)} invalid input row(s) of 11: "
+    )
+    # Marks that leave nothing to train.
+    marked = write_jsonl(tmp_path / "m.jsonl", [{"messages": [U, {**A, "train": False}]}])
+    c = cfg(tiny, marked, tmp_path / "o", "mode=score", "data.train_turns=marked")
+    assert [r.message() for r in read(c)[1]] == [
+        f"{marked}:1: messages: score mode needs an assistant turn to score: every assistant "
+        "turn is marked `train: false` (data.train_turns=marked)"
+    ]
+
+
+def test_conversations_whose_spans_do_not_hold_are_rejected_with_turn_and_token(tiny, tmp_path):
+    """Found while rendering, before the teacher loads: a generation prompt that is not a
+    prefix of the conversation (Qwen3's template with thinking off), spans that differ
+    between the views (a template that writes the system message into assistant turns), a
+    conversation longer than the context."""
+    from tests.precompute_helpers import QWEN3_LIKE_TEMPLATE, conversation, with_template
+
+    data = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"id": "a", "messages": conversation(1, 1)}, {"id": "b", "messages": conversation(2, 2)}],
+    )
+
+    def rejects(teacher, *extra, max_len=None):
+        c = cfg(teacher, data, tmp_path / "o", "mode=score", "skip_invalid=true", *extra)
+        work, rej = prepare(c, load_tokenizer(str(teacher)), max_len)
+        return [ex.id for ex, _ in work], [r.message() for r in rej]
+
+    qwen3 = with_template(tiny, tmp_path / "qwen3", QWEN3_LIKE_TEMPLATE)
+    assert rejects(qwen3) == (["a", "b"], [])
+    assert rejects(qwen3, "view.thinking=false") == (
+        ["a"],
+        [f"{data}:2: messages[2]: turn 2: the turns before it with the generation prompt are "
+         "not a prefix of the whole conversation (whole vs prefix) at token 43: '2' (id 20) "
+         "vs '<' (id 30)"],
+    )  # fmt: skip
+    system_in_turns = with_template(
+        tiny,
+        tmp_path / "sys",
+        "{%- for m in messages -%}{{- '<|im_start|>' + m.role + '\\n' + m.content -}}"
+        "{%- if m.role == 'assistant' -%}{{- ' (' + messages[0].content + ')' -}}{%- endif -%}"
+        "{{- '<|im_end|>\\n' -}}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}",
+    )
+    ids, msgs = rejects(system_in_turns, "view.default_experience=Hint.")
+    assert ids == [] and [m.split(": turn")[0] for m in msgs] == [
+        f"{data}:1: messages[2]",
+        f"{data}:2: messages[2]",
+    ]
+    assert all("differ between the views (student vs teacher)" in m for m in msgs), msgs
+    ids, msgs = rejects(tiny, max_len=60)
+    assert ids == ["a"] and len(msgs) == 1
+    assert msgs[0].startswith(f"{data}:2: messages: teacher view needs ")
+    assert msgs[0].endswith(" tokens, max_model_len is 60")

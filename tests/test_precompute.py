@@ -214,8 +214,12 @@ def test_messages_field_ids_and_score_responses(tmp_path):
     )
     c = load_config(None, [f"data.path={path}", "data.messages_field=messages"])
     examples, rejects, _ = read_examples(c.data, "score")
-    # Row 2 has nothing to score; row 3's message lacks content.
-    assert [r.field for r in rejects] == ["answer", "messages[0]"]
+    # Row 2 has no assistant turn to score; row 3's message lacks content.
+    assert [r.message() for r in rejects] == [
+        f"{path}:2: messages: score mode needs an assistant turn to score: none of its 2 turns "
+        "is an assistant's",
+        f"{path}:3: messages[0].content: turn 0 (user): missing",
+    ]
     (ex,) = examples
     assert ex.messages == tuple(conv[:2]) and ex.response == "4"
     again, _, _ = read_examples(c.data, "score")

@@ -85,10 +85,14 @@ def data(tmp_path):
     return write_jsonl(tmp_path / "q.jsonl", questions())
 
 
-def check_against_transformers(row, model, k):
+def check_against_transformers(row, model, k, at=None):
     """Decoded shard values vs transformers' float32 log_softmax, within the codebook's
-    quantization; the stored top-k is the true top-k (up to float-noise ties)."""
+    quantization; the stored top-k is the true top-k (up to float-noise ties). `at`: the
+    response positions of the stored tokens (a conversation's spans), default all."""
     lp = hf_logprobs(model, row["teacher_prompt_ids"].tolist(), row["response_ids"].tolist())
+    response = row["response_ids"].numpy()
+    if at is not None:
+        lp, response = lp[at], response[at]
     ids, vals = row["topk_ids"].numpy(), row["topk_logprobs"].numpy()
     true = np.take_along_axis(lp, ids.astype(np.int64), axis=1)
     from shards.codec import Codebook
@@ -97,7 +101,7 @@ def check_against_transformers(row, model, k):
     assert (np.abs(vals - target) <= bound + AGREE).all()
     kth = -np.sort(-lp, axis=1)[:, k - 1]
     assert (true >= kth[:, None] - AGREE).all()  # nothing better was left out
-    tok = lp[np.arange(len(lp)), row["response_ids"].numpy()]
+    tok = lp[np.arange(len(lp)), response]
     target, bound = quantization_bound(Codebook.for_k(k), tok)
     assert (np.abs(row["token_logprob"].numpy() - target) <= bound + AGREE).all()
 
@@ -158,6 +162,27 @@ def test_score_mode_teacher_forces_the_reference(engine, model, tiny, data, tmp_
         expected = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert r["response_ids"].tolist() == expected
         check_against_transformers(r, model, K)
+
+
+def test_conversation_rows_score_in_one_pass(engine, model, tiny, tmp_path):
+    """Conversations (issue 21) through vLLM's prompt logprobs: the span tokens' top-k
+    agree with transformers'; the experience sits before the first span, so the teacher's
+    tokens from there on are the student's."""
+    from tests.precompute_helpers import conversation
+
+    rows = [
+        {"id": f"c{i}", "messages": conversation(i, turns=3), "experience": "Add."}
+        for i in range(2)
+    ]
+    data = write_jsonl(tmp_path / "c.jsonl", rows)
+    c = cfg(tiny, data, tmp_path / "out", "mode=score", "view.experience_position=prefix")
+    assert run(c, backend=engine).examples == 2
+    for r in all_rows(tmp_path / "out"):
+        p = len(r["prompt_ids"])
+        spans = zip(r["span_starts"].tolist(), r["span_lengths"].tolist(), strict=True)
+        at = np.concatenate([np.arange(s - p, s - p + n) for s, n in spans])
+        assert len(r["span_starts"]) == 3 and len(at) == len(r["topk_ids"])
+        check_against_transformers(r, model, K, at)
 
 
 def test_backends_agree_to_1e4(engine, hf, tiny):
