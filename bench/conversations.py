@@ -1,7 +1,7 @@
 """Scoring multi-turn conversations: one teacher pass per conversation against one per turn.
 
     python -m bench.conversations [--teacher models/smollm2-135m-instruct]
-        [--conversations 200] [--turns 8 16] [--k 64] [--backend vllm]
+        [--conversations 200] [--turns 8 16] [--k 64] [--backend vllm] [--layers N]
         [--out bench/results/conversations.json]
 
 Data: --conversations synthetic household-agent episodes (ALFWorld-style: a system message,
@@ -16,6 +16,11 @@ untimed), with the same teacher, k and engine window:
 * per turn: what a user had to do before: one `prompt_completion` row per assistant turn, the
   conversation up to that turn as the prompt and the turn as the completion, so each turn is
   a pass over its whole history (quadratic in the length).
+
+--layers N scores with a copy of the teacher cut to its first N layers (same tokenizer,
+vocabulary and chat template, so the same tokens and spans; less compute per token): on this
+2-core machine the 30-layer SmolLM2-135M runs about 300 prompt tokens/s with top-64
+logprobs, and the per-turn arm of 200 episodes is about 0.9M tokens.
 
 Teacher tokens processed: the prompt and response tokens handed to the engine's `score`
 (counted by wrapping the backend). vLLM computes prompt logprobs over every token of a
@@ -190,13 +195,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--backend", choices=("vllm", "hf"), default="vllm")
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--layers", type=int, default=0, help="teacher cut to N layers (0: whole)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     args = ap.parse_args(argv)
     result = header("bench.conversations", argv)
+    teacher_name = Path(args.teacher).name + (
+        f" (first {args.layers} layers)" if args.layers else ""
+    )
     with tempfile.TemporaryDirectory(prefix="kd-bench-conv-") as tmp:
         tmp = Path(tmp)
         conv, per_turn = write_inputs(tmp, args.conversations, tuple(args.turns), args.seed)
+        if args.layers:
+            args.teacher = cut_teacher(args.teacher, args.layers, tmp / "teacher")
         log(f"[bench] {args.conversations} episodes; starting the {args.backend} teacher")
         backend = start_backend(args)
         try:
@@ -210,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     c, t = arms["conversation"], arms["per_turn"]
     result.update(
         {
-            "settings": {k: v for k, v in vars(args).items() if k != "out"},
+            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "teacher")},
+            "teacher": teacher_name,
             "arms": arms,
             "teacher_token_ratio": round(t["teacher_tokens"] / c["teacher_tokens"], 2),
             "wall_ratio": round(t["wall_s"] / c["wall_s"], 2),
@@ -232,6 +244,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"wrote {write_result(args.out, result)}", file=sys.stderr)
     return 0
+
+
+def cut_teacher(teacher: str, layers: int, folder: Path) -> str:
+    """A copy of `teacher` with its first `layers` layers (tokenizer files copied as they are)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype="float32")
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    model.save_pretrained(folder)
+    for f in Path(teacher).iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens", "generation")):
+            shutil.copy(f, folder / f.name)
+    return str(folder)
 
 
 def start_backend(args):
