@@ -337,13 +337,11 @@ def _rows_for(
     rows = []
     for j, s in enumerate(samples):
         meta = {"index": ex.index}
-        if views.conversation is not None:
-            if ex.answer is not None:
-                meta["answer"] = ex.answer
-            rows.append(_conversation_row(cfg, ex, views, s, meta))
-            continue
         if ex.answer is not None:
             meta["answer"] = ex.answer
+        if views.conversation is not None:
+            rows.append(_conversation_row(cfg, ex, views, s, meta))
+            continue
         if s.finish_reason is not None:
             meta["finish_reason"] = s.finish_reason
             summary.cut += s.finish_reason == "length"
@@ -571,12 +569,16 @@ def _engine_call(cfg, tokenizer, backend: Backend, part, given) -> list[list]:
     if cfg.mode == "generate":
         seeds = [derive_seed(cfg.sampling.seed, "sample", ex.index) for ex, _ in part]
         return backend.generate(prompts, seeds, cfg.sampling)
-    resp = [
-        v.conversation.teacher_response_ids  # one pass over the whole conversation
-        if v.conversation is not None
-        else given[ex.index] + ([tokenizer.eos_token_id] if cfg.score.append_eos else [])
-        if given is not None
-        else response_ids(tokenizer, ex.response, cfg.score.append_eos)
-        for ex, v in part
+    return [
+        [s] for s in backend.score(prompts, [scored_ids(cfg, tokenizer, *p, given) for p in part])
     ]
-    return [[s] for s in backend.score(prompts, resp)]
+
+
+def scored_ids(cfg: PrecomputeConfig, tokenizer, ex: Example, views: Views, given) -> list[int]:
+    """Score mode: the tokens teacher-forced after the teacher's prompt."""
+    if views.conversation is not None:
+        return views.conversation.teacher_response_ids  # one pass over the whole conversation
+    eos = [tokenizer.eos_token_id] if cfg.score.append_eos else []
+    if given is not None:
+        return given[ex.index] + eos
+    return response_ids(tokenizer, ex.response, cfg.score.append_eos)
