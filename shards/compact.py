@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from shards import codec
 from shards.schema import PER_ENTRY, PER_EXTRA
+from shards.spans import batch_trained_index
 
 
 def _flat(batch: pa.RecordBatch, name: str) -> np.ndarray:
@@ -22,9 +23,9 @@ def _flat(batch: pa.RecordBatch, name: str) -> np.ndarray:
 
 
 def topk_ids(batch: pa.RecordBatch, k: int, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ids (N, k) int64, in_topk (N,)) of a record batch's tokens: column k-1 holds the
-    K-th entry of tokens whose response token is outside the top-k, else the response id."""
-    resp = _flat(batch, "response_ids").astype(np.int64)
+    """(ids (N, k) int64, in_topk (N,)) of a record batch's N trained tokens: column k-1
+    holds the K-th entry of tokens whose own id is outside the top-k, else that id."""
+    resp = _flat(batch, "response_ids").astype(np.int64)[batch_trained_index(batch)[1]]
     n, m = len(resp), k - 1
     lo, hi = _flat(batch, "topk_rank_delta_lo"), _flat(batch, "topk_rank_delta_hi")
     ranks = np.cumsum(((hi.astype(np.int64) << 8) | lo).reshape(n, m), axis=1)
@@ -50,7 +51,7 @@ def rerank(batch: pa.RecordBatch, k: int, order: np.ndarray, rank_of: np.ndarray
     levels[:, m] = 0
     missing = ~in_topk
     levels[missing, m] = _flat(batch, "extra_level")
-    # As the encoder does: the response token (in its top-k) sorts last and is dropped.
+    # As the encoder does: the trained token (in its top-k) sorts last and is dropped.
     ranks = rank_of[ids]
     ranks[in_topk, m] = len(rank_of)
     srt = np.argsort(ranks, axis=1, kind="stable")
@@ -74,8 +75,7 @@ def rerank(batch: pa.RecordBatch, k: int, order: np.ndarray, rank_of: np.ndarray
 def rebuild(batch: pa.RecordBatch, k: int, order: np.ndarray, rank_of: np.ndarray):
     """The batch with its top-k streams re-ranked (same schema, same rows)."""
     new = rerank(batch, k, order, rank_of)
-    resp_off = batch.column("response_ids").offsets.to_numpy()
-    tok_off = resp_off - resp_off[0]
+    tok_off = batch_trained_index(batch)[0]
     in_topk = _flat(batch, "token_in_topk").astype(bool)
     missing = np.concatenate([[0], np.cumsum(~in_topk)])[tok_off]
     arrays = []
@@ -92,7 +92,7 @@ def rebuild(batch: pa.RecordBatch, k: int, order: np.ndarray, rank_of: np.ndarra
 
 
 def merged_order(batches_orders, k: int, vocab_size: int, tokens: int) -> tuple[np.ndarray, bytes]:
-    """A rank order from the top-k ids of the first `tokens` response tokens (most frequent
+    """A rank order from the top-k ids of the first `tokens` trained tokens (most frequent
     first; as ShardWriter ranks by a file's first record batch: a longer sample stores more
     seen ids in the schema and measured no smaller), and its packed form for the schema."""
     ids, n = [], 0

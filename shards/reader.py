@@ -44,6 +44,7 @@ from shards.schema import (
     arrow_schema,
     check_schema_version,
 )
+from shards.spans import batch_spans, batch_trained_index
 from shards.storage import open_storage
 
 VERIFY_MODES = ("full", "size", "none")
@@ -196,9 +197,13 @@ class ShardFolder:
         diff = file_meta.mismatches(self.metadata)
         if diff:
             raise ShardError(p, "file metadata disagrees with the manifest: " + "; ".join(diff))
-        expected = arrow_schema()
+        expected = arrow_schema(file_meta.schema_version)
         if not reader.schema.remove_metadata().equals(expected):
-            raise ShardError(p, f"Arrow schema differs from v1: {reader.schema.remove_metadata()}")
+            raise ShardError(
+                p,
+                f"Arrow schema differs from v{file_meta.schema_version}: "
+                f"{reader.schema.remove_metadata()}",
+            )
         try:
             order = codec.unpack_order(meta[RANK_ORDER_KEY], file_meta.vocab_size)
         except Exception as e:
@@ -254,7 +259,11 @@ def _flat(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Block:
-    """One decoded record batch: torch tensors for all its tokens, sliced per row."""
+    """One decoded record batch: torch tensors for all its tokens, sliced per row.
+
+    offsets: per-row offsets (rows+1,) into the flat tensors: "response" (T per row),
+    "trained" (N per row, the top-k streams), "spans" (S), "turns" (M), and one per prompt.
+    """
 
     def __init__(self, rows: dict, offsets: dict, tensors: dict):
         self.rows, self.offsets, self.tensors = rows, offsets, tensors
@@ -265,23 +274,31 @@ class Block:
     ) -> Block:
         meta = handle.metadata
         k = meta.k
-        tok_off, resp = _flat(batch, "response_ids")
+        resp_off, resp = _flat(batch, "response_ids")
+        resp = resp[resp_off[0] : resp_off[-1]]
+        resp_off = resp_off - resp_off[0]
+        v2 = meta.schema_version >= 2
         cols = {}
 
-        def check(name: str, expected: np.ndarray) -> None:
+        def check(name: str, expected: np.ndarray, what: str = "span_lengths") -> None:
             off, vals = _flat(batch, name)
             if not np.array_equal(off - off[0], expected - expected[0]):
                 row = int(np.argmax((off - off[0]) != (expected - expected[0]))) - 1
                 raise ShardError(
                     path,
-                    "length disagrees with response_ids",
+                    f"length disagrees with {what}",
                     row=first_row + max(row, 0),
                     field=name,
                 )
             cols[name] = vals[off[0] : off[-1]]
 
-        resp = resp[tok_off[0] : tok_off[-1]]
-        tok_off = tok_off - tok_off[0]
+        try:
+            # v1: one span per row, the whole response.
+            tok_off, idx = batch_trained_index(batch)
+        except ShardError as e:
+            raise ShardError(path, e.message, row=first_row + e.row, field=e.field) from None
+        if v2:
+            check("turn_roles", _flat(batch, "turn_starts")[0], "turn_starts")
         for name in PER_TOKEN:
             check(name, tok_off)
         for name in PER_ENTRY:
@@ -292,7 +309,7 @@ class Block:
         for name in PER_EXTRA:
             check(name, missing)
         try:
-            top = codec.decode_tokens(cols, resp, k, handle.order, meta.codebook)
+            top = codec.decode_tokens(cols, resp[idx], k, handle.order, meta.codebook)
         except (IndexError, ValueError) as e:
             raise ShardError(
                 path, f"corrupt top-k streams: {e}", row=first_row, field="topk"
@@ -301,7 +318,7 @@ class Block:
             n: batch.column(n).to_pylist()
             for n in ("id", "sample_index", "source", "thinking", "meta")
         }
-        offsets = {"response": tok_off}
+        offsets = {"response": resp_off, "trained": tok_off}
         tensors = {
             "response_ids": torch.from_numpy(np.array(resp, dtype=np.int32)),
             "topk_ids": torch.from_numpy(top.ids),
@@ -313,19 +330,43 @@ class Block:
             off, vals = _flat(batch, name)
             offsets[name] = off - off[0]
             tensors[name] = torch.from_numpy(np.array(vals[off[0] : off[-1]], dtype=np.int32))
+        span_off, starts, lengths = batch_spans(batch)
+        offsets["spans"] = span_off
+        tensors["span_starts"] = torch.from_numpy(starts.astype(np.int64))
+        tensors["span_lengths"] = torch.from_numpy(lengths.astype(np.int64))
+        if v2:
+            off, vals = _flat(batch, "turn_starts")
+            tensors["turn_starts"] = torch.from_numpy(vals[off[0] : off[-1]].astype(np.int64))
+            off = offsets["turns"] = off - off[0]
+            roles = cols["turn_roles"].tolist()
+            rows["turn_roles"] = [roles[a:b] for a, b in zip(off, off[1:], strict=False)]
+        else:
+            offsets["turns"] = np.zeros(len(resp_off), np.int64)
+            tensors["turn_starts"] = torch.zeros(0, dtype=torch.int64)
+            rows["turn_roles"] = [[] for _ in range(len(resp_off) - 1)]
         return cls(rows, offsets, tensors)
 
     def __len__(self) -> int:
         return len(self.rows["id"])
 
     def row(self, i: int) -> dict:
-        """Row i: metadata plus tensor views. Shapes: response (T,), top-k (T, K), prompts (P,)."""
+        """Row i: metadata plus tensor views. Shapes: response (T,), top-k (N, K) and
+        tail/token logprob (N,) of the N trained tokens, prompts (P,), span_starts and
+        span_lengths (S,) in conversation coordinates, turn_starts (M,) and turn_roles."""
         out = {n: v[i] for n, v in self.rows.items()}
         a, b = self.offsets["response"][i], self.offsets["response"][i + 1]
-        for name in ("response_ids", "topk_ids", "topk_logprobs", "tail_logprob", "token_logprob"):
+        out["response_ids"] = self.tensors["response_ids"][a:b]
+        a, b = self.offsets["trained"][i], self.offsets["trained"][i + 1]
+        for name in ("topk_ids", "topk_logprobs", "tail_logprob", "token_logprob"):
             out[name] = self.tensors[name][a:b]
-        for name in ("prompt_ids", "teacher_prompt_ids"):
-            off = self.offsets[name]
+        for name, key in (
+            ("prompt_ids", "prompt_ids"),
+            ("teacher_prompt_ids", "teacher_prompt_ids"),
+            ("span_starts", "spans"),
+            ("span_lengths", "spans"),
+            ("turn_starts", "turns"),
+        ):
+            off = self.offsets[key]
             out[name] = self.tensors[name][off[i] : off[i + 1]]
         return out
 

@@ -1,7 +1,9 @@
-"""Shard format v1: the Arrow schema, the per-file metadata, and what must match across files.
+"""Shard format v2: the Arrow schema, the per-file metadata, and what must match across files.
 
-One row is one response to one prompt. Token columns are Arrow lists; the teacher's top-k is
-stored as the integer streams of `shards.codec` (see docs/shard-format.md).
+One row is one conversation: prompt_ids ++ response_ids, with the trained spans (v2) of the
+response. Token columns are Arrow lists; the teacher's top-k of the trained tokens is stored
+as the integer streams of `shards.codec` (see docs/shard-format.md). Writers write v2;
+readers also read v1 files (rows without span columns: one span, the whole response).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from shards.codec import Codebook
 from shards.errors import ShardError
 
 FORMAT = "kdshards"
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 META_KEY = b"kdshards.metadata"
 RANK_ORDER_KEY = b"kdshards.rank_order"
 SOURCES = ("teacher", "dataset", "student")
@@ -33,6 +35,14 @@ ROW_FIELDS = [
     pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),  # student view: Q
     pa.field("teacher_prompt_ids", pa.list_(pa.int32()), nullable=False),  # teacher view: Q+E
     pa.field("response_ids", pa.list_(pa.int32()), nullable=False),
+]
+# v2: trained spans and message starts, in conversation coordinates (offsets into
+# prompt_ids ++ response_ids); turn_* are empty lists when the writer did not record them.
+SPAN_FIELDS = [
+    pa.field("span_starts", pa.list_(pa.int32()), nullable=False),
+    pa.field("span_lengths", pa.list_(pa.int32()), nullable=False),
+    pa.field("turn_starts", pa.list_(pa.int32()), nullable=False),
+    pa.field("turn_roles", pa.list_(pa.string()), nullable=False),
 ]
 CODEC_FIELDS = [
     pa.field("topk_rank_delta_lo", pa.list_(pa.uint8()), nullable=False),
@@ -50,9 +60,13 @@ PER_ENTRY = ("topk_rank_delta_lo", "topk_rank_delta_hi", "topk_level_lo", "topk_
 PER_EXTRA = ("extra_rank_delta", "extra_level")
 
 
-def arrow_schema() -> pa.Schema:
-    """The v1 schema without file metadata."""
-    return pa.schema(ROW_FIELDS + CODEC_FIELDS)
+def arrow_schema(version: int = SCHEMA_VERSION) -> pa.Schema:
+    """The Arrow schema of files of schema `version`, without file metadata."""
+    if version == 1:
+        return pa.schema(ROW_FIELDS + CODEC_FIELDS)
+    if version == 2:
+        return pa.schema(ROW_FIELDS + SPAN_FIELDS + CODEC_FIELDS)
+    raise ValueError(f"schema version {version!r} is not one of {SUPPORTED_SCHEMA_VERSIONS}")
 
 
 @dataclass(frozen=True)

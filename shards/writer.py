@@ -48,10 +48,12 @@ from shards.schema import (
     PER_EXTRA,
     PER_TOKEN,
     RANK_ORDER_KEY,
+    SCHEMA_VERSION,
     SOURCES,
     ShardMetadata,
     arrow_schema,
 )
+from shards.spans import batch_spans, check_spans, check_turns
 from shards.storage import open_storage
 
 log = logging.getLogger(__name__)
@@ -59,11 +61,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ShardRow:
-    """One training example as the writer takes it. T response tokens, K = metadata.k.
+    """One training example as the writer takes it: the conversation prompt_ids ++
+    response_ids (P + T tokens), N trained tokens, K = metadata.k.
 
-    topk_ids, topk_logprobs: (T, K) the teacher's top-k per response token (raw logprobs).
-    token_logprobs: (T,) the teacher's logprob of each response token; may be None when
-    every response token is in its top-k (it is then read from there).
+    spans: (start, length) of each trained span in conversation coordinates (sorted, not
+    overlapping, the first at P, the last ending at P + T); None: one span, the whole
+    response (none if T = 0). N = sum of the lengths.
+    turns: (start, role) of each message of the conversation, in conversation coordinates;
+    None: not recorded.
+    topk_ids, topk_logprobs: (N, K) the teacher's top-k per trained token (raw logprobs), in
+    span order. token_logprobs: (N,) the teacher's logprob of each trained token; may be None
+    when every trained token is in its top-k (it is then read from there).
     """
 
     id: str
@@ -77,6 +85,15 @@ class ShardRow:
     source: str = "teacher"
     thinking: bool | None = None
     meta: dict | None = None
+    spans: list[tuple[int, int]] | None = None
+    turns: list[tuple[int, str]] | None = None
+
+
+def _trained_index(spans: np.ndarray, prompt_len: int) -> np.ndarray:
+    """(N,) indices into response_ids of the span tokens; spans (S, 2) as _check_row keeps
+    them."""
+    idx = [np.arange(s - prompt_len, s - prompt_len + n) for s, n in spans]
+    return np.concatenate(idx) if idx else np.zeros(0, np.int64)
 
 
 def _check_row(row: ShardRow, k: int, vocab: int, where: Path) -> ShardRow:
@@ -90,12 +107,29 @@ def _check_row(row: ShardRow, k: int, vocab: int, where: Path) -> ShardRow:
     resp = np.asarray(row.response_ids)
     if resp.ndim != 1 or (resp.size and not np.issubdtype(resp.dtype, np.integer)):
         raise bad("response_ids", f"must be a 1-D integer sequence, got shape {resp.shape}")
-    t = len(resp)
+    for name in ("prompt_ids", "teacher_prompt_ids", "response_ids"):
+        a = np.asarray(getattr(row, name))
+        if a.ndim != 1 or (a.size and (a.min() < 0 or a.max() >= vocab)):
+            raise bad(name, f"token ids must be 1-D and in [0, {vocab})")
+    p = len(row.prompt_ids)
+    if row.spans is None:
+        spans = np.array([[p, len(resp)]] if len(resp) else [], np.int64).reshape(-1, 2)
+    else:
+        try:
+            spans = np.stack(check_spans(row.spans, p, p + len(resp)), axis=1)
+        except ValueError as e:
+            raise bad("spans", str(e)) from None
+    try:
+        turns = [] if row.turns is None else check_turns(row.turns, p + len(resp))
+    except ShardError as e:
+        raise bad("turns", e.message) from None
+    trained = resp[_trained_index(spans, p)]
+    t = len(trained)  # N: top-k rows, one per span token
     ids, lps = np.asarray(row.topk_ids), np.asarray(row.topk_logprobs)
     if ids.shape != (t, k):
-        raise bad("topk_ids", f"shape {ids.shape}, expected ({t}, {k})")
+        raise bad("topk_ids", f"shape {ids.shape}, expected ({t}, {k}) (trained tokens, k)")
     if lps.shape != (t, k):
-        raise bad("topk_logprobs", f"shape {lps.shape}, expected ({t}, {k})")
+        raise bad("topk_logprobs", f"shape {lps.shape}, expected ({t}, {k}) (trained tokens, k)")
     # What codec.encode_tokens would refuse, refused here, before the row joins a batch: a
     # bad row must not take other examples' pending rows down with it, and an id outside
     # the vocabulary must not reach the file's rank order (which would make it unreadable).
@@ -115,13 +149,9 @@ def _check_row(row: ShardRow, k: int, vocab: int, where: Path) -> ShardRow:
         dup = (srt[:, 1:] == srt[:, :-1]).any(axis=1)
         if dup.any():
             raise bad("topk_ids", f"token {int(np.argmax(dup))}: duplicate ids in the top-k")
-    for name in ("prompt_ids", "teacher_prompt_ids", "response_ids"):
-        a = np.asarray(getattr(row, name))
-        if a.ndim != 1 or (a.size and (a.min() < 0 or a.max() >= vocab)):
-            raise bad(name, f"token ids must be 1-D and in [0, {vocab})")
     tok = row.token_logprobs
     if tok is None:
-        hit = ids == resp[:, None]
+        hit = ids == trained[:, None]
         if not hit.any(axis=1).all():
             pos = int(np.argmin(hit.any(axis=1)))
             raise bad("token_logprobs", f"token {pos} is not in its top-k and no logprob is given")
@@ -143,11 +173,14 @@ def _check_row(row: ShardRow, k: int, vocab: int, where: Path) -> ShardRow:
         source=row.source,
         thinking=row.thinking,
         meta=row.meta,
+        spans=spans,
+        turns=turns,
     )
 
 
-def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+def _list_array(offsets: np.ndarray, values: np.ndarray | pa.Array) -> pa.Array:
+    values = values if isinstance(values, pa.Array) else pa.array(values)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
 
 
 class _OpenFile:
@@ -222,6 +255,11 @@ class ShardWriter:
         compression_level: int = 12,
         commit_level: int | None = None,
     ):
+        if metadata.schema_version != SCHEMA_VERSION:
+            raise ValueError(
+                f"metadata.schema_version {metadata.schema_version}: writers write schema "
+                f"v{SCHEMA_VERSION} only"
+            )
         if not re.fullmatch(WRITER_ID, writer_id):
             raise ValueError(f"writer_id {writer_id!r}: use letters, digits, '_' and '.'")
         # A local folder (temporary file, fsync, rename) or an fsspec URL (whole uploads).
@@ -258,6 +296,14 @@ class ShardWriter:
     # ---- resume ---------------------------------------------------------------------------
 
     def _check_metadata(self, manifest) -> None:
+        if manifest is not None and manifest.metadata.schema_version != SCHEMA_VERSION:
+            # A folder holds one schema version: its readers and compact rely on it.
+            raise ShardError(
+                self.store.where(manifest.sources[0]),
+                f"folder holds schema v{manifest.metadata.schema_version} shards, this writer "
+                f"writes v{SCHEMA_VERSION}: use another output folder (the old one still reads)",
+                field="schema_version",
+            )
         if manifest is not None and (diff := manifest.metadata.mismatches(self.metadata)):
             raise ShardError(
                 self.store.where(manifest.sources[0]),
@@ -367,7 +413,7 @@ class ShardWriter:
             _check_row(r, self.metadata.k, self.metadata.vocab_size, self.folder) for r in rows
         ]
         self._pending.extend(checked)
-        self._pending_tokens += sum(len(r.response_ids) for r in checked)
+        self._pending_tokens += sum(len(r.topk_ids) for r in checked)  # trained tokens
         if self._pending_tokens >= self.batch_tokens:
             self._write_batch()
 
@@ -391,13 +437,14 @@ class ShardWriter:
             self._file = self._open_file()
         f, rows = self._file, self._pending
         self._pending, self._pending_tokens = [], 0
-        lens = np.array([len(r.response_ids) for r in rows], dtype=np.int64)
+        lens = np.array([len(r.topk_ids) for r in rows], dtype=np.int64)  # trained tokens
         tok_off = np.concatenate([[0], np.cumsum(lens)])
+        trained = [r.response_ids[_trained_index(r.spans, len(r.prompt_ids))] for r in rows]
         try:
             cols = codec.encode_tokens(
                 np.concatenate([r.topk_ids for r in rows]),
                 np.concatenate([r.topk_logprobs for r in rows]),
-                np.concatenate([r.response_ids for r in rows]),
+                np.concatenate(trained),
                 np.concatenate([r.token_logprobs for r in rows]),
                 f.rank_of,
                 self.metadata.codebook,
@@ -410,7 +457,9 @@ class ShardWriter:
             row = int(np.searchsorted(tok_off, int(m.group(1)), side="right") - 1)
             pos = int(m.group(1)) - int(tok_off[row])
             raise ShardError(
-                self.folder, f"example {rows[row].id!r} token {pos}: {m.group(2)}", field="topk"
+                self.folder,
+                f"example {rows[row].id!r} trained token {pos}: {m.group(2)}",
+                field="topk",
             ) from e
         k = self.metadata.k
         missing = np.concatenate([[0], np.cumsum(~cols["token_in_topk"])])[tok_off]
@@ -427,6 +476,14 @@ class ShardWriter:
             seqs = [getattr(r, name) for r in rows]
             off = np.concatenate([[0], np.cumsum([len(s) for s in seqs])])
             arrays[name] = _list_array(off, np.concatenate(seqs).astype(np.int32))
+        span_off = np.concatenate([[0], np.cumsum([len(r.spans) for r in rows])])
+        spans = np.concatenate([r.spans for r in rows]).astype(np.int32)
+        arrays["span_starts"] = _list_array(span_off, spans[:, 0])
+        arrays["span_lengths"] = _list_array(span_off, spans[:, 1])
+        turn_off = np.concatenate([[0], np.cumsum([len(r.turns) for r in rows])])
+        turns = [t for r in rows for t in r.turns]
+        arrays["turn_starts"] = _list_array(turn_off, np.array([s for s, _ in turns], np.int32))
+        arrays["turn_roles"] = _list_array(turn_off, pa.array([x for _, x in turns], pa.string()))
         for name in PER_TOKEN:
             arrays[name] = _list_array(tok_off, cols[name])
         for name in PER_ENTRY:
@@ -539,8 +596,10 @@ class ShardWriter:
         order, packed = merged_order(sources, k, self.metadata.vocab_size, self.batch_tokens)
         rank_of = codec.invert_order(order)
         table = pa.Table.from_batches([rebuild(b, k, o, rank_of) for b, o in sources])
-        # Record batches of about batch_tokens again (the small files' were cut by commits).
-        lens = np.diff(table.column("response_ids").combine_chunks().offsets.to_numpy())
+        # Record batches of about batch_tokens trained tokens again (the small files' were
+        # cut by commits).
+        span_off, _, span_lens = batch_spans(table.combine_chunks().to_batches()[0])
+        lens = np.diff(np.concatenate([[0], np.cumsum(span_lens)])[span_off])
         cuts, acc = [0], 0
         for i, n in enumerate(lens):
             acc += int(n)

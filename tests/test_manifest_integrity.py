@@ -343,19 +343,14 @@ def test_legacy_folder_reads_and_verifies(legacy, capsys):
     assert verify(capsys, legacy) == (0, ["ok: 3 file(s) checked, 0 bad, 0 not in the manifest"])
 
 
-def test_legacy_folder_takes_new_writers(legacy, capsys):
-    """Resuming into a legacy folder: new commits go to per-writer manifests, the legacy
-    files stay listed where they are, and w0 continues after its legacy files."""
-    done = ShardWriter(legacy, metadata(), compression_level=1).completed_ids()
-    assert done == {rows[0].id for rows in legacy_examples()}
+def test_legacy_folder_refuses_new_writers(legacy):
+    """A legacy folder holds schema v1 files; writers write v2 only, and a folder holds one
+    version: a writer refuses it in one line before touching it, and it still reads."""
+    before = {p.name: p.read_bytes() for p in legacy.iterdir()}
     for wid in ("w0", "w2"):
-        with ShardWriter(legacy, metadata(), writer_id=wid, compression_level=1) as w:
-            rows = make_examples(9, 1)[0]
-            for r in rows:
-                r.id = f"new-{wid}"
-            w.add(rows)
-    names = [f.name for f in load_manifest(legacy).files]
-    assert names[:3] == ["part-w0-00000.arrow", "part-w1-00000.arrow", "part-w0-00001.arrow"]
-    assert names[3:] == ["part-w0-00002.arrow", "part-w2-00000.arrow"]
+        with pytest.raises(ShardError, match="folder holds schema v1 shards") as err:
+            ShardWriter(legacy, metadata(), writer_id=wid, compression_level=1)
+        assert err.value.field == "schema_version"
+        assert "manifest.json" in str(err.value) and "\n" not in str(err.value)
+    assert {p.name: p.read_bytes() for p in legacy.iterdir()} == before
     assert len(list(read_rows(legacy))) == sum(f.rows for f in load_manifest(legacy).files)
-    assert verify(capsys, legacy)[0] == 0

@@ -112,7 +112,7 @@ def test_stats_json_equals_naive_recomputation(folder, examples, capsys):
     meta = manifest(folder)["metadata"]
     for key in ("k", "teacher", "teacher_fingerprint", "tokenizer_fingerprint", "created_at"):
         assert got[key] == meta[key]
-    assert got["schema_version"] == 1
+    assert got["schema_version"] == 2
     # And against the data as written (not only the decoded data): the tail is stored to
     # about 5e-4 of the mass, the response tokens exactly.
     rows = [r for ex in examples for r in ex]
@@ -249,7 +249,7 @@ def test_verify_decodes_every_block(copy, capsys):
     assert code == 1
     (line,) = [line for line in out.splitlines() if line.startswith("BAD")]
     assert entry["name"] in line
-    assert "token_level" in line and "length disagrees with response_ids" in line
+    assert "token_level" in line and "length disagrees with span_lengths" in line
 
 
 def test_verify_token_count_against_manifest(copy, capsys):
@@ -258,7 +258,7 @@ def test_verify_token_count_against_manifest(copy, capsys):
     save(copy, m)
     code, out, _ = run(capsys, "verify", copy)
     assert code == 1
-    assert f"BAD  {m['files'][0]['name']}: " in out and "response tokens" in out
+    assert f"BAD  {m['files'][0]['name']}: " in out and "trained tokens" in out
 
 
 def test_verify_debris_is_a_warning(copy, capsys):
@@ -307,7 +307,7 @@ def test_verify_subprocess(copy):
 def _table_lines(out: str) -> list[str]:
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("pos"))
-    return lines[start + 2 :]
+    return [line for line in lines[start + 2 :] if not line.startswith("span ")]
 
 
 def test_inspect_without_tokenizer(folder, examples, capsys):

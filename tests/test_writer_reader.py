@@ -115,7 +115,7 @@ def test_manifest_counts_and_digests(folder, examples):
         assert entry.tokens == sum(len(want[key].response_ids) for key in keys)
     # The JSON on disk says the same.
     d = manifest_json(folder)
-    assert d["format"] == "kdshards" and d["schema_version"] == 1
+    assert d["format"] == "kdshards" and d["schema_version"] == 2
     assert d["metadata"]["k"] == 16 and d["metadata"]["tokenizer_fingerprint"] == "tok"
 
 
@@ -308,30 +308,30 @@ def test_bad_rows_are_refused_at_add(tmp_path, field, change, message):
 def test_unknown_schema_version_in_manifest(tmp_path):
     write_examples(tmp_path, make_examples(7, 5))
     d = manifest_json(tmp_path)
-    d["schema_version"] = 2
+    d["schema_version"] = 3
     write_manifest_json(tmp_path, d)
-    with pytest.raises(ShardError, match="schema version 2 is not supported") as err:
+    with pytest.raises(ShardError, match="schema version 3 is not supported") as err:
         ShardReader(tmp_path)
     assert "manifest-w0.json" in str(err.value)
 
 
 def test_unknown_schema_version_in_file(tmp_path):
-    """A file from a future writer (schema version 2 in its metadata) in a v1 manifest."""
+    """A file from a future writer (schema version 3 in its metadata) in a v2 manifest."""
     write_examples(tmp_path, make_examples(8, 10), target_file_bytes=5_000, batch_tokens=200)
     p = tmp_path / "part-w0-00001.arrow"
     with pa.ipc.open_file(p) as f:
         schema = f.schema
         batches = [f.get_batch(i) for i in range(f.num_record_batches)]
     meta = dict(schema.metadata)
-    meta[META_KEY] = json.dumps({**json.loads(meta[META_KEY]), "schema_version": 2}).encode()
+    meta[META_KEY] = json.dumps({**json.loads(meta[META_KEY]), "schema_version": 3}).encode()
     fields = write_arrow(p, schema.with_metadata(meta), batches)
     d = manifest_json(tmp_path)
     d["files"][1].update(fields)
     write_manifest_json(tmp_path, d)
-    with pytest.raises(ShardError, match="schema version 2 is not supported") as err:
+    with pytest.raises(ShardError, match="schema version 3 is not supported") as err:
         list(ShardReader(tmp_path, shuffle=False))
     assert "part-w0-00001.arrow" in str(err.value)
-    with pytest.raises(ShardError, match="schema version 2") as err:
+    with pytest.raises(ShardError, match="schema version 3") as err:
         ShardFolder(tmp_path).verify_file(1)
     assert "part-w0-00001.arrow" in str(err.value)
     ShardFolder(tmp_path).verify_file(0)

@@ -6,17 +6,22 @@
     python -m tools.shards export DIR --format parquet --out OUT   (tools/shards_exchange.py)
     python -m tools.shards import PARQUET --tokenizer DIR --out DIR [--k K] [--skip-invalid]
 
-`inspect` prints one row: its fields, the prompt and response (decoded with --tokenizer, else
-with the teacher's tokenizer when the folder's committed precompute config or the manifest's
-`teacher` names a local model folder, else as ids), and per response
-position the token, the teacher's logprob of it and the teacher's top-N with probabilities,
-most probable first, and the tail mass.
+`inspect` prints one row: its fields, the conversation turn by turn (each message's role and
+text when the row records turns, else the prompt and the response) with the trained span
+tokens between ⟦ ⟧ (decoded with --tokenizer, else with the teacher's tokenizer when the
+folder's committed precompute config or the manifest's `teacher` names a local model folder,
+else as ids), and, span by span, per trained token its position in the response, the token,
+the teacher's logprob of it, the teacher's top-N with probabilities, most probable first, and
+the tail mass. Context tokens (outside the spans) have no teacher signal.
 
-`stats` streams the folder block by block (never loading it whole) and prints sizes, the
-metadata, the generated responses cut at the length limit (meta.finish_reason "length": a
-silent quality loss otherwise), and what the teacher signal covers: top-k probability mass
-(1 - tail), entropy of the top-k + tail buckets, and the share of response tokens inside
-their top-k.
+`stats` streams the folder block by block (never loading it whole) and prints rows, turns
+(messages recorded), token counts, sizes, the metadata, the generated responses cut at the
+length limit (meta.finish_reason "length": a silent quality loss otherwise), and what the
+teacher signal covers: top-k probability mass (1 - tail), entropy of the top-k + tail
+buckets, and the share of trained tokens inside their top-k. Token counts: trained = tokens
+in the trained spans (those with a teacher signal, what the manifest counts); context = the
+conversation's other tokens (prompt_ids + response_ids outside the spans, the prompt
+included); response = response_ids (the spans and the context between them).
 
 `verify` checks the manifests (commit sequence numbers and running totals of each writer, no
 file listed twice), every data file against them (length, sha256, the checksum of every
@@ -43,6 +48,7 @@ from shards.errors import ShardError
 from shards.fingerprint import tokenizer_fingerprint
 from shards.manifest import check_listing, load_manifest, read_extra
 from shards.reader import ShardFolder
+from shards.spans import gather_index
 from shards.storage import as_folder, open_storage
 from tools.shards_exchange import add_commands
 
@@ -178,6 +184,29 @@ def find_row(folder, row: int) -> dict:
     raise AssertionError("unreachable")
 
 
+TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"  # around trained span tokens in the conversation text
+
+
+def _segments(r: dict) -> list[tuple[str, int, int]]:
+    """(title, start, end) of each piece of the conversation to print, in conversation
+    coordinates: one per message when turns are recorded, else the prompt and the response."""
+    p, total = len(r["prompt_ids"]), len(r["prompt_ids"]) + len(r["response_ids"])
+    starts = np.asarray(r["turn_starts"]).tolist()
+    if not starts:
+        return [("prompt (student)", 0, p), ("response", p, total)]
+    out = [("before the first turn", 0, starts[0])] if starts[0] > 0 else []
+    ends = starts[1:] + [total]
+    for i, (role, a, b) in enumerate(zip(r["turn_roles"], starts, ends, strict=True)):
+        out.append((f"turn {i}: {role}", a, b))
+    return out
+
+
+def _spans(r: dict) -> list[tuple[int, int]]:
+    """(start, end) of each trained span, conversation coordinates."""
+    starts = np.asarray(r["span_starts"]).tolist()
+    return [(s, s + n) for s, n in zip(starts, np.asarray(r["span_lengths"]).tolist(), strict=True)]
+
+
 def render_row(r: dict, metadata, tok, *, positions: str | None, top: int) -> str:
     lines = []
     meta = r["meta"]
@@ -194,23 +223,42 @@ def render_row(r: dict, metadata, tok, *, positions: str | None, top: int) -> st
     prompt = np.asarray(r["prompt_ids"]).tolist()
     tprompt = np.asarray(r["teacher_prompt_ids"]).tolist()
     resp = np.asarray(r["response_ids"]).tolist()
+    conv = prompt + resp
+    spans = _spans(r)
+    trained = sum(b - a for a, b in spans)
     lines.append(
         f"tokens        prompt {len(prompt)}, teacher prompt {len(tprompt)}, response {len(resp)}"
-        f"; k={metadata.k}"
+        f"; trained {trained} in {len(spans)} span(s), context {len(conv) - trained}"
+        f"; turns {len(r['turn_roles'])}; k={metadata.k}"
     )
 
     def text(ids: list[int]) -> str:
         return tok.decode(ids) if tok is not None else " ".join(map(str, ids))
 
-    def section(title: str, ids: list[int]) -> None:
-        lines.append("")
-        lines.append(f"--- {title} ---")
-        lines.append(text(ids))
+    def marked(a: int, b: int) -> str:
+        """conv[a:b] as text, trained span tokens between the markers."""
+        cuts = sorted({a, b} | {x for s in spans for x in s if a < x < b})
+        pieces = []
+        for x, y in zip(cuts, cuts[1:], strict=False):
+            piece = text(conv[x:y])
+            inside = any(s <= x and y <= e for s, e in spans)
+            pieces.append(f"{TRAINED_OPEN}{piece}{TRAINED_CLOSE}" if inside else piece)
+        return ("" if tok is not None else " ").join(pieces)
 
-    section("prompt (student)", prompt)
+    lines.append("")
+    lines.append(
+        f"conversation, student view: trained span tokens {TRAINED_OPEN}...{TRAINED_CLOSE}"
+    )
+    for title, a, b in _segments(r):
+        inside = [f"{max(s, a)}-{min(e, b)}" for s, e in spans if s < b and a < e]
+        where = f"tokens {a}-{b}" + (f", trained {', '.join(inside)}" if inside else "")
+        lines.append("")
+        lines.append(f"--- {title} ({where}) ---")
+        lines.append(marked(a, b))
     if tprompt != prompt:
-        section("teacher prompt", tprompt)
-    section("response", resp)
+        lines.append("")
+        lines.append("--- teacher prompt (before its first trained span) ---")
+        lines.append(text(tprompt))
     lines.append("")
 
     ids = np.asarray(r["topk_ids"])
@@ -218,27 +266,37 @@ def render_row(r: dict, metadata, tok, *, positions: str | None, top: int) -> st
     tail = np.exp(np.asarray(r["tail_logprob"], dtype=np.float64))
     tok_lp = np.asarray(r["token_logprob"], dtype=np.float64)
     top = max(1, min(top, metadata.k))
-    pos = _parse_positions(positions, len(resp))
+    pos = set(_parse_positions(positions, len(resp)))
     # Fixed columns first (the tail too), then the top-N as "token p" cells of equal width.
+    # pos is the position in response_ids; only trained tokens have a teacher signal.
     tokw = 10 if tok is not None else len(str(metadata.vocab_size - 1))
     cells = "  ".join(f"{'#' + str(i + 1):<{tokw}} {'p':>5}" for i in range(top))
     header = f"{'pos':>5}  {'token':<14}  {'logprob':>8}  {'rank':>4}  {'tail':>5}  {cells}"
     lines.append(header)
     lines.append("-" * len(header))
-    for t in pos:
-        order = np.argsort(-lps[t], kind="stable")
-        in_topk = bool((ids[t] == resp[t]).any())
-        rank = str(int(np.flatnonzero(ids[t, order] == resp[t])[0]) + 1) if in_topk else "-"
-        entries = "  ".join(
-            f"{_token_str(tok, ids[t, j], tokw):<{tokw}} {_prob(float(np.exp(lps[t, j]))):>5}"
-            for j in order[:top]
-        )
-        lines.append(
-            f"{t:>5}  {_token_str(tok, resp[t]):<14}  {tok_lp[t]:>8.3f}  {rank:>4}  "
-            f"{_prob(float(tail[t])):>5}  {entries}"
-        )
-    if len(pos) == 0:
-        lines.append("(no positions selected)")
+    n, shown = 0, 0  # n: index of the trained token (row of the top-k)
+    for j, (a, b) in enumerate(spans):
+        lines.append(f"span {j}: response positions {a - len(prompt)}-{b - len(prompt)}")
+        for c in range(a, b):
+            t = c - len(prompt)
+            if t in pos:
+                shown += 1
+                order = np.argsort(-lps[n], kind="stable")
+                in_topk = bool((ids[n] == resp[t]).any())
+                hit = np.flatnonzero(ids[n, order] == resp[t])
+                rank = str(int(hit[0]) + 1) if in_topk else "-"
+                entries = "  ".join(
+                    f"{_token_str(tok, ids[n, i], tokw):<{tokw}} "
+                    f"{_prob(float(np.exp(lps[n, i]))):>5}"
+                    for i in order[:top]
+                )
+                lines.append(
+                    f"{t:>5}  {_token_str(tok, resp[t]):<14}  {tok_lp[n]:>8.3f}  {rank:>4}  "
+                    f"{_prob(float(tail[n])):>5}  {entries}"
+                )
+            n += 1
+    if shown == 0:
+        lines.append("(no trained positions selected)")
     return "\n".join(lines)
 
 
@@ -256,7 +314,10 @@ def cmd_inspect(args) -> int:
 def compute_stats(path: str | Path) -> dict:
     """Folder statistics, streaming one record batch at a time.
 
-    Per response token, with B = the top-k and a tail bucket, renormalized as the losses do:
+    Token counts: trained = span tokens (the teacher signal's); context = conversation tokens
+    (prompt_ids + response_ids) outside the spans, the prompt included; response = all of
+    response_ids. Per trained token, with B = the top-k and a tail bucket, renormalized as the
+    losses do:
     covered mass = 1 - exp(tail_logprob); entropy = -sum_B p log p (nats). The 5th percentile
     of the covered mass is exact: the tail is stored in 1/1024-nat steps, so a histogram of
     those steps holds the whole distribution (inverted-CDF percentile, numpy's
@@ -265,6 +326,7 @@ def compute_stats(path: str | Path) -> dict:
     folder = _folder(path)
     meta = folder.metadata
     rows = resp_tok = prompt_tok = tprompt_tok = in_topk = finished = cut = 0
+    trained_tok = turns = spans = 0
     cover_sum = entropy_sum = 0.0
     hist = np.zeros(1 << 16, dtype=np.int64)
     for fi, bi in _blocks(folder):
@@ -276,15 +338,22 @@ def compute_stats(path: str | Path) -> dict:
             cut += reason == "length"
         prompt_tok += int(block.offsets["prompt_ids"][-1])
         tprompt_tok += int(block.offsets["teacher_prompt_ids"][-1])
-        n = len(t["response_ids"])
+        resp_tok += len(t["response_ids"])
+        turns += len(t["turn_starts"])
+        spans += len(t["span_starts"])
+        n = len(t["topk_ids"])
         if n == 0:
             continue
-        resp_tok += n
+        trained_tok += n
         tail = t["tail_logprob"].numpy().astype(np.float64)
         lps = t["topk_logprobs"].numpy().astype(np.float64)
         ids = t["topk_ids"].numpy()
-        resp = t["response_ids"].numpy()
-        in_topk += int((ids == resp[:, None]).any(axis=1).sum())
+        off = block.offsets
+        row_of_span = np.repeat(np.arange(len(block)), np.diff(off["spans"]))
+        base = off["response"][:-1] - np.diff(off["prompt_ids"])
+        idx = gather_index(row_of_span, base, t["span_starts"].numpy(), t["span_lengths"].numpy())
+        own = t["response_ids"].numpy()[idx]  # the trained tokens, as trained_ids gathers them
+        in_topk += int((ids == own[:, None]).any(axis=1).sum())
         cover_sum += float(-np.expm1(tail).sum())
         steps = np.rint(-tail * TAIL_STEPS_PER_NAT).astype(np.int64)
         hist += np.bincount(np.clip(steps, 0, len(hist) - 1), minlength=len(hist))
@@ -294,16 +363,20 @@ def compute_stats(path: str | Path) -> dict:
     files = folder.manifest.files
     disk = sum(folder.store.size(e.name) for e in files)
     p5 = None
-    if resp_tok:
+    if trained_tok:
         # Covered mass rises with the step (a larger step is a smaller tail): the 5th
         # percentile of the coverage is the smallest step whose cumulative count reaches 5%.
-        step = int(np.searchsorted(np.cumsum(hist), 0.05 * resp_tok, side="left"))
+        step = int(np.searchsorted(np.cumsum(hist), 0.05 * trained_tok, side="left"))
         # The tail as the decoder computes it (float32), then the coverage in float64.
         tail = float(np.float32(step) * np.float32(-1.0 / TAIL_STEPS_PER_NAT))
         p5 = float(-np.expm1(tail))
     return {
         "folder": str(folder.path),
         "rows": rows,
+        "turns": turns,
+        "spans": spans,
+        "trained_tokens": trained_tok,
+        "context_tokens": prompt_tok + resp_tok - trained_tok,
         "response_tokens": resp_tok,
         "prompt_tokens": prompt_tok,
         "teacher_prompt_tokens": tprompt_tok,
@@ -311,6 +384,7 @@ def compute_stats(path: str | Path) -> dict:
         "bytes_on_disk": disk,
         "manifest_bytes": sum(folder.store.size(n) for n in folder.manifest.sources),
         "bytes_per_response_token": disk / resp_tok if resp_tok else None,
+        "bytes_per_trained_token": disk / trained_tok if trained_tok else None,
         "k": meta.k,
         "vocab_size": meta.vocab_size,
         "teacher": meta.teacher,
@@ -319,10 +393,11 @@ def compute_stats(path: str | Path) -> dict:
         "logprobs_mode": meta.logprobs_mode,
         "schema_version": meta.schema_version,
         "created_at": meta.created_at,
-        "topk_mass_mean": cover_sum / resp_tok if resp_tok else None,
+        # Per trained token (v1 folders: per response token, the same thing).
+        "topk_mass_mean": cover_sum / trained_tok if trained_tok else None,
         "topk_mass_p5": p5,
-        "entropy_mean_nats": entropy_sum / resp_tok if resp_tok else None,
-        "response_in_topk": in_topk / resp_tok if resp_tok else None,
+        "entropy_mean_nats": entropy_sum / trained_tok if trained_tok else None,
+        "response_in_topk": in_topk / trained_tok if trained_tok else None,
         # Rows with a finish reason (generated responses) and those cut at the limit.
         "generated_rows": finished,
         "cut_rows": cut,
@@ -353,11 +428,15 @@ def render_stats(s: dict) -> str:
     rows = [
         ("folder", s["folder"]),
         ("rows", f"{s['rows']:,}"),
+        ("turns", f"{s['turns']:,} (messages recorded; 0 for rows that record none)"),
+        ("trained tokens", f"{s['trained_tokens']:,} in {s['spans']:,} spans (with top-k)"),
+        ("context tokens", f"{s['context_tokens']:,} (outside the spans, prompts included)"),
         ("response tokens", f"{s['response_tokens']:,}"),
         ("prompt tokens", f"{s['prompt_tokens']:,} (teacher view {s['teacher_prompt_tokens']:,})"),
         ("files", f"{s['files']}"),
         ("bytes on disk", f"{s['bytes_on_disk']:,} ({_human_bytes(s['bytes_on_disk'])})"),
         ("bytes / response token", num(s["bytes_per_response_token"], ".1f")),
+        ("bytes / trained token", num(s["bytes_per_trained_token"], ".1f")),
         ("k", f"{s['k']} (vocab {s['vocab_size']:,})"),
         ("teacher", s["teacher"]),
         ("teacher fingerprint", s["teacher_fingerprint"]),
@@ -369,7 +448,7 @@ def render_stats(s: dict) -> str:
             f"mean {num(s['topk_mass_mean'], '.4f')}, p5 {num(s['topk_mass_p5'], '.4f')}",
         ),
         ("entropy, top-k + tail", f"{num(s['entropy_mean_nats'], '.3f')} nats (mean)"),
-        ("response token in top-k", num(s["response_in_topk"], ".2%")),
+        ("trained token in top-k", num(s["response_in_topk"], ".2%")),
         ("cut at max_tokens", _cut_text(s)),
     ]
     width = max(len(name) for name, _ in rows)
@@ -409,7 +488,7 @@ def verify_folder(path: str | Path) -> tuple[list[tuple[str, str]], list[str], i
             tokens = 0
             for bi in range(len(entry.batch_rows)):
                 block = folder.read_block(fi, bi)
-                tokens += int(block.offsets["response"][-1])
+                tokens += int(block.offsets["trained"][-1])
                 for key in zip(block.rows["id"], block.rows["sample_index"], strict=True):
                     if key in seen:
                         raise ShardError(
@@ -421,7 +500,7 @@ def verify_folder(path: str | Path) -> tuple[list[tuple[str, str]], list[str], i
             if tokens != entry.tokens:
                 raise ShardError(
                     folder.store.where(entry.name),
-                    f"{tokens} response tokens, the manifest says {entry.tokens}",
+                    f"{tokens} trained tokens, the manifest says {entry.tokens}",
                 )
         except ShardError as e:
             bad.append((entry.name, _describe(e)))

@@ -12,12 +12,21 @@ along in the Parquet schema metadata (key "kdshards.metadata").
 `import` reads plain top-k Parquet, from `export` or from another tool, into a shard folder:
 
     response_ids   list<int>           required: the T response tokens
-    topk_ids       list<list<int>>     required: (T, >= K) the teacher's top ids per token
-    topk_logprobs  list<list<float>>   required: (T, >= K) their raw log-probabilities
-    prompt_ids     list<int>           required: the student's prompt
+    topk_ids       list<list<int>>     required: (N, >= K) the teacher's top ids per trained
+                                       token (N = T without spans)
+    topk_logprobs  list<list<float>>   required: (N, >= K) their raw log-probabilities
+    prompt_ids     list<int>           required: the student's prompt (P tokens)
+    span_starts, span_lengths          optional, together: the trained spans (start, length)
+                                       in conversation coordinates (offsets into prompt_ids +
+                                       response_ids); absent or null: one span, the response
+    turn_starts, turn_roles            optional, together: each message's start and role;
+                                       absent or null: not recorded
     teacher_prompt_ids, id, sample_index, source, thinking, meta, token_logprob,
     tail_logprob                       optional (defaults: prompt_ids, "row<N>", 0,
                                        "teacher", null, null, from the top-k, from the top-k)
+
+An export of an older (v1) folder, or of a tool that knows no spans, imports as one span
+per row.
 
 Each row is validated like precompute's (ids inside the vocabulary, K distinct ids per token,
 log-probabilities that are <= 0 and sum to at most 1, a given tail that agrees with the mass
@@ -46,12 +55,17 @@ from shards.fingerprint import files_fingerprint, tokenizer_fingerprint
 from shards.hf import DECODED_SCHEMA, decoded_batches
 from shards.manifest import load_manifest
 from shards.schema import SOURCES, ShardMetadata
+from shards.spans import check_spans, check_turns
 from shards.storage import as_folder
 from shards.writer import ShardRow, ShardWriter
 
 PARQUET_META_KEY = b"kdshards.metadata"
 REQUIRED = ("response_ids", "topk_ids", "topk_logprobs", "prompt_ids")
 OPTIONAL = (
+    "span_starts",
+    "span_lengths",
+    "turn_starts",
+    "turn_roles",
     "id",
     "teacher_prompt_ids",
     "sample_index",
@@ -88,7 +102,7 @@ def export_parquet(folder: str | Path, out: str | Path, *, compression: str = "z
         for batch in decoded_batches(folder):
             writer.write_batch(batch)
             rows += batch.num_rows
-            tokens += len(batch.column("response_ids").values)
+            tokens += len(batch.column("token_logprob").values)  # trained tokens
     os.replace(tmp, out)
     shard_bytes = sum(f.bytes for f in manifest.files)
     out_bytes = out.stat().st_size
@@ -128,7 +142,7 @@ def _matrix(value, name: str, t: int, dtype) -> np.ndarray:
     if value is None:
         raise BadRow(name, "missing")
     if len(value) != t:
-        raise BadRow(name, f"{len(value)} tokens, response_ids has {t}")
+        raise BadRow(name, f"{len(value)} tokens, the trained tokens are {t}")
     widths = {len(v) if v is not None else -1 for v in value}
     if len(widths) > 1 or -1 in widths:
         raise BadRow(name, f"every token needs the same number of entries, got {sorted(widths)}")
@@ -142,14 +156,47 @@ def _per_token(value, name: str, t: int) -> np.ndarray | None:
     if value is None:
         return None
     if len(value) != t or any(v is None for v in value):
-        raise BadRow(name, f"needs one value per response token ({t}), got {len(value)}")
+        raise BadRow(name, f"needs one value per trained token ({t}), got {len(value)}")
     return np.asarray(value, dtype=np.float64)
+
+
+def _pairs(rec: dict, a: str, b: str) -> list[tuple] | None:
+    """zip(rec[a], rec[b]), None when neither is given."""
+    x, y = rec.get(a), rec.get(b)
+    if x is None and y is None:
+        return None
+    if x is None or y is None:
+        raise BadRow(b if y is None else a, f"given without {b if y is None else a}: give both")
+    if len(x) != len(y):
+        raise BadRow(b, f"{len(y)} entries, {a} has {len(x)}")
+    return list(zip(x, y, strict=True))
+
+
+def _spans(rec: dict, p: int, resp: np.ndarray) -> tuple[list | None, np.ndarray]:
+    """(spans or None, the trained tokens (N,)) of a record."""
+    spans = _pairs(rec, "span_starts", "span_lengths")
+    if spans is None:
+        return None, resp
+    try:
+        starts, lengths = check_spans(spans, p, p + len(resp))
+    except ValueError as e:
+        raise BadRow("span_starts", str(e)) from None
+    idx = [np.arange(s - p, s - p + n) for s, n in zip(starts, lengths, strict=True)]
+    return spans, resp[np.concatenate(idx)] if idx else resp[:0]
 
 
 def row_from_record(rec: dict, index: int, k: int) -> ShardRow:
     """One Parquet row as a ShardRow with top-k width k; raises BadRow(field, reason)."""
     resp = _ints(rec.get("response_ids"), "response_ids")
-    t = len(resp)
+    prompt = _ints(rec.get("prompt_ids"), "prompt_ids")
+    spans, trained = _spans(rec, len(prompt), resp)
+    turns = _pairs(rec, "turn_starts", "turn_roles")
+    if turns is not None:
+        try:
+            turns = check_turns(turns, len(prompt) + len(resp))
+        except ShardError as e:
+            raise BadRow(e.field, e.message) from None
+    t = len(trained)  # the top-k's rows
     ids = _matrix(rec.get("topk_ids"), "topk_ids", t, np.int64)
     lps = _matrix(rec.get("topk_logprobs"), "topk_logprobs", t, np.float64)
     if ids.shape != lps.shape:
@@ -179,9 +226,9 @@ def row_from_record(rec: dict, index: int, k: int) -> ShardRow:
             )
     token_lp = _per_token(rec.get("token_logprob"), "token_logprob", t)
     if t and ids.shape[1] > k:  # keep the k most probable, in their given order
-        hit = ids == resp[:, None]
+        hit = ids == trained[:, None]
         if token_lp is None and hit.any(axis=1).all():
-            # The response token's logprob, before the cut may drop it from the top-k.
+            # The trained token's logprob, before the cut may drop it from the top-k.
             token_lp = lps[hit]
         keep = np.sort(np.argsort(-lps, axis=1, kind="stable")[:, :k], axis=1)
         ids = np.take_along_axis(ids, keep, axis=1)
@@ -197,7 +244,6 @@ def row_from_record(rec: dict, index: int, k: int) -> ShardRow:
             raise BadRow("meta", f"not JSON: {e}") from None
     if meta is not None and not isinstance(meta, dict):
         raise BadRow("meta", f"must be a JSON object, got {type(meta).__name__}")
-    prompt = _ints(rec.get("prompt_ids"), "prompt_ids")
     teacher_prompt = rec.get("teacher_prompt_ids")
     row_id = rec.get("id")
     if row_id is not None and (not isinstance(row_id, str) or not row_id):
@@ -216,6 +262,8 @@ def row_from_record(rec: dict, index: int, k: int) -> ShardRow:
         source=source,
         thinking=rec.get("thinking"),
         meta=meta,
+        spans=spans,
+        turns=turns,
     )
 
 
@@ -334,7 +382,7 @@ def import_parquet(
                     reject(index, e.field or "topk", e.message, rec)
             else:
                 summary.rows += len(example)
-                summary.tokens += sum(len(row.response_ids) for _, _, row in example)
+                summary.tokens += sum(len(row.topk_ids) for _, _, row in example)  # trained
             closed.add(example[0][2].id)
             example.clear()
 
