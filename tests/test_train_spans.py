@@ -352,10 +352,12 @@ def write_conversation_shards(folder, model_dir, *, examples: int = 24, k: int =
     with ShardWriter(folder, meta, batch_tokens=512) as writer:
         for i in range(examples):
             turns = 2 + i % 3
-            answer = "Go to shelf {}." if i % 7 else "Go to the shelf and look at every apple {}."
             messages = [("system", "You are in a room."), ("user", f"Find apple {i}.")]
             for t in range(turns):
-                messages.append(("assistant", answer.format(i + t)))
+                answer = f"Go to shelf {i + t}."
+                if t == turns - 1 and i % 5 == 0:  # a last turn too long for drop_turns
+                    answer = f"Apple {i} is on shelf {t}. " * 8
+                messages.append(("assistant", answer))
                 if t < turns - 1:
                     messages.append(("tool" if t % 2 else "user", f"You see {t} apples."))
             ids, spans, marks = [], [], []
@@ -400,9 +402,9 @@ def lengths_of(folder) -> dict[str, int]:
     }
 
 
-def drop_turns_limit(folder) -> int:
-    """A max_length that shortens some conversations by dropping turns and skips others."""
-    return sorted(lengths_of(folder).values())[len(lengths_of(folder)) // 2]
+# A max_length that keeps the 2-turn conversations, shortens the longer ones by dropping
+# turns and skips those whose last turn is too long (write_conversation_shards).
+DROP_TURNS_LIMIT = 100
 
 
 def test_shard_rows_collate_their_spans(conversations):
@@ -414,7 +416,7 @@ def test_shard_rows_collate_their_spans(conversations):
 
 
 def test_drop_turns_counts_and_resume_of_a_shard_folder(conversations):
-    limit = drop_turns_limit(conversations)
+    limit = DROP_TURNS_LIMIT
 
     def make():
         reader = ShardReader(conversations, seed=1, epochs=1)
@@ -472,7 +474,7 @@ def test_interrupted_run_on_multi_span_rows_resumes_exactly(tmp_path, conversati
         "max_steps=6",
         "save_every=2",
         "data.overlong=drop_turns",
-        f"data.max_length={drop_turns_limit(conversations)}",
+        f"data.max_length={DROP_TURNS_LIMIT}",
     ]
     config = "configs/train/jsd.yaml"
     straight = train_tiny(config, tmp_path / "a", student, conversations, *common)
