@@ -468,7 +468,7 @@ def final_weights(out) -> dict:
 
 
 @pytest.mark.slow  # three short runs of the tiny model
-def test_interrupted_run_on_multi_span_rows_resumes_exactly(tmp_path, conversations):
+def test_interrupted_run_on_multi_span_rows_resumes_exactly(tmp_path, conversations, capsys):
     student = build_tiny_model(tmp_path / "student", seed=7)
     common = [
         "max_steps=6",
@@ -485,7 +485,16 @@ def test_interrupted_run_on_multi_span_rows_resumes_exactly(tmp_path, conversati
     assert [[r.get(k) for k in keys] for r in resumed] == [
         [r.get(k) for k in keys] for r in straight
     ]
-    assert straight[-1]["overlong_rows"] > 0
+    last = straight[-1]
+    assert (
+        last["overlong_skipped_rows"] > 0 and last["overlong_rows"] > last["overlong_skipped_rows"]
+    )
+    shortened = last["overlong_rows"] - last["overlong_skipped_rows"]
+    assert (
+        f"data.overlong=drop_turns: {last['overlong_rows']} rows longer than "
+        f"data.max_length={DROP_TURNS_LIMIT}: {shortened} shortened by dropping turns, "
+        f"{last['overlong_skipped_rows']} skipped ({last['overlong_tokens']} tokens)"
+    ) in capsys.readouterr().out
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert a.keys() == b.keys()
     for k in a:

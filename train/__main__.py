@@ -131,12 +131,12 @@ def main(argv=None) -> None:
         if epochs_end:
             print(f"[train] num_epochs={cfg.num_epochs} done after {step} steps", flush=True)
         if counts[0]:
-            what = {"skip": "skipped", "truncate": "truncated"}.get(cfg.data.overlong)
+            what = {"skip": " skipped", "truncate": " truncated"}.get(cfg.data.overlong)
             if cfg.data.overlong == "drop_turns":
-                what = f"shortened by dropping turns, {counts[2]} of them skipped"
+                what = f": {counts[0] - counts[2]} shortened by dropping turns, {counts[2]} skipped"
             print(
                 f"[train] data.overlong={cfg.data.overlong}: {counts[0]} rows longer than "
-                f"data.max_length={cfg.data.max_length} {what} ({counts[1]} tokens)",
+                f"data.max_length={cfg.data.max_length}{what} ({counts[1]} tokens)",
                 flush=True,
             )
     log.close()
