@@ -378,7 +378,8 @@ def write_conversation_shards(folder, model_dir, *, examples: int = 24, k: int =
                 ShardRow(
                     id=f"conv{i}",
                     prompt_ids=ids[:first],
-                    teacher_prompt_ids=ids[:first],
+                    teacher_prompt_ids=encode("<|im_start|>system\nExperience.<|im_end|>\n")
+                    + ids[:first],
                     response_ids=ids[first:],
                     topk_ids=top.numpy(),
                     topk_logprobs=values.numpy(),
@@ -413,6 +414,24 @@ def test_shard_rows_collate_their_spans(conversations):
     for max_length in (1000, 40):
         batch = collate(rows[:5], max_length)
         assert_batch_equals(batch, rows[:5], naive_reference(rows[:5], max_length))
+    # data.overlong=truncate: each batch cut as the reference cuts its rows, counted.
+    by_id, limit = {r["id"]: r for r in rows}, 100
+    reader = ShardReader(conversations, seed=3, epochs=1)
+    source = ShardBatches(
+        reader, batch_tokens=300, max_rows=3, max_length=limit, sort_window=8, overlong="truncate"
+    )
+    seen = []
+    for batch in source:
+        source.update(batch)
+        got = [by_id[i] for i in batch.ids]
+        assert_batch_equals(batch, got, naive_reference(got, limit))
+        seen += batch.ids
+    assert sorted(seen) == sorted(by_id)
+    long = [n for n in lengths_of(conversations).values() if n > limit]
+    assert source.pop_metrics() == {
+        "overlong_rows": len(long),
+        "overlong_tokens": sum(n - limit for n in long),
+    }
 
 
 def test_drop_turns_counts_and_resume_of_a_shard_folder(conversations):
@@ -454,6 +473,87 @@ def test_drop_turns_counts_and_resume_of_a_shard_folder(conversations):
             resumed.update(b)
         assert [b.ids for b in rest] == [b.ids for b in every[cut:]]
         assert resumed.pop_metrics() == metrics, cut
+
+
+class InProcessTeacher:
+    """A TeacherClient stand-in: scores (prompt, sample) with the tiny model in this process
+    and records what it was sent."""
+
+    max_model_len = None
+    num_retries = 0
+
+    def __init__(self, model_dir, k: int):
+        from transformers import AutoModelForCausalLM
+
+        self.lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.k, self.sent = k, []
+
+    def submit(self, prompt: list[int], response: list[int]):
+        from concurrent.futures import Future
+
+        from vllm_engine.teacher_client import TeacherScore
+
+        self.sent.append((prompt, response))
+        with torch.no_grad():
+            logits = self.lm(torch.tensor([prompt + response])).logits[0]
+        lp = torch.log_softmax(logits[len(prompt) - 1 : -1].float(), -1)
+        values, top = lp.topk(self.k, -1)
+        token = lp.gather(1, torch.tensor(response)[:, None])[:, 0]
+        future = Future()
+        future.set_result(TeacherScore(top.numpy(), values.numpy(), token.numpy()))
+        return future
+
+    def close(self) -> None:
+        pass
+
+
+def test_onpolicy_samples_continue_the_conversation_before_the_first_span(
+    conversations, model_dir, tmp_path
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train.config import OnPolicyConfig
+    from train.onpolicy import OnPolicyBatches
+
+    rows = {r["id"]: r for r in ShardReader(conversations, shuffle=False)}
+    student = build_tiny_model(tmp_path / "student", seed=7)
+    lm = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+    teacher = InProcessTeacher(model_dir, k=8)
+    reader = ShardReader(conversations, seed=0, epochs=None)
+    shards = ShardBatches(reader, batch_tokens=256, max_rows=4, max_length=300, sort_window=8)
+    cfg = OnPolicyConfig(teacher_url="x", lmbda=0.5, max_new_tokens=5, max_prompts=2)
+    source = OnPolicyBatches(
+        shards,
+        teacher,
+        cfg,
+        student=lambda: lm,
+        tokenizer=AutoTokenizer.from_pretrained(student),
+        seed=0,
+        grad_accum=2,
+        max_length=300,
+    )
+    kinds = set()
+    for _, batch in zip(range(6), source, strict=False):
+        live = "@" in batch.ids[0]
+        kinds.add(live)
+        base = [rows[i.split("@")[0]] for i in batch.ids]
+        for b, r in enumerate(base):
+            # Both kinds start every sequence with the conversation before the first span.
+            p = len(r["prompt_ids"])
+            assert torch.equal(batch.input_ids[b, :p], r["prompt_ids"])
+            assert torch.equal(batch.teacher_prompt_ids[b], r["teacher_prompt_ids"])
+        if live:  # one span: the whole sample, scored by the teacher on the teacher view
+            lengths = batch.attention_mask.sum(1).tolist()
+            samples = [
+                batch.input_ids[b, len(r["prompt_ids"]) : lengths[b]].tolist()
+                for b, r in enumerate(base)
+            ]
+            assert batch.num_tokens == sum(len(x) for x in samples) > 0
+            for sample, r in zip(samples, base, strict=True):
+                assert (r["teacher_prompt_ids"].tolist(), sample) in teacher.sent
+        else:  # the shard rows' spans
+            assert batch.num_tokens == sum(int(r["span_lengths"].sum()) for r in base)
+    assert kinds == {True, False}
 
 
 def final_weights(out) -> dict:
