@@ -73,7 +73,10 @@ def test_help_lists_every_key_with_type_default_and_meaning():
         (["loss.betta=0.5"], "unknown config key(s) loss.betta"),
         (["max_steps=many"], "max_steps: expected an integer, got 'many'"),
         (["resume=maybe"], "resume: expected one of auto | true | false"),
-        (["data.overlong=cut"], "data.overlong: expected one of skip | truncate | error"),
+        (
+            ["data.overlong=cut"],
+            "data.overlong: expected one of skip | truncate | drop_turns | error",
+        ),
         (["num_epochs=-1"], "num_epochs and save_total_limit must be >= 0"),
     ],
 )

@@ -125,15 +125,18 @@ def main(argv=None) -> None:
     if epochs_end and step != saved:
         save()
     overlong = source.pop_metrics()
-    counts = [global_sum(acc, overlong.get(k, 0)) for k in ("overlong_rows", "overlong_tokens")]
+    keys = ("overlong_rows", "overlong_tokens", "overlong_skipped_rows")
+    counts = [int(global_sum(acc, overlong.get(k, 0))) for k in keys]
     if acc.is_main_process:
         if epochs_end:
             print(f"[train] num_epochs={cfg.num_epochs} done after {step} steps", flush=True)
         if counts[0]:
-            what = "skipped" if cfg.data.overlong == "skip" else "truncated"
+            what = {"skip": " skipped", "truncate": " truncated"}.get(cfg.data.overlong)
+            if cfg.data.overlong == "drop_turns":
+                what = f": {counts[0] - counts[2]} shortened by dropping turns, {counts[2]} skipped"
             print(
-                f"[train] data.overlong={cfg.data.overlong}: {int(counts[0])} rows longer than "
-                f"data.max_length={cfg.data.max_length} {what} ({int(counts[1])} tokens)",
+                f"[train] data.overlong={cfg.data.overlong}: {counts[0]} rows longer than "
+                f"data.max_length={cfg.data.max_length}{what} ({counts[1]} tokens)",
                 flush=True,
             )
     log.close()

@@ -11,11 +11,15 @@ the reader re-reads the window from its start and the first `index + 1` batches 
 A window never spans two epochs, so every batch belongs to one epoch (`num_epochs` stops at
 an epoch's end exactly).
 
-A row longer than `max_length` (prompt + response) follows the `overlong` policy: "skip" it,
-"truncate" it (see `collate`), or "error" (a ShardError naming the folder, row and length).
-Skipped or truncated rows are counted, rows and tokens (skip: the row's tokens; truncate: the
-tokens cut), on the batch that follows them, and summed over the consumed batches, so the
-counts survive a resume without double counting.
+A row is a conversation (prompt_ids ++ response_ids) with trained spans (train/spans.py; a
+row without spans trains its whole response). A row longer than `max_length` (its whole
+conversation) follows the `overlong` policy: "skip" it, "truncate" it (see `collate`),
+"drop_turns" (remove its earliest whole turns until it fits, train/spans.py `drop_turns`;
+a row that cannot fit is skipped), or "error" (a ShardError naming the folder, row and
+length). Such rows are counted, rows and tokens (skip: the row's tokens; truncate: the
+tokens cut; drop_turns: the dropped turns' tokens, or the row's for a row skipped), and under
+drop_turns the rows skipped, on the batch that follows them, and summed over the consumed
+batches, so the counts survive a resume without double counting.
 """
 
 from __future__ import annotations
@@ -32,18 +36,20 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.errors import ShardError
 from shards.reader import ShardReader
+from train.spans import conversation_length, drop_turns, trained_index
 
-Overlong = Literal["skip", "truncate", "error"]
+Overlong = Literal["skip", "truncate", "drop_turns", "error"]
 
 
 @dataclass
 class Batch:
     """Right-padded student inputs and the teacher signal of every trained token.
 
-    input_ids, attention_mask: (B, L) student view (prompt Q + response).
+    input_ids, attention_mask: (B, L) student view (each row's conversation: prompt Q +
+    response).
     positions: (N,) flat indices into (B * L) of the positions whose next-token prediction is
-    trained (the position before each response token).
-    targets: (N,) the response tokens; topk_ids (N, K), topk_logprobs (N, K),
+    trained (the position before each span token), row by row, in span order.
+    targets: (N,) the span tokens; topk_ids (N, K), topk_logprobs (N, K),
     tail_logprob (N,), token_logprob (N,): the teacher signal for each.
     """
 
@@ -58,10 +64,12 @@ class Batch:
     ids: list[str] = field(default_factory=list)
     cursor: tuple[int, int, int, int] | None = None  # (shard, epoch, window start, index)
     folder: int = 0  # which folder of a mixture (train/mixture.py) the rows came from
-    # (rows, tokens) longer than max_length, skipped or truncated since the previous batch
-    overlong: tuple[int, int] = (0, 0)
+    # (rows, tokens, rows skipped under drop_turns) longer than max_length, skipped, truncated
+    # or shortened since the previous batch
+    overlong: tuple[int, int, int] = (0, 0, 0)
     # Per row, the (truncated) student prompt and the teacher's prompt: what on-policy
-    # distillation samples from and sends to the teacher (train/onpolicy.py).
+    # distillation samples from and sends to the teacher (train/onpolicy.py). For a
+    # multi-span row, the conversation before its first span.
     prompt_ids: list[torch.Tensor] = field(default_factory=list)
     teacher_prompt_ids: list[torch.Tensor] = field(default_factory=list)
 
@@ -121,30 +129,48 @@ class BatchSource(ABC):
 
 
 def collate(rows: list[dict], max_length: int, pad_id: int = 0) -> Batch:
-    """Rows from ShardReader -> Batch. Responses longer than the budget are cut on the right;
-    a prompt that alone fills `max_length` keeps its last tokens (the question's end)."""
-    seqs, spans, prompts = [], [], []
+    """Rows (ShardReader's, or live ones without spans) -> Batch.
+
+    Each row's sequence is its conversation, prompt_ids ++ response_ids, and its trained
+    tokens are its span tokens (train/spans.py), the top-k rows 1:1 with them. A prompt that
+    alone fills `max_length` keeps its last tokens (the question's end), shifting the spans;
+    a conversation longer than the budget is then cut on the right, and the span tokens past
+    the cut are not trained (nor their top-k rows).
+    """
+    seqs, trained, prompts = [], [], []
     for r in rows:
-        prompt = r["prompt_ids"][-(max_length - 1) :] if max_length > 1 else r["prompt_ids"][:0]
-        t = min(len(r["response_ids"]), max_length - len(prompt))
-        seqs.append(torch.cat([prompt, r["response_ids"][:t]]))
-        spans.append((len(prompt), t))
-        prompts.append(prompt)
+        p = len(r["prompt_ids"])
+        shift = p - min(p, max(max_length - 1, 0))  # prompt tokens cut on the left
+        conv = torch.cat([r["prompt_ids"], r["response_ids"]])
+        end = min(len(conv), shift + max_length)
+        index = trained_index(r)  # (N,) conversation coordinates, sorted
+        if len(index) != len(r["topk_ids"]):
+            raise ValueError(
+                f"row {r['id']!r}: field 'topk_ids': {len(r['topk_ids'])} rows for "
+                f"{len(index)} span tokens"
+            )
+        n = int(torch.searchsorted(index, end))  # the span tokens inside the budget
+        seqs.append(conv[shift:end])
+        trained.append((index[:n] - shift, conv[index[:n]], n))
+        # On-policy samples from the conversation before the first span (drop_turns keeps
+        # the row's original one; train/spans.py).
+        prompt = r.get("sample_prompt_ids", r["prompt_ids"])
+        prompts.append(prompt[len(prompt) - min(len(prompt), max(max_length - 1, 0)) :])
     length = max(len(s) for s in seqs)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     positions, parts = [], {k: [] for k in ("ids", "lps", "tail", "tok", "tgt")}
-    for b, (s, (p, t)) in enumerate(zip(seqs, spans, strict=True)):
+    for b, (s, (at, targets, n)) in enumerate(zip(seqs, trained, strict=True)):
         input_ids[b, : len(s)] = s
         mask[b, : len(s)] = 1
-        # Response token j sits at p + j and is predicted from position p + j - 1.
-        positions.append(b * length + torch.arange(p - 1, p - 1 + t))
+        # The span token at sequence position i is predicted from position i - 1.
+        positions.append(b * length + at - 1)
         r = rows[b]
-        parts["ids"].append(r["topk_ids"][:t])
-        parts["lps"].append(r["topk_logprobs"][:t])
-        parts["tail"].append(r["tail_logprob"][:t])
-        parts["tok"].append(r["token_logprob"][:t])
-        parts["tgt"].append(r["response_ids"][:t])
+        parts["ids"].append(r["topk_ids"][:n])
+        parts["lps"].append(r["topk_logprobs"][:n])
+        parts["tail"].append(r["tail_logprob"][:n])
+        parts["tok"].append(r["token_logprob"][:n])
+        parts["tgt"].append(targets)
     return Batch(
         input_ids=input_ids,
         attention_mask=mask,
@@ -196,7 +222,8 @@ class ShardBatches(IterableDataset, BatchSource):
         self.max_length, self.sort_window = max_length, sort_window
         self.seed, self.pad_id, self.overlong = seed, pad_id, overlong
         self._skip: dict[int, tuple[int, int, int]] = {}  # shard -> (epoch, start, batches)
-        self.overlong_seen = [0, 0]  # rows, tokens: over the consumed batches (this rank)
+        # rows, tokens, rows skipped (drop_turns): over the consumed batches (this rank)
+        self.overlong_seen = [0, 0, 0]
 
     def _windows(self, rows: Iterator[dict]):
         window = []
@@ -218,7 +245,7 @@ class ShardBatches(IterableDataset, BatchSource):
         skip = self._skip.get(shard)
         if skip is not None:
             self.reader.seek(shard, skip[0], skip[1])
-        pending, warned = (0, 0), False
+        pending, warned = (0, 0, 0), False
         for window in self._windows(iter(self.reader)):
             _, epoch, pos = window[0]["cursor"]
             start = pos - 1  # position of the window's first row
@@ -232,16 +259,14 @@ class ShardBatches(IterableDataset, BatchSource):
                     file=sys.stderr,
                     flush=True,
                 )
-            lengths = [
-                min(len(r["prompt_ids"]) + len(r["response_ids"]), self.max_length) for r in window
-            ]
+            lengths = [min(conversation_length(r), self.max_length) for r in window]
             plan = plan_batches(lengths, self.batch_tokens, self.max_rows)
             order = np.random.default_rng([self.seed, shard, epoch, start]).permutation(len(plan))
             first = 0
             if skip is not None and (epoch, start) == skip[:2]:
                 first, skip = skip[2], None
             if first == 0:  # else a batch of this window, with its counts, was consumed
-                pending = (pending[0] + cut[0], pending[1] + cut[1])
+                pending = tuple(a + b for a, b in zip(pending, cut, strict=True))
             for index in range(first, len(plan)):
                 batch = collate(
                     [window[i] for i in plan[order[index]]], self.max_length, self.pad_id
@@ -249,42 +274,65 @@ class ShardBatches(IterableDataset, BatchSource):
                 if not batch.num_tokens:
                     continue  # rows with empty responses train nothing
                 batch.cursor = (shard, epoch, start, index + 1)
-                batch.overlong, pending = pending, (0, 0)
+                batch.overlong, pending = pending, (0, 0, 0)
                 yield batch
 
-    def _overlong(self, window: list[dict]) -> tuple[list[dict], tuple[int, int]]:
-        """The window's rows under the `overlong` policy, and (rows, tokens) affected."""
-        lengths = [len(r["prompt_ids"]) + len(r["response_ids"]) for r in window]
+    def _overlong(self, window: list[dict]) -> tuple[list[dict], tuple[int, int, int]]:
+        """The window's rows under the `overlong` policy, and (rows, tokens, rows skipped
+        by drop_turns) affected."""
+        lengths = [conversation_length(r) for r in window]
         long = [i for i, n in enumerate(lengths) if n > self.max_length]
         if not long:
-            return window, (0, 0)
+            return window, (0, 0, 0)
         if self.overlong == "error":
             row = window[long[0]]
             raise ShardError(
                 self.reader.folder.path,
                 f"prompt + response is {lengths[long[0]]} tokens, longer than data.max_length="
                 f"{self.max_length} (data.overlong=error; raise data.max_length, or set "
-                "data.overlong=skip or truncate)",
+                "data.overlong=skip, truncate or drop_turns)",
                 row=repr(str(row["id"])),
                 field="prompt_ids+response_ids",
             )
         if self.overlong == "truncate":
-            return window, (len(long), sum(lengths[i] - self.max_length for i in long))
-        dropped = set(long)
-        kept = [r for i, r in enumerate(window) if i not in dropped]
-        return kept, (len(long), sum(lengths[i] for i in long))
+            return window, (len(long), sum(lengths[i] - self.max_length for i in long), 0)
+        shorter = {}  # drop_turns: row index -> the row without its earliest turns
+        if self.overlong == "drop_turns":
+            for i in long:
+                try:
+                    row = drop_turns(window[i], self.max_length)
+                except ValueError as e:
+                    raise ShardError(
+                        self.reader.folder.path,
+                        f"data.overlong=drop_turns: {e}",
+                        row=repr(str(window[i]["id"])),
+                        field="turn_starts",
+                    ) from None
+                if row is not None:
+                    shorter[i] = row
+        kept = [shorter.get(i, r) for i, r in enumerate(window) if i in shorter or i not in long]
+        tokens = sum(lengths[i] - conversation_length(shorter[i]) for i in shorter)
+        tokens += sum(lengths[i] for i in long if i not in shorter)
+        skipped = len(long) - len(shorter) if self.overlong == "drop_turns" else 0
+        return kept, (len(long), tokens, skipped)
 
     def update(self, batch: Batch) -> None:
         """Record a batch the trainer consumed."""
         shard, epoch, start, done = batch.cursor
         self._skip[shard] = (epoch, start, done)
-        rows, tokens = batch.overlong
-        self.overlong_seen = [self.overlong_seen[0] + rows, self.overlong_seen[1] + tokens]
+        seen = zip(self.overlong_seen, batch.overlong, strict=True)
+        self.overlong_seen = [a + b for a, b in seen]
 
     def pop_metrics(self) -> dict:
-        """Rows longer than max_length skipped or truncated so far, and their tokens."""
-        rows, tokens = self.overlong_seen
-        return {"overlong_rows": rows, "overlong_tokens": tokens} if rows else {}
+        """Rows longer than max_length skipped, truncated or shortened so far, and their
+        tokens; under drop_turns also the rows skipped (those that could not fit)."""
+        rows, tokens, skipped = self.overlong_seen
+        if not rows:
+            return {}
+        out = {"overlong_rows": rows, "overlong_tokens": tokens}
+        if self.overlong == "drop_turns":
+            out["overlong_skipped_rows"] = skipped
+        return out
 
     def folders(self) -> list[ShardBatches]:
         return [self]
@@ -302,4 +350,6 @@ class ShardBatches(IterableDataset, BatchSource):
     def load_state_dict(self, state: dict) -> None:
         self.reader.load_state_dict(state["reader"])
         self._skip = {int(s): tuple(v) for s, v in state["batches"].items()}
-        self.overlong_seen = [int(x) for x in state.get("overlong", (0, 0))]
+        # A checkpoint from before drop_turns holds (rows, tokens).
+        seen = [int(x) for x in state.get("overlong", ())]
+        self.overlong_seen = seen + [0] * (3 - len(seen))

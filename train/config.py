@@ -87,15 +87,28 @@ class DataConfig:
     eval_shards: str = option("", "a held-out shard folder for periodic evaluation loss")
     batch_tokens: int = option(4096, "padded tokens per micro-batch (length-aware batching)")
     max_rows: int = option(64, "rows per micro-batch at most")
-    max_length: int = option(1024, "prompt + response tokens of a row at most (data.overlong)")
+    max_length: int = option(
+        1024, "tokens of a row's conversation (prompt + response) at most (data.overlong)"
+    )
     # Default skip, not error: one long row should not stop a run hours in, and skipping
     # keeps every trained row whole; the first skip prints a line and the counts go to the
     # logs, so nothing is dropped silently. truncate is the old behaviour, now asked for.
-    overlong: Literal["skip", "truncate", "error"] = option(
+    # drop_turns (train/spans.py) removes token ranges of the stored conversation: exact
+    # for ChatML-style templates, where each message renders the same whatever precedes it;
+    # a template that renders a message differently once earlier turns are gone (Qwen3's
+    # <think> handling, a system message repeated per turn) trains on a rendering it would
+    # not produce.
+    overlong: Literal["skip", "truncate", "drop_turns", "error"] = option(
         "skip",
-        "a row longer than max_length: skip it, truncate it (prompt kept from its end, "
-        "response cut on the right), or stop with an error naming it; counted in "
-        "metrics.jsonl (overlong_rows, overlong_tokens)",
+        "a row longer than max_length: skip it; truncate it (prompt kept from its end, "
+        "conversation cut on the right, span tokens past the cut not trained); drop_turns: "
+        "remove whole earliest turns (an assistant message and the messages after it up to "
+        "the next one; system messages and the first user message kept) until it fits, their "
+        "spans not trained, a row that cannot fit (or without recorded turns) skipped; the "
+        "removal is of token ranges, exact for ChatML-style templates that render each "
+        "message independently; or stop with an error naming it. Counted in metrics.jsonl "
+        "(overlong_rows, overlong_tokens: the rows' tokens skipped, cut or dropped; "
+        "drop_turns also overlong_skipped_rows)",
     )
     sort_window: int = option(256, "rows sorted by length together before batching")
     window_blocks: int = option(4, "shard reader shuffle window, in record batches")

@@ -9,7 +9,11 @@ vllm_engine/student.py, whose weights `after_step` refreshes every `sync_every` 
 steps; with `sampler=hf` Hugging Face `generate` with KV cache), and the teacher server
 scores each sample on the teacher view (teacher_prompt_ids + sample) with its top-k prompt
 logprobs. Otherwise the shard batch is trained as is (the teacher's responses, or
-the dataset's, whichever the shards hold). Either way the result is a `Batch` with the same
+the dataset's, whichever the shards hold). A conversation row with several trained spans
+(train/spans.py) gives the conversation before its first span as its prompt, in both views
+(with data.overlong=drop_turns too: the row's own prompt, which its teacher view is of); its
+later turns are trained from the shards only. A sample is one live row without spans: its
+whole response is trained. Either way the result is a `Batch` with the same
 teacher signal the offline methods use, so the losses are the ones of train/losses.py.
 
 All micro-batches of one optimizer step are sampled from the same weights, so the source
