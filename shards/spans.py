@@ -148,15 +148,31 @@ def _check_batch_spans(row_of_span, span_off, starts, lengths, p, t) -> None:
         )
 
 
+def spans_of(row: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts (S,), lengths (S,)) int64: a row's trained spans in conversation coordinates;
+    one span, the whole response, for a row without `span_starts` (the rows train/ builds
+    from live samples)."""
+    if "span_starts" in row:
+        return torch.as_tensor(row["span_starts"]).long(), torch.as_tensor(
+            row["span_lengths"]
+        ).long()
+    p, t = len(row["prompt_ids"]), len(row["response_ids"])
+    return torch.tensor([p]), torch.tensor([t])
+
+
+def trained_index(row: dict) -> torch.Tensor:
+    """(N,) int64: the conversation coordinate of each trained token, in span order (the
+    order of the row's top-k rows)."""
+    starts, lengths = spans_of(row)
+    # Token j of the flat list sits at j + (start of its span - tokens of earlier spans).
+    offset = starts - (torch.cumsum(lengths, 0) - lengths)
+    return torch.arange(int(lengths.sum())) + torch.repeat_interleave(offset, lengths)
+
+
 def trained_ids(row: dict) -> torch.Tensor:
     """The span tokens (N,) int64 of a row as the reader yields it, in span order."""
     p = len(row["prompt_ids"])
-    resp = row["response_ids"].long()
-    idx = [
-        torch.arange(int(s) - p, int(s) - p + int(n))
-        for s, n in zip(row["span_starts"], row["span_lengths"], strict=True)
-    ]
-    return resp[torch.cat(idx)] if idx else resp[:0]
+    return row["response_ids"].long()[trained_index(row) - p]
 
 
 def trained_mask(row: dict) -> np.ndarray:

@@ -36,7 +36,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.errors import ShardError
 from shards.reader import ShardReader
-from train.spans import conversation_length, drop_turns, trained_index
+from shards.spans import trained_index
+from train.spans import conversation_length, drop_turns
 
 Overlong = Literal["skip", "truncate", "drop_turns", "error"]
 

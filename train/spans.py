@@ -19,27 +19,10 @@ from __future__ import annotations
 
 import torch
 
+from shards.spans import spans_of
+
 # The per-token teacher signal of a row, one entry per span token.
 PER_TOKEN = ("topk_ids", "topk_logprobs", "tail_logprob", "token_logprob")
-
-
-def spans_of(row: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(starts (S,), lengths (S,)) int64: the row's trained spans in conversation
-    coordinates; one span, the whole response, for a row without `span_starts`."""
-    if "span_starts" in row:
-        return row["span_starts"].long(), row["span_lengths"].long()
-    p, t = len(row["prompt_ids"]), len(row["response_ids"])
-    return torch.tensor([p]), torch.tensor([t])
-
-
-def trained_index(row: dict) -> torch.Tensor:
-    """(N,) int64: the conversation coordinate of each trained token, in span order (the
-    order of the row's top-k rows)."""
-    starts, lengths = spans_of(row)
-    n = int(lengths.sum())
-    # Token j of the flat list sits at j + (start of its span - tokens of earlier spans).
-    offset = starts - (torch.cumsum(lengths, 0) - lengths)
-    return torch.arange(n) + torch.repeat_interleave(offset, lengths)
 
 
 def conversation_length(row: dict) -> int:
