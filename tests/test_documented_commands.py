@@ -355,3 +355,13 @@ def test_each_onpolicy_target_is_still_run_by_one_documented_command():
     run = [c for c in COMMANDS if c.check_only_reason() is None and c.where not in REPEATS]
     targets = {m[1] for c in run for part in c.parts() if (m := make_target.match(part))}
     assert {"onpolicy-live", "onpolicy-rounds", "precompute", "train", "eval"} <= targets
+
+
+def test_the_tests_that_check_only_reasons_name_exist():
+    """A command left to another test names it (file::function); a rename must update it."""
+    from tests.doc_commands import CHECK_ONLY
+
+    named = [m for _, reason in CHECK_ONLY for m in re.findall(r"(tests/\w+\.py)::(\w+)", reason)]
+    assert named
+    for file, func in named:
+        assert re.search(rf"^def {func}\(", (ROOT / file).read_text(), re.M), (file, func)
