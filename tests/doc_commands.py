@@ -9,9 +9,10 @@ output); elsewhere a leading `$ ` is dropped. A block that starts with `#!` is a
 continuations; comment lines and trailing `# ...` comments are dropped; `&&` chains stay one
 command (the second part runs only after the first, as the reader would type it).
 
-Each command is RUN unless a rule of CHECK_ONLY matches one of its parts; a new command in the
-docs is therefore run without editing anything here. Check-only commands are checked as far as
-they can be without running them (`check_only_steps`).
+Each command is RUN unless a rule of CHECK_ONLY matches one of its parts, or it runs as an
+earlier command did (test_documented_commands.repeats: the same words once sized for the test);
+a new command in the docs is therefore run without editing anything here. Check-only commands
+are checked as far as they can be without running them (`check_only_steps`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,18 @@ CHECK_ONLY: tuple[tuple[str, str], ...] = (
     (
         r"teacher_url=https?://(?!localhost\b|127\.)",
         "talks to a teacher server on another machine",
+    ),
+    # Run end to end by other tests; one documented command still runs each target here.
+    (
+        CMD + r"make onpolicy-two-stage\b",
+        "tests/test_onpolicy.py::test_two_stage_in_one_command_starts_on_policy_from_skds_weights"
+        " runs tools.onpolicy.live --two-stage end to end; `make onpolicy-live`, run here, starts"
+        " the teacher server as this target does",
+    ),
+    (
+        CMD + r"make onpolicy-rounds\b(?!.*--teacher-shards)",
+        "docs/onpolicy.md's rounds command runs this target here (with --teacher-shards), and"
+        " tests/test_rounds.py::test_two_rounds_killed_and_resumed runs two rounds end to end",
     ),
     (CMD + r"make (setup|test|lint|format)\b", "re-creates .venv or runs the whole suite"),
     (CMD + r"make (models|clean-models)\b|-m tools\.models\b", "converts or deletes SmolLM2"),

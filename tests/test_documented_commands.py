@@ -18,10 +18,12 @@ out/, runs/ and reports/:
 - `make` runs with VENV= the interpreter's venv and its setup stamp and `models` target
   marked done (-o), so it neither re-creates .venv nor converts SmolLM2.
 
-Commands that need a GPU or a cluster, or take more than a minute here (doc_commands.CHECK_ONLY
-lists each with its reason) are checked without running: `bash -n`, `make -n`, the module's
-`--help`, and for precompute its resolved config (`--print-config`). Any other command runs,
-so a new fenced command is picked up without editing this file; one that fails fails its test.
+Commands that need a GPU or a cluster, take more than a minute here, or are run end to end
+by another test (doc_commands.CHECK_ONLY lists each with its reason), and commands that would
+run as an earlier one did (`repeats`), are checked without running: `bash -n`, `make -n`, the
+module's `--help`, and for precompute its resolved config (`--print-config`). Any other
+command runs, so a new fenced command is picked up without editing this file; one that fails
+fails its test.
 """
 
 from __future__ import annotations
@@ -102,6 +104,37 @@ def substitute(text: str, line: int) -> str:
             part = re.sub(pattern, repl.replace("{line}", str(line)), part, flags=re.M)
         parts.append(part)
     return "".join(parts)
+
+
+def run_words(script: str) -> tuple[str, ...]:
+    """What a substituted command runs here: its words less the `VAR=value` ones that only
+    repeat SIZE_ENV (`make onpolicy-live STEPS=2` runs as `make onpolicy-live` does)."""
+    return tuple(
+        w
+        for w in shlex.split(script)
+        if not ((m := re.match(r"^(\w+)=(.*)$", w, re.S)) and SIZE_ENV.get(m[1]) == m[2])
+    )
+
+
+def repeats(cmds) -> dict[str, str]:
+    """file:line of a command to run -> file:line of the earlier run command it repeats word
+    for word once sized (README.md and docs/precompute.md both list `make precompute ...`).
+    Run again in the same workspace it would find its work done (precompute skips committed
+    examples, training resumes at its last step), so it is checked instead."""
+    first: dict[tuple[str, ...], str] = {}
+    out: dict[str, str] = {}
+    for c in cmds:
+        if c.check_only_reason() is not None:
+            continue
+        key = run_words(substitute(c.text, c.line))
+        if key in first:
+            out[c.where] = first[key]
+        else:
+            first[key] = c.where
+    return out
+
+
+REPEATS = repeats(COMMANDS)
 
 
 def _make_wrapper() -> str:
@@ -234,6 +267,8 @@ def check_only_steps(cmd_text: str) -> list[str]:
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[c.where for c in COMMANDS])
 def test_documented_command(cmd, workspace):
     reason = cmd.check_only_reason()
+    if reason is None and cmd.where in REPEATS:
+        reason = f"runs as {REPEATS[cmd.where]} did, earlier in this workspace"
     if reason is not None:
         for step in check_only_steps(cmd.text):
             _ok(_bash(workspace, step, timeout=300), f"{cmd.where} ({reason}), check `{step}`")
@@ -292,3 +327,41 @@ def test_classification_and_substitution():
     setup = block_commands("f.md", 1, "sh", ["KDSHARDS_DEVICE=cpu make setup"])[0]
     assert setup.check_only_reason() is not None
     assert check_only_steps(setup.text)[1] == "KDSHARDS_DEVICE=cpu make -n setup"
+
+
+def test_repeats_are_the_same_words_once_sized():
+    cmds = block_commands(
+        "f.md",
+        1,
+        "sh",
+        [
+            "make onpolicy-live",
+            "make onpolicy-live STEPS=100",  # sized to STEPS=2, as SIZE_ENV gives the first
+            "make onpolicy-live STEPS=100 RUN=runs/other",
+            "make train METHOD=jsd BETA=0.5",
+            "make train METHOD=jsd BETA=0.5 && make eval",
+            "make demo",
+            "make demo",  # check-only already: repeats only name commands that would run
+        ],
+    )
+    assert repeats(cmds) == {"f.md:2": "f.md:1"}
+    assert run_words("STEPS=2 make x EVAL_ARGS='--a b'") == ("make", "x", "EVAL_ARGS=--a b")
+
+
+def test_each_onpolicy_target_is_still_run_by_one_documented_command():
+    """The rules that leave a target to other tests or to an earlier command keep one
+    documented run of each target here, with its Makefile defaults."""
+    make_target = re.compile(r"^(?:\w+=\S*\s+)*make (\S+)")
+    run = [c for c in COMMANDS if c.check_only_reason() is None and c.where not in REPEATS]
+    targets = {m[1] for c in run for part in c.parts() if (m := make_target.match(part))}
+    assert {"onpolicy-live", "onpolicy-rounds", "precompute", "train", "eval"} <= targets
+
+
+def test_the_tests_that_check_only_reasons_name_exist():
+    """A command left to another test names it (file::function); a rename must update it."""
+    from tests.doc_commands import CHECK_ONLY
+
+    named = [m for _, reason in CHECK_ONLY for m in re.findall(r"(tests/\w+\.py)::(\w+)", reason)]
+    assert named
+    for file, func in named:
+        assert re.search(rf"^def {func}\(", (ROOT / file).read_text(), re.M), (file, func)
