@@ -330,21 +330,10 @@ def write_conversation_shards(folder, model_dir, *, examples: int = 24, k: int =
     """Multi-turn ChatML conversations of the tiny tokenizer, every assistant turn a span
     (its tokens after the generation prompt through <|im_end|>), with the tiny model's own
     top-k at the span tokens (teacher forcing over the whole conversation)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
-    from shards.schema import ShardMetadata
     from shards.writer import ShardRow, ShardWriter
+    from tests.train_helpers import tiny_teacher
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    meta = ShardMetadata(
-        k=k,
-        vocab_size=model.config.vocab_size,
-        teacher=str(model_dir),
-        teacher_fingerprint=weights_fingerprint(model_dir),
-        tokenizer_fingerprint=tokenizer_fingerprint(tok),
-    )
+    tok, model, meta = tiny_teacher(model_dir, k)
 
     def encode(text: str) -> list[int]:
         return tok(text, add_special_tokens=False).input_ids

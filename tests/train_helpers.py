@@ -26,10 +26,8 @@ def train_tiny(config: str, out: Path, model, shards, *extra: str) -> list[dict]
     return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
 
 
-def write_teacher_shards(
-    folder: Path, model_dir: Path, *, examples: int = 48, k: int = 16, new_tokens: int = 16
-) -> Path:
-    """Sampled responses of the tiny model to templated questions, with its own top-k."""
+def tiny_teacher(model_dir: Path, k: int):
+    """(tokenizer, float32 model in eval mode, the ShardMetadata of its top-k shards)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -41,6 +39,14 @@ def write_teacher_shards(
         teacher_fingerprint=weights_fingerprint(model_dir),
         tokenizer_fingerprint=tokenizer_fingerprint(tok),
     )
+    return tok, model, meta
+
+
+def write_teacher_shards(
+    folder: Path, model_dir: Path, *, examples: int = 48, k: int = 16, new_tokens: int = 16
+) -> Path:
+    """Sampled responses of the tiny model to templated questions, with its own top-k."""
+    tok, model, meta = tiny_teacher(model_dir, k)
     torch.manual_seed(0)
     with ShardWriter(folder, meta, batch_tokens=256) as writer:
         for i in range(examples):
