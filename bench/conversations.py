@@ -189,7 +189,11 @@ def compare(conv_out: Path, turn_out: Path) -> dict:
         ids_a, ids_b = r["topk_ids"][:n].long(), c["topk_ids"][offset : offset + n].long()
         resp_c = c["response_ids"][int(c["span_starts"][span]) - len(c["prompt_ids"]) :][:n]
         out["same_token"] += int((r["response_ids"][:n] == resp_c).sum())
-        out["top1_equal"] += int((ids_a[:, 0] == ids_b[:, 0]).sum())
+        # Top-k ids are stored as a set, in the file's rank order (shards/codec.py): the
+        # top-1 is the id of the largest logprob, not the first column.
+        top_a = ids_a.gather(1, r["topk_logprobs"][:n].argmax(dim=1, keepdim=True))
+        top_b = ids_b.gather(1, c["topk_logprobs"][offset : offset + n].argmax(dim=1, keepdim=True))
+        out["top1_equal"] += int((top_a == top_b).sum())
         out["topk_set_equal"] += int(
             (ids_a.sort(dim=1).values == ids_b.sort(dim=1).values).all(dim=1).sum()
         )
