@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from datafiles.conversation import encode
+
 Position = Literal["system", "prefix", "suffix"]
 
 
@@ -45,9 +47,6 @@ def teacher_messages(
 
 
 def render(tokenizer, messages: list[dict], kwargs: dict | None = None) -> list[int]:
-    """Chat template to text, then ids without adding special tokens a second time (the
-    template already wrote BOS and the role markers)."""
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, **(kwargs or {})
-    )
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """The prompt's ids: the chat template with the generation prompt, then ids without
+    special tokens added a second time (the template already wrote BOS and role markers)."""
+    return encode(tokenizer, messages, kwargs, generation_prompt=True)
