@@ -49,8 +49,9 @@ from precompute.inputs import (
     rejects_jsonl,
 )
 from precompute.model_limits import ModelLimits, model_context, resolve_limits
-from precompute.views import Views, derive_seed, make_views
+from precompute.views import Views, make_views
 from runtime.progress import progress as progress_bar
+from runtime.seeds import derive_seed
 from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
 from shards.manifest import load_manifest, read_extra
 from shards.schema import ShardMetadata

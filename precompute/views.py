@@ -12,7 +12,6 @@ the prompts are then the tokens before the first span, and `Conversation` holds 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +22,7 @@ from datafiles.reading import BadField
 from datafiles.views import render
 from precompute.config import ViewConfig
 from precompute.inputs import Example
+from runtime.seeds import derive_seed
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,6 @@ class Views:
     teacher_prompt_ids: list[int]  # teacher view: chat-templated question + experience
     thinking: bool | None  # enable_thinking passed to the template, None when not passed
     conversation: Conversation | None = None  # a conversation row's spans (score mode)
-
-
-def derive_seed(seed: int, *key) -> int:
-    """A 31-bit seed from (seed, key...), independent of batching and worker split."""
-    blob = ":".join(map(str, (seed, *key))).encode()
-    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "little") & 0x7FFFFFFF
 
 
 def thinking_for(cfg: ViewConfig, seed: int, index: int) -> bool | None:

@@ -546,3 +546,28 @@ def test_episode_record_round_trips_through_json(gold):
     fields = {k: v for k, v in row.items() if k not in ("steps", "invalid", "mapped")}
     fields["valid_actions"] = [tuple(v) for v in fields["valid_actions"]]
     assert Episode(**fields) == episode
+
+
+def test_chat_policy_seeds_follow_episode_and_step_not_batch():
+    from envs.policy import ChatPolicy, step_of
+    from envs.runner import EpisodeKey
+    from runtime.seeds import derive_seed
+
+    cfg = EnvConfig(game="twc", params={"numLocations": 1}, fold="dev")
+    seen = []
+
+    def complete(ids, seeds):
+        seen.append((ids, seeds))
+        return [f"reply {s}" for s in seeds]
+
+    policy = ChatPolicy(cfg, render=lambda m: [len(m)], complete=complete, seed=7)
+    p0 = [{"role": "system", "content": "s"}, {"role": "user", "content": "o"}]
+    p2 = p0 + [{"role": "assistant", "content": "a"}, {"role": "user", "content": "o"}]
+    k0, k1 = EpisodeKey(3, 0), EpisodeKey(3, 1)
+    assert step_of(p0) == 0 and step_of(p2) == 1
+    both = policy([p0, p2], [k0, k1])
+    alone = policy([p2], [k1])
+    assert both[1] == alone[0]  # the batch around a request does not change its seed
+    want = derive_seed(7, "episode", "twc", "numLocations=1", "dev", 3, 1, 1)
+    assert seen[1] == ([[4]], [want])
+    assert len(set(policy.seeds([p0, p0, p2], [k0, k1, k0]))) == 3

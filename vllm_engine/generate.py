@@ -32,24 +32,28 @@ def generate(
     prompts: list[list[int]],
     max_tokens: int,
     temperature: float,
-    seed: int,
+    seed: int | list[int],
     progress: bool = True,
 ) -> list[tuple[list[int], str]]:
     """[(token_ids, text)] per prompt from a `vllm.LLM` already started; seeded only when
-    sampling (temperature > 0). progress: vLLM's bar (prompts, tokens/s, ETA), as plain lines
-    when the output is a log."""
+    sampling (temperature > 0): one seed for every request, or one per prompt (an episode's
+    step: envs.policy). progress: vLLM's bar (prompts, tokens/s, ETA), as plain lines when the
+    output is a log."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     max_len = int(llm.llm_engine.model_config.max_model_len)
+    seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     params = [
         SamplingParams(
             temperature=temperature,
             # vLLM refuses a request that cannot fit in the context window.
             max_tokens=max(1, min(max_tokens, max_len - len(p))),
-            seed=None if temperature == 0 else seed,
+            seed=None if temperature == 0 else s,
         )
-        for p in prompts
+        for p, s in zip(prompts, seeds, strict=True)
     ]
     outs = llm.generate(
         [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
