@@ -86,12 +86,42 @@ class Episode:
     def name(self) -> str:
         return f"{self.game}[{self.params}] {self.fold} seed {self.seed} sample {self.sample}"
 
+    @property
+    def id(self) -> str:
+        """The row id of the episode in shards and reports: game[params]/fold/seed/sample."""
+        return episode_id(self.game, self.params, self.fold, self.seed, self.sample)
+
+    def record(self) -> dict:
+        """What a shard row's meta["episode"] and a report keep of an episode: identity,
+        outcome, the replies as written and how each was parsed (the observations and the
+        actions are the row's conversation itself)."""
+        out = {
+            k: getattr(self, k)
+            for k in ("game", "params", "fold", "seed", "sample", "score", "success", "done")
+        }
+        out.update(
+            steps=self.steps,
+            invalid=self.invalid,
+            mapped=self.mapped,
+            restarts=self.restarts,
+            replies=list(self.replies),
+            actions=list(self.actions),
+            action_kinds=list(self.action_kinds),
+            rewards=list(self.rewards),
+        )
+        return out
+
     def to_dict(self) -> dict:
         """A JSON-able record (lists, not tuples), with the derived counts."""
         out = asdict(self)
         out["valid_actions"] = [list(v) for v in self.valid_actions]
         out.update(steps=self.steps, invalid=self.invalid, mapped=self.mapped)
         return out
+
+
+def episode_id(game: str, params: str, fold: str, seed: int, sample: int) -> str:
+    """An episode's identity as one string (a shard row id; resume skips the ids it finds)."""
+    return f"{game}[{params}]/{fold}/{seed}/{sample}"
 
 
 @dataclass(frozen=True)

@@ -571,3 +571,34 @@ def test_chat_policy_seeds_follow_episode_and_step_not_batch():
     want = derive_seed(7, "episode", "twc", "numLocations=1", "dev", 3, 1, 1)
     assert seen[1] == ([[4]], [want])
     assert len(set(policy.seeds([p0, p0, p2], [k0, k1, k0]))) == 3
+
+
+def test_episode_id_and_record():
+    from envs.base import Episode
+
+    ep = Episode("twc", "numLocations=1", "dev", 5, 2, task="t", replies=["Take it"])
+    ep.actions.append("take apple")
+    ep.action_kinds.append("mapped")
+    assert ep.id == "twc[numLocations=1]/dev/5/2"
+    rec = ep.record()
+    assert rec["replies"] == ["Take it"] and rec["mapped"] == 1 and rec["steps"] == 1
+    assert "observations" not in rec
+
+
+def test_experience_file_must_come_from_the_train_fold(tmp_path):
+    import json as _json
+
+    from envs.experience import Experience, ExperienceError, load_experience, save_experience
+
+    good = Experience("apple -> fridge", {"builder": "rules", "fold": "train", "seeds": [1, 2]})
+    save_experience(good, tmp_path / "e.json")
+    assert load_experience(tmp_path / "e.json") == good
+    bad = tmp_path / "bad.json"
+    bad.write_text(_json.dumps({"text": "x", "source": {"fold": "test", "seeds": [1]}}))
+    with pytest.raises(ExperienceError, match=r"bad.json: source.fold: 'test'"):
+        load_experience(bad)
+    with pytest.raises(ExperienceError, match="train fold only"):
+        save_experience(Experience("x", {"fold": "dev"}), tmp_path / "d.json")
+    (tmp_path / "n.json").write_text("[1]")
+    with pytest.raises(ExperienceError, match="n.json: text"):
+        load_experience(tmp_path / "n.json")
