@@ -137,6 +137,7 @@ def play(
     on_episode: Callable[[Episode], None] | None = None,
     policy_keys: bool = False,
     log: Callable[[str], None] = _stderr,
+    on_reject: Callable[[Rejected], None] | None = None,
 ) -> PlayResult:
     """Play `keys` (default: the config's seeds x `samples`) with `policy`, batch_size
     episodes at a time. experience goes into the prompts' system message (teacher view).
@@ -144,7 +145,8 @@ def play(
     make_env (default TextWorldEnv) is made for this call and closed at its end.
     policy_keys: call policy(prompts, keys) with each prompt's EpisodeKey (a sampler can
     then seed each episode's requests from its identity and step, so a resumed episode
-    samples the same replies)."""
+    samples the same replies). on_reject gets each rejected episode at once (a caller that
+    commits as it goes records it then)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if pool is not None and pool.config != config:
@@ -153,9 +155,9 @@ def play(
     pool = EnvPool(config, make_env) if own else pool
     try:
         call = policy if policy_keys else (lambda prompts, keys: policy(prompts))
-        return _Runner(config, call, batch_size, experience, pool, on_episode, log).run(
-            keys, samples
-        )
+        runner = _Runner(config, call, batch_size, experience, pool, on_episode, log)
+        runner.on_reject = on_reject
+        return runner.run(keys, samples)
     finally:
         if own:
             pool.close()
@@ -166,6 +168,7 @@ class _Runner:
         self.config, self.policy, self.batch_size = config, policy, batch_size
         self.experience, self.pool = experience, pool
         self.on_episode, self.log = on_episode, log
+        self.on_reject: Callable[[Rejected], None] | None = None
         self.result = PlayResult([], [])
         self.held: list[Environment] = []  # taken from the pool, not yet given back
 
@@ -319,3 +322,5 @@ class _Runner:
         self.result.rejected.append(rejected)
         self.log(rejected.line())
         self._drop(act.env)  # it died (or diverged): the pool makes a fresh one for the next
+        if self.on_reject is not None:
+            self.on_reject(rejected)
