@@ -87,7 +87,7 @@ def parser(config: str = "") -> argparse.ArgumentParser:
     p.add_argument("--student", help="student folder whose tokenizer must match (student=)")
     p.add_argument("--data", help="input file or saved datasets folder (data.path=)")
     p.add_argument("--out", help="shard folder (out=)")
-    p.add_argument("--mode", choices=["generate", "score"], help="(mode=)")
+    p.add_argument("--mode", choices=["generate", "score", "rollout"], help="(mode=)")
     p.add_argument("--backend", choices=["vllm", "hf"], help="(backend=)")
     p.add_argument("--k", type=int, help="top-k logprobs per token (k=)")
     p.add_argument("--n", type=int, help="samples per example, generate mode (sampling.n=)")

@@ -26,6 +26,7 @@ from typing import Literal
 
 import yaml
 
+from envs.config import EnvConfig
 from runtime.typed_config import apply_overrides, build
 from vllm_engine.engine_args import EngineArgsError
 from vllm_engine.engine_args import check_engine_args as vllm_check_engine_args
@@ -140,6 +141,23 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class RolloutConfig:
+    keep: Literal["all", "success"] = _f(
+        "all",
+        "rollout: the episodes committed as rows: all | success (the usual agent-SFT choice); "
+        "the others are listed in the folder's episodes files, not written as rows",
+    )
+    n: int = _f(1, "rollout: episodes per seed (samples 0..n-1, each its own sampling seeds)")
+    batch_size: int = _f(16, "rollout: episodes played at once (one engine call per step)")
+    max_tokens: int = _f(32, "rollout: the length limit of one reply (an action)")
+    experience: str = _f(
+        "",
+        "rollout: experience file (JSON {text, source}, built from the train fold: "
+        "envs.experience) put in the teacher's view; empty: none",
+    )
+
+
+@dataclass(frozen=True)
 class HFConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = _f(
         "float32", "transformers backend: float32 | bfloat16 | float16"
@@ -157,7 +175,10 @@ class PrecomputeConfig:
         "must equal the teacher's (empty: no check; the shards carry the teacher's tokenizer)",
     )
     out: str = _f("out/shards", "shard folder (shared by all workers)")
-    mode: Literal["generate", "score"] = _f("generate", "generate | score")
+    mode: Literal["generate", "score", "rollout"] = _f(
+        "generate",
+        "generate | score | rollout (the teacher plays the `env` episodes: docs/agents.md)",
+    )
     generator_view: Literal["teacher", "student"] = _f(
         "teacher",
         "generate: the view the model generates from: teacher (Q+E) | student (Q, e.g. a "
@@ -208,6 +229,8 @@ class PrecomputeConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     hf: HFConfig = field(default_factory=HFConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     engine: dict = _f(
         {},
         "vllm.LLM engine arguments, checked against vllm.EngineArgs "
@@ -283,9 +306,32 @@ def validate(cfg: PrecomputeConfig) -> PrecomputeConfig:
             raise ConfigError(msg)
     if cfg.mode == "score" and cfg.sampling.n != 1:
         raise ConfigError("score mode scores one given response per example: sampling.n=1")
+    if cfg.mode == "rollout":
+        validate_rollout(cfg)
     if cfg.backend == "vllm":
         check_engine_args(cfg.engine)
     return cfg
+
+
+def validate_rollout(cfg: PrecomputeConfig) -> None:
+    r = cfg.rollout
+    checks = [
+        (r.n >= 1, "rollout.n must be >= 1"),
+        (r.batch_size >= 1, "rollout.batch_size must be >= 1"),
+        (r.max_tokens >= 1, "rollout.max_tokens must be >= 1"),
+        (cfg.sampling.n == 1, "rollout: episodes per seed are rollout.n, not sampling.n"),
+        (
+            cfg.num_workers <= 1 and cfg.worker_index <= 0 and not cfg.ray,
+            "rollout runs as one worker: num_workers=1 (or 0), no worker_index, no ray",
+        ),
+        (
+            cfg.view.thinking != "mixed",
+            "rollout: view.thinking=mixed is not supported (one episode, one template mode)",
+        ),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
 
 
 def load_config(
@@ -322,6 +368,9 @@ def content_dict(cfg: PrecomputeConfig) -> dict:
     d = to_dict(cfg)
     for name in RUN_FIELDS:
         d.pop(name)
+    # The rollout sections say nothing about the other modes' shards: left out, their
+    # folders made before rollouts existed keep resuming (rollout.py records its own).
+    d.pop("env"), d.pop("rollout")
     d["data"].pop("limit")
     if d["data"]["format"] == "auto":
         # What auto finds follows from the data (fingerprinted) and the fields (recorded);

@@ -35,6 +35,7 @@ from precompute.launch import (
     worker_engine,
 )
 from precompute.ray_runner import run_ray
+from precompute.rollout import run_rollout
 from precompute.run import Summary, check_required, run
 
 
@@ -48,6 +49,8 @@ def run_job(cfg: PrecomputeConfig, log=None, on_event=None) -> Summary:
     `on_event(ev)` sees each progress event (tests use it to kill a worker mid-run)."""
     log = log or _stderr
     check_required(cfg)  # before any worker starts
+    if cfg.mode == "rollout":  # one worker, in this process (config.validate_rollout)
+        return run_rollout(replace(cfg, num_workers=1, worker_index=0), log=log)
     if cfg.ray:
         return run_ray(cfg, log, on_event)
     # The CPU default was measured with vLLM's engine; transformers uses every core itself.

@@ -75,10 +75,10 @@ class TokenizerMismatch(ValueError):
 
 def check_required(cfg: PrecomputeConfig) -> None:
     """The settings no default can stand for (the config names no model or data)."""
-    for key, flag, value in (
-        ("teacher", "--teacher DIR", cfg.teacher),
-        ("data.path", "--data FILE", cfg.data.path),
-    ):
+    needed = [("teacher", "--teacher DIR", cfg.teacher)]
+    if cfg.mode != "rollout":  # a rollout's input is its environment (the `env` section)
+        needed.append(("data.path", "--data FILE", cfg.data.path))
+    for key, flag, value in needed:
         if not value:
             raise ConfigError(f"{key} is not set: {flag} or {key}=...")
 
@@ -284,7 +284,7 @@ def generator_prompt(cfg: PrecomputeConfig, views: Views) -> list[int]:
 def row_source(cfg: PrecomputeConfig) -> str:
     if cfg.source != "auto":
         return cfg.source
-    return "teacher" if cfg.mode == "generate" else "dataset"
+    return "teacher" if cfg.mode in ("generate", "rollout") else "dataset"
 
 
 def given_response_ids(cfg: PrecomputeConfig, indices: set[int], vocab_size: int) -> dict:
@@ -384,6 +384,8 @@ def run(
                 "start them all with precompute.jobs.run_job"
             )
         cfg = replace(cfg, num_workers=1, worker_index=0)
+    if cfg.mode == "rollout":  # its input is an environment, not a data file
+        raise ValueError("mode=rollout: run it with precompute.rollout.run_rollout (run_job does)")
     t0 = time.time()
     summary = Summary()
     out = cfg.out  # a folder or an fsspec URL (s3://...): the writer makes it
@@ -391,16 +393,7 @@ def run(
     check_model_folder("teacher", cfg.teacher)
     if cfg.student:
         check_model_folder("student", cfg.student)
-    tokenizer = load_tokenizer(cfg.teacher)
-    tok_fp = check_tokenizers(cfg, tokenizer)
-    vocab_size = model_vocab_size(cfg.teacher)
-    if len(tokenizer) > vocab_size:
-        raise ValueError(
-            f"{cfg.teacher}: tokenizer has {len(tokenizer)} tokens, the model's logits only "
-            f"{vocab_size}"
-        )
-    if cfg.k > vocab_size:
-        raise ConfigError(f"k={cfg.k} is above the teacher's vocabulary size ({vocab_size})")
+    tokenizer, tok_fp, vocab_size = teacher_tokenizer(cfg)
     cfg, limits = with_model_limits(cfg)
     if limits is not None:
         summary.max_tokens = limits.max_tokens
@@ -459,6 +452,22 @@ def run(
     summary.wall_s = time.time() - t0
     log(summary.text())
     return summary
+
+
+def teacher_tokenizer(cfg: PrecomputeConfig):
+    """The teacher's tokenizer, its fingerprint (a named student's checked against it) and
+    the model's logit dimension; refuses a k the vocabulary cannot give."""
+    tokenizer = load_tokenizer(cfg.teacher)
+    tok_fp = check_tokenizers(cfg, tokenizer)
+    vocab_size = model_vocab_size(cfg.teacher)
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"{cfg.teacher}: tokenizer has {len(tokenizer)} tokens, the model's logits only "
+            f"{vocab_size}"
+        )
+    if cfg.k > vocab_size:
+        raise ConfigError(f"k={cfg.k} is above the teacher's vocabulary size ({vocab_size})")
+    return tokenizer, tok_fp, vocab_size
 
 
 def with_model_limits(cfg: PrecomputeConfig) -> tuple[PrecomputeConfig, ModelLimits | None]:
