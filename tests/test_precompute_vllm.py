@@ -185,6 +185,40 @@ def test_conversation_rows_score_in_one_pass(engine, model, tiny, tmp_path):
         check_against_transformers(r, model, K, at)
 
 
+def test_rollout_episodes_play_and_score_with_vllm(engine, model, tiny, tmp_path):
+    """mode=rollout on the module engine: the teacher plays two short episodes of a fake
+    game (tests/test_precompute_rollout.py), each a conversation row whose action spans'
+    top-k agree with transformers' in the teacher view."""
+    from precompute.config import load_config
+    from precompute.rollout import run_rollout
+    from tests.test_precompute_rollout import FakeEnv
+
+    out = tmp_path / "out"
+    c = load_config(
+        None,
+        [
+            "mode=rollout",
+            f"teacher={tiny}",
+            f"out={out}",
+            f"k={K}",
+            "progress=false",
+            f"engine.max_model_len={MAX_LEN}",
+            "env.fold=dev",
+            "env.num_seeds=2",
+            "env.step_limit=2",
+            "rollout.max_tokens=4",
+        ],
+    )
+    s = run_rollout(c, backend=engine, make_env=FakeEnv, log=lambda m: None)
+    assert s.examples == s.kept == 2
+    for r in all_rows(out):
+        p = len(r["prompt_ids"])
+        spans = zip(r["span_starts"].tolist(), r["span_lengths"].tolist(), strict=True)
+        at = np.concatenate([np.arange(a - p, a - p + n) for a, n in spans])
+        assert len(r["span_starts"]) == json.loads(r["meta"])["episode"]["steps"] == 2
+        check_against_transformers(r, model, K, at)
+
+
 def test_backends_agree_to_1e4(engine, hf, tiny):
     """Same model, float32: vLLM's and transformers' raw top-k logprobs agree to 1e-4, for
     scoring and for vLLM's own generated tokens."""
