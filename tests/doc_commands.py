@@ -72,6 +72,12 @@ CHECK_ONLY: tuple[tuple[str, str], ...] = (
         "the conversation layouts' example files: tests/test_precompute_conversations.py runs "
         "both layouts on the tiny model; another vLLM start costs a minute of the suite",
     ),
+    (
+        r"\bmode=rollout\b|agent-rollout\.yaml",
+        "teacher rollouts play a text game with the teacher: "
+        "tests/test_precompute_rollout.py::test_real_textworld_express_twc plays twc end to end "
+        "on the tiny model; another vLLM start costs a minute of the suite",
+    ),
 )
 
 
