@@ -290,3 +290,14 @@ def test_env_config_from_a_file_with_an_env_section(tmp_path):
     config, rest = agent.load_env_config([str(f), "params.numItemsToPutAway=2", "num_seeds=3"])
     assert config.game_params() == "numItemsToPutAway=2,numLocations=1"
     assert config.num_seeds == 3 and config.fold == "test" and rest == {"teacher": "models/t"}
+
+
+def test_standard_rows_are_tools_evals_as_agents(tmp_path):
+    rows = agent.standard_agent_models("models/t", "exp.json", "models/s", str(tmp_path / "none"))
+    assert rows == [
+        agent.AgentSpec("teacher + experience", "models/t", "exp.json"),
+        agent.AgentSpec("teacher", "models/t"),
+        agent.AgentSpec("student before", "models/s"),
+    ]
+    without = agent.standard_agent_models("models/t", None, "models/s", str(tmp_path / "none"))
+    assert [r.name for r in without] == ["teacher", "student before"]

@@ -116,11 +116,15 @@ def play_model(
             log.flush()
             os.fsync(log.fileno())  # on disk before the next episode counts on it
             done[ep.id] = episode_entry(ep)
+            if len(done) % every == 0 or len(done) == len(keys):
+                print(f"[eval agent] {len(done)}/{len(keys)} episodes", file=sys.stderr,
+                      flush=True)  # fmt: skip
 
         env = pool.take()
         keys = default_keys(config, env, job.get("samples", 1))
         pool.give(env)
         resumed = len(done)
+        every = max(1, len(keys) // 10)
         todo = [k for k in keys if _key_id(config, k) not in done]
         if resumed:
             print(f"[eval agent] resuming: {resumed} episodes done, {len(todo)} to play",
