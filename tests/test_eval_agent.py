@@ -158,6 +158,7 @@ class FakeEngine:
 
     def __init__(self):
         self.batches: list[int] = []
+        self.jobs: list[dict] = []
 
     def __call__(self, prompts: list[list[int]], seeds: list[int]) -> list[str]:
         assert len(seeds) == len(prompts) and len(set(seeds)) == len(seeds)
@@ -186,6 +187,7 @@ def make_model(path):
 
 def in_process(engine: FakeEngine):
     def player(spec, job):
+        engine.jobs.append(job)
         return play_model(job, render, engine, make_env=Steps, extra={"engine_start_s": 0.0})
 
     return player
@@ -226,6 +228,8 @@ def test_cli_plays_reports_and_caches(setup):
     assert p["success"]["mcnemar_p"] == pytest.approx(0.25)  # exact: 2 * (1/2)^3
     assert p["score"]["diff"] > 0
     assert max(engine.batches) == 4  # episodes batched
+    assert [j["engine"]["enable_prefix_caching"] for j in engine.jobs] == [True, True]
+    assert engine.jobs[0]["experience"] and engine.jobs[1]["experience"] is None
     # Per model: every episode, re-readable as an Episode.
     per_model = json.loads((out / teacher["file"]).read_text())
     first = entry_episode(per_model["episodes"][0])

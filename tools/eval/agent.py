@@ -179,7 +179,7 @@ def make_job(spec: AgentSpec, env: EnvConfig, args, cache: Path, key: str) -> di
         **engine_options(args),
         "max_model_len": args.max_model_len,
         "seed": args.seed,
-        "enable_prefix_caching": True,
+        "enable_prefix_caching": args.prefix_caching,
         # The engine's metrics (prefix-cache hits) are read at the end.
         "disable_log_stats": False,
     }
@@ -248,6 +248,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--samples", type=int, default=1, help="episodes per seed")
     ap.add_argument("--max-model-len", type=int, default=8192, help="vllm: context window")
     ap.add_argument("--n-boot", type=int, default=N_BOOT, help="bootstrap resamples")
+    ap.add_argument(
+        "--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+        help="vllm: reuse the KV cache of an episode's history (not in the cache key)",
+    )  # fmt: skip
     add_engine_options(ap)
     ap.add_argument("--cache", default="", help="episodes cache (default OUT/episodes)")
     return ap
