@@ -43,8 +43,8 @@ def plot_success(path: Path, models: list[dict], settings: dict) -> None:
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(models)), 4.2))
     x = np.arange(len(models))
     ax.bar(x, rates, color=colors, yerr=[rates - lo, hi - rates], capsize=4)
-    for xi, r in zip(x, rates, strict=True):
-        ax.text(xi, r + 0.01, f"{r:.2f}", ha="center", va="bottom", fontsize=8)
+    for xi, r, top in zip(x, rates, hi, strict=True):  # above the interval, not on it
+        ax.text(xi, top + 0.005, f"{r:.2f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, [m["name"] for m in models], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("success rate (95% Wilson CI)")
     env = settings["env"]
