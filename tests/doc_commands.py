@@ -63,6 +63,12 @@ CHECK_ONLY: tuple[tuple[str, str], ...] = (
         "docs/onpolicy.md's rounds command runs this target here (with --teacher-shards), and"
         " tests/test_rounds.py::test_two_rounds_killed_and_resumed runs two rounds end to end",
     ),
+    (
+        r"-m tools\.eval agent\b",
+        "plays hundreds of episodes with a vLLM engine per model and Java games (minutes); "
+        "tests/test_eval_agent.py::test_cli_plays_reports_and_caches runs the same CLI end to "
+        "end on a pure-Python game and a fake engine",
+    ),
     (CMD + r"make (setup|test|lint|format)\b", "re-creates .venv or runs the whole suite"),
     (CMD + r"make (models|clean-models)\b|-m tools\.models\b", "converts or deletes SmolLM2"),
     (r"\bpip3? install\b|\buv (pip|add)\b", "installs into the environment"),

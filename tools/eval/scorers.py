@@ -149,6 +149,21 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return lo, hi
 
 
+def bootstrap_means(values: Sequence[float], n_boot: int = 2000, seed: int = 0):
+    """The means of `n_boot` resamples (with replacement) of `values`: float64 array
+    [n_boot], deterministic given `seed` (the draws of one rng.integers stream)."""
+    import numpy as np  # the module keeps to the standard library at import time (docstring)
+
+    x = np.asarray(values, dtype=np.float64).ravel()
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    step = max(1, 2**20 // max(x.size, 1))  # resample in chunks: n_boot * n indices at once is big
+    for i in range(0, n_boot, step):
+        rows = min(step, n_boot - i)
+        means[i : i + rows] = x[rng.integers(0, x.size, size=(rows, x.size))].mean(axis=1)
+    return means
+
+
 def bootstrap_interval(
     values: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
@@ -157,21 +172,14 @@ def bootstrap_interval(
     For scores that are not 0/1 (use `wilson_interval` for those). No values give
     (nan, nan): unlike a proportion, the scores have no known range to fall back on.
     """
-    import numpy as np  # the module keeps to the standard library at import time (docstring)
+    import numpy as np
 
-    x = np.asarray(values, dtype=np.float64).ravel()
-    if x.size == 0:
+    if np.asarray(values).size == 0:
         return math.nan, math.nan
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    step = max(1, 2**20 // x.size)  # resample in chunks: n_boot * n indices at once is big
-    for i in range(0, n_boot, step):
-        rows = min(step, n_boot - i)
-        means[i : i + rows] = x[rng.integers(0, x.size, size=(rows, x.size))].mean(axis=1)
     tail = (1 - level) / 2
-    lo, hi = np.quantile(means, [tail, 1 - tail])
+    lo, hi = np.quantile(bootstrap_means(values, n_boot, seed), [tail, 1 - tail])
     return float(lo), float(hi)
 
 
