@@ -63,6 +63,12 @@ CHECK_ONLY: tuple[tuple[str, str], ...] = (
         "docs/onpolicy.md's rounds command runs this target here (with --teacher-shards), and"
         " tests/test_rounds.py::test_two_rounds_killed_and_resumed runs two rounds end to end",
     ),
+    (
+        r"-m tools\.onpolicy\.(rounds|episodes)\b.*--env-config",
+        "episode rounds play TextWorldExpress (Java) with SmolLM2: "
+        "tests/test_onpolicy_env.py::test_an_episode_round_scores_whole_episodes_in_the_teacher_view"
+        " runs a round's stages on the tiny model",
+    ),
     (CMD + r"make (setup|test|lint|format)\b", "re-creates .venv or runs the whole suite"),
     (CMD + r"make (models|clean-models)\b|-m tools\.models\b", "converts or deletes SmolLM2"),
     (r"\bpip3? install\b|\buv (pip|add)\b", "installs into the environment"),
