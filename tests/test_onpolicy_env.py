@@ -209,3 +209,114 @@ def test_episode_rounds_refuse_other_folds_and_mixed_inputs(tmp_path):
     env_yaml.write_text("game: twc\nfold: train\nsteps: 3\n")
     with pytest.raises(SystemExit, match=r"env.yaml: unknown config key\(s\) steps"):
         rounds.main([*base, "--env-config", str(env_yaml)])
+
+
+# ---- live: the batch of an on-policy micro-batch's episodes ----------------------------------
+
+
+class FakeTeacher:
+    """A teacher server's client in this process: the tiny model's top-k on the response
+    tokens given the prompt (teacher forcing), every request recorded."""
+
+    max_model_len = 2048
+
+    def __init__(self, lm):
+        self.lm, self.requests = lm, []
+
+    def submit(self, prompt_ids, response_ids):
+        from concurrent.futures import Future
+
+        from vllm_engine.teacher_client import TeacherScore
+
+        self.requests.append((list(prompt_ids), list(response_ids)))
+        seq = torch.tensor([list(prompt_ids) + list(response_ids)])
+        with torch.no_grad():
+            lp = torch.log_softmax(self.lm(seq).logits[0].float(), -1)
+        at = torch.arange(len(prompt_ids) - 1, seq.shape[1] - 1)  # predicts each response token
+        top = torch.topk(lp[at], K)
+        done = Future()
+        done.set_result(
+            TeacherScore(
+                top.indices.numpy(),
+                top.values.numpy(),
+                lp[at, torch.tensor(response_ids)].numpy(),
+            )
+        )
+        return done
+
+
+def reference_spans(tok, messages):
+    """(start, length) of each assistant turn in the whole rendering, found independently:
+    its start is where the turns before it with the generation prompt end, its length the
+    action's tokens and the end of turn."""
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            start = len(encode(tok, messages[:i], None, True))
+            out.append((start, len(tok(m["content"], add_special_tokens=False)["input_ids"]) + 1))
+    return out
+
+
+def test_live_episodes_train_every_action_span_with_the_teachers_top_k(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train.onpolicy_env import LiveEpisodes, episode_keys
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    lm = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    config = EnvConfig(game="twc", fold="train", seeds=(1, 2, 3, 4), step_limit=3)
+    replies = ("take the key", "open door", "dance a jig")
+
+    def complete(prompts, seeds):  # a scripted student: the reply follows its seed
+        return [replies[s % 3] for s in seeds]
+
+    teacher = FakeTeacher(lm)
+    live = LiveEpisodes(
+        config, tok, complete, teacher, experience=EXPERIENCE, per_batch=3, grad_accum=2,
+        max_length=4096, pool=EnvPool(config, DoorGame), log=lambda line: None,
+    )  # fmt: skip
+    # Micro-batch 3 (step 1, index 1): positions 9..11 of the seeds repeated: pass 2.
+    keys = episode_keys([1, 2, 3, 4], 3, 3)
+    assert [(k.seed, k.sample) for k in keys] == [(2, 2), (3, 2), (4, 2)]
+    keys = {k for b in range(8) for k in episode_keys([1, 2, 3, 4], b, 3)}
+    assert len(keys) == 24  # no (seed, sample) twice
+    episodes = live.play(1, 1)
+    assert [(e.seed, e.sample) for e in episodes] == [(2, 2), (3, 2), (4, 2)]
+    batch = live.batch(1, 1)  # the same episodes again (seeded by identity and step)
+    assert batch.ids == [e.id for e in episodes] and len(teacher.requests) == 3
+    m = live.pop_metrics()
+    assert m["env_episodes"] == 6 and m["env_s"] > 0 and m["teacher_wait_s"] >= 0
+
+    # The reference: each episode's two views rendered here, spans found by prefix renderings.
+    width = batch.input_ids.shape[1]
+    want_pos, want_tgt, want_ids, want_lps = [], [], [], []
+    for b, (ep, (prompt, response)) in enumerate(zip(episodes, teacher.requests, strict=True)):
+        student = episode_messages(ep)
+        teacher_msgs = episode_messages(ep, EXPERIENCE)
+        s_ids, t_ids = encode(tok, student, None, False), encode(tok, teacher_msgs, None, False)
+        s_spans, t_spans = reference_spans(tok, student), reference_spans(tok, teacher_msgs)
+        assert len(s_spans) == ep.steps
+        # One request: the teacher view up to its first action, then through the last one.
+        t_end = sum(t_spans[-1])
+        assert prompt == t_ids[: t_spans[0][0]] and response == t_ids[t_spans[0][0] : t_end]
+        assert EXPERIENCE in tok.decode(prompt) and EXPERIENCE not in tok.decode(s_ids)
+        # The trained row: the student view, every action span.
+        assert batch.input_ids[b, : sum(s_spans[-1])].tolist() == s_ids[: sum(s_spans[-1])]
+        with torch.no_grad():
+            ref = torch.log_softmax(lm(torch.tensor([t_ids])).logits[0].double(), -1)
+        for (s, n), (t, n_t) in zip(s_spans, t_spans, strict=True):
+            assert n == n_t and s_ids[s : s + n] == t_ids[t : t + n]
+            assert tok.decode(s_ids[s : s + n - 1]) in ep.actions
+            for j in range(n):
+                want_pos.append(b * width + s + j - 1)
+                want_tgt.append(s_ids[s + j])
+                top = torch.topk(ref[t + j - 1], K)
+                want_ids.append(top.indices.tolist())
+                want_lps.append(top.values.tolist())
+    assert batch.positions.tolist() == want_pos and batch.targets.tolist() == want_tgt
+    for got_ids, got_lps, ids, lps in zip(
+        batch.topk_ids.tolist(), batch.topk_logprobs.tolist(), want_ids, want_lps, strict=True
+    ):
+        assert got_ids == ids  # the client's order (rank order), kept
+        np.testing.assert_allclose(got_lps, lps, atol=1e-5)
+    assert any(a == "open door" for e in episodes for a in e.actions)  # mapped and won
