@@ -82,14 +82,14 @@ def tiny():
 
 def test_an_episode_round_scores_whole_episodes_in_the_teacher_view(tiny, tmp_path):
     env_yaml = tmp_path / "env.yaml"
-    env_yaml.write_text("game: twc\nfold: train\nseeds: [1, 2]\nstep_limit: 3\n")
+    env_yaml.write_text("game: twc\nfold: train\nseeds: [1, 2]\nstep_limit: 2\n")
     exp = tmp_path / "exp.json"
     save_experience(Experience(EXPERIENCE, {"builder": "test", "fold": "train"}), exp)
     work = tmp_path / "work"
     args = rounds.parser().parse_args(
         ["--rounds", "1", "--teacher", str(tiny), "--student", str(tiny),
          "--env-config", str(env_yaml), "--experience", str(exp), "--work", str(work),
-         "--backend", "hf", "--n", "2", "--max-tokens", "5", "--k", str(K), "--steps", "2",
+         "--backend", "hf", "--n", "2", "--max-tokens", "4", "--k", str(K), "--steps", "2",
          "--train-args", " ".join(TINY_RUN)]
     )  # fmt: skip
     stages = rounds.round_stages(args, work, 1)
@@ -107,7 +107,7 @@ def test_an_episode_round_scores_whole_episodes_in_the_teacher_view(tiny, tmp_pa
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny)
-    complete = hf_sampler(str(tiny), max_tokens=5, temperature=1.0)
+    complete = hf_sampler(str(tiny), max_tokens=4, temperature=1.0)
 
     def play_once():
         return play_to_file(
@@ -139,7 +139,7 @@ def test_an_episode_round_scores_whole_episodes_in_the_teacher_view(tiny, tmp_pa
     rows = {r["id"]: r for r in read_rows(work / "round-001" / "shards")}
     assert sorted(rows) == sorted(usable)
     meta = ShardFolder(work / "round-001" / "shards").metadata.extra["tags"]
-    assert meta["env"] == {"game": "twc", "params": "", "fold": "train", "step_limit": 3}
+    assert meta["env"] == {"game": "twc", "params": "", "fold": "train", "step_limit": 2}
     assert meta["experience"] == {"builder": "test", "fold": "train"} and meta["round"] == 1
 
     from transformers import AutoModelForCausalLM
@@ -219,6 +219,7 @@ class FakeTeacher:
     tokens given the prompt (teacher forcing), every request recorded."""
 
     max_model_len = 2048
+    num_retries = 0
 
     def __init__(self, lm):
         self.lm, self.requests = lm, []
@@ -320,3 +321,66 @@ def test_live_episodes_train_every_action_span_with_the_teachers_top_k(tiny):
         assert got_ids == ids  # the client's order (rank order), kept
         np.testing.assert_allclose(got_lps, lps, atol=1e-5)
     assert any(a == "open door" for e in episodes for a in e.actions)  # mapped and won
+
+
+class ShardStub:
+    """The shard source's part OnPolicyBatches uses: batches with a cursor, metrics."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def pop_metrics(self):
+        return {}
+
+
+def test_lmbda_mixes_live_episodes_with_shard_batches(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train.batches import collate
+    from train.config import OnPolicyConfig
+    from train.onpolicy import OnPolicyBatches, is_onpolicy
+    from train.onpolicy_env import LiveEpisodes
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    lm = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    shard = []
+    for i in range(6):
+        row = {
+            "id": f"shard{i}",
+            "prompt_ids": torch.tensor([5, 6, 7]),
+            "response_ids": torch.tensor([8, 9]),
+            "topk_ids": torch.zeros(2, K, dtype=torch.long),
+            "topk_logprobs": torch.full((2, K), -3.0),
+            "tail_logprob": torch.full((2,), -0.5),
+            "token_logprob": torch.full((2,), -1.0),
+        }
+        batch = collate([row], 64, 0)
+        batch.cursor = i
+        shard.append(batch)
+    cfg = OnPolicyConfig(teacher_url="http://fake", lmbda=0.5, max_new_tokens=4, episodes=2)
+    teacher = FakeTeacher(lm)
+    source = OnPolicyBatches(
+        ShardStub(shard), teacher, cfg, student=lambda: lm, tokenizer=tok, seed=3,
+        grad_accum=2, max_length=4096,
+    )  # fmt: skip
+    config = EnvConfig(game="twc", fold="train", seeds=(1, 2, 3), step_limit=1)
+    source.episodes = LiveEpisodes(
+        config, tok, source.complete, teacher, experience=EXPERIENCE, per_batch=2,
+        grad_accum=2, max_length=4096, pool=EnvPool(config, DoorGame), log=lambda line: None,
+    )  # fmt: skip
+    got = [batch for _, batch in zip(range(6), source, strict=False)]
+    live = [is_onpolicy(3, b // 2, b % 2, 0.5) for b in range(6)]
+    assert 0 < sum(live) < 6  # both kinds in these six draws
+    for b, (batch, on) in enumerate(zip(got, live, strict=True)):
+        assert batch.cursor == b  # the shard position advances either way (resume)
+        if on:  # the student's episodes (the tiny model's own replies), one row each
+            assert [i.split("/")[:2] for i in batch.ids] == [["twc[]", "train"]] * 2
+        else:
+            assert batch.ids == [f"shard{b}"]
+    assert len(teacher.requests) == 2 * sum(live)  # one request per episode
+    m = source.pop_metrics()
+    assert m["onpolicy"] == sum(live) and m["env_episodes"] == 2 * sum(live)
+    assert m["env_s"] > 0 and m["env_play_s"] > 0 and "teacher_wait_s" in m

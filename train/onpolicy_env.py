@@ -247,3 +247,38 @@ class LiveEpisodes:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def live_episodes(cfg, tokenizer, complete: Complete, client, accelerator) -> LiveEpisodes:
+    """The LiveEpisodes of a run (onpolicy.env_config, onpolicy.experience). Every rank plays
+    the same episode keys, each with its own sampling seed (seed + rank)."""
+    from envs.config import load_env_config
+    from envs.experience import load_experience
+
+    op = cfg.onpolicy
+    config = load_env_config(op.env_config)
+    if config.fold != "train":
+        raise ValueError(
+            f"onpolicy.env_config={op.env_config}: fold {config.fold}: the student trains on "
+            "these episodes, so they are train-fold seeds (dev and test are for measuring)"
+        )
+    experience = load_experience(op.experience).text if op.experience else None
+    live = LiveEpisodes(
+        config,
+        tokenizer,
+        complete,
+        client,
+        experience=experience,
+        per_batch=op.episodes,
+        grad_accum=cfg.grad_accum,
+        max_length=cfg.data.max_length,
+        seed=cfg.seed + accelerator.process_index,
+    )
+    if accelerator.is_main_process:
+        print(
+            f"[train] live episodes: {config.game}[{config.game_params()}] {config.fold}, "
+            f"{len(live.seeds)} seeds, {op.episodes} episodes per on-policy micro-batch, "
+            f"experience {'from ' + op.experience if experience else 'none'}",
+            flush=True,
+        )
+    return live

@@ -39,26 +39,20 @@ import yaml
 
 from envs.base import Episode, episode_id
 from envs.config import EnvConfig
+from envs.config import load_env_config as env_config_of
 from envs.experience import Experience
 from envs.policy import ChatPolicy, Complete
 from envs.prompt import episode_messages
 from envs.runner import EnvPool, EpisodeKey, PlayResult, default_keys, play
-from runtime.typed_config import build
 from tools.stages import write_durably
 
 
 def load_env_config(path: str | Path) -> EnvConfig:
-    """The EnvConfig of a YAML file; one line naming the file for anything wrong."""
+    """envs.config.load_env_config, its one line as a command's exit."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise SystemExit(f"{path}: {' '.join(str(e).split())}") from None
-    if not isinstance(data, dict):
-        raise SystemExit(f"{path}: expected a mapping of EnvConfig fields (game, params, ...)")
-    try:
-        return build(EnvConfig, data)
+        return env_config_of(path)
     except ValueError as e:
-        raise SystemExit(f"{path}: {e}") from None
+        raise SystemExit(str(e)) from None
 
 
 def episode_from_dict(d: dict) -> Episode:
