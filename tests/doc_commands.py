@@ -64,8 +64,8 @@ CHECK_ONLY: tuple[tuple[str, str], ...] = (
         " tests/test_rounds.py::test_two_rounds_killed_and_resumed runs two rounds end to end",
     ),
     (
-        r"-m tools\.onpolicy\.(rounds|episodes)\b.*--env-config",
-        "episode rounds play TextWorldExpress (Java) with SmolLM2: "
+        r"-m tools\.onpolicy\.(rounds|episodes)\b.*--env-config|\bonpolicy\.env_config=",
+        "episodes (rounds, live) play TextWorldExpress (Java) with SmolLM2: "
         "tests/test_onpolicy_env.py::test_an_episode_round_scores_whole_episodes_in_the_teacher_view"
         " runs a round's stages on the tiny model",
     ),
