@@ -384,3 +384,27 @@ def test_lmbda_mixes_live_episodes_with_shard_batches(tiny, tmp_path):
     m = source.pop_metrics()
     assert m["onpolicy"] == sum(live) and m["env_episodes"] == 2 * sum(live)
     assert m["env_s"] > 0 and m["env_play_s"] > 0 and "teacher_wait_s" in m
+
+
+def test_row_meta_and_sample_fields_are_checked_per_row(tmp_path):
+    from datafiles.formats import Fields, read_examples
+
+    chat = [{"role": "user", "content": "go"}, {"role": "assistant", "content": "look"}]
+    rows = [
+        {"id": "a", "messages": chat, "meta": {"episode": {"seed": 1}}, "sample": 2},
+        {"id": "b", "messages": chat, "meta": "not an object"},
+        {"id": "c", "messages": chat, "meta": {"index": 3}},
+        {"id": "d", "messages": chat, "sample": -1},
+    ]
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fields = Fields(meta="meta", sample_index="sample")
+    examples, rejects, total = read_examples(path, "train", fields, "score")
+    assert total == 4 and [(e.id, e.meta, e.sample_index) for e in examples] == [
+        ("a", {"episode": {"seed": 1}}, 2)
+    ]
+    assert [r.message().removeprefix(f"{tmp_path}/") for r in rejects] == [
+        "s.jsonl:2: meta: expected a JSON object, got str",
+        "s.jsonl:3: meta: key(s) index are precompute's own row meta",
+        "s.jsonl:4: sample: expected an integer >= 0, got -1",
+    ]
