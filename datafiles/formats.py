@@ -59,6 +59,8 @@ class Fields:
         "all"  # datafiles.messages.TRAIN_TURNS: the assistant turns score mode trains
     )
     id_required: bool = False  # two files (datafiles/pairs.py) are joined by id
+    meta: str = ""  # a JSON object kept in the row's meta ("": none)
+    sample_index: str = ""  # the row's sample_index ("": 0)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,37 @@ class Example:
     # (its prompt) and `conversation`; None: the teacher view adds `experience` instead.
     teacher_messages: tuple[dict, ...] | None = None
     teacher_conversation: tuple[dict, ...] | None = None
+    # Fields.meta / Fields.sample_index: kept in the shard row as given (e.g. an episode's
+    # record and sample, tools/onpolicy/episodes.py).
+    meta: dict | None = None
+    sample_index: int = 0
+
+
+# Keys precompute writes into a row's meta itself: a row's own meta may not use them.
+RESERVED_META = (
+    "index",
+    "answer",
+    "finish_reason",
+    "retokenize_mismatch",
+    "turns",
+    "trained_turns",
+)
+
+
+def _row_meta(row: dict, f: Fields) -> tuple[dict | None, int]:
+    meta = None
+    if f.meta and row.get(f.meta) is not None:
+        meta = row[f.meta]
+        if not isinstance(meta, dict):
+            raise BadField(f.meta, f"expected a JSON object, got {type(meta).__name__}")
+        if clash := sorted(set(meta) & set(RESERVED_META)):
+            raise BadField(f.meta, f"key(s) {', '.join(clash)} are precompute's own row meta")
+    sample = 0
+    if f.sample_index and row.get(f.sample_index) is not None:
+        sample = row[f.sample_index]
+        if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
+            raise BadField(f.sample_index, f"expected an integer >= 0, got {sample!r}")
+    return meta, sample
 
 
 @dataclass(frozen=True)
@@ -348,6 +381,7 @@ def parse_row(index: int, where: Where, row, fields: Fields, mode: str, fmt: str
             content["f"] = m.flags  # rows that differ only in their marks are two examples
         blob = json.dumps(content, sort_keys=True, ensure_ascii=False)
         ex_id = "h" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+    meta, sample_index = _row_meta(row, fields)
     return Example(
         index,
         ex_id,
@@ -359,6 +393,8 @@ def parse_row(index: int, where: Where, row, fields: Fields, mode: str, fmt: str
         m.prompt_field,
         conversation=whole,
         trained=trained,
+        meta=meta,
+        sample_index=sample_index,
     )
 
 

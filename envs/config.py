@@ -9,9 +9,12 @@ textworld.py turns its complaint into one line too.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-from runtime.typed_config import option
+import yaml
+
+from runtime.typed_config import build, option
 
 # game -> its parameter names (TextWorldExpress 1.1.0). arithmetic and sorting take none.
 GAMES: dict[str, tuple[str, ...]] = {
@@ -99,3 +102,18 @@ class EnvConfig:
                 f"the {len(fold_seeds)} seeds of the {self.fold} fold"
             )
         return list(fold_seeds[self.seed_offset : stop])
+
+
+def load_env_config(path: str | Path) -> EnvConfig:
+    """The EnvConfig of a YAML file of its fields; ValueError naming the file for anything
+    wrong (unreadable, not a mapping, an unknown key, a bad value)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of EnvConfig fields (game, params, ...)")
+    try:
+        return build(EnvConfig, data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None

@@ -76,6 +76,16 @@ class DataConfig:
         "without experience, this one with it anywhere in its system/user turns; the "
         "assistant turns must be equal); empty: one file, the teacher view adds `experience`",
     )
+    meta_field: str = _f(
+        "",
+        "field with a JSON object kept in each row's meta (e.g. an episode's record: "
+        "tools/onpolicy/episodes.py); empty: none",
+    )
+    sample_index_field: str = _f(
+        "",
+        "score mode: field with the row's sample_index (an integer >= 0, e.g. an episode's "
+        "sample); empty: 0",
+    )
     train_turns: Literal["all", "last", "marked"] = _f(
         "all",
         "score mode, `messages` rows: the assistant turns trained (each a span of the row, "
@@ -372,6 +382,9 @@ def content_dict(cfg: PrecomputeConfig) -> dict:
     # folders made before rollouts existed keep resuming (rollout.py records its own).
     d.pop("env"), d.pop("rollout")
     d["data"].pop("limit")
+    for name in ("meta_field", "sample_index_field"):
+        if not d["data"][name]:
+            d["data"].pop(name)  # left out when unused: older folders keep resuming
     if d["data"]["format"] == "auto":
         # What auto finds follows from the data (fingerprinted) and the fields (recorded);
         # left out, folders made before data.format existed keep resuming.

@@ -47,6 +47,8 @@ def fields_of(cfg: DataConfig) -> Fields:
         id=cfg.id_field,
         response=cfg.response_field,
         train_turns=cfg.train_turns,
+        meta=cfg.meta_field,
+        sample_index=cfg.sample_index_field,
     )
 
 

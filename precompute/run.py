@@ -327,6 +327,7 @@ def _conversation_row(cfg: PrecomputeConfig, ex: Example, views: Views, s, meta)
         source=row_source(cfg),
         thinking=views.thinking,
         meta=meta,
+        sample_index=ex.sample_index,
         spans=conv.spans,
         turns=conv.turns,
     )
@@ -337,7 +338,7 @@ def _rows_for(
 ) -> list[ShardRow]:
     rows = []
     for j, s in enumerate(samples):
-        meta = {"index": ex.index}
+        meta = {"index": ex.index, **(ex.meta or {})}
         if ex.answer is not None:
             meta["answer"] = ex.answer
         if views.conversation is not None:
@@ -358,7 +359,7 @@ def _rows_for(
                 topk_ids=s.topk_ids,
                 topk_logprobs=s.topk_logprobs,
                 token_logprobs=s.token_logprobs,
-                sample_index=j,
+                sample_index=ex.sample_index + j,  # a given sample_index: score mode, j = 0
                 source=row_source(cfg),
                 thinking=views.thinking,
                 meta=meta,

@@ -69,6 +69,12 @@ CHECK_ONLY: tuple[tuple[str, str], ...] = (
         "tests/test_eval_agent.py::test_cli_plays_reports_and_caches runs the same CLI end to "
         "end on a pure-Python game and a fake engine",
     ),
+    (
+        r"-m tools\.onpolicy\.(rounds|episodes)\b.*--env-config|\bonpolicy\.env_config=",
+        "episodes (rounds, live) play TextWorldExpress (Java) with SmolLM2: "
+        "tests/test_onpolicy_env.py::test_an_episode_round_scores_whole_episodes_in_the_teacher_view"
+        " runs a round's stages on the tiny model",
+    ),
     (CMD + r"make (setup|test|lint|format)\b", "re-creates .venv or runs the whole suite"),
     (CMD + r"make (models|clean-models)\b|-m tools\.models\b", "converts or deletes SmolLM2"),
     (r"\bpip3? install\b|\buv (pip|add)\b", "installs into the environment"),

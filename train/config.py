@@ -208,6 +208,13 @@ class OnPolicyConfig:
     teacher_model: str = option(
         "", "model name a remote teacher must report; empty: the shards' teacher"
     )
+    # Live episodes (train/onpolicy_env.py): an on-policy micro-batch is the student's
+    # episodes in a text game, each scored whole by the teacher in its view.
+    env_config: str = option(
+        "", "live episodes: YAML of envs.config.EnvConfig fields (train fold); empty: prompts"
+    )
+    experience: str = option("", "live episodes: the teacher's experience file; empty: none")
+    episodes: int = option(4, "live episodes: episodes played per on-policy micro-batch")
 
     def __post_init__(self) -> None:
         checks = [
@@ -220,6 +227,15 @@ class OnPolicyConfig:
             (self.max_new_tokens > 0, "max_new_tokens must be > 0"),
             (self.n_samples > 0 and self.max_prompts > 0, "n_samples, max_prompts must be > 0"),
             (self.k >= 0 and self.concurrency > 0, "k must be >= 0 and concurrency > 0"),
+            (self.episodes >= 1, "episodes must be >= 1"),
+            (
+                self.env_config or not self.experience,
+                "experience goes with env_config (live episodes)",
+            ),
+            (
+                not (self.env_config and (self.prompts or self.write_shards)),
+                "env_config (live episodes) does not go with prompts or write_shards",
+            ),
         ]
         for ok, msg in checks:
             if not ok:

@@ -96,8 +96,11 @@ class OnPolicyBatches(BatchSource):
         device: torch.device | str = "cpu",
         writer=None,
         engine=None,
+        episodes=None,
     ):
         self.shards, self.client, self.cfg = shards, client, cfg
+        # Live episodes (train/onpolicy_env.py LiveEpisodes), played with self.complete.
+        self.episodes, self.tokenizer = episodes, tokenizer
         self.engine = engine  # a VLLMStudent (sampler=vllm), else None: HF generate
         self.student, self.seed, self.grad_accum = student, seed, grad_accum
         self.max_length, self.device, self.writer = max_length, torch.device(device), writer
@@ -133,6 +136,9 @@ class OnPolicyBatches(BatchSource):
     # ---- the batches -----------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.episodes is not None:
+            yield from self._iter_episodes()
+            return
         shard_batches = iter(self._loader if self._loader is not None else self.shards)
         b = self.consumed
         while True:
@@ -164,6 +170,49 @@ class OnPolicyBatches(BatchSource):
                     batch = out
                 yield batch
                 b += 1
+
+    def _iter_episodes(self) -> Iterator[Batch]:
+        """Live episodes: an on-policy micro-batch (the same lmbda draw) is the student's
+        episodes, played, scored and collated by LiveEpisodes; the others are shard batches
+        (the teacher's rollouts, or any shards). Not pipelined: the step waits for the game
+        and the teacher in turn (both logged)."""
+        shard_batches = iter(self._loader if self._loader is not None else self.shards)
+        b = self.consumed
+        while True:
+            step, index = divmod(b, self.grad_accum)
+            batch = next(shard_batches)
+            if self.client is not None and is_onpolicy(self.seed, step, index, self.cfg.lmbda):
+                live = self.episodes.batch(step, index)
+                if live is not None:  # else every episode was left out: the shard batch
+                    self._since["onpolicy"] += 1
+                    live.cursor, live.overlong = batch.cursor, batch.overlong
+                    batch = live
+            yield batch
+            b += 1
+
+    def complete(self, prompts: list[list[int]], seeds: list[int]) -> list[str]:
+        """envs.policy's complete(): one reply text per prompt, each sampled with its seed
+        (vLLM: per request; HF: one generate call per prompt), cut after the first EOS."""
+        if self.engine is not None:
+            if self._stale:
+                self.sync()
+            out = self.engine.generate(
+                prompts,
+                seeds,
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                max_new_tokens=[
+                    max(1, min(self.cfg.max_new_tokens, self.max_length - len(p))) for p in prompts
+                ],
+                stop_ids=sorted(self.eos_ids),
+            )
+            tokens = [cut_at_eos(torch.tensor(t, dtype=torch.long), self.eos_ids) for t in out]
+        else:
+            tokens = [
+                self._generate_hf([torch.tensor(p, dtype=torch.long)], s, n=1)[0]
+                for p, s in zip(prompts, seeds, strict=True)
+            ]
+        return [self.tokenizer.decode(t.tolist(), skip_special_tokens=True) for t in tokens]
 
     # ---- the student engine's weights ------------------------------------------------------
 
@@ -216,7 +265,9 @@ class OnPolicyBatches(BatchSource):
         return [cut_at_eos(torch.tensor(t, dtype=torch.long), self.eos_ids) for t in out]
 
     @torch.no_grad()
-    def _generate_hf(self, prompts: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    def _generate_hf(
+        self, prompts: list[torch.Tensor], seed: int, n: int | None = None
+    ) -> list[torch.Tensor]:
         lm = self.student()
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -238,7 +289,7 @@ class OnPolicyBatches(BatchSource):
                     top_p=self.cfg.top_p,
                     top_k=0,
                     max_new_tokens=new_tokens,
-                    num_return_sequences=self.cfg.n_samples,
+                    num_return_sequences=self.cfg.n_samples if n is None else n,
                     pad_token_id=self.pad_id,
                     eos_token_id=sorted(self.eos_ids),
                     use_cache=True,
@@ -333,6 +384,8 @@ class OnPolicyBatches(BatchSource):
         self._stale = self.engine is not None
 
     def close(self) -> None:
+        if self.episodes is not None:
+            self.episodes.close()
         if self.client is not None:
             self.client.close()
         if self.engine is not None:
@@ -342,6 +395,9 @@ class OnPolicyBatches(BatchSource):
         """Since the last call: on-policy batches, generation, teacher-wait and weight-sync
         seconds, and the share of wall time spent waiting for the teacher."""
         s, self._since = self._since, self._blank()
+        if self.episodes is not None:  # env_* counts and times; its teacher wait adds up
+            for key, value in self.episodes.pop_metrics().items():
+                s[key] = s.get(key, 0) + value
         wall = max(time.monotonic() - s.pop("t0"), 1e-9)
         s["teacher_share"] = s["teacher_wait_s"] / wall
         s["teacher_retries"] = self.client.num_retries if self.client else 0
@@ -442,6 +498,8 @@ def build_onpolicy(
             ),
             writer_id=f"r{accelerator.process_index}",
         )
+    if op.env_config and from_file:
+        raise ValueError("onpolicy.env_config: live episodes mix with shards, not prompts")
     engine = None
     if op.sampler == "vllm":
         lm = accelerator.unwrap_model(module).lm
@@ -462,7 +520,7 @@ def build_onpolicy(
                 f"{op.sync_every} step(s){' (LoRA merged)' if hasattr(lm, 'peft_config') else ''}",
                 flush=True,
             )
-    return OnPolicyBatches(
+    source = OnPolicyBatches(
         shards,
         client,
         op,
@@ -475,3 +533,8 @@ def build_onpolicy(
         writer=writer,
         engine=engine,
     )
+    if op.env_config:
+        from train.onpolicy_env import live_episodes  # the game engine only when asked
+
+        source.episodes = live_episodes(cfg, tokenizer, source.complete, client, accelerator)
+    return source

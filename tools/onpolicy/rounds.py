@@ -21,6 +21,14 @@ Round r (1-based) runs four stages (tools/stages.py), each printed before it run
    of on-policy's lmbda. Each round is a fresh run of `--steps` steps in its own folder,
    starting from the previous round's weights (a fresh optimizer state per round).
 
+Episodes (`--env-config ENV.yaml [--experience EXP.json]` instead of --data; the fold must
+be train): round r's steps are episodes (the student plays the game's seeds, `--n` episodes
+each: tools/onpolicy/episodes.py), views (the episodes as precompute's two files, the student
+view and the teacher's with the experience, joined by Episode.id), shards (the teacher
+scores each whole episode in one pass, every action a trained span; rows carry the episode's
+id, sample and record, metadata extra.tags its env and experience source) and train, as
+above. docs/onpolicy.md, "Episodes in an environment".
+
 Resume: `DIR/rounds.json` (the stage runner's state, written atomically and durably) lists
 the finished stages, round-RRR/<step>; a re-run skips them, so a finished round is never
 redone, and continues the interrupted step with the step's own resume: precompute skips the
@@ -41,15 +49,21 @@ import time
 from functools import partial
 from pathlib import Path
 
+from envs.experience import load_experience
 from precompute.config import load_config
 from precompute.inputs import read_examples
 from shards.fingerprint import weights_fingerprint
 from shards.reader import read_rows
+from tools.onpolicy.episodes import load_env_config, write_views
 from tools.stages import Runner, Stage, later, write_durably
 from train.checkpoint import latest_model_dir
 
 PY = sys.executable
 STATE = "rounds.json"
+DEMO_PRECOMPUTE = "configs/demo/precompute.yaml"
+# Episode rounds' own settings: in the state file only when given, so that the state files
+# of prompt rounds made before them still match.
+ENV_IDENTITY = ("env_config", "experience", "episodes_args")
 # Settings that decide what the rounds produce: a re-run must use the same ones.
 IDENTITY = (
     "teacher",
@@ -79,13 +93,31 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--rounds", type=int, required=True, help="rounds to have finished")
     ap.add_argument("--teacher", required=True, help="teacher model folder (scores on Q+E)")
     ap.add_argument("--student", required=True, help="initial student model folder (not LoRA)")
-    ap.add_argument("--data", required=True, help="prompts: a precompute input (question, ...)")
+    ap.add_argument(
+        "--data", default="", help="prompts: a precompute input (question, ...); or --env-config"
+    )
     ap.add_argument("--work", required=True, help="folder of the rounds' shards, runs, state")
     ap.add_argument("--train-config", default="configs/train/jsd.yaml", help="KD method YAML")
     ap.add_argument(
+        "--env-config",
+        default="",
+        help="episodes instead of prompts: YAML of envs.config.EnvConfig fields (train fold)",
+    )
+    ap.add_argument(
+        "--experience",
+        default="",
+        help="with --env-config: the teacher's experience file (envs.experience); '': none",
+    )
+    ap.add_argument(
+        "--episodes-args",
+        default="",
+        help="with --env-config: more tools.onpolicy.episodes options, e.g. '--engine "
+        "max_model_len=4096 --batch-size 8'",
+    )
+    ap.add_argument(
         "--precompute-config",
-        default="configs/demo/precompute.yaml",
-        help="precompute YAML ('': none)",
+        default=None,
+        help=f"precompute YAML ('': none; default {DEMO_PRECOMPUTE}, with --env-config none)",
     )
     ap.add_argument("--steps", type=int, default=20, help="training steps per round")
     ap.add_argument("--n", type=int, default=1, help="student samples per prompt")
@@ -139,7 +171,7 @@ def write_responses(args, samples: Path, out: Path) -> int:
     from transformers import AutoTokenizer
 
     data_args, _ = split_args(args.precompute_args)
-    cfg = load_config(args.precompute_config or None, [f"data.path={args.data}", *data_args])
+    cfg = load_config(precompute_config(args) or None, [f"data.path={args.data}", *data_args])
     examples = {ex.id: ex for ex in read_examples(cfg.data, "generate")[0]}
     tok = AutoTokenizer.from_pretrained(args.teacher)
     rows = sorted(read_rows(samples, verify="full"), key=lambda r: (r["id"], r["sample_index"]))
@@ -182,7 +214,26 @@ def mixture(args, work: Path, r: int) -> str:
     return ",".join(f"{p}:{w:.6g}" for p, w in parts)
 
 
+def precompute_config(args) -> str:
+    """--precompute-config, or its default: the demo's for prompts, none for episodes."""
+    if args.precompute_config is not None:
+        return args.precompute_config
+    return "" if args.env_config else DEMO_PRECOMPUTE
+
+
+def settings(args) -> dict:
+    out = {k: getattr(args, k) for k in IDENTITY}
+    out["precompute_config"] = precompute_config(args)
+    return {**out, **{k: getattr(args, k) for k in ENV_IDENTITY if getattr(args, k)}}
+
+
 def round_stages(args, work: Path, r: int) -> list[Stage]:
+    if args.env_config:
+        return episode_round_stages(args, work, r)
+    return prompt_round_stages(args, work, r)
+
+
+def prompt_round_stages(args, work: Path, r: int) -> list[Stage]:
     """Round r's four stages, named round-RRR/<step>. The sampler of a round after the
     first is the previous round's final checkpoint: a `later` argument, found when the
     stage starts."""
@@ -198,7 +249,7 @@ def round_stages(args, work: Path, r: int) -> list[Stage]:
         Stage(
             f"{d.name}/samples", f"round {r}: the student samples its responses to Q",
             cmd=[PY, "-m", "precompute", "--mode", "generate", "--backend", args.backend,
-                 "--config", args.precompute_config, "--teacher", student,
+                 "--config", precompute_config(args), "--teacher", student,
                  "--student", student, "--data", args.data, "--out", d / "samples",
                  "--k", "1", "--n", str(args.n), "--no-progress", "generator_view=student",
                  "source=student", f"sampling.max_tokens={args.max_tokens}",
@@ -214,7 +265,7 @@ def round_stages(args, work: Path, r: int) -> list[Stage]:
         Stage(
             f"{d.name}/shards", f"round {r}: the teacher scores the samples on Q+E",
             cmd=[PY, "-m", "precompute", "--mode", "score", "--backend", args.backend,
-                 "--config", args.precompute_config, "--teacher", args.teacher,
+                 "--config", precompute_config(args), "--teacher", args.teacher,
                  "--student", student,
                  "--data", d / "responses.jsonl", "--out", d / "shards",
                  "--k", str(args.k), "--no-progress", "source=student",
@@ -227,21 +278,94 @@ def round_stages(args, work: Path, r: int) -> list[Stage]:
                  *common],
             inputs=[d / "responses.jsonl"], outputs=[d / "shards"],
         ),
+        train_stage(args, work, r, sampler, "the scored samples"),
+    ]  # fmt: skip
+
+
+def train_stage(args, work: Path, r: int, sampler, what: str) -> Stage:
+    """Round r's training: from round r's sampler, on its shards mixed with the others."""
+    d = round_dir(work, r)
+    return Stage(
+        f"{d.name}/train", f"round {r}: the student trains on {what}",
+        cmd=[PY, "-m", "train", args.train_config,
+             later(lambda: f"model.path={sampler()}"),
+             f"data.shards={mixture(args, work, r)}", f"out_dir={d / 'train'}",
+             f"max_steps={args.steps}", f"seed={args.seed + r}", "resume=true",
+             "onpolicy.teacher_url=",  # offline: the teacher's scores are in the shards
+             *shlex.split(args.train_args)],
+        inputs=[d / "shards"], outputs=[d / "train"],
+    )  # fmt: skip
+
+
+def env_tags(args) -> tuple[str, str]:
+    """tags.env and tags.experience of an episodes round's shards (YAML flow values): the
+    game, its params, fold and step limit; the experience's source (null: none)."""
+    c = load_env_config(args.env_config)
+    env = {"game": c.game, "params": c.game_params(), "fold": c.fold, "step_limit": c.step_limit}
+    source = load_experience(args.experience).source if args.experience else None
+    return f"tags.env={json.dumps(env)}", f"tags.experience={json.dumps(source)}"
+
+
+def episode_round_stages(args, work: Path, r: int) -> list[Stage]:
+    """Round r of episodes: the student plays (tools/onpolicy/episodes.py), its episodes
+    become the two views' files, the teacher scores each whole episode in its view
+    (precompute score mode, two files, one pass per episode), the student trains."""
+    d = round_dir(work, r)
+
+    def sampler() -> Path:
+        return student_of(args, work, r)
+
+    student = later(sampler)
+    first = [args.student] if r == 1 else [round_dir(work, r - 1) / "train"]
+    experience = load_experience(args.experience) if args.experience else None
+    return [
         Stage(
-            f"{d.name}/train", f"round {r}: the student trains on the scored samples",
-            cmd=[PY, "-m", "train", args.train_config,
-                 later(lambda: f"model.path={sampler()}"),
-                 f"data.shards={mixture(args, work, r)}", f"out_dir={d / 'train'}",
-                 f"max_steps={args.steps}", f"seed={args.seed + r}", "resume=true",
-                 "onpolicy.teacher_url=",  # offline: the teacher's scores are in the shards
-                 *shlex.split(args.train_args)],
-            inputs=[d / "shards"], outputs=[d / "train"],
+            f"{d.name}/episodes", f"round {r}: the student plays its episodes",
+            cmd=[PY, "-m", "tools.onpolicy.episodes", "--model", student,
+                 "--env-config", args.env_config, "--out", d / "episodes.jsonl",
+                 "--backend", args.backend, "--samples", str(args.n),
+                 "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature),
+                 "--seed", str(args.seed + r), *shlex.split(args.episodes_args)],
+            inputs=[args.env_config, *first], outputs=[d / "episodes.jsonl"],
         ),
+        Stage(
+            f"{d.name}/views", f"round {r}: the episodes in the student's and the teacher's view",
+            fn=partial(write_views, d / "episodes.jsonl", experience, d / "student.jsonl",
+                       d / "teacher.jsonl"),
+            inputs=[d / "episodes.jsonl"], outputs=[d / "student.jsonl", d / "teacher.jsonl"],
+        ),
+        Stage(
+            f"{d.name}/shards", f"round {r}: the teacher scores each episode in its view",
+            cmd=[PY, "-m", "precompute", "--mode", "score", "--backend", args.backend,
+                 "--config", precompute_config(args), "--teacher", args.teacher,
+                 "--student", student, "--data", d / "student.jsonl", "--out", d / "shards",
+                 "--k", str(args.k), "--no-progress", "source=student",
+                 f"data.teacher_path={d / 'teacher.jsonl'}", "data.id_field=id",
+                 "data.messages_field=messages", "data.meta_field=meta",
+                 "data.sample_index_field=sample", "data.train_turns=all",
+                 f"tags.round={r}", *env_tags(args),
+                 later(lambda: f"tags.student={sampler()}"),
+                 later(lambda: f"tags.student_fingerprint={weights_fingerprint(sampler())}"),
+                 *shlex.split(args.precompute_args)],
+            inputs=[d / "student.jsonl", d / "teacher.jsonl"], outputs=[d / "shards"],
+        ),
+        train_stage(args, work, r, sampler, "its scored episodes"),
     ]  # fmt: skip
 
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
+    if bool(args.data) == bool(args.env_config):
+        raise SystemExit("give either --data (prompts) or --env-config (episodes)")
+    if args.env_config:
+        env = load_env_config(args.env_config)
+        if env.fold != "train":
+            raise SystemExit(
+                f"{args.env_config}: fold {env.fold}: rounds train on their episodes, so they "
+                "play train-fold seeds (dev and test are for measuring)"
+            )
+    elif args.experience or args.episodes_args:
+        raise SystemExit("--experience and --episodes-args go with --env-config")
     if "view.thinking=mixed" in args.precompute_args:
         # The draw is per row index, and the scoring input's rows are not the prompts' rows.
         raise SystemExit("view.thinking=mixed: a round's two views would draw differently")
@@ -249,7 +373,7 @@ def main(argv=None) -> None:
         raise SystemExit("rounds sample with vLLM from full checkpoints: model.lora=true is not")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    runner = Runner(work / STATE, settings={k: getattr(args, k) for k in IDENTITY})
+    runner = Runner(work / STATE, settings=settings(args))
     t0 = time.time()
     stages = []
     for r in range(1, args.rounds + 1):
