@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import replace
+
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
 from crosstok.folder import (
     TOKENIZER_EXTRA,
@@ -13,9 +18,13 @@ from crosstok.folder import (
     tokenizer_files,
 )
 from crosstok.tokens import CrossTokError
+from precompute.inputs import InputError
+from precompute.run import run
 from shards.fingerprint import tokenizer_fingerprint
+from shards.manifest import load_manifest, read_extra
 from shards.writer import ShardRow, ShardWriter
 from tests.fixtures.tiny_model import tiny_model_dir
+from tests.precompute_helpers import K, all_rows, cfg, questions, write_jsonl
 from tests.shards_helpers import metadata
 
 
@@ -26,8 +35,6 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def tiny_tok(tiny):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(str(tiny))
 
 
@@ -117,3 +124,176 @@ def test_a_different_tokenizer_at_the_path_is_refused(tiny, tmp_path):
     folder = _folder(tmp_path, _vocabulary("sha256:other", {"path": str(tiny)}))
     with pytest.raises(CrossTokError, match="is not the one the shards were made with"):
         teacher_vocabulary(folder).tokenizer()
+
+
+# ---- precompute writing teacher-vocabulary shards -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def student(tiny, tmp_path_factory):
+    """A student model folder whose tokenizer differs from the tiny teacher's: another BPE
+    (fewer merges) with another chat template."""
+    from tests.fixtures.tiny_model import train_tokenizer
+
+    out = tmp_path_factory.mktemp("student")
+    shutil.copy(tiny / "config.json", out / "config.json")
+    tok = train_tokenizer(vocab_size=384)
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf(tiny):
+    from precompute.hf_backend import HFBackend
+
+    return HFBackend(str(tiny), K, batch_size=16)
+
+
+def rejects_of(folder) -> list[dict]:
+    lines = []
+    for e in load_manifest(folder).extras:
+        if e.kind == "rejects":
+            lines += read_extra(folder, e).decode().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _crosstok_rows(folder):
+    rows = all_rows(folder)
+    assert rows
+    return [(r, json.loads(r["meta"])["crosstok"]) for r in rows]
+
+
+def _check_token_bytes(table, row, ct) -> None:
+    """The stored token spans tile the response text, each token's bytes are its span, and
+    only trailing special tokens (the EOS) have empty spans at the end."""
+    data = ct["response_text"].encode("utf-8")
+    ids = list(row["response_ids"])
+    assert len(ct["token_bytes"]) == len(ids)
+    end = 0
+    for t, (a, b) in zip(ids, ct["token_bytes"], strict=True):
+        assert a == end
+        if table.special[t]:
+            assert a == b == len(data)
+        else:
+            assert data[a:b] == table.pieces[t] and b > a
+        end = b
+    assert end == len(data)
+
+
+def test_score_mode_keeps_texts_spans_and_the_teacher_tokenizer(
+    tiny, tiny_tok, student, hf, tmp_path
+):
+    from crosstok.tokens import token_table
+
+    rows = [
+        {"question": "What is 2 + 3?", "answer": "2 + 3 = 5. café ünïcode ✓"},
+        {"question": "Name a capital.", "answer": "Paris is the capital of France."},
+        # A special token inside the text: encoding it gives <|im_end|>, which is no text.
+        {"question": "Bad?", "answer": "Paris.<|im_end|> more"},
+    ]
+    data = write_jsonl(tmp_path / "q.jsonl", rows)
+    out = tmp_path / "out"
+    lines = []
+    c = cfg(tiny, data, out, "mode=score", f"student={student}", "skip_invalid=true")
+    summary = run(c, backend=hf, log=lines.append)
+    assert summary.rejects == 1 and summary.rows == 2
+    assert "training will align them" in lines[-1]
+
+    meta = load_manifest(out).metadata
+    fp = tokenizer_fingerprint(tiny_tok)
+    assert meta.tokenizer_fingerprint == fp
+    s_fp = tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(student)))
+    assert meta.extra["vocabulary"] == {
+        "kind": "teacher",
+        "teacher_tokenizer_fingerprint": fp,
+        "teacher_tokenizer": {"extra": TOKENIZER_EXTRA},
+        "student_tokenizer_fingerprint": s_fp,
+    }
+    tv = teacher_vocabulary(out)
+    assert tv.fingerprint == fp and tokenizer_fingerprint(tv.tokenizer()) == fp
+
+    table = token_table(tiny_tok)
+    got = {}
+    for row, ct in _crosstok_rows(out):
+        _check_token_bytes(table, row, ct)
+        assert ct["thinking"] is None
+        got[ct["prompt_messages"][0]["content"]] = ct
+    assert got["What is 2 + 3?"]["prompt_messages"] == [
+        {"role": "user", "content": "What is 2 + 3?"}
+    ]
+    assert got["What is 2 + 3?"]["response_text"] == "2 + 3 = 5. café ünïcode ✓"
+
+    (bad,) = rejects_of(out)
+    assert bad["where"].endswith("q.jsonl, line 3") and bad["field"] == "response"
+    assert "does not round-trip through the teacher tokenizer" in bad["reason"]
+    assert "\n" not in bad["reason"]
+
+
+def test_several_trained_turns_are_refused_one_turn_keeps_its_prompt_messages(
+    tiny, tiny_tok, student, hf, tmp_path
+):
+    from crosstok.tokens import token_table
+
+    one = [
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "It is 5."},
+    ]
+    two = [*one, {"role": "user", "content": "And 3 + 4?"}, {"role": "assistant", "content": "7."}]
+    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": two}, {"messages": one}])
+    out = tmp_path / "out"
+    c = cfg(tiny, data, out, "mode=score", "data.messages_field=messages", f"student={student}")
+    with pytest.raises(InputError) as e:
+        run(c, backend=hf)
+    (reject,) = e.value.rejects
+    line = reject.message()
+    assert "c.jsonl:1" in line and "2 trained assistant turns" in line and "\n" not in line
+
+    summary = run(replace(c, skip_invalid=True), backend=hf)
+    assert summary.rows == 1
+    ((row, ct),) = _crosstok_rows(out)
+    assert ct["prompt_messages"] == one[:1]
+    assert ct["response_text"] == "It is 5."  # the turn's end-of-turn token is markup
+    _check_token_bytes(token_table(tiny_tok), row, ct)
+
+
+def test_generate_mode_rows_spell_their_text_or_are_rejected(tiny, tiny_tok, student, hf, tmp_path):
+    """The random tiny teacher may emit tokens that are no text (a special token, half a
+    character at the cut): such samples are rejects; every other row tiles its text."""
+    from crosstok.tokens import token_table
+
+    data = write_jsonl(tmp_path / "q.jsonl", questions(6))
+    out = tmp_path / "out"
+    c = cfg(tiny, data, out, f"student={student}", "sampling.n=2", "backend=hf")
+    summary = run(c, backend=hf, log=lambda _: None)
+    table = token_table(tiny_tok)
+    rows = _crosstok_rows(out)
+    for row, ct in rows:
+        _check_token_bytes(table, row, ct)
+        assert ct["prompt_messages"][0]["role"] == "user"
+    assert summary.rows == len(rows) and summary.rows + summary.rejects == 12
+    assert len(rejects_of(out)) == summary.rejects
+
+
+def test_same_tokenizer_shards_are_unchanged(tiny, hf, tmp_path):
+    """A student with the teacher's tokenizer (or none) gives the same ordinary shards:
+    no vocabulary entry, no tokenizer extra, no crosstok meta, the same rows."""
+    data = write_jsonl(tmp_path / "q.jsonl", questions(4))
+    shutil.copytree(tiny, tmp_path / "same")
+    runs = []
+    for name, extra in (("none", ()), ("same", (f"student={tmp_path / 'same'}",))):
+        out = tmp_path / name
+        run(cfg(tiny, data, out, "mode=score", *extra), backend=hf, log=lambda _: None)
+        runs.append(out)
+        assert teacher_vocabulary(out) is None
+        assert "vocabulary" not in load_manifest(out).metadata.extra
+        assert not [e for e in load_manifest(out).extras if e.kind == TOKENIZER_EXTRA]
+    a, b = (load_manifest(o) for o in runs)
+    assert a.metadata.identity() == b.metadata.identity()
+    ra, rb = (all_rows(o) for o in runs)
+    assert len(ra) == len(rb) == 4
+    for x, y in zip(ra, rb, strict=True):
+        assert x.keys() == y.keys()
+        for key in x.keys() - {"file"}:
+            assert np.array_equal(np.asarray(x[key]), np.asarray(y[key])), key
+    assert all("crosstok" not in json.loads(r["meta"]) for r in ra)
