@@ -26,6 +26,7 @@ with the rows no earlier run rejected), so a refused or resumed run loses no ear
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -69,6 +70,9 @@ from shards.writer import ShardRow, ShardWriter
 
 CONFIG_KIND = "precompute_config"  # committed as precompute_config-w<I>-<n>.yaml
 REJECTS_KIND = "rejects"  # committed as rejects-w<I>-<n>.jsonl
+# The field of a rejected sample (teacher-vocabulary shards: its tokens do not spell its
+# text), "response (sample J)": the example counts as done on resume.
+AFTER_TEACHER = "response (sample"
 # zstd level of the files committed during a run: faster than the writer's 12 for a few
 # percent more bytes, which the merge at the end of the run takes back (figures in
 # BENCHMARKS.md, "Precompute host path").
@@ -406,8 +410,7 @@ def _rows_for(
             try:
                 meta[META_KEY] = _crosstok_meta(cfg, vocab, ex, views, s.token_ids)
             except CrossTokError as e:
-                field = f"response (sample {j})" if cfg.mode == "generate" else "response"
-                rejected.append((ex, field, str(e)))
+                rejected.append((ex, f"{AFTER_TEACHER} {j})", str(e)))
                 continue
         if views.conversation is not None:
             rows.append(_conversation_row(cfg, ex, views, s, meta))
@@ -514,6 +517,9 @@ def run(
                     "writing teacher-vocabulary shards (training will align them)"
                 )
         done = writer.completed_ids()
+        if vocab is not None:
+            samples = cfg.sampling.n if cfg.mode == "generate" else 1
+            done |= rejected_examples(writer.folder, work, samples)
         todo = [(ex, v) for ex, v in work if ex.id not in done]
         commit_records(writer, cfg, rejects, log, config=bool(todo))
         summary.skipped_done = len(work) - len(todo)
@@ -590,6 +596,21 @@ def commit_records(
     entry = commit_rejects(writer, rejects)
     where = f"listed in {writer.store.where(entry.name)}" if entry else "listed by an earlier run"
     log(f"precompute: {len(rejects)} invalid row(s) skipped, {where}")
+
+
+def rejected_examples(folder, work, samples: int) -> set[str]:
+    """The ids of the examples of `work` all of whose `samples` samples a run of `folder`
+    rejected after the teacher ran: done like those with rows, so a resumed run neither
+    redoes nor re-rejects them. An example with a sample rejected and another not is done
+    once its rows are committed (its rejects are committed before them)."""
+    fields: dict[str, set] = {}
+    for e in load_manifest(folder).extras:
+        if e.kind == REJECTS_KIND:
+            for line in read_extra(folder, e).splitlines():
+                rec = json.loads(line)
+                if str(rec.get("field", "")).startswith(AFTER_TEACHER):
+                    fields.setdefault(rec["where"], set()).add(rec["field"])
+    return {ex.id for ex, _ in work if len(fields.get(str(ex.where), ())) >= samples}
 
 
 def commit_rejects(writer: ShardWriter, rejects: list[Reject]):

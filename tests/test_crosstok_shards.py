@@ -272,7 +272,13 @@ def test_generate_mode_rows_spell_their_text_or_are_rejected(tiny, tiny_tok, stu
         _check_token_bytes(table, row, ct)
         assert ct["prompt_messages"][0]["role"] == "user"
     assert summary.rows == len(rows) and summary.rows + summary.rejects == 12
-    assert len(rejects_of(out)) == summary.rejects
+    assert summary.rejects and len(rejects_of(out)) == summary.rejects
+    assert all("response (sample " in r["field"] for r in rejects_of(out))
+    # A rerun redoes nothing: examples all of whose samples were rejected are done too.
+    extras = load_manifest(out).extras
+    again = run(c, backend=hf, log=lambda _: None)
+    assert (again.examples, again.skipped_done) == (0, 6)
+    assert load_manifest(out).extras == extras
 
 
 def test_same_tokenizer_shards_are_unchanged(tiny, hf, tmp_path):
