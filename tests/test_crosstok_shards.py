@@ -303,3 +303,16 @@ def test_same_tokenizer_shards_are_unchanged(tiny, hf, tmp_path):
         for key in x.keys() - {"file"}:
             assert np.array_equal(np.asarray(x[key]), np.asarray(y[key])), key
     assert all("crosstok" not in json.loads(r["meta"]) for r in ra)
+
+
+def test_every_worker_commits_the_same_tokenizer_tar(tiny, tiny_tok, student, hf, tmp_path):
+    data = write_jsonl(tmp_path / "q.jsonl", questions(4))
+    out = tmp_path / "out"
+    for i in (0, 1):
+        c = cfg(tiny, data, out, "mode=score", f"student={student}", "num_workers=2")
+        run(replace(c, worker_index=i), backend=hf, log=lambda _: None)
+    tars = [e for e in load_manifest(out).extras if e.kind == TOKENIZER_EXTRA]
+    assert [e.writer for e in tars] == ["w0", "w1"] and tars[0].sha256 == tars[1].sha256
+    fp = tokenizer_fingerprint(tiny_tok)
+    assert tokenizer_fingerprint(teacher_vocabulary(out).tokenizer()) == fp
+    assert len(all_rows(out)) == 4
