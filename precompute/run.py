@@ -18,6 +18,10 @@ Data parallelism: worker I of N takes the examples whose id hashes to I mod N an
 writer `w{I}` into the shared folder, committing in its own manifest; readers merge them.
 `run` is one worker; precompute/jobs.py starts all of them (local processes, or Ray tasks).
 
+A named student whose tokenizer differs from the teacher's gets teacher-vocabulary shards:
+the teacher's ids plus what aligning them with the student's tokenizer at load needs
+(precompute/teacher_vocab.py, docs/cross-tokenizer.md "What the shards keep").
+
 The run's config and its rejected input rows are committed like shards, by the writer and
 append-only (precompute_config-w{I}-<n>.yaml when the config changed, rejects-w{I}-<n>.jsonl
 with the rows no earlier run rejected), so a refused or resumed run loses no earlier record.

@@ -24,7 +24,14 @@ from shards.fingerprint import tokenizer_fingerprint
 from shards.manifest import load_manifest, read_extra
 from shards.writer import ShardRow, ShardWriter
 from tests.fixtures.tiny_model import tiny_model_dir
-from tests.precompute_helpers import K, all_rows, cfg, questions, write_jsonl
+from tests.precompute_helpers import (
+    K,
+    all_rows,
+    cfg,
+    other_tokenizer_student,
+    questions,
+    write_jsonl,
+)
 from tests.shards_helpers import metadata
 
 
@@ -131,16 +138,7 @@ def test_a_different_tokenizer_at_the_path_is_refused(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def student(tiny, tmp_path_factory):
-    """A student model folder whose tokenizer differs from the tiny teacher's: another BPE
-    (fewer merges) with another chat template."""
-    from tests.fixtures.tiny_model import train_tokenizer
-
-    out = tmp_path_factory.mktemp("student")
-    shutil.copy(tiny / "config.json", out / "config.json")
-    tok = train_tokenizer(vocab_size=384)
-    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-    tok.save_pretrained(out)
-    return out
+    return other_tokenizer_student(tiny, tmp_path_factory.mktemp("student"))
 
 
 @pytest.fixture(scope="module")
