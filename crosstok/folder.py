@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crosstok.tokens import CrossTokError
+from shards.errors import ShardError
 from shards.fingerprint import tokenizer_fingerprint
 from shards.manifest import load_manifest, read_extra
 
@@ -169,7 +170,10 @@ def _from_extra(folder, kind: str):
             f"manifest extra {kind!r}, and no manifest lists one"
         )
     # Every writer commits the same tar; the first is as good as any (read_extra checks it).
-    data = read_extra(folder, entries[0])
+    try:
+        data = read_extra(folder, entries[0])
+    except ShardError as e:  # missing, unreadable, or not what the manifest says
+        raise CrossTokError(f"{folder}: teacher tokenizer not found: {e}") from None
     with tempfile.TemporaryDirectory(prefix="kd-teacher-tok-") as tmp:
         unpack_tokenizer(data, f"{folder}: {entries[0].name}", Path(tmp))
         return _load(folder, Path(tmp))

@@ -127,6 +127,17 @@ def test_teacher_tokenizer_not_found_is_one_line_naming_the_folder(tmp_path, sou
     assert "\n" not in text and str(folder) in text and message in text
 
 
+@pytest.mark.parametrize("damage", ["delete", "change"])
+def test_a_damaged_tokenizer_extra_is_one_line_naming_the_folder(tmp_path, damage):
+    tar = pack_tokenizer({"tokenizer.json": b"{}"})
+    folder = _folder(tmp_path, _vocabulary("sha256:t", {"extra": TOKENIZER_EXTRA}), tar)
+    (path,) = folder.glob(f"{TOKENIZER_EXTRA}-*.tar")
+    path.unlink() if damage == "delete" else path.write_bytes(tar[:-1] + b"x")
+    with pytest.raises(CrossTokError) as e:
+        teacher_vocabulary(folder).tokenizer()
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"{folder}: teacher tokenizer not")
+
+
 def test_a_different_tokenizer_at_the_path_is_refused(tiny, tmp_path):
     folder = _folder(tmp_path, _vocabulary("sha256:other", {"path": str(tiny)}))
     with pytest.raises(CrossTokError, match="is not the one the shards were made with"):
