@@ -181,8 +181,8 @@ class PrecomputeConfig:
     teacher: str = _f("", "teacher model folder (required)")
     student: str = _f(
         "",
-        "student model/tokenizer folder, checked only when named: its tokenizer fingerprint "
-        "must equal the teacher's (empty: no check; the shards carry the teacher's tokenizer)",
+        "student model/tokenizer folder: a tokenizer other than the teacher's gets "
+        "teacher-vocabulary shards, which training aligns (empty: ordinary shards)",
     )
     out: str = _f("out/shards", "shard folder (shared by all workers)")
     mode: Literal["generate", "score", "rollout"] = _f(

@@ -321,7 +321,13 @@ def run_rollout(
     with EnvPool(cfg.env, make_env) as pool:
         keys = episode_keys(pool, cfg)
         summary.episodes = len(keys)
-        tokenizer, tok_fp, vocab_size = teacher_tokenizer(cfg)
+        tokenizer, tok_fp, vocab, vocab_size = teacher_tokenizer(cfg)
+        if vocab is not None:
+            raise ConfigError(
+                f"student={cfg.student}: its tokenizer differs from the teacher's; rollouts are "
+                "conversations of many trained spans, which teacher-vocabulary shards do not "
+                "hold yet (docs/cross-tokenizer.md): leave student unset"
+            )
         metadata = rollout_metadata(cfg, tok_fp, vocab_size, experience)
         with ShardWriter(
             cfg.out,

@@ -18,6 +18,10 @@ Data parallelism: worker I of N takes the examples whose id hashes to I mod N an
 writer `w{I}` into the shared folder, committing in its own manifest; readers merge them.
 `run` is one worker; precompute/jobs.py starts all of them (local processes, or Ray tasks).
 
+A named student whose tokenizer differs from the teacher's gets teacher-vocabulary shards:
+the teacher's ids plus what aligning them with the student's tokenizer at load needs
+(precompute/teacher_vocab.py, docs/cross-tokenizer.md "What the shards keep").
+
 The run's config and its rejected input rows are committed like shards, by the writer and
 append-only (precompute_config-w{I}-<n>.yaml when the config changed, rejects-w{I}-<n>.jsonl
 with the rows no earlier run rejected), so a refused or resumed run loses no earlier record.
@@ -26,6 +30,7 @@ with the rows no earlier run rejected), so a refused or resumed run loses no ear
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from crosstok.folder import VOCABULARY_KEY
+from crosstok.tokens import CrossTokError
 from datafiles.reading import BadField
 from precompute.backend import Backend
 from precompute.config import ConfigError, PrecomputeConfig, content_dict
@@ -49,6 +56,14 @@ from precompute.inputs import (
     rejects_jsonl,
 )
 from precompute.model_limits import ModelLimits, model_context, resolve_limits
+from precompute.teacher_vocab import (
+    META_KEY,
+    TeacherVocab,
+    commit_tokenizer,
+    row_meta,
+    teacher_vocab,
+    token_bytes,
+)
 from precompute.views import Views, make_views
 from runtime.progress import progress as progress_bar
 from runtime.seeds import derive_seed
@@ -59,6 +74,9 @@ from shards.writer import ShardRow, ShardWriter
 
 CONFIG_KIND = "precompute_config"  # committed as precompute_config-w<I>-<n>.yaml
 REJECTS_KIND = "rejects"  # committed as rejects-w<I>-<n>.jsonl
+# The field of a rejected sample (teacher-vocabulary shards: its tokens do not spell its
+# text), "response (sample J)": the example counts as done on resume.
+AFTER_TEACHER = "response (sample"
 # zstd level of the files committed during a run: faster than the writer's 12 for a few
 # percent more bytes, which the merge at the end of the run takes back (figures in
 # BENCHMARKS.md, "Precompute host path").
@@ -107,6 +125,7 @@ class Summary:
     rejects: int = 0
     retokenize_mismatches: int = 0
     cut: int = 0  # generate: responses cut at max_tokens (or the context), finish_reason "length"
+    teacher_vocabulary: bool = False  # the student's tokenizer differs: teacher-vocabulary shards
     max_tokens: int = 0  # generate: the response limit the run used (0: score mode)
     wall_s: float = 0.0
     engine_s: float = 0.0
@@ -119,12 +138,18 @@ class Summary:
     def text(self) -> str:
         tps = self.tokens / self.engine_s if self.engine_s else 0.0
         cut = f" ({self.cut} cut at max_tokens={self.max_tokens})" if self.max_tokens else ""
+        vocab = (
+            ", teacher-vocabulary shards (the student's tokenizer differs: training will align "
+            "them)"
+            if self.teacher_vocabulary
+            else ""
+        )
         return (
             f"precompute: {self.examples} examples ({self.skipped_done} already done), "
             f"{self.rows} rows{cut}, {self.tokens} tokens, {self.files} files, "
             f"{self.bytes_per_token:.1f} bytes/token, {self.rejects} rejected rows, "
             f"{self.retokenize_mismatches} re-tokenization mismatches, "
-            f"teacher {tps:.0f} tokens/s, wall {self.wall_s:.1f} s"
+            f"teacher {tps:.0f} tokens/s, wall {self.wall_s:.1f} s{vocab}"
         )
 
 
@@ -146,19 +171,25 @@ def load_tokenizer(path: str):
         raise ConfigError(f"{path}: cannot load its tokenizer: {first.strip()}") from e
 
 
-def check_tokenizers(cfg: PrecomputeConfig, tokenizer) -> str:
-    """The teacher's fingerprint; refuses a student whose tokenizer differs (only a named
-    student is checked: without one the shards carry the teacher's fingerprint)."""
+def check_tokenizers(cfg: PrecomputeConfig, tokenizer) -> tuple[str, TeacherVocab | None]:
+    """The teacher's fingerprint, and for a named student whose tokenizer differs the
+    teacher-vocabulary setup (precompute/teacher_vocab.py): such a student is trained by
+    aligning the two tokenizations at load, so the shards keep what that needs. Without a
+    named student the shards are ordinary, with the teacher's fingerprint. Refuses a
+    teacher tokenizer whose tokens' bytes cannot be read (one line)."""
     fp = tokenizer_fingerprint(tokenizer)
-    if cfg.student:
-        sfp = tokenizer_fingerprint(load_tokenizer(cfg.student))
-        if sfp != fp:
-            raise TokenizerMismatch(
-                f"tokenizer of student {cfg.student} ({sfp[:19]}...) differs from teacher "
-                f"{cfg.teacher}'s ({fp[:19]}...): the student could not be trained on the "
-                "teacher's token ids. Use a student with the teacher's tokenizer."
-            )
-    return fp
+    if not cfg.student:
+        return fp, None
+    sfp = tokenizer_fingerprint(load_tokenizer(cfg.student))
+    if sfp == fp:
+        return fp, None
+    try:
+        return fp, teacher_vocab(cfg.teacher, tokenizer, fp, sfp)
+    except CrossTokError as e:
+        raise TokenizerMismatch(
+            f"tokenizer of student {cfg.student} ({sfp[:19]}...) differs from teacher "
+            f"{cfg.teacher}'s ({fp[:19]}...), and teacher-vocabulary shards cannot be made: {e}"
+        ) from None
 
 
 def model_vocab_size(path: str) -> int:
@@ -199,7 +230,9 @@ def make_backend(cfg: PrecomputeConfig) -> Backend:
     return HFBackend(cfg.teacher, cfg.k, cfg.hf.dtype, cfg.hf.device, cfg.hf.batch_size)
 
 
-def metadata_for(cfg: PrecomputeConfig, tok_fp: str, vocab_size: int) -> ShardMetadata:
+def metadata_for(
+    cfg: PrecomputeConfig, tok_fp: str, vocab_size: int, vocab: TeacherVocab | None = None
+) -> ShardMetadata:
     sampling = (
         asdict(cfg.sampling) if cfg.mode == "generate" else {"append_eos": cfg.score.append_eos}
     )
@@ -217,6 +250,7 @@ def metadata_for(cfg: PrecomputeConfig, tok_fp: str, vocab_size: int) -> ShardMe
         str(cfg.engine.get("dtype", "auto")) if cfg.backend == "vllm" else cfg.hf.dtype
     )
     tags = extra.pop("tags")
+    vocabulary = {} if vocab is None else {VOCABULARY_KEY: vocab.metadata}
     return ShardMetadata(
         k=cfg.k,
         vocab_size=vocab_size,
@@ -226,12 +260,15 @@ def metadata_for(cfg: PrecomputeConfig, tok_fp: str, vocab_size: int) -> ShardMe
         logprobs_mode="raw_logprobs",
         sampling={"mode": cfg.mode, **sampling},
         data_fingerprint=data_fingerprint(cfg.data.path),
-        extra={"precompute": extra, **({"tags": tags} if tags else {})},
+        extra={"precompute": extra, **({"tags": tags} if tags else {}), **vocabulary},
     )
 
 
-def prepare(cfg: PrecomputeConfig, tokenizer, max_len: int | None):
-    """Read, validate and split the input and render both views of this worker's examples.
+def prepare(
+    cfg: PrecomputeConfig, tokenizer, max_len: int | None, vocab: TeacherVocab | None = None
+):
+    """Read, validate and split the input and render both views of this worker's examples;
+    with `vocab` (teacher-vocabulary shards) also what those rows need (`teacher_row_problem`).
     Returns ([(example, views)], this worker's rejects)."""
     examples, rejects, total = read_examples(cfg.data, cfg.mode)
     # num_workers 0 (auto) / worker_index -1 (every worker) reach here only for one worker.
@@ -250,6 +287,9 @@ def prepare(cfg: PrecomputeConfig, tokenizer, max_len: int | None):
         except BadField as b:
             bad.append((ex, b.field, b.reason))
             continue
+        if vocab is not None and (problem := teacher_row_problem(cfg, tokenizer, vocab, ex, views)):
+            bad.append((ex, *problem))
+            continue
         if max_len is not None:
             need = len(generator_prompt(cfg, views)) + (
                 scored_length(cfg, tokenizer, ex, views) if cfg.mode == "score" else 1
@@ -264,6 +304,26 @@ def prepare(cfg: PrecomputeConfig, tokenizer, max_len: int | None):
     if rejects and not cfg.skip_invalid:
         raise InputError(sorted(rejects, key=lambda r: r.index), total)
     return work, rejects
+
+
+def teacher_row_problem(
+    cfg: PrecomputeConfig, tokenizer, vocab: TeacherVocab, ex: Example, views: Views
+) -> tuple[str, str] | None:
+    """(field, reason) when `ex` cannot be a row of teacher-vocabulary shards, before any
+    teacher time: a conversation with several trained spans (rows are single-turn), or in
+    score mode a response text that does not round-trip through the teacher's tokenizer."""
+    if views.conversation is not None and len(views.conversation.spans) > 1:
+        return ex.prompt_field, (
+            f"{len(views.conversation.spans)} trained assistant turns: with a student of "
+            "another tokenizer rows are single-turn (one trained turn)"
+        )
+    if cfg.mode == "score" and views.conversation is None and not cfg.score.response_ids_field:
+        try:
+            ids = response_ids(tokenizer, ex.response, cfg.score.append_eos)
+            token_bytes(vocab.table, ids, ex.response)
+        except CrossTokError as e:
+            return cfg.data.response_field or "response", str(e)
+    return None
 
 
 def scored_length(cfg: PrecomputeConfig, tokenizer, ex: Example, views: Views) -> int:
@@ -334,13 +394,29 @@ def _conversation_row(cfg: PrecomputeConfig, ex: Example, views: Views, s, meta)
 
 
 def _rows_for(
-    cfg: PrecomputeConfig, tokenizer, ex: Example, views: Views, samples, summary: Summary
+    cfg: PrecomputeConfig,
+    tokenizer,
+    ex: Example,
+    views: Views,
+    samples,
+    summary: Summary,
+    vocab: TeacherVocab | None = None,
+    rejected: list | None = None,
 ) -> list[ShardRow]:
+    """The rows of one example's samples. With `vocab` (teacher-vocabulary shards) each row
+    also gets meta["crosstok"]; a sample whose tokens do not spell its text is left out and
+    (example, field, reason) appended to `rejected`."""
     rows = []
     for j, s in enumerate(samples):
         meta = {"index": ex.index, **(ex.meta or {})}
         if ex.answer is not None:
             meta["answer"] = ex.answer
+        if vocab is not None:
+            try:
+                meta[META_KEY] = _crosstok_meta(cfg, vocab, ex, views, s.token_ids)
+            except CrossTokError as e:
+                rejected.append((ex, f"{AFTER_TEACHER} {j})", str(e)))
+                continue
         if views.conversation is not None:
             rows.append(_conversation_row(cfg, ex, views, s, meta))
             continue
@@ -366,6 +442,18 @@ def _rows_for(
             )
         )
     return rows
+
+
+def _crosstok_meta(cfg: PrecomputeConfig, vocab: TeacherVocab, ex: Example, views: Views, ids):
+    """meta["crosstok"] of a sample with teacher-forced or generated tokens `ids`: score mode
+    keeps the given response text (checked to round-trip in `prepare`, checked again here);
+    generated tokens and a conversation's trained turn give the text they spell."""
+    if views.conversation is not None:
+        # One trained turn (`teacher_row_problem`): its prompt is the messages before it.
+        messages = ex.conversation[: ex.trained[0]]
+        return row_meta(vocab.table, messages, views.thinking, views.conversation.response_ids)
+    text = ex.response if cfg.mode == "score" and not cfg.score.response_ids_field else None
+    return row_meta(vocab.table, ex.messages, views.thinking, ids, text)
 
 
 def run(
@@ -394,7 +482,8 @@ def run(
     check_model_folder("teacher", cfg.teacher)
     if cfg.student:
         check_model_folder("student", cfg.student)
-    tokenizer, tok_fp, vocab_size = teacher_tokenizer(cfg)
+    tokenizer, tok_fp, vocab, vocab_size = teacher_tokenizer(cfg)
+    summary.teacher_vocabulary = vocab is not None
     cfg, limits = with_model_limits(cfg)
     if limits is not None:
         summary.max_tokens = limits.max_tokens
@@ -403,9 +492,9 @@ def run(
     # The prompt-length check: vLLM refuses a prompt that fills its context; transformers
     # has no such limit here (as before).
     max_len = limits_context(cfg, limits) if cfg.backend == "vllm" else None
-    work, rejects = prepare(cfg, tokenizer, max_len)
+    work, rejects = prepare(cfg, tokenizer, max_len, vocab)
     summary.rejects = len(rejects)
-    metadata = metadata_for(cfg, tok_fp, vocab_size)
+    metadata = metadata_for(cfg, tok_fp, vocab_size, vocab)
     # The writer refuses a folder made with other settings before anything is written to it.
     # 64 MiB files at most between commits; commit_every usually closes them first.
     with ShardWriter(
@@ -417,7 +506,18 @@ def run(
         # (writer.compact below) writes at the writer's own level (12).
         commit_level=COMMIT_LEVEL,
     ) as writer:
+        if vocab is not None:
+            # Before any row: every row of the folder can be decoded by what it carries.
+            commit_tokenizer(writer, vocab)
+            if cfg.worker_index == 0:
+                log(
+                    f"precompute: student {cfg.student}'s tokenizer differs from the teacher's: "
+                    "writing teacher-vocabulary shards (training will align them)"
+                )
         done = writer.completed_ids()
+        if vocab is not None:
+            samples = cfg.sampling.n if cfg.mode == "generate" else 1
+            done |= rejected_examples(writer.folder, work, samples)
         todo = [(ex, v) for ex, v in work if ex.id not in done]
         commit_records(writer, cfg, rejects, log, config=bool(todo))
         summary.skipped_done = len(work) - len(todo)
@@ -442,7 +542,7 @@ def run(
                     if cfg.mode == "score" and cfg.score.response_ids_field
                     else None
                 )
-                _loop(cfg, tokenizer, backend, writer, todo, summary, given, progress)
+                _loop(cfg, tokenizer, backend, writer, todo, summary, given, progress, vocab, log)
             finally:
                 if own_backend:
                     backend.close()
@@ -456,10 +556,11 @@ def run(
 
 
 def teacher_tokenizer(cfg: PrecomputeConfig):
-    """The teacher's tokenizer, its fingerprint (a named student's checked against it) and
-    the model's logit dimension; refuses a k the vocabulary cannot give."""
+    """The teacher's tokenizer, its fingerprint, the teacher-vocabulary setup when a named
+    student's tokenizer differs (check_tokenizers) and the model's logit dimension; refuses a
+    k the vocabulary cannot give."""
     tokenizer = load_tokenizer(cfg.teacher)
-    tok_fp = check_tokenizers(cfg, tokenizer)
+    tok_fp, vocab = check_tokenizers(cfg, tokenizer)
     vocab_size = model_vocab_size(cfg.teacher)
     if len(tokenizer) > vocab_size:
         raise ValueError(
@@ -468,7 +569,7 @@ def teacher_tokenizer(cfg: PrecomputeConfig):
         )
     if cfg.k > vocab_size:
         raise ConfigError(f"k={cfg.k} is above the teacher's vocabulary size ({vocab_size})")
-    return tokenizer, tok_fp, vocab_size
+    return tokenizer, tok_fp, vocab, vocab_size
 
 
 def with_model_limits(cfg: PrecomputeConfig) -> tuple[PrecomputeConfig, ModelLimits | None]:
@@ -512,6 +613,21 @@ def commit_records(
     log(f"precompute: {len(rejects)} invalid row(s) skipped, {where}")
 
 
+def rejected_examples(folder, work, samples: int) -> set[str]:
+    """The ids of the examples of `work` all of whose `samples` samples a run of `folder`
+    rejected after the teacher ran: done like those with rows, so a resumed run neither
+    redoes nor re-rejects them. An example with a sample rejected and another not is done
+    once its rows are committed (its rejects are committed before them)."""
+    fields: dict[str, set] = {}
+    for e in load_manifest(folder).extras:
+        if e.kind == REJECTS_KIND:
+            for line in read_extra(folder, e).splitlines():
+                rec = json.loads(line)
+                if str(rec.get("field", "")).startswith(AFTER_TEACHER):
+                    fields.setdefault(rec["where"], set()).add(rec["field"])
+    return {ex.id for ex, _ in work if len(fields.get(str(ex.where), ())) >= samples}
+
+
 def commit_rejects(writer: ShardWriter, rejects: list[Reject]):
     """Commit the rejected rows that no earlier run of the folder committed, as one
     append-only rejects file of this writer; returns its entry, or None."""
@@ -539,6 +655,8 @@ def _loop(
     summary: Summary,
     given=None,
     progress=None,
+    vocab: TeacherVocab | None = None,
+    log=None,
 ) -> None:
     bar = progress_bar(len(todo), "precompute", "ex", disable=not cfg.progress, file=sys.stderr)
     window = engine_window(cfg)
@@ -552,11 +670,18 @@ def _loop(
             # during these commits leaves whole committed chunks, which the next run skips.
             for b in range(0, len(part), cfg.commit_every):
                 chunk = part[b : b + cfg.commit_every]
+                rejected, built = [], []
                 for (ex, views), samples in zip(chunk, results[b : b + len(chunk)], strict=True):
-                    rows = _rows_for(cfg, tokenizer, ex, views, samples, summary)
+                    rows = _rows_for(cfg, tokenizer, ex, views, samples, summary, vocab, rejected)
                     for r in rows:
                         if np.asarray(r.response_ids).size == 0:
                             raise RuntimeError(f"example {ex.id!r}: the teacher returned no tokens")
+                    built.append(rows)
+                if rejected:
+                    # Before the chunk's rows: a kill in between redoes the examples, and the
+                    # rejects file takes each line once.
+                    _commit_row_rejects(writer, cfg, rejected, summary, log or print)
+                for rows in built:
                     writer.add(rows)
                     summary.examples += 1
                     summary.rows += len(rows)
@@ -572,6 +697,19 @@ def _loop(
                 bar.set_postfix(tok_s=f"{tps:.0f}", ex_s=f"{ex_s:.2f}")
     finally:
         bar.close()
+
+
+def _commit_row_rejects(writer: ShardWriter, cfg: PrecomputeConfig, rejected, summary, log):
+    """Commit rows rejected after the teacher ran ([(example, field, reason)]) like the input's
+    rejects; the run goes on (the teacher's output, not the input, was at fault)."""
+    raws = raw_text_of(cfg.data, [ex.index for ex, _, _ in rejected])
+    rejects = [Reject.of(ex.index, ex.where, f, why, raws[ex.index]) for ex, f, why in rejected]
+    summary.rejects += len(rejects)
+    entry = commit_rejects(writer, rejects)
+    where = f"listed in {writer.store.where(entry.name)}" if entry else "listed by an earlier run"
+    for r in rejects:
+        log(f"precompute: rejected {r.message()}")
+    log(f"precompute: {len(rejects)} row(s) rejected, {where}")
 
 
 def _engine_call(cfg, tokenizer, backend: Backend, part, given) -> list[list]:

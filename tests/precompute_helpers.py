@@ -136,3 +136,18 @@ def conversation(i: int, turns: int = 3) -> list[dict]:
         msgs.append({"role": "user", "content": f"What is {i} + {t}?"})
         msgs.append({"role": "assistant", "content": f"{i} + {t} = {i + t}."})
     return msgs
+
+
+def other_tokenizer_student(tiny: Path, out: Path) -> Path:
+    """A student model folder whose tokenizer differs from the tiny teacher's (another BPE
+    with fewer merges, another chat template): precompute writes teacher-vocabulary shards."""
+    import shutil
+
+    from tests.fixtures.tiny_model import train_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny / "config.json", out / "config.json")
+    tok = train_tokenizer(vocab_size=384)
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(out)
+    return out

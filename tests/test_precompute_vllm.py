@@ -146,6 +146,33 @@ def test_generate_is_reproducible_per_example(engine, tiny, data, tmp_path):
     assert responses(tmp_path / "a") == responses(tmp_path / "b")
 
 
+def test_teacher_vocabulary_shards_with_vllm(engine, tiny, data, tmp_path):
+    """A student of another tokenizer: each row's token spans tile its response text, the
+    samples whose tokens spell no text are rejects, and a rerun redoes nothing."""
+    from transformers import AutoTokenizer
+
+    from crosstok.tokens import token_table
+    from shards.manifest import load_manifest
+    from tests.precompute_helpers import other_tokenizer_student
+
+    student = other_tokenizer_student(tiny, tmp_path / "student")
+    out = tmp_path / "out"
+    c = cfg(tiny, data, out, f"student={student}", "sampling.n=2", "sampling.temperature=1.0")
+    s = run(c, backend=engine)
+    table = token_table(AutoTokenizer.from_pretrained(str(tiny)))
+    rows = all_rows(out)
+    assert len(rows) == s.rows and s.rows + s.rejects == 24
+    for r in rows:
+        ct = json.loads(r["meta"])["crosstok"]
+        text = ct["response_text"].encode()
+        spelled = [table.pieces[t] for t in r["response_ids"].tolist() if not table.special[t]]
+        assert b"".join(spelled) == text
+        assert [text[a:b] for a, b in ct["token_bytes"][: len(spelled)]] == spelled
+    extras = load_manifest(out).extras
+    again = run(c, backend=engine)
+    assert (again.examples, again.skipped_done) == (0, 12) and load_manifest(out).extras == extras
+
+
 def test_score_mode_teacher_forces_the_reference(engine, model, tiny, data, tmp_path):
     from transformers import AutoTokenizer
 
