@@ -315,6 +315,19 @@ def test_student_split_in_two_loss_against_float64(split_pair):
     assert torch.isfinite(hid.grad).all() and hid.grad.abs().sum() > 0
 
 
+def test_truncation_never_trains_part_of_a_merged_block(split_pair):
+    """data.overlong=truncate cutting a row inside a merged block leaves the whole block
+    untrained (its chain-rule logprob covers all of it)."""
+    pairs, singles = split_pair
+    row = CrossTokRows("f", pairs, singles)(teacher_row(pairs, TEXTS[0], np.random.default_rng(5)))
+    p = len(row["prompt_ids"])
+    for budget in range(p + 2, p + 9):
+        batch = collate([row], budget)
+        n = batch.num_tokens
+        assert n % 2 == 0 and n >= budget - p - 2  # whole pairs only, at most one block cut
+        assert batch.ct_kind[:n:2].eq(1).all() and batch.ct_kind[1:n:2].eq(2).all()
+
+
 # ---- the trainer ---------------------------------------------------------------------------
 
 
