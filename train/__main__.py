@@ -165,7 +165,9 @@ def cli() -> None:
                 "train a student that has the teacher's tokenizer, or write the shards again "
                 "with `python -m precompute --student <this student>`"
             )
-        if field == "prompt_ids+response_ids":  # data.overlong=error
+        if field in ("prompt_ids+response_ids", "meta.crosstok", "vocabulary"):
+            # data.overlong=error; a teacher-vocabulary row the student cannot take, or a
+            # folder whose teacher tokenizer cannot be found: the line says which and why.
             fail(str(e))
         sys.exit(
             f"[train] stopped on bad shard data: {e}. Find every damaged file with "

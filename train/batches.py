@@ -73,6 +73,11 @@ class Batch:
     # multi-span row, the conversation before its first span.
     prompt_ids: list[torch.Tensor] = field(default_factory=list)
     teacher_prompt_ids: list[torch.Tensor] = field(default_factory=list)
+    # Teacher-vocabulary shards (train/crosstok_rows.py): per trained token its kind (0
+    # mapped one-to-one, 1 first / 2 later token of a merged block) and, at kind 1, the
+    # block's chain-rule teacher logprob; None for ordinary shards.
+    ct_kind: torch.Tensor | None = None
+    ct_block_logprob: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -151,6 +156,9 @@ def collate(rows: list[dict], max_length: int, pad_id: int = 0) -> Batch:
                 f"{len(index)} span tokens"
             )
         n = int(torch.searchsorted(index, end))  # the span tokens inside the budget
+        if "ct_kind" in r:  # a cut inside a merged block: the whole block is not trained
+            while 0 < n < len(index) and int(r["ct_kind"][n]) == 2:
+                n -= 1
         seqs.append(conv[shift:end])
         trained.append((index[:n] - shift, conv[index[:n]], n))
         # On-policy samples from the conversation before the first span (drop_turns keeps
@@ -160,7 +168,7 @@ def collate(rows: list[dict], max_length: int, pad_id: int = 0) -> Batch:
     length = max(len(s) for s in seqs)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
-    positions, parts = [], {k: [] for k in ("ids", "lps", "tail", "tok", "tgt")}
+    positions, parts = [], {k: [] for k in ("ids", "lps", "tail", "tok", "tgt", "kind", "blp")}
     for b, (s, (at, targets, n)) in enumerate(zip(seqs, trained, strict=True)):
         input_ids[b, : len(s)] = s
         mask[b, : len(s)] = 1
@@ -172,6 +180,12 @@ def collate(rows: list[dict], max_length: int, pad_id: int = 0) -> Batch:
         parts["tail"].append(r["tail_logprob"][:n])
         parts["tok"].append(r["token_logprob"][:n])
         parts["tgt"].append(targets)
+        if "ct_kind" in r:
+            parts["kind"].append(r["ct_kind"][:n])
+            parts["blp"].append(r["ct_block_logprob"][:n])
+    if parts["kind"] and len(parts["kind"]) != len(rows):
+        raise ValueError("a batch mixes teacher-vocabulary rows with ordinary ones")
+    crosstok = bool(parts["kind"])
     return Batch(
         input_ids=input_ids,
         attention_mask=mask,
@@ -184,6 +198,8 @@ def collate(rows: list[dict], max_length: int, pad_id: int = 0) -> Batch:
         ids=[r["id"] for r in rows],
         prompt_ids=prompts,
         teacher_prompt_ids=[r.get("teacher_prompt_ids", r["prompt_ids"]) for r in rows],
+        ct_kind=torch.cat(parts["kind"]).to(torch.int8) if crosstok else None,
+        ct_block_logprob=torch.cat(parts["blp"]).float() if crosstok else None,
     )
 
 
@@ -217,8 +233,12 @@ class ShardBatches(IterableDataset, BatchSource):
         seed: int = 0,
         pad_id: int = 0,
         overlong: Overlong = "skip",
+        convert: Callable[[dict], dict] | None = None,
     ):
         self.reader = reader
+        # Teacher-vocabulary folders: each row turned into a student row as it is read
+        # (train/crosstok_rows.py), before length sorting, so everything after is unchanged.
+        self.convert = convert
         self.batch_tokens, self.max_rows = batch_tokens, max_rows
         self.max_length, self.sort_window = max_length, sort_window
         self.seed, self.pad_id, self.overlong = seed, pad_id, overlong
@@ -247,7 +267,10 @@ class ShardBatches(IterableDataset, BatchSource):
         if skip is not None:
             self.reader.seek(shard, skip[0], skip[1])
         pending, warned = (0, 0, 0), False
-        for window in self._windows(iter(self.reader)):
+        rows = iter(self.reader)
+        if self.convert is not None:
+            rows = map(self.convert, rows)
+        for window in self._windows(rows):
             _, epoch, pos = window[0]["cursor"]
             start = pos - 1  # position of the window's first row
             window, cut = self._overlong(window)

@@ -133,11 +133,20 @@ class LossConfig(KDSpec):
     """The loss (every field of `KDSpec`, documented there) and how it is chunked."""
 
     chunk_tokens: int = option(1024, "tokens per loss chunk: bounds the logits held in memory")
+    # Teacher-vocabulary shards only (docs/cross-tokenizer.md "Losses"): 1.0 is the ULD
+    # paper's plain sum L = CE + lambda ULD at lambda = 1, next to the KD terms' own weights.
+    uld_weight: float = option(
+        1.0,
+        "teacher-vocabulary shards: weight of the ULD term at the first token of each merged "
+        "block (tokens that do not map one to one); 0: off",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+        if self.uld_weight < 0:
+            raise ValueError(f"uld_weight must be >= 0, got {self.uld_weight}")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from torch import nn
 from train.batches import Batch
 from train.chunked import LinearHead
 from train.config import ModelConfig
+from train.crosstok_loss import crosstok_loss
 from train.losses import KDSpec, LossOutput, TeacherSignal, kd_loss
 
 
@@ -143,11 +144,12 @@ def train_quantized_layers(model: nn.Module) -> None:
 class DistillModule(nn.Module):
     """Student forward + loss. Returns the loss SUM over the batch's trained tokens."""
 
-    def __init__(self, lm: nn.Module, spec: KDSpec, chunk_tokens: int):
+    def __init__(self, lm: nn.Module, spec: KDSpec, chunk_tokens: int, uld_weight: float = 1.0):
         super().__init__()
         self.lm = lm
         self.spec = spec
         self.chunk_tokens = chunk_tokens
+        self.uld_weight = uld_weight  # teacher-vocabulary batches only (train/crosstok_loss.py)
 
     @property
     def head(self) -> nn.Module:
@@ -160,6 +162,21 @@ class DistillModule(nn.Module):
         ).last_hidden_state
         hidden_NH = hidden_BLH.flatten(0, 1)[batch.positions]
         head = self.head
+        student = LinearHead(hidden_NH, head.weight, getattr(head, "bias", None))
+        if batch.ct_kind is not None:  # teacher-vocabulary shards
+            return crosstok_loss(
+                student,
+                batch.targets,
+                batch.ct_kind,
+                batch.topk_ids,
+                batch.topk_logprobs,
+                batch.tail_logprob,
+                batch.token_logprob,
+                batch.ct_block_logprob,
+                spec=self.spec,
+                uld_weight=self.uld_weight,
+                chunk_tokens=self.chunk_tokens,
+            )
         teacher = TeacherSignal(
             ids=batch.topk_ids,
             logprobs=batch.topk_logprobs,
@@ -167,7 +184,7 @@ class DistillModule(nn.Module):
             token_logprob=batch.token_logprob,
         )
         return kd_loss(
-            LinearHead(hidden_NH, head.weight, getattr(head, "bias", None)),
+            student,
             teacher if self.spec.alpha > 0 else None,  # SeqKD: CE only, skip the KD work
             spec=self.spec,
             targets=batch.targets,

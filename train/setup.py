@@ -16,6 +16,7 @@ from shards.fingerprint import tokenizer_fingerprint
 from shards.reader import ShardFolder, ShardReader
 from train.batches import Batch, BatchSource, ShardBatches
 from train.config import ConfigError, TrainConfig
+from train.crosstok_rows import crosstok_rows
 from train.logger import tracker_names
 from train.mixture import MixtureBatches
 from train.model import DistillModule, load_student, mixed_precision
@@ -66,6 +67,16 @@ class Run:
 
 
 def shard_batches(cfg: TrainConfig, folder: str, accelerator, tokenizer, *, train: bool):
+    # A teacher-vocabulary folder (issue #23) holds the teacher's ids: it is read with the
+    # teacher tokenizer's fingerprint and each row is aligned to the student as it is read.
+    # Any other folder must have the student's tokenizer, as before.
+    convert = crosstok_rows(folder, tokenizer)
+    if convert is not None and cfg.loss.reverse_kl_estimator == "mc":
+        raise ConfigError(
+            f"{folder}: teacher-vocabulary shards: loss.reverse_kl_estimator=mc needs the "
+            "teacher's logprob of the student's token, which another vocabulary does not have"
+        )
+    expected = convert.t_fingerprint if convert is not None else tokenizer_fingerprint(tokenizer)
     reader = ShardReader(
         folder,
         seed=cfg.seed,
@@ -75,7 +86,7 @@ def shard_batches(cfg: TrainConfig, folder: str, accelerator, tokenizer, *, trai
         world_size=accelerator.num_processes,
         num_workers=cfg.data.num_workers,
         epochs=None if train else 1,
-        expected_tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        expected_tokenizer_fingerprint=expected,
         verify=cfg.data.verify,
     )
     if train and len(reader.folder.blocks) < reader.num_shards:
@@ -93,6 +104,7 @@ def shard_batches(cfg: TrainConfig, folder: str, accelerator, tokenizer, *, trai
         seed=cfg.seed,
         pad_id=pad,
         overlong=cfg.data.overlong,
+        convert=convert,
     )
 
 
@@ -179,8 +191,13 @@ def build_run(cfg: TrainConfig) -> Run:
     lm, tokenizer = load_student(cfg.model, acc.device)
     source = training_source(cfg, acc, tokenizer)
     teacher_vocab = max(
-        (p.reader.metadata.vocab_size for p in source.folders()), default=0
+        (p.reader.metadata.vocab_size for p in source.folders() if p.convert is None), default=0
     )  # prompts from a data file: no folder; the teacher client checks the ids
+    if cfg.onpolicy.teacher_url and any(p.convert is not None for p in source.folders()):
+        raise ConfigError(
+            "on-policy distillation from teacher-vocabulary shards (a teacher with another "
+            "tokenizer) is not supported yet"
+        )
     head = lm.get_output_embeddings()
     # out_features, not weight.shape: under ZeRO-3 the weight is partitioned (shape 0).
     student_vocab = getattr(head, "out_features", None) or head.weight.shape[0]
@@ -189,7 +206,7 @@ def build_run(cfg: TrainConfig) -> Run:
             f"shards have teacher ids up to {teacher_vocab - 1} but the student's output head "
             f"has {student_vocab} rows"
         )
-    module = DistillModule(lm, cfg.loss, cfg.loss.chunk_tokens)
+    module = DistillModule(lm, cfg.loss, cfg.loss.chunk_tokens, uld_weight=cfg.loss.uld_weight)
     optimizer = torch.optim.AdamW(
         [p for p in module.parameters() if p.requires_grad],
         lr=cfg.optim.lr,
