@@ -58,10 +58,12 @@ def load_experience(path: str | Path) -> Experience:
 
 # ---- builders: experience read off train-fold gold episodes ----------------------------------
 
-BUILDERS = ("rules", "categories", "howto", "demo", "howto+categories", "nearest")
-# "nearest" is per episode: its text holds one line per train object, and `for_episode` keeps
-# the lines of the train objects most like the objects this episode's first observation offers
-# to take (source["per_episode"] is true; envs.runner.play then takes a callable).
+BUILDERS = ("rules", "categories", "howto", "demo", "howto+categories", "nearest", "similar")
+PER_EPISODE = ("nearest", "similar")
+# "nearest" and "similar" are per episode: the text holds one line per train object (its place;
+# the winning actions of its episode), and `for_episode` keeps what belongs to the train
+# objects most like the objects this episode's first observation offers to take
+# (source["per_episode"] is true; envs.runner.play then takes a callable).
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,19 @@ def nearest_lines(episodes) -> str:
     return rules_text(episodes)
 
 
+def similar_lines(episodes) -> str:
+    """One line per train object taken first in a gold episode: 'OBJECT: A | B | C', the
+    episode's gold actions without look around / inventory (the first episode of an object,
+    by seed)."""
+    out: dict[str, str] = {}
+    for ep in sorted(episodes, key=lambda e: e.seed):
+        actions = [a for a in ep.actions if a not in ("look around", "inventory")]
+        take = next((a for a in actions if a.startswith("take ")), None)
+        if take is not None and take[5:] not in out:
+            out[take[5:]] = " | ".join(actions)
+    return "\n".join(f"- {obj}: {acts}" for obj, acts in sorted(out.items()))
+
+
 def build_experience(builder: str, episodes, game: str, params: str) -> Experience:
     """The experience `builder` makes of train-fold gold episodes (train_gold_episodes)."""
     if builder not in BUILDERS:
@@ -211,6 +226,7 @@ def build_experience(builder: str, episodes, game: str, params: str) -> Experien
             howto_text(episodes) + "\nWhere objects belong:\n" + categories_text(episodes)
         ),
         "nearest": lambda: nearest_lines(episodes),
+        "similar": lambda: similar_lines(episodes),
     }
     source = {
         "builder": builder,
@@ -218,42 +234,98 @@ def build_experience(builder: str, episodes, game: str, params: str) -> Experien
         "params": params,
         "fold": "train",
         "seeds": sorted(e.seed for e in episodes),
-        "per_episode": builder == "nearest",
+        "per_episode": builder in PER_EPISODE,
     }
     return Experience(parts[builder](), source)
 
 
+def _most_alike(table: dict[str, str], obj: str, k: int) -> list[tuple[float, str]]:
+    """The k train objects of `table` sharing the most rare words with obj: (-weight, name),
+    weight = sum over shared words of 1 / (train objects holding the word); ties by name;
+    only objects sharing a word."""
+    df = Counter(w for o in table for w in set(o.lower().split()))
+    words = set(obj.lower().split())
+    scored = sorted((-sum(1.0 / df[w] for w in words & set(o.lower().split())), o) for o in table)
+    return [(s, o) for s, o in scored[:k] if s < 0]
+
+
 def for_episode(experience: Experience, valid_actions, k: int = 2) -> str:
-    """The text a per-episode experience gives one episode: for each object its first
-    observation offers to take ('take OBJECT'), the place the k train objects most like it
-    went to (word overlap weighted by how rare a word is among the train objects; ties by
-    name), as an instruction. A whole-config experience is returned as it is."""
+    """The text a per-episode experience gives one episode, from the objects its first
+    observation offers to take ('take OBJECT'); a whole-config experience is returned as it is.
+
+    nearest: for each object, the place its k most alike train objects went to (votes
+    weighted as in _most_alike), as an instruction. similar: for each object, the winning
+    actions of the train episode of its most alike train object."""
     if not experience.source.get("per_episode"):
         return experience.text
     table = {}
     for line in experience.text.splitlines():
-        obj, _, place = line[2:].rpartition(": ")
-        table[obj] = place
-    df = Counter(w for obj in table for w in set(obj.lower().split()))
+        obj, _, value = line[2:].partition(": ")
+        table[obj] = value
+    similar = experience.source.get("builder") == "similar"
     lines = []
     for action in valid_actions:
         if not action.startswith("take "):
             continue
         obj = action[5:]
-        words = set(obj.lower().split())
-        scored = sorted(
-            (-sum(1.0 / df[w] for w in words & set(o.lower().split())), o) for o in table
-        )
-        votes: Counter = Counter()
-        for score, o in scored[:k]:
-            if score < 0:
-                votes[table[o]] += -score
-        if not votes:
+        alike = _most_alike(table, obj, 1 if similar else k)
+        if not alike:
             continue
+        if similar:
+            lines.append(f"Actions that won an earlier game like this one ({alike[0][1]}):")
+            lines.extend(table[alike[0][1]].split(" | "))
+            continue
+        votes: Counter = Counter()
+        for score, o in alike:
+            votes[table[o]] += -score
         place = sorted(votes.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
-        like = ", ".join(o for s, o in scored[:k] if s < 0)
+        like = ", ".join(o for _, o in alike)
         lines.append(
             f"- The {obj} belongs in the {place} (like the {like} of earlier games): "
             f"take {obj}, open {place} if it is closed, put {obj} in {place}."
         )
     return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """python -m envs.experience --game twc --params numLocations=1,... --builder NAME
+    --train-seeds 0-299 --out FILE: the experience of train-fold gold episodes, as a file."""
+    import argparse
+
+    from envs.config import EnvConfig
+    from envs.textworld import TextWorldEnv
+
+    ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    ap.add_argument("--game", required=True)
+    ap.add_argument("--params", default="", help="name=value,... (the engine's gameParams)")
+    ap.add_argument("--builder", required=True, choices=BUILDERS)
+    ap.add_argument("--train-seeds", required=True, help="train-fold seeds: A-B or a,b,c")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    params = {}
+    for item in filter(None, args.params.split(",")):
+        name, _, value = item.partition("=")
+        if not value.strip().isdigit():
+            raise SystemExit(f"--params: {item!r}: expected name=integer")
+        params[name.strip()] = int(value)
+    if "-" in args.train_seeds:
+        lo, _, hi = args.train_seeds.partition("-")
+        seeds = list(range(int(lo), int(hi) + 1))
+    else:
+        seeds = [int(s) for s in args.train_seeds.split(",")]
+    config = EnvConfig(game=args.game, params=params, fold="train")
+    env = TextWorldEnv(config)
+    try:
+        episodes = train_gold_episodes(env, seeds)
+    except ExperienceError as e:
+        raise SystemExit(f"envs.experience: {e}") from None
+    finally:
+        env.close()
+    experience = build_experience(args.builder, episodes, args.game, config.game_params())
+    save_experience(experience, args.out)
+    print(f"envs.experience: {args.builder} from {len(seeds)} train-fold episodes -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -608,7 +608,7 @@ def test_experience_file_must_come_from_the_train_fold(tmp_path):
 
 
 def test_experience_builders_read_the_train_fold_only(engine):
-    from envs.experience import ExperienceError, build_experience, train_gold_episodes
+    from envs.experience import BUILDERS, ExperienceError, build_experience, train_gold_episodes
 
     dev, test = engine.fold_seeds("dev")[0], engine.fold_seeds("test")[0]
     for seed in (dev, test):  # the folds' seeds are disjoint: no way to read another fold
@@ -619,13 +619,13 @@ def test_experience_builders_read_the_train_fold_only(engine):
     assert all(e.success for e in episodes)  # the gold paths, played, win
     again = train_gold_episodes(engine, list(reversed(train)))
     params = twc().game_params()
-    for builder in ("rules", "categories", "howto", "demo", "howto+categories", "nearest"):
+    for builder in BUILDERS:
         made = build_experience(builder, episodes, "twc", params)
         assert made == build_experience(builder, list(reversed(again)), "twc", params)
         assert made.text.strip()
         assert made.source == {
             "builder": builder, "game": "twc", "params": params, "fold": "train",
-            "seeds": sorted(train), "per_episode": builder == "nearest",
+            "seeds": sorted(train), "per_episode": builder in ("nearest", "similar"),
         }  # fmt: skip
     rules = build_experience("rules", episodes, "twc", params).text
     puts = [a for e in episodes for a in e.actions if a.startswith("put ")]
@@ -647,6 +647,12 @@ def test_per_episode_experience_picks_the_most_alike_train_objects():
         "brown skirt in clothes drier."
     )  # the apple is like no train object: no line
     assert for_episode(Experience("as is", {"fold": "train"}), ("take x",)) == "as is"
+    won = "- wet brown dress: take wet brown dress | open clothes drier | put wet brown dress in clothes drier\n- eggs: take eggs | put eggs in fridge"
+    exp = Experience(won, {"fold": "train", "per_episode": True, "builder": "similar"})
+    assert for_episode(exp, ("take wet skirt",)) == (
+        "Actions that won an earlier game like this one (wet brown dress):\ntake wet brown dress"
+        "\nopen clothes drier\nput wet brown dress in clothes drier"
+    )
 
 
 def test_runner_gives_each_episode_its_own_experience():
