@@ -647,7 +647,10 @@ def test_per_episode_experience_picks_the_most_alike_train_objects():
         "brown skirt in clothes drier."
     )  # the apple is like no train object: no line
     assert for_episode(Experience("as is", {"fold": "train"}), ("take x",)) == "as is"
-    won = "- wet brown dress: take wet brown dress | open clothes drier | put wet brown dress in clothes drier\n- eggs: take eggs | put eggs in fridge"
+    won = (
+        "- wet brown dress: take wet brown dress | open clothes drier | put wet brown dress in "
+        "clothes drier\n- eggs: take eggs | put eggs in fridge"
+    )
     exp = Experience(won, {"fold": "train", "per_episode": True, "builder": "similar"})
     assert for_episode(exp, ("take wet skirt",)) == (
         "Actions that won an earlier game like this one (wet brown dress):\ntake wet brown dress"
