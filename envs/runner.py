@@ -113,6 +113,7 @@ class _Active:
     env: Environment
     episode: Episode
     obs: Observation | None = None
+    experience: str | None = None  # this episode's (the runner's, or its callable's answer)
 
 
 def _stderr(line: str) -> None:
@@ -131,7 +132,7 @@ def play(
     keys: Sequence[EpisodeKey] | None = None,
     samples: int = 1,
     batch_size: int = 16,
-    experience: str | None = None,
+    experience: str | Callable[[Observation], str] | None = None,
     pool: EnvPool | None = None,
     make_env: Callable[[EnvConfig], Environment] | None = None,
     on_episode: Callable[[Episode], None] | None = None,
@@ -140,7 +141,10 @@ def play(
     on_reject: Callable[[Rejected], None] | None = None,
 ) -> PlayResult:
     """Play `keys` (default: the config's seeds x `samples`) with `policy`, batch_size
-    episodes at a time. experience goes into the prompts' system message (teacher view).
+    episodes at a time. experience goes into the prompts' system message (teacher view):
+    one text for every episode, or a callable of an episode's first observation that gives
+    that episode's text (a per-episode experience, envs.experience.for_episode; called once
+    per episode, after its reset, so it sees what the episode starts with and nothing later).
     pool: environments to reuse (left open, live ones given back); without one, a pool of
     make_env (default TextWorldEnv) is made for this call and closed at its end.
     policy_keys: call policy(prompts, keys) with each prompt's EpisodeKey (a sampler can
@@ -226,6 +230,7 @@ class _Runner:
             self._reject(act, str(r))
             return None
         episode.task = obs.task
+        act.experience = self.experience(obs) if callable(self.experience) else self.experience
         self._record(act, obs)
         return act
 
@@ -236,7 +241,7 @@ class _Runner:
                 a.episode.observations,
                 a.episode.valid_actions,
                 a.episode.actions,
-                self.experience,
+                a.experience,
             )
             for a in active
         ]

@@ -602,3 +602,78 @@ def test_experience_file_must_come_from_the_train_fold(tmp_path):
     (tmp_path / "n.json").write_text("[1]")
     with pytest.raises(ExperienceError, match="n.json: text"):
         load_experience(tmp_path / "n.json")
+
+
+# --- experience builders: train fold only, deterministic, source recorded ----------------
+
+
+def test_experience_builders_read_the_train_fold_only(engine):
+    from envs.experience import BUILDERS, ExperienceError, build_experience, train_gold_episodes
+
+    dev, test = engine.fold_seeds("dev")[0], engine.fold_seeds("test")[0]
+    for seed in (dev, test):  # the folds' seeds are disjoint: no way to read another fold
+        with pytest.raises(ExperienceError, match=rf"seeds: \[{seed}\] are not train-fold"):
+            train_gold_episodes(engine, [engine.fold_seeds("train")[0], seed])
+    train = engine.fold_seeds("train")[:6]
+    episodes = train_gold_episodes(engine, train)
+    assert all(e.success for e in episodes)  # the gold paths, played, win
+    again = train_gold_episodes(engine, list(reversed(train)))
+    params = twc().game_params()
+    for builder in BUILDERS:
+        made = build_experience(builder, episodes, "twc", params)
+        assert made == build_experience(builder, list(reversed(again)), "twc", params)
+        assert made.text.strip()
+        assert made.source == {
+            "builder": builder, "game": "twc", "params": params, "fold": "train",
+            "seeds": sorted(train), "per_episode": builder in ("nearest", "similar"),
+        }  # fmt: skip
+    rules = build_experience("rules", episodes, "twc", params).text
+    puts = [a for e in episodes for a in e.actions if a.startswith("put ")]
+    assert puts and all(
+        f"- {p[4:].replace(' in ', ': ').replace(' on ', ': ')}" in rules for p in puts
+    )
+
+
+def test_per_episode_experience_picks_the_most_alike_train_objects():
+    from envs.experience import Experience, for_episode
+
+    table = "- wet brown dress: clothes drier\n- clean brown shirt: wardrobe\n- eggs: fridge"
+    exp = Experience(table, {"fold": "train", "per_episode": True})
+    # "wet" (1 of 3 train objects) weighs 1, "brown" (2 of 3) 1/2: the wet dress wins.
+    text = for_episode(exp, ("look around", "take wet brown skirt", "take apple"), k=1)
+    assert text == (
+        "- The wet brown skirt belongs in the clothes drier (like the wet brown dress of "
+        "earlier games): take wet brown skirt, open clothes drier if it is closed, put wet "
+        "brown skirt in clothes drier."
+    )  # the apple is like no train object: no line
+    assert for_episode(Experience("as is", {"fold": "train"}), ("take x",)) == "as is"
+    won = (
+        "- wet brown dress: take wet brown dress | open clothes drier | put wet brown dress in "
+        "clothes drier\n- eggs: take eggs | put eggs in fridge"
+    )
+    exp = Experience(won, {"fold": "train", "per_episode": True, "builder": "similar"})
+    assert for_episode(exp, ("take wet skirt",)) == (
+        "Actions that won an earlier game like this one (wet brown dress):\ntake wet brown dress"
+        "\nopen clothes drier\nput wet brown dress in clothes drier"
+    )
+
+
+def test_runner_gives_each_episode_its_own_experience():
+    seen = {}
+
+    def policy(prompts):
+        for p in prompts:
+            seen.setdefault(first_observation(p), set()).add(p[0]["content"].split("games:\n")[1])
+        return counting_policy(prompts)
+
+    calls = []
+
+    def experience(obs):
+        calls.append(obs.text)
+        return f"hint for {obs.text}"
+
+    keys = [EpisodeKey(3), EpisodeKey(1), EpisodeKey(2)]
+    config = EnvConfig(game="sorting", step_limit=20)
+    play(config, policy, keys=keys, batch_size=2, make_env=CountingGame, experience=experience)
+    assert calls == ["start 3", "start 1", "start 2"]  # once per episode, at its start
+    assert seen == {f"start {s}": {f"hint for start {s}"} for s in (1, 2, 3)}
