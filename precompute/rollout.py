@@ -55,7 +55,7 @@ from precompute.run import (
     check_required,
     commit_records,
     limits_context,
-    make_backend,
+    started_backend,
     teacher_tokenizer,
 )
 from precompute.views import _conversation_views, thinking_for
@@ -361,15 +361,7 @@ def run_rollout(
                 progress(summary, len(todo))
             if todo:
                 own_backend = backend is None
-                if own_backend:
-                    log(f"precompute: loading teacher {cfg.teacher} ({cfg.backend})")
-                    backend = make_backend(cfg)
-                if backend.k != cfg.k:
-                    raise ValueError(f"the engine was started for k={backend.k}, config k={cfg.k}")
-                if backend.vocab_size != vocab_size:
-                    raise ValueError(
-                        f"engine logit dimension {backend.vocab_size} != config vocab {vocab_size}"
-                    )
+                backend = started_backend(cfg, backend, vocab_size, log)
                 try:
                     _play(
                         cfg,

@@ -219,6 +219,21 @@ def retokenizes(tokenizer, ids) -> bool:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) == ids
 
 
+def started_backend(cfg: PrecomputeConfig, backend: Backend | None, vocab_size: int, log):
+    """`backend` (a caller's started engine) or a new one for cfg, checked against the
+    config's k and the teacher's logit dimension."""
+    if backend is None:
+        log(f"precompute: loading teacher {cfg.teacher} ({cfg.backend})")
+        backend = make_backend(cfg)
+    if backend.k != cfg.k:
+        raise ValueError(f"the engine was started for k={backend.k}, config k={cfg.k}")
+    if backend.vocab_size != vocab_size:
+        raise ValueError(
+            f"engine logit dimension {backend.vocab_size} != config vocab {vocab_size}"
+        )
+    return backend
+
+
 def make_backend(cfg: PrecomputeConfig) -> Backend:
     if cfg.backend == "vllm":
         from vllm_engine.teacher import VLLMBackend
@@ -527,15 +542,7 @@ def run(
             progress(summary, len(todo))
         if todo:
             own_backend = backend is None
-            if own_backend:
-                log(f"precompute: loading teacher {cfg.teacher} ({cfg.backend})")
-                backend = make_backend(cfg)
-            if backend.k != cfg.k:
-                raise ValueError(f"the engine was started for k={backend.k}, config k={cfg.k}")
-            if backend.vocab_size != vocab_size:
-                raise ValueError(
-                    f"engine logit dimension {backend.vocab_size} != config vocab {vocab_size}"
-                )
+            backend = started_backend(cfg, backend, vocab_size, log)
             try:
                 given = (
                     given_response_ids(cfg, {ex.index for ex, _ in todo}, vocab_size)

@@ -18,6 +18,7 @@ from envs.base import EnvironmentDied, Observation
 from envs.experience import Experience, save_experience
 from envs.prompt import episode_messages
 from precompute import rollout as rollout_mod
+from precompute import run as precompute_run
 from precompute.__main__ import main
 from precompute.config import ConfigError, load_config
 from precompute.hf_backend import HFBackend
@@ -280,7 +281,7 @@ def test_bad_input_one_line_each_before_the_teacher_loads(tiny, tmp_path, monkey
     def no_teacher(cfg):
         raise AssertionError("the teacher was loaded")
 
-    monkeypatch.setattr(rollout_mod, "make_backend", no_teacher)
+    monkeypatch.setattr(precompute_run, "make_backend", no_teacher)
     with pytest.raises(ConfigError, match=r"^env\.game: unknown game 'zork'; valid games: twc"):
         rollout_cfg(tiny, tmp_path / "o", "env.game=zork")
     with pytest.raises(ConfigError, match=r"^env\.params: unknown parameter 'rooms' for game twc"):
