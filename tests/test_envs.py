@@ -32,7 +32,7 @@ def twc(**kw) -> EnvConfig:
 
 
 def first_observation(prompt: list[dict]) -> str:
-    return prompt[1]["content"].split("\n\nValid actions:")[0]
+    return prompt[1]["content"].split("\n\nWhich action do you take?")[0]
 
 
 class Scripted:
@@ -250,11 +250,13 @@ SNAPSHOT_USER_0 = (
     "coffee table, that has nothing on it. You also see a end table, that has nothing on it. "
     "In another part of the room you see a sofa, that has nothing on it. In one part of the "
     "room you see a notebook.\n\n"
-    "Valid actions:\n- inventory\n- look around\n- open wastepaper basket\n- take notebook"
+    "Which action do you take? Options: inventory, look around, open wastepaper basket, "
+    "take notebook."
 )
 SNAPSHOT_USER_1 = (
     "Unknown action: I'm not sure what you mean.\n\n"
-    "Valid actions:\n- inventory\n- look around\n- open wastepaper basket\n- take notebook"
+    "Which action do you take? Options: inventory, look around, open wastepaper basket, "
+    "take notebook."
 )
 
 
