@@ -604,3 +604,15 @@ def test_experience_file_must_come_from_the_train_fold(tmp_path):
     (tmp_path / "n.json").write_text("[1]")
     with pytest.raises(ExperienceError, match="n.json: text"):
         load_experience(tmp_path / "n.json")
+
+
+def test_prompt_is_the_benchmarked_winner_and_not_the_old_format():
+    """bench/prompt_format.py measured the formats; envs.prompt must be the one it chose
+    (`question_old_system`), not the format before it (`current`)."""
+    from bench.prompt_format import VARIANTS
+
+    args = ("Your task is X.", ["You see a shoe.", "Taken."], [("take shoe", "look around")] * 2)
+    assert messages(*args, ["take shoe"]) == VARIANTS["question_old_system"](*args, ["take shoe"])
+    prompt = ("Your task is X.", ["You see a shoe."], [("take shoe", "look around")], [], "exp")
+    assert messages(*prompt) == VARIANTS["question_old_system"](*prompt)
+    assert messages(*args, ["take shoe"]) != VARIANTS["current"](*args, ["take shoe"])
