@@ -32,7 +32,7 @@ def twc(**kw) -> EnvConfig:
 
 
 def first_observation(prompt: list[dict]) -> str:
-    return prompt[1]["content"].split("\n\nValid actions:")[0]
+    return prompt[1]["content"].split("\n\nWhich action do you take?")[0]
 
 
 class Scripted:
@@ -250,11 +250,13 @@ SNAPSHOT_USER_0 = (
     "coffee table, that has nothing on it. You also see a end table, that has nothing on it. "
     "In another part of the room you see a sofa, that has nothing on it. In one part of the "
     "room you see a notebook.\n\n"
-    "Valid actions:\n- inventory\n- look around\n- open wastepaper basket\n- take notebook"
+    "Which action do you take? Options: inventory, look around, open wastepaper basket, "
+    "take notebook."
 )
 SNAPSHOT_USER_1 = (
     "Unknown action: I'm not sure what you mean.\n\n"
-    "Valid actions:\n- inventory\n- look around\n- open wastepaper basket\n- take notebook"
+    "Which action do you take? Options: inventory, look around, open wastepaper basket, "
+    "take notebook."
 )
 
 
@@ -677,3 +679,15 @@ def test_runner_gives_each_episode_its_own_experience():
     play(config, policy, keys=keys, batch_size=2, make_env=CountingGame, experience=experience)
     assert calls == ["start 3", "start 1", "start 2"]  # once per episode, at its start
     assert seen == {f"start {s}": {f"hint for start {s}"} for s in (1, 2, 3)}
+
+
+def test_prompt_is_the_benchmarked_winner_and_not_the_old_format():
+    """bench/prompt_format.py measured the formats; envs.prompt must be the one it chose
+    (`question_old_system`), not the format before it (`current`)."""
+    from bench.prompt_format import VARIANTS
+
+    args = ("Your task is X.", ["You see a shoe.", "Taken."], [("take shoe", "look around")] * 2)
+    assert messages(*args, ["take shoe"]) == VARIANTS["question_old_system"](*args, ["take shoe"])
+    prompt = ("Your task is X.", ["You see a shoe."], [("take shoe", "look around")], [], "exp")
+    assert messages(*prompt) == VARIANTS["question_old_system"](*prompt)
+    assert messages(*args, ["take shoe"]) != VARIANTS["current"](*args, ["take shoe"])

@@ -240,7 +240,10 @@ def test_cli_plays_reports_and_caches(setup):
     assert "## Paired against student before" in report
     assert "- reply: `I go now`" not in report  # seed 1: stop at once
     assert "- reply: `stop`" in report and "- action (exact): `stop`" in report
-    assert "seed 1: you stand at the start" in report and "Valid actions:" in report
+    assert (
+        "seed 1: you stand at the start" in report
+        and "Which action do you take? Options:" in report
+    )
     assert (out / "agent_success.png").stat().st_size > 1000
     # A rerun plays nothing; another experience (or sampling) is another key.
     again = FakeEngine()
