@@ -30,7 +30,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import pyarrow.feather as feather
 
@@ -56,11 +55,12 @@ from precompute.run import (
     commit_records,
     limits_context,
     started_backend,
+    teacher_dtype,
+    teacher_metadata,
     teacher_tokenizer,
 )
 from precompute.views import _conversation_views, thinking_for
 from runtime.progress import progress as progress_bar
-from shards.fingerprint import weights_fingerprint
 from shards.manifest import load_manifest, read_extra
 from shards.schema import ShardMetadata
 from shards.writer import ShardWriter
@@ -136,9 +136,7 @@ def rollout_metadata(
             "thinking": cfg.view.thinking,
         },
         "source": cfg.source,
-        "teacher_dtype": (
-            str(cfg.engine.get("dtype", "auto")) if cfg.backend == "vllm" else cfg.hf.dtype
-        ),
+        "teacher_dtype": teacher_dtype(cfg),
     }
     extra = {
         "precompute": precompute,
@@ -147,15 +145,12 @@ def rollout_metadata(
         **({"tags": cfg.tags} if cfg.tags else {}),
     }
     text = "" if experience is None else experience.text
-    return ShardMetadata(
-        k=cfg.k,
-        vocab_size=vocab_size,
-        teacher=Path(cfg.teacher).name,
-        teacher_fingerprint=weights_fingerprint(cfg.teacher),
-        tokenizer_fingerprint=tok_fp,
-        logprobs_mode="raw_logprobs",
+    return teacher_metadata(
+        cfg,
+        tok_fp,
+        vocab_size,
         sampling=sampling,
-        data_fingerprint=hashlib.sha256(text.encode()).hexdigest() if text else "",
+        data_fp=hashlib.sha256(text.encode()).hexdigest() if text else "",
         extra=extra,
     )
 

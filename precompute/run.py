@@ -261,11 +261,29 @@ def metadata_for(
     if teacher_path := extra["data"].pop("teacher_path"):
         # Left out when empty, so that folders made before two-file inputs keep resuming.
         extra["data"]["teacher_data_fingerprint"] = data_fingerprint(teacher_path)
-    extra["teacher_dtype"] = (
-        str(cfg.engine.get("dtype", "auto")) if cfg.backend == "vllm" else cfg.hf.dtype
-    )
+    extra["teacher_dtype"] = teacher_dtype(cfg)
     tags = extra.pop("tags")
     vocabulary = {} if vocab is None else {VOCABULARY_KEY: vocab.metadata}
+    return teacher_metadata(
+        cfg,
+        tok_fp,
+        vocab_size,
+        sampling={"mode": cfg.mode, **sampling},
+        data_fp=data_fingerprint(cfg.data.path),
+        extra={"precompute": extra, **({"tags": tags} if tags else {}), **vocabulary},
+    )
+
+
+def teacher_dtype(cfg: PrecomputeConfig) -> str:
+    """The dtype the teacher's weights ran in: part of what the shards contain."""
+    return str(cfg.engine.get("dtype", "auto")) if cfg.backend == "vllm" else cfg.hf.dtype
+
+
+def teacher_metadata(
+    cfg: PrecomputeConfig, tok_fp: str, vocab_size: int, *, sampling: dict, data_fp: str, extra
+) -> ShardMetadata:
+    """The shard metadata of a run of this teacher (score, generate and rollout modes alike):
+    the mode's sampling, data fingerprint and extra are the caller's."""
     return ShardMetadata(
         k=cfg.k,
         vocab_size=vocab_size,
@@ -273,9 +291,9 @@ def metadata_for(
         teacher_fingerprint=weights_fingerprint(cfg.teacher),
         tokenizer_fingerprint=tok_fp,
         logprobs_mode="raw_logprobs",
-        sampling={"mode": cfg.mode, **sampling},
-        data_fingerprint=data_fingerprint(cfg.data.path),
-        extra={"precompute": extra, **({"tags": tags} if tags else {}), **vocabulary},
+        sampling=sampling,
+        data_fingerprint=data_fp,
+        extra=extra,
     )
 
 
