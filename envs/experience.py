@@ -58,8 +58,18 @@ def load_experience(path: str | Path) -> Experience:
 
 # ---- builders: experience read off train-fold gold episodes ----------------------------------
 
-BUILDERS = ("rules", "categories", "howto", "demo", "howto+categories", "nearest", "similar")
-PER_EPISODE = ("nearest", "similar")
+BUILDERS = (
+    "rules",
+    "categories",
+    "howto",
+    "demo",
+    "demo3",
+    "demo+nearest",
+    "howto+categories",
+    "nearest",
+    "similar",
+)
+PER_EPISODE = ("nearest", "similar", "demo+nearest")
 # "nearest" and "similar" are per episode: the text holds one line per train object (its place;
 # the winning actions of its episode), and `for_episode` keeps what belongs to the train
 # objects most like the objects this episode's first observation offers to take
@@ -181,16 +191,31 @@ def howto_text(episodes) -> str:
     return "\n".join(lines)
 
 
-def demo_text(episodes) -> str:
-    """One worked train episode: the first observation and the gold actions with what each
-    led to (the shortest successful one, ties by seed)."""
-    ep = sorted((e for e in episodes if e.success), key=lambda e: (len(e.actions), e.seed))[0]
-    lines = [f"An earlier game: {ep.observations[0].strip()}"]
-    for action, obs in zip(ep.actions, ep.observations[1:], strict=True):
-        if action in ("look around", "inventory"):
-            continue
-        lines.append(f"> {action}\n{obs.strip()}")
-    return "\n".join(lines)
+# Between demo+nearest's worked game and its table (for_episode keeps the demo, reads the table).
+TABLE_MARK = "\n\nWhere objects went in earlier games:\n"
+
+
+def demo_text(episodes, n: int = 1) -> str:
+    """n worked train episodes: the first observation and the gold actions with what each
+    led to (the shortest successful ones, ties by seed, each taking another object)."""
+    picked, objects = [], set()
+    for ep in sorted((e for e in episodes if e.success), key=lambda e: (len(e.actions), e.seed)):
+        taken = frozenset(a for a in ep.actions if a.startswith("take "))
+        if taken & objects:
+            continue  # another object each: a small model copies a repeated object's place
+        picked.append(ep)
+        objects |= taken
+        if len(picked) == n:
+            break
+    games = []
+    for ep in picked:
+        lines = [f"An earlier game: {ep.observations[0].strip()}"]
+        for action, obs in zip(ep.actions, ep.observations[1:], strict=True):
+            if action in ("look around", "inventory"):
+                continue
+            lines.append(f"> {action}\n{obs.strip()}")
+        games.append("\n".join(lines))
+    return "\n\n".join(games)
 
 
 def nearest_lines(episodes) -> str:
@@ -222,6 +247,8 @@ def build_experience(builder: str, episodes, game: str, params: str) -> Experien
         ),
         "howto": lambda: howto_text(episodes),
         "demo": lambda: demo_text(episodes),
+        "demo3": lambda: demo_text(episodes, 3),
+        "demo+nearest": lambda: demo_text(episodes) + TABLE_MARK + nearest_lines(episodes),
         "howto+categories": lambda: (
             howto_text(episodes) + "\nWhere objects belong:\n" + categories_text(episodes)
         ),
@@ -258,8 +285,9 @@ def for_episode(experience: Experience, valid_actions, k: int = 2) -> str:
     actions of the train episode of its most alike train object."""
     if not experience.source.get("per_episode"):
         return experience.text
+    demo, _, text = experience.text.rpartition(TABLE_MARK)  # demo+nearest: the demo, then the table
     table = {}
-    for line in experience.text.splitlines():
+    for line in text.splitlines():
         obj, _, value = line[2:].partition(": ")
         table[obj] = value
     similar = experience.source.get("builder") == "similar"
@@ -284,7 +312,7 @@ def for_episode(experience: Experience, valid_actions, k: int = 2) -> str:
             f"- The {obj} belongs in the {place} (like the {like} of earlier games): "
             f"take {obj}, open {place} if it is closed, put {obj} in {place}."
         )
-    return "\n".join(lines)
+    return "\n\n".join(t for t in (demo, "\n".join(lines)) if t)
 
 
 def main(argv=None) -> int:

@@ -627,8 +627,14 @@ def test_experience_builders_read_the_train_fold_only(engine):
         assert made.text.strip()
         assert made.source == {
             "builder": builder, "game": "twc", "params": params, "fold": "train",
-            "seeds": sorted(train), "per_episode": builder in ("nearest", "similar"),
+            "seeds": sorted(train),
+            "per_episode": builder in ("nearest", "similar", "demo+nearest"),
         }  # fmt: skip
+    demos = build_experience("demo3", episodes, "twc", params).text.split("\n\n")
+    assert demos[0] == build_experience("demo", episodes, "twc", params).text
+    taken = [{line for line in d.splitlines() if line.startswith("> take ")} for d in demos]
+    assert len(demos) == 3 and all(taken)  # three games, each taking another object
+    assert not (taken[0] & taken[1] or taken[0] & taken[2] or taken[1] & taken[2])
     rules = build_experience("rules", episodes, "twc", params).text
     puts = [a for e in episodes for a in e.actions if a.startswith("put ")]
     assert puts and all(
@@ -648,6 +654,12 @@ def test_per_episode_experience_picks_the_most_alike_train_objects():
         "earlier games): take wet brown skirt, open clothes drier if it is closed, put wet "
         "brown skirt in clothes drier."
     )  # the apple is like no train object: no line
+    from envs.experience import TABLE_MARK
+
+    demo = "An earlier game: You are in the kitchen.\n> take eggs\nYou take the eggs."
+    both = Experience(demo + TABLE_MARK + table, {"per_episode": True, "builder": "demo+nearest"})
+    assert for_episode(both, ("take wet brown skirt", "take apple"), k=1) == demo + "\n\n" + text
+    assert for_episode(both, ("take apple",), k=1) == demo  # no alike object: the demo alone
     assert for_episode(Experience("as is", {"fold": "train"}), ("take x",)) == "as is"
     won = (
         "- wet brown dress: take wet brown dress | open clothes drier | put wet brown dress in "
