@@ -16,7 +16,8 @@ view, configs/demo/precompute.yaml), and a student of another tokenizer, Gemma 3
    before, and both methods of every seed, in the student view (Q), greedy,
 5. the summary: per seed, SKD minus SeqKD on the same questions (paired bootstrap interval,
    McNemar's p; tools/eval/paired.py), every row's score with its Wilson interval, the
-   wall time of every stage -> RESULTS (bench/results/crosstok_evidence.json).
+   wall time of every stage, and the pair's alignment over the shards (one-to-one share,
+   mapped top-k mass, conversion rate) -> RESULTS (bench/results/crosstok_evidence.json).
 
 Every stage is an ordinary command, printed before it runs (tools/stages.py); WORK/stages.json
 records finished stages with their wall time, a re-run skips them, and an interrupted stage
@@ -124,6 +125,42 @@ def stages(args, seeds: list[int]) -> list[Stage]:
     return jobs
 
 
+def alignment_stats(shards: Path, student: Path) -> dict:
+    """The real pair's alignment over every row of the folder (issue #23 §3): the share of
+    student response tokens that are one-to-one with a teacher token, the share of the
+    teacher's top-k mass that maps to student ids (all positions), the load-time conversion
+    rate (train/crosstok_rows.py, this process, after the tables are built)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from crosstok.vocab import map_topk
+    from shards.reader import read_rows
+    from train.crosstok_rows import KIND_MAPPED, crosstok_rows
+
+    convert = crosstok_rows(shards, AutoTokenizer.from_pretrained(student))
+    rows = list(read_rows(shards))
+    t0 = time.perf_counter()
+    converted = [convert(r) for r in rows]
+    seconds = time.perf_counter() - t0
+    kinds = torch.cat([c["ct_kind"] for c in converted])
+    topk_mass = mapped_mass = 0.0
+    for r in rows:
+        m = map_topk(r["topk_ids"], r["topk_logprobs"], r["tail_logprob"], convert.table)
+        topk_mass += r["topk_logprobs"].float().exp().sum().item()
+        mapped_mass += m.mapped_mass.sum().item()
+    teacher_tokens = sum(len(r["response_ids"]) for r in rows)
+    return {
+        "rows": len(rows),
+        "teacher_tokens": teacher_tokens,
+        "student_tokens": int(kinds.numel()),
+        "student_tokens_one_to_one": float((kinds == KIND_MAPPED).float().mean()),
+        "topk_mass_mapped": mapped_mass / topk_mass,
+        "teacher_vocab_mapped": convert.mapped_vocab,
+        "convert_teacher_tokens_per_s": teacher_tokens / seconds,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def summarize(report: Path, seeds: list[int], stage_times: dict, command: str) -> dict:
     """Per seed, SKD minus SeqKD question by question, and every row's score."""
     from tools.eval.paired import paired_difference, scores_by_id
@@ -167,6 +204,7 @@ def main(argv=None) -> int:
     runner.run(stages(args, seeds))
     command = shlex.join(["python", "-m", "bench.crosstok_evidence", *(argv or sys.argv[1:])])
     out = summarize(Path(args.report), seeds, runner.done, command)
+    out["alignment"] = alignment_stats(work / "shards", student_dir(args))
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(out, indent=2) + "\n")
     for s, d in out["skd_minus_seqkd"].items():
