@@ -14,7 +14,7 @@ SETUP_STAMP := $(VENV)/.setup-stamp
 	default-data precompute bench-precompute bench-precompute-workers eval
 .PHONY: teacher-server bench-onpolicy onpolicy-rounds bench-rounds bench-precompute-host
 .PHONY: bench-object-store demo-onpolicy onpolicy-live onpolicy-two-stage bench-conversations
-.PHONY: bench-crosstok
+.PHONY: bench-crosstok models-gemma bench-crosstok-evidence
 
 help: ## list the targets
 	@echo "kdshards make targets:"
@@ -92,6 +92,12 @@ bench-conversations: setup models ## score multi-turn conversations: one teacher
 
 bench-crosstok: setup models ## cross-tokenizer alignment, SmolLM2 (teacher) vs the Qwen3 tokenizer (QWEN3_TOKENIZER=DIR)
 	$(PYTHON) -m bench.crosstok $(if $(QWEN3_TOKENIZER),--qwen3-tokenizer $(QWEN3_TOKENIZER)) $(ARGS)
+
+models-gemma: setup ## convert the Gemma 3 270M GGUF (another tokenizer) into models/gemma3-270m
+	$(PYTHON) -m tools.gemma_model --out $(MODELS_DIR)
+
+bench-crosstok-evidence: setup models models-gemma $(DEFAULT_DATA) ## cross-tokenizer SKD vs SeqKD, Gemma student, 2 seeds, paired tests (ARGS=)
+	$(PYTHON) -m bench.crosstok_evidence --models $(MODELS_DIR) $(ARGS)
 
 bench-precompute-workers: setup models $(DEFAULT_DATA) ## precompute with 1 vs 2 local workers
 	$(PYTHON) -m bench.precompute_workers $(ARGS)

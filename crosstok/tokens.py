@@ -46,6 +46,8 @@ class TokenTable:
     strip_prefix_space: the tokenizer prepends a space to a text ('▁' on the first word) that
         decoding removes; `encode_exact` drops it from the first token's span.
     name: for messages (the tokenizer's name_or_path).
+    byte_fallback: (V,) bool, SentencePiece byte-fallback pieces ('<0xNN>'): the tokenizer
+        uses them only for bytes no regular piece covers (None: none).
     """
 
     pieces: list[bytes]
@@ -54,6 +56,7 @@ class TokenTable:
     kind: str
     strip_prefix_space: bool
     name: str
+    byte_fallback: np.ndarray | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -103,6 +106,7 @@ def token_table(tokenizer) -> TokenTable:
     size = max([*vocab.values(), *added.keys()]) + 1
     pieces = [b""] * size
     special = np.zeros(size, dtype=bool)
+    fallback = np.zeros(size, dtype=bool)
     if kind == BYTE_LEVEL:
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
     for piece, i in vocab.items():
@@ -116,12 +120,13 @@ def token_table(tokenizer) -> TokenTable:
         else:
             m = _BYTE_FALLBACK.match(piece)
             pieces[i] = bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode()
+            fallback[i] = m is not None
     for i, tok in added.items():
         pieces[i] = tok.content.encode()
         special[i] = bool(tok.special)
     lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=size)
     strip = kind == SENTENCEPIECE and _prefix_space(backend)
-    return TokenTable(pieces, lengths, special, kind, strip, name)
+    return TokenTable(pieces, lengths, special, kind, strip, name, fallback)
 
 
 def _first_difference(a: bytes, b: bytes) -> int:

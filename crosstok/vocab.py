@@ -6,8 +6,11 @@ text meaning the token's bytes (tokens.py: 'Ġ' and '▁' read as spaces, '<0xNN
 Comparing bytes rather than decoded str also maps byte-level tokens that hold part of a UTF-8
 character (their str form is not valid text). Special tokens map only to a student special
 token of the same content (<|im_end|> to <|im_end|>), never to text. Where the student has
-several tokens with the same bytes, the lowest id wins. A teacher token with no equal student
-token maps to -1, and at each position its probability goes to the tail.
+several tokens with the same bytes, a regular piece wins over a SentencePiece byte-fallback
+piece (Gemma has both '1' and '<0x31>'; its tokenizer writes '1', so a teacher's '1' mapped to
+'<0x31>' would ask the student for a token it never produces), then the lowest id. A
+teacher token with no equal student token maps to -1, and at each position its probability
+goes to the tail.
 
 The table is built once per tokenizer pair, (V_teacher,) int64, and cached in a file keyed by
 both tokenizers' fingerprints (shards.fingerprint.tokenizer_fingerprint).
@@ -31,10 +34,16 @@ def build_vocab_map(teacher: TokenTable, student: TokenTable) -> np.ndarray:
     """(V_teacher,) int64: the student id with the same bytes as each teacher id, or -1."""
     text_ids: dict[bytes, int] = {}
     special_ids: dict[bytes, int] = {}
+    fallback = student.byte_fallback
+    if fallback is None:
+        fallback = np.zeros(student.vocab_size, dtype=bool)
     for i in range(student.vocab_size - 1, -1, -1):  # descending: the lowest id wins
         piece = student.pieces[i]
         if piece:
-            (special_ids if student.special[i] else text_ids)[piece] = i
+            ids = special_ids if student.special[i] else text_ids
+            if fallback[i] and piece in ids and not fallback[ids[piece]]:
+                continue  # a regular piece of these bytes wins over a byte-fallback one
+            ids[piece] = i
     out = np.full(teacher.vocab_size, -1, dtype=np.int64)
     for i, piece in enumerate(teacher.pieces):
         if piece:
@@ -55,7 +64,8 @@ def vocab_map(teacher_tokenizer, student_tokenizer, cache_dir: str | Path | None
         return build_vocab_map(t_table, s_table), t_table, s_table
     t_fp = tokenizer_fingerprint(teacher_tokenizer).split(":")[-1][:16]
     s_fp = tokenizer_fingerprint(student_tokenizer).split(":")[-1][:16]
-    path = Path(cache_dir) / f"vocabmap-{t_fp}-{s_fp}.npy"
+    # v2: regular pieces win over byte-fallback ones (maps cached before were wrong for Gemma)
+    path = Path(cache_dir) / f"vocabmap-v2-{t_fp}-{s_fp}.npy"
     if path.exists():
         table = np.load(path, allow_pickle=False)
         if table.shape == (t_table.vocab_size,):

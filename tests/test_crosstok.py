@@ -220,6 +220,25 @@ def test_vocab_map_by_bytes_across_conventions(pair, tmp_path):
     np.testing.assert_array_equal(m1, build_vocab_map(sp_table, s_table))
 
 
+def test_vocab_map_prefers_a_regular_piece_over_a_byte_fallback_one():
+    """Gemma has '<0x31>' (a low id) and '1': its tokenizer writes '1', so the teacher's '1'
+    must map there, not to the byte piece the student never produces; a byte that only a
+    fallback piece spells still maps to it."""
+    vocab = {"<unk>": 0, "<0x31>": 1, "<0xC3>": 2, "1": 3, "\u2581the": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    sp = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    sp_table = token_table(sp)
+    assert sp_table.byte_fallback.tolist() == [False, True, True, False, False]
+    bl = byte_level_tokenizer([b"1", b"\xc3", b" the"], ".+")
+    table = build_vocab_map(token_table(bl), sp_table)
+    bl_ids = bl.get_vocab()
+    assert table[bl_ids["1"]] == 3
+    assert table[bl_ids[B2U[0xC3]]] == 2
+    assert table[bl_ids["Ġthe"]] == 4
+
+
 def test_map_topk_moves_unmapped_mass_to_the_tail():
     table = torch.tensor([5, -1, 7, 5, -1])  # teacher ids 0 and 3 both spell student id 5
     ids = torch.tensor([[0, 1, 2], [2, 3, 0], [1, 4, 2]])
