@@ -31,6 +31,7 @@ from train.chunked import LinearHead
 from train.crosstok_loss import crosstok_loss
 from train.crosstok_rows import KIND_FIRST, KIND_MAPPED, CrossTokRows
 from train.losses import KDSpec, TeacherSignal, kd_loss
+from train.spans import drop_turns
 
 # Three trained assistant turns; the last text has an even number of bytes, the others not.
 CONVERSATION = [
@@ -145,6 +146,13 @@ def test_each_turn_aligned_with_chain_rule_block_logprobs(split_pair):
             assert kinds[s_at + m - 2] == KIND_MAPPED
         t_at, s_at = t_at + n + 1, s_at + m
     assert t_at == len(t_lp) and s_at == n_s
+    # data.overlong=drop_turns removes the first turn with its spans' kinds and block logprobs.
+    first = int(out["span_lengths"][0])
+    short = drop_turns(out, len(conv) - 1)
+    assert short["span_lengths"].tolist() == out["span_lengths"][1:].tolist()
+    for key in ("ct_kind", "ct_block_logprob", "topk_ids"):
+        assert torch.equal(short[key], out[key][first:]), key
+    assert collate([short], 4096).num_tokens == n_s - first
 
 
 def mapped_forward_kl(logits, ids, logprobs, tail_logprob) -> float:
