@@ -33,6 +33,8 @@ from dataclasses import dataclass, field, replace
 
 import pyarrow.feather as feather
 
+from crosstok.folder import VOCABULARY_KEY
+from crosstok.tokens import CrossTokError
 from datafiles.formats import Example
 from datafiles.reading import BadField
 from datafiles.views import render
@@ -48,6 +50,7 @@ from precompute.config import ConfigError, PrecomputeConfig
 from precompute.run import (
     COMMIT_LEVEL,
     Summary,
+    _conversation_crosstok,
     _conversation_row,
     _count_files,
     check_model_folder,
@@ -59,6 +62,7 @@ from precompute.run import (
     teacher_metadata,
     teacher_tokenizer,
 )
+from precompute.teacher_vocab import META_KEY, TeacherVocab, commit_tokenizer
 from precompute.views import _conversation_views, thinking_for
 from runtime.progress import progress as progress_bar
 from shards.manifest import load_manifest, read_extra
@@ -98,6 +102,12 @@ class RolloutSummary(Summary):
             f"{self.rows} rows, {self.tokens} trained tokens, {self.files} files; "
             f"folder: {folder or 'empty'}; {eps:.2f} episodes/s, teacher {self.engine_s:.1f} s, "
             f"wall {self.wall_s:.1f} s"
+            + (
+                ", teacher-vocabulary shards (the student's tokenizer differs: training will "
+                "align them)"
+                if self.teacher_vocabulary
+                else ""
+            )
         )
 
 
@@ -112,11 +122,17 @@ def env_record(env: EnvConfig) -> dict:
 
 
 def rollout_metadata(
-    cfg: PrecomputeConfig, tok_fp: str, vocab_size: int, experience: Experience | None
+    cfg: PrecomputeConfig,
+    tok_fp: str,
+    vocab_size: int,
+    experience: Experience | None,
+    vocab: TeacherVocab | None = None,
 ) -> ShardMetadata:
     """What the rows mean: the teacher, its sampling, the game and the experience; a folder
     made with any other value of these is refused by the writer. The data fingerprint is the
-    experience text's (the one input besides the game), empty without experience."""
+    experience text's (the one input besides the game), empty without experience. With
+    `vocab` (a student of another tokenizer) the folder holds teacher-vocabulary shards
+    (precompute/teacher_vocab.py): extra["vocabulary"] says so."""
     s = cfg.sampling
     sampling = {
         "mode": "rollout",
@@ -143,6 +159,7 @@ def rollout_metadata(
         "env": env_record(cfg.env),
         "experience": None if experience is None else experience.source,
         **({"tags": cfg.tags} if cfg.tags else {}),
+        **({} if vocab is None else {VOCABULARY_KEY: vocab.metadata}),
     }
     text = "" if experience is None else experience.text
     return teacher_metadata(
@@ -244,10 +261,17 @@ def episode_keys(pool: EnvPool, cfg: PrecomputeConfig) -> list[EpisodeKey]:
 
 
 class _Rows:
-    """Finished episodes -> conversation rows: views, one score call per commit batch."""
+    """Finished episodes -> conversation rows: views, one score call per commit batch; with
+    `vocab` (teacher-vocabulary shards) each row's meta["crosstok"] too."""
 
-    def __init__(self, cfg: PrecomputeConfig, tokenizer, experience: Experience | None):
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(
+        self,
+        cfg: PrecomputeConfig,
+        tokenizer,
+        experience: Experience | None,
+        vocab: TeacherVocab | None = None,
+    ):
+        self.cfg, self.tokenizer, self.vocab = cfg, tokenizer, vocab
         self.experience = None if experience is None else experience.text
         self.thinking = thinking_for(cfg.view, cfg.sampling.seed, 0)
         self.kwargs = dict(cfg.view.chat_template_kwargs)
@@ -273,25 +297,35 @@ class _Rows:
         )
 
     def views(self, ep: Episode):
-        """(example, views) of a finished episode; BadField when its spans do not hold."""
+        """(example, views, its meta) of a finished episode; BadField when its spans do not
+        hold, or (teacher-vocabulary shards) when a reply's tokens spell no text."""
         if ep.steps == 0:
             raise BadField("episode", "no actions")
         ex = self.example(ep)
-        return ex, _conversation_views(
+        views = _conversation_views(
             self.tokenizer, ex, self.cfg.view, self.kwargs, "", self.thinking
         )
+        meta = {"episode": ep.record()}
+        if self.vocab is not None:
+            try:
+                meta[META_KEY] = _conversation_crosstok(
+                    self.cfg, self.tokenizer, self.vocab, ex, views
+                )
+            except CrossTokError as e:
+                raise BadField("episode", str(e)) from None
+        return ex, views, meta
 
     def rows(self, backend: Backend, items) -> list:
-        """items [(episode, example, views)] -> one row each, scored in one call."""
+        """items [(episode, example, views, meta)] -> one row each, scored in one call."""
         if not items:
             return []
         scored = backend.score(
-            [v.teacher_prompt_ids for _, _, v in items],
-            [v.conversation.teacher_response_ids for _, _, v in items],
+            [v.teacher_prompt_ids for _, _, v, _ in items],
+            [v.conversation.teacher_response_ids for _, _, v, _ in items],
         )
         rows = []
-        for (ep, ex, views), s in zip(items, scored, strict=True):
-            row = _conversation_row(self.cfg, ex, views, s, {"episode": ep.record()})
+        for (ep, ex, views, meta), s in zip(items, scored, strict=True):
+            row = _conversation_row(self.cfg, ex, views, s, meta)
             rows.append(replace(row, sample_index=ep.sample))
         return rows
 
@@ -317,13 +351,8 @@ def run_rollout(
         keys = episode_keys(pool, cfg)
         summary.episodes = len(keys)
         tokenizer, tok_fp, vocab, vocab_size = teacher_tokenizer(cfg)
-        if vocab is not None:
-            raise ConfigError(
-                f"student={cfg.student}: its tokenizer differs from the teacher's; rollouts are "
-                "conversations of many trained spans, which teacher-vocabulary shards do not "
-                "hold yet (docs/cross-tokenizer.md): leave student unset"
-            )
-        metadata = rollout_metadata(cfg, tok_fp, vocab_size, experience)
+        summary.teacher_vocabulary = vocab is not None
+        metadata = rollout_metadata(cfg, tok_fp, vocab_size, experience, vocab)
         with ShardWriter(
             cfg.out,
             metadata,
@@ -331,6 +360,13 @@ def run_rollout(
             target_file_bytes=64 << 20,
             commit_level=COMMIT_LEVEL,
         ) as writer:
+            if vocab is not None:
+                # Before any row: every row of the folder can be decoded by what it carries.
+                commit_tokenizer(writer, vocab)
+                log(
+                    f"precompute rollout: student {cfg.student}'s tokenizer differs from the "
+                    "teacher's: writing teacher-vocabulary shards (training will align them)"
+                )
             listed = listed_episodes(writer.folder)
             if repair := unlisted_rows(writer, listed):
                 commit_episodes(writer, repair)
@@ -361,6 +397,7 @@ def run_rollout(
                     _play(
                         cfg,
                         tokenizer,
+                        vocab,
                         backend,
                         writer,
                         pool,
@@ -381,7 +418,7 @@ def run_rollout(
     return summary
 
 
-def _play(cfg, tokenizer, backend, writer, pool, todo, experience, summary, log, progress):
+def _play(cfg, tokenizer, vocab, backend, writer, pool, todo, experience, summary, log, progress):
     sampling = replace(cfg.sampling, n=1, max_tokens=cfg.rollout.max_tokens)
     # vLLM refuses a prompt that fills its context: say which setting to change instead.
     context = limits_context(cfg, None) if cfg.backend == "vllm" else None
@@ -398,7 +435,7 @@ def _play(cfg, tokenizer, backend, writer, pool, todo, experience, summary, log,
         summary.engine_s += time.time() - t
         return [tokenizer.decode(s[0].token_ids, skip_special_tokens=True) for s in out]
 
-    rows = _Rows(cfg, tokenizer, experience)
+    rows = _Rows(cfg, tokenizer, experience, vocab)
     # The teacher plays in the view it scores in: the same template and arguments.
     policy = ChatPolicy(
         cfg.env, lambda m: render(tokenizer, m, rows.kwargs), complete, cfg.sampling.seed
@@ -420,19 +457,19 @@ def _play(cfg, tokenizer, backend, writer, pool, todo, experience, summary, log,
                 _outcome(summary, ep)
                 continue
             try:
-                ex, views = rows.views(ep)
+                ex, views, meta = rows.views(ep)
             except BadField as b:
                 reason = f"{b.field}: {b.reason}"
                 log(f"precompute rollout: rejected episode {ep.name}: {reason}")
                 lines.append(episode_line(ep, "rejected", reason))
                 summary.rejected += 1
                 continue
-            items.append((ep, ex, views))
+            items.append((ep, ex, views, meta))
             lines.append(episode_line(ep, "kept"))
         t = time.time()
         made = rows.rows(backend, items)
         summary.engine_s += time.time() - t
-        for (ep, _, _), row in zip(items, made, strict=True):
+        for (ep, *_), row in zip(items, made, strict=True):
             writer.add(row)
             summary.kept += 1
             summary.rows += 1

@@ -60,6 +60,7 @@ from precompute.teacher_vocab import (
     META_KEY,
     TeacherVocab,
     commit_tokenizer,
+    conversation_crosstok,
     row_meta,
     teacher_vocab,
     token_bytes,
@@ -343,13 +344,15 @@ def teacher_row_problem(
     cfg: PrecomputeConfig, tokenizer, vocab: TeacherVocab, ex: Example, views: Views
 ) -> tuple[str, str] | None:
     """(field, reason) when `ex` cannot be a row of teacher-vocabulary shards, before any
-    teacher time: a conversation with several trained spans (rows are single-turn), or in
-    score mode a response text that does not round-trip through the teacher's tokenizer."""
-    if views.conversation is not None and len(views.conversation.spans) > 1:
-        return ex.prompt_field, (
-            f"{len(views.conversation.spans)} trained assistant turns: with a student of "
-            "another tokenizer rows are single-turn (one trained turn)"
-        )
+    teacher time: a conversation's trained turn whose tokens spell no text (an end-of-turn
+    marker followed by more of the template, say), or in score mode a response text that
+    does not round-trip through the teacher's tokenizer."""
+    if views.conversation is not None:
+        try:
+            _conversation_crosstok(cfg, tokenizer, vocab, ex, views)
+        except CrossTokError as e:
+            return ex.prompt_field, str(e)
+        return None
     if cfg.mode == "score" and views.conversation is None and not cfg.score.response_ids_field:
         try:
             ids = response_ids(tokenizer, ex.response, cfg.score.append_eos)
@@ -446,7 +449,7 @@ def _rows_for(
             meta["answer"] = ex.answer
         if vocab is not None:
             try:
-                meta[META_KEY] = _crosstok_meta(cfg, vocab, ex, views, s.token_ids)
+                meta[META_KEY] = _crosstok_meta(cfg, tokenizer, vocab, ex, views, s.token_ids)
             except CrossTokError as e:
                 rejected.append((ex, f"{AFTER_TEACHER} {j})", str(e)))
                 continue
@@ -477,16 +480,35 @@ def _rows_for(
     return rows
 
 
-def _crosstok_meta(cfg: PrecomputeConfig, vocab: TeacherVocab, ex: Example, views: Views, ids):
+def _crosstok_meta(
+    cfg: PrecomputeConfig, tokenizer, vocab: TeacherVocab, ex: Example, views: Views, ids
+):
     """meta["crosstok"] of a sample with teacher-forced or generated tokens `ids`: score mode
     keeps the given response text (checked to round-trip in `prepare`, checked again here);
-    generated tokens and a conversation's trained turn give the text they spell."""
+    generated tokens and a conversation's trained turns give the text they spell."""
     if views.conversation is not None:
-        # One trained turn (`teacher_row_problem`): its prompt is the messages before it.
-        messages = ex.conversation[: ex.trained[0]]
-        return row_meta(vocab.table, messages, views.thinking, views.conversation.response_ids)
+        return _conversation_crosstok(cfg, tokenizer, vocab, ex, views)
     text = ex.response if cfg.mode == "score" and not cfg.score.response_ids_field else None
     return row_meta(vocab.table, ex.messages, views.thinking, ids, text)
+
+
+def _conversation_crosstok(cfg: PrecomputeConfig, tokenizer, vocab: TeacherVocab, ex, views):
+    """A conversation row's meta["crosstok"] (teacher_vocab.conversation_crosstok), rendered
+    with the views' template arguments."""
+    kwargs = dict(cfg.view.chat_template_kwargs)
+    if views.thinking is not None:
+        kwargs["enable_thinking"] = views.thinking
+    conv = views.conversation
+    return conversation_crosstok(
+        vocab.table,
+        tokenizer,
+        ex.conversation,
+        ex.trained,
+        kwargs,
+        views.thinking,
+        views.prompt_ids + conv.response_ids,
+        conv.spans,
+    )
 
 
 def run(

@@ -239,9 +239,12 @@ def test_score_mode_keeps_texts_spans_and_the_teacher_tokenizer(
     assert "\n" not in bad["reason"]
 
 
-def test_several_trained_turns_are_refused_one_turn_keeps_its_prompt_messages(
+def test_conversations_keep_each_trained_turn_one_turn_keeps_its_prompt_messages(
     tiny, tiny_tok, student, hf, tmp_path
 ):
+    """Several trained turns: meta["crosstok"] holds the messages and per turn its text and
+    token bytes; one trained turn keeps the single-turn form; a turn whose tokens spell no
+    text (a chat marker inside it) is rejected before any teacher time, one line."""
     from crosstok.tokens import token_table
 
     one = [
@@ -249,21 +252,32 @@ def test_several_trained_turns_are_refused_one_turn_keeps_its_prompt_messages(
         {"role": "assistant", "content": "It is 5."},
     ]
     two = [*one, {"role": "user", "content": "And 3 + 4?"}, {"role": "assistant", "content": "7."}]
-    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": two}, {"messages": one}])
+    bad = [*one, two[2], {"role": "assistant", "content": "7.<|im_start|> or 8."}]
+    rows = [{"messages": two}, {"messages": one}, {"messages": bad}]
+    data = write_jsonl(tmp_path / "c.jsonl", rows)
     out = tmp_path / "out"
     c = cfg(tiny, data, out, "mode=score", "data.messages_field=messages", f"student={student}")
     with pytest.raises(InputError) as e:
         run(c, backend=hf)
     (reject,) = e.value.rejects
     line = reject.message()
-    assert "c.jsonl:1" in line and "2 trained assistant turns" in line and "\n" not in line
+    assert "c.jsonl:3" in line and "assistant message 3" in line and "\n" not in line
+    assert "does not round-trip" in line
 
     summary = run(replace(c, skip_invalid=True), backend=hf)
-    assert summary.rows == 1
-    ((row, ct),) = _crosstok_rows(out)
+    assert summary.rows == 2
+    table = token_table(tiny_tok)
+    got = {len(json.loads(r["meta"])["crosstok"].get("spans", [0])): r for r in all_rows(out)}
+    row, ct = got[1], json.loads(got[1]["meta"])["crosstok"]
     assert ct["prompt_messages"] == one[:1]
     assert ct["response_text"] == "It is 5."  # the turn's end-of-turn token is markup
-    _check_token_bytes(token_table(tiny_tok), row, ct)
+    _check_token_bytes(table, row, ct)
+    row, ct = got[2], json.loads(got[2]["meta"])["crosstok"]
+    assert ct["messages"] == two and ct["thinking"] is None
+    assert [(s["message"], s["response_text"]) for s in ct["spans"]] == [(1, "It is 5."), (3, "7.")]
+    conv = np.concatenate([row["prompt_ids"], row["response_ids"]])
+    for s, a, n in zip(ct["spans"], row["span_starts"], row["span_lengths"], strict=True):
+        _check_token_bytes(table, {"response_ids": conv[a : a + n]}, s)
 
 
 def test_generate_mode_rows_spell_their_text_or_are_rejected(tiny, tiny_tok, student, hf, tmp_path):

@@ -277,6 +277,35 @@ def test_a_dying_environment_is_replayed_or_rejected_and_the_run_goes_on(tiny, h
     assert again.examples == 0 and again.folder == {"kept": 4, "rejected": 2}
 
 
+def test_a_student_of_another_tokenizer_gets_teacher_vocabulary_conversations(tiny, hf, tmp_path):
+    """rollout with a named student of another tokenizer: teacher-vocabulary shards, each
+    episode one conversation row whose every action keeps its text and token bytes; aligned
+    back with the teacher's own tokenizer, a row is the id-level row (ids, spans, top-k)."""
+    from crosstok.folder import teacher_vocabulary
+    from shards.fingerprint import tokenizer_fingerprint
+    from tests.precompute_helpers import other_tokenizer_student
+    from train.crosstok_rows import CrossTokRows
+
+    student = other_tokenizer_student(tiny, tmp_path / "student")
+    out = tmp_path / "out"
+    c = rollout_cfg(tiny, out, f"student={student}", "env.num_seeds=2", "rollout.n=1")
+    s = rollout(c, hf)
+    assert "training will align them" in s.text()
+    rows = all_rows(out)
+    assert s.kept == len(rows) == 2
+    t = AutoTokenizer.from_pretrained(str(tiny))
+    assert teacher_vocabulary(out).fingerprint == tokenizer_fingerprint(t)
+    convert = CrossTokRows(out, t, t)
+    for row in rows:
+        ct = json.loads(row["meta"])["crosstok"]
+        assert [sp["response_text"] for sp in ct["spans"]] == episode(row)["actions"]
+        got = convert(row)
+        for key in ("prompt_ids", "response_ids", "span_starts", "span_lengths"):
+            assert got[key].tolist() == row[key].tolist(), key
+        assert got["topk_ids"].tolist() == row["topk_ids"].tolist()
+        assert (got["ct_kind"] == 0).all()
+
+
 def test_bad_input_one_line_each_before_the_teacher_loads(tiny, tmp_path, monkeypatch, capsys):
     def no_teacher(cfg):
         raise AssertionError("the teacher was loaded")

@@ -37,13 +37,16 @@ import torch
 
 from crosstok.align import align_lengths
 from crosstok.spans import block_logprobs
-from crosstok.tokens import CrossTokError, encode_exact
+from crosstok.tokens import CrossTokError, check_tokens, encode_exact
 from crosstok.vocab import map_topk, vocab_map
+from datafiles.conversation import SpanError, render_conversation
 from datafiles.views import render
 from shards.errors import ShardError
 from shards.fingerprint import tokenizer_fingerprint
+from shards.spans import spans_of
 
 KIND_MAPPED, KIND_FIRST, KIND_REST = 0, 1, 2
+SPANS_KEY = "spans"  # meta["crosstok"] of a conversation row (precompute/teacher_vocab.py)
 
 
 class CrossTokRows:
@@ -72,6 +75,11 @@ class CrossTokRows:
     def _bad(self, row: dict, message: str) -> ShardError:
         return ShardError(self.folder, message, row=repr(str(row["id"])), field="meta.crosstok")
 
+    def _malformed(self, row: dict, e: Exception) -> ShardError:
+        return self._bad(
+            row, f"not a teacher-vocabulary row: meta.crosstok missing or malformed ({e!r})"
+        )
+
     def __call__(self, row: dict) -> dict:
         try:
             return self._convert(row)
@@ -81,13 +89,15 @@ class CrossTokRows:
     def _convert(self, row: dict) -> dict:
         try:
             ct = json.loads(row.get("meta") or "{}")["crosstok"]
-            text, thinking = str(ct["response_text"]), ct.get("thinking")
-            messages = list(ct["prompt_messages"])
-            spans = np.asarray(ct["token_bytes"], dtype=np.int64).reshape(-1, 2)
+            conversation = SPANS_KEY in ct
+            if not conversation:
+                text, thinking = str(ct["response_text"]), ct.get("thinking")
+                messages = list(ct["prompt_messages"])
+                spans = np.asarray(ct["token_bytes"], dtype=np.int64).reshape(-1, 2)
         except (KeyError, TypeError, ValueError) as e:
-            raise self._bad(
-                row, f"not a teacher-vocabulary row: meta.crosstok missing or malformed ({e!r})"
-            ) from None
+            raise self._malformed(row, e) from None
+        if conversation:
+            return self._conversation(row, ct)
         t_ids = np.asarray(row["response_ids"], dtype=np.int64)
         n_t = len(t_ids)
         if len(spans) != n_t or len(row["topk_ids"]) != n_t:
@@ -96,8 +106,43 @@ class CrossTokRows:
                 f"{len(spans)} token_bytes spans and {len(row['topk_ids'])} top-k rows for "
                 f"{n_t} response tokens (teacher-vocabulary rows train the whole response)",
             )
+        lengths, eos = self._teacher_lengths(row, t_ids, spans, text)
+        kwargs = None if thinking is None else {"enable_thinking": bool(thinking)}
+        prompt = render(self.student, messages, kwargs)
+        s_ids, s_len = encode_exact(self.student, self.s_table, text, role="student")
+        signal = self._signal(row, 0, lengths, eos, s_len, eos)
+        n_s = len(s_ids) + int(eos)
+        response = torch.tensor([*s_ids, *([self.student_eos] if eos else [])], dtype=torch.long)
+        out = self._kept(row)
+        out.update(
+            prompt_ids=torch.tensor(prompt, dtype=torch.long),
+            teacher_prompt_ids=row["teacher_prompt_ids"],  # the teacher's vocabulary
+            response_ids=response,
+            span_starts=torch.tensor([len(prompt)] if n_s else [], dtype=torch.long),
+            span_lengths=torch.tensor([n_s] if n_s else [], dtype=torch.long),
+            turn_starts=torch.zeros(0, dtype=torch.long),
+            turn_roles=[],
+            **signal,
+        )
+        return out
+
+    @staticmethod
+    def _kept(row: dict) -> dict:
+        return {
+            key: row[key]
+            for key in ("id", "sample_index", "source", "thinking", "meta", "cursor")
+            if key in row
+        }
+
+    def _teacher_lengths(
+        self, row: dict, t_ids, spans, text: str, where: str = ""
+    ) -> tuple[np.ndarray, bool]:
+        """((T_text,) byte lengths of the teacher's text tokens, eos): checks that `spans`
+        (T, 2) tile `text`'s bytes, the last token alone allowed the empty span [len, len]
+        when it is special (the end of the response or turn, `eos`)."""
+        n_t = len(t_ids)
         n_bytes = len(text.encode("utf-8"))
-        eos = (
+        eos = bool(
             n_t > 0 and spans[-1, 0] == spans[-1, 1] == n_bytes and self.t_table.special[t_ids[-1]]
         )
         n_text = n_t - int(eos)
@@ -108,15 +153,23 @@ class CrossTokRows:
         if not starts_ok or (n_text and spans[n_text - 1, 1] != n_bytes) or (lengths <= 0).any():
             raise self._bad(
                 row,
-                "token_bytes do not tile the response text's bytes (consecutive, non-empty, "
-                "0 to its length; only a last special token may be empty)",
+                f"{where}token_bytes do not tile the response text's bytes (consecutive, "
+                "non-empty, 0 to its length; only a last special token may be empty)",
             )
-        kwargs = None if thinking is None else {"enable_thinking": bool(thinking)}
-        prompt = render(self.student, messages, kwargs)
-        s_ids, s_len = encode_exact(self.student, self.s_table, text, role="student")
-        al = align_lengths(lengths, s_len)
+        return lengths, eos
+
+    def _signal(self, row: dict, at: int, t_len, t_eos: bool, s_len, s_eos: bool) -> dict:
+        """The teacher signal of one trained span per STUDENT token (n_s = len(s_len) +
+        s_eos): the span's teacher tokens are the row's top-k rows at..at + len(t_len) +
+        t_eos, their text tokens of byte lengths `t_len`, the student's of `s_len` (the same
+        text); a trailing end token on both sides (`t_eos`, `s_eos`) is one more one-to-one
+        position. Returns topk_ids, topk_logprobs, tail_logprob, token_logprob, ct_kind and
+        ct_block_logprob, (n_s, ...) each."""
+        al = align_lengths(t_len, s_len)
         one = al.one_to_one
-        n_s = len(s_ids) + int(eos)
+        n_t, n_text = len(t_len) + int(t_eos), len(t_len)
+        n_s = len(s_len) + int(s_eos)
+        eos = t_eos and s_eos
         k = row["topk_ids"].shape[1]
         ids = torch.full((n_s, k), -1, dtype=torch.long)
         lps = torch.full((n_s, k), -torch.inf, dtype=torch.float32)
@@ -124,49 +177,122 @@ class CrossTokRows:
         tok = torch.zeros(n_s, dtype=torch.float32)
         block_lp = torch.zeros(n_s, dtype=torch.float32)
         kind = torch.full((n_s,), KIND_REST, dtype=torch.int8)
-        t_lp = row["token_logprob"].float()
+        t_lp = row["token_logprob"][at : at + n_t].float()
         # One-to-one positions (and the EOS) take the mapped top-k of their teacher token.
         s_one = np.concatenate([al.student[one, 0], [n_s - 1] if eos else []]).astype(np.int64)
         t_one = np.concatenate([al.teacher[one, 0], [n_t - 1] if eos else []]).astype(np.int64)
         if len(s_one):
-            t_one_ = torch.from_numpy(t_one)
+            t_rows = torch.from_numpy(t_one + at)
             m = map_topk(
-                row["topk_ids"][t_one_],
-                row["topk_logprobs"][t_one_],
-                row["tail_logprob"][t_one_],
+                row["topk_ids"][t_rows],
+                row["topk_logprobs"][t_rows],
+                row["tail_logprob"][t_rows],
                 self.table,
             )
             s_one_ = torch.from_numpy(s_one)
             ids[s_one_], lps[s_one_], tail[s_one_] = m.ids, m.logprobs, m.tail_logprob
-            tok[s_one_] = t_lp[t_one_]
+            tok[s_one_] = t_lp[torch.from_numpy(t_one)]
             kind[s_one_] = KIND_MAPPED
         merged = ~one
         if merged.any():
             s_first = torch.from_numpy(al.student[merged, 0])
-            t_first = torch.from_numpy(al.teacher[merged, 0])
+            t_first = torch.from_numpy(al.teacher[merged, 0] + at)
             kind[s_first] = KIND_FIRST
             lps[s_first] = row["topk_logprobs"][t_first].float()
             block_lp[s_first] = block_logprobs(t_lp[:n_text], al.teacher)[torch.from_numpy(merged)]
-        response = torch.tensor([*s_ids, *([self.student_eos] if eos else [])], dtype=torch.long)
-        out = {
-            key: row[key]
-            for key in ("id", "sample_index", "source", "thinking", "meta", "cursor")
-            if key in row
+        return {
+            "topk_ids": ids,
+            "topk_logprobs": lps,
+            "tail_logprob": tail,
+            "token_logprob": tok,
+            "ct_kind": kind,
+            "ct_block_logprob": block_lp,
         }
+
+    def _conversation(self, row: dict, ct: dict) -> dict:
+        """A conversation row (several trained spans, meta["crosstok"]["spans"]): the
+        student's template renders the whole conversation (datafiles.conversation, its own
+        spans), and each trained span's student tokens are aligned with that span's teacher
+        tokens by their bytes: the same text, each ending in its end-of-turn token on both
+        sides or on neither."""
+        try:
+            thinking = ct.get("thinking")
+            messages = [dict(m) for m in ct["messages"]]
+            turns = list(ct[SPANS_KEY])
+            trained = [int(t["message"]) for t in turns]
+            texts = [str(t["response_text"]) for t in turns]
+            t_spans = [np.asarray(t["token_bytes"], dtype=np.int64).reshape(-1, 2) for t in turns]
+        except (KeyError, TypeError, ValueError) as e:
+            raise self._malformed(row, e) from None
+        bad = [j for j in trained if not 0 <= j < len(messages)]
+        bad += [j for j in trained if j not in bad and messages[j].get("role") != "assistant"]
+        if bad or trained != sorted(set(trained)):
+            raise self._bad(
+                row,
+                f"spans' messages {trained} are not ascending indices of assistant messages "
+                f"among the {len(messages)} messages",
+            )
+        conv = np.concatenate([np.asarray(row["prompt_ids"]), np.asarray(row["response_ids"])])
+        starts, lengths = (x.numpy() for x in spans_of(row))
+        if len(starts) != len(turns):
+            raise self._bad(
+                row,
+                f"{len(turns)} spans in meta.crosstok for the row's {len(starts)} trained "
+                "spans (span_starts)",
+            )
+        for j, (n, tb) in enumerate(zip(lengths, t_spans, strict=True)):
+            if len(tb) != n:
+                raise self._bad(
+                    row,
+                    f"span {j} (message {trained[j]}): {len(tb)} token_bytes spans for its "
+                    f"{n} teacher tokens",
+                )
+        if len(row["topk_ids"]) != int(lengths.sum()):
+            raise self._bad(
+                row, f"{len(row['topk_ids'])} top-k rows for {int(lengths.sum())} span tokens"
+            )
+        kwargs = None if thinking is None else {"enable_thinking": bool(thinking)}
+        try:
+            r = render_conversation(self.student, messages, trained, kwargs)
+        except SpanError as e:
+            raise CrossTokError(
+                f"message {e.turn}: the student's chat template: {e.reason}"
+            ) from None
+        s_ids = np.asarray(r.ids, dtype=np.int64)
+        parts, at = [], 0
+        for j, (start, n) in enumerate(zip(starts, lengths, strict=True)):
+            t_ids = conv[start : start + n]
+            where = f"span {j} (message {trained[j]})"
+            t_len, t_eos = self._teacher_lengths(row, t_ids, t_spans[j], texts[j], f"{where}: ")
+            a, m = r.spans[j]
+            span = s_ids[a : a + m]
+            s_eos = bool(m and self.s_table.special[span[-1]])
+            if s_eos != t_eos:
+                ends = ("ends", "does not end") if t_eos else ("does not end", "ends")
+                raise CrossTokError(
+                    f"{where}: the teacher's turn {ends[0]} in an end-of-turn token and the "
+                    f"student's template's {ends[1]}: the spans cannot be aligned"
+                )
+            try:
+                s_len = check_tokens(self.s_table, span[: m - int(s_eos)], texts[j], role="student")
+            except CrossTokError as e:
+                raise CrossTokError(
+                    f"{where}: the student's rendering of the turn is not its text: {e}"
+                ) from None
+            parts.append(self._signal(row, at, t_len, t_eos, s_len, s_eos))
+            at += int(n)
+        s0, end = r.spans[0][0], sum(r.spans[-1])
+        out = self._kept(row)
         out.update(
-            prompt_ids=torch.tensor(prompt, dtype=torch.long),
+            prompt_ids=torch.from_numpy(s_ids[:s0].copy()),
             teacher_prompt_ids=row["teacher_prompt_ids"],  # the teacher's vocabulary
-            response_ids=response,
-            span_starts=torch.tensor([len(prompt)] if n_s else [], dtype=torch.long),
-            span_lengths=torch.tensor([n_s] if n_s else [], dtype=torch.long),
-            turn_starts=torch.zeros(0, dtype=torch.long),
-            turn_roles=[],
-            topk_ids=ids,
-            topk_logprobs=lps,
-            tail_logprob=tail,
-            token_logprob=tok,
-            ct_kind=kind,
-            ct_block_logprob=block_lp,
+            response_ids=torch.from_numpy(s_ids[s0:end].copy()),
+            span_starts=torch.tensor([a for a, _ in r.spans], dtype=torch.long),
+            span_lengths=torch.tensor([m for _, m in r.spans], dtype=torch.long),
+            # Turns after the last trained span are not kept (nor are their tokens).
+            turn_starts=torch.tensor([a for a, _ in r.turns if a < end], dtype=torch.long),
+            turn_roles=[role for a, role in r.turns if a < end],
+            **{key: torch.cat([p[key] for p in parts]) for key in parts[0]},
         )
         return out
 

@@ -150,6 +150,9 @@ class DistillModule(nn.Module):
         self.spec = spec
         self.chunk_tokens = chunk_tokens
         self.uld_weight = uld_weight  # teacher-vocabulary batches only (train/crosstok_loss.py)
+        # A mixture with teacher-vocabulary folders (train/setup.py sets it): ordinary batches
+        # log crosstok_loss's stats too, all one-to-one, no ULD.
+        self.crosstok_stats = False
 
     @property
     def head(self) -> nn.Module:
@@ -183,10 +186,14 @@ class DistillModule(nn.Module):
             tail_logprob=batch.tail_logprob,
             token_logprob=batch.token_logprob,
         )
-        return kd_loss(
+        out = kd_loss(
             student,
             teacher if self.spec.alpha > 0 else None,  # SeqKD: CE only, skip the KD work
             spec=self.spec,
             targets=batch.targets,
             chunk_tokens=self.chunk_tokens,
         )
+        if self.crosstok_stats:
+            tokens = out.stats["tokens"]
+            out.stats.update(uld=torch.zeros_like(tokens), one_to_one=tokens.clone())
+        return out

@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, set_seed
 from torch.utils.data import DataLoader
 
+from crosstok.folder import VOCABULARY_KEY
 from shards.errors import ShardError
 from shards.fingerprint import tokenizer_fingerprint
 from shards.reader import ShardFolder, ShardReader
@@ -108,6 +109,11 @@ def shard_batches(cfg: TrainConfig, folder: str, accelerator, tokenizer, *, trai
     )
 
 
+def is_teacher_vocabulary(folder: str) -> bool:
+    """Does `folder`'s metadata say it holds teacher-vocabulary shards (crosstok/folder.py)?"""
+    return VOCABULARY_KEY in ShardFolder(folder, verify="none").metadata.extra
+
+
 def prompt_batches(cfg: TrainConfig, accelerator, tokenizer) -> PromptBatches:
     """On-policy prompts from the data file `onpolicy.prompts` (train/prompts.py)."""
     op = cfg.onpolicy
@@ -141,9 +147,13 @@ def training_source(
     sources = cfg.data.shards
     if len(sources) == 1:
         return shard_batches(cfg, sources[0].path, accelerator, tokenizer, train=True)
-    # Folders against each other first, so that the error names the two folders.
-    first = ShardFolder(sources[0].path, verify="none")
-    for s in sources[1:]:
+    # Folders against each other first, so that the error names the two folders. A folder
+    # of teacher-vocabulary shards (issue #23) holds another tokenizer's ids by design: each
+    # is aligned to the student as it is read, and its batches never mix with another
+    # folder's (train/mixture.py), so only the ordinary folders must share one tokenizer.
+    ordinary = [s for s in sources if not is_teacher_vocabulary(s.path)]
+    first = ShardFolder(ordinary[0].path, verify="none") if ordinary else None
+    for s in ordinary[1:]:
         other = ShardFolder(s.path, verify="none")
         if other.metadata.tokenizer_fingerprint != first.metadata.tokenizer_fingerprint:
             raise ShardError(
@@ -207,6 +217,9 @@ def build_run(cfg: TrainConfig) -> Run:
             f"has {student_vocab} rows"
         )
     module = DistillModule(lm, cfg.loss, cfg.loss.chunk_tokens, uld_weight=cfg.loss.uld_weight)
+    # A mixture of teacher-vocabulary and ordinary folders: every batch logs the same stats
+    # (an ordinary batch's tokens are one-to-one, its ULD 0), so that ranks agree on them.
+    module.crosstok_stats = any(p.convert is not None for p in source.folders())
     optimizer = torch.optim.AdamW(
         [p for p in module.parameters() if p.requires_grad],
         lr=cfg.optim.lr,

@@ -21,8 +21,16 @@ import torch
 
 from shards.spans import spans_of
 
-# The per-token teacher signal of a row, one entry per span token.
-PER_TOKEN = ("topk_ids", "topk_logprobs", "tail_logprob", "token_logprob")
+# The per-token teacher signal of a row, one entry per span token (the last two: rows of
+# teacher-vocabulary shards, train/crosstok_rows.py; a merged block never crosses a span).
+PER_TOKEN = (
+    "topk_ids",
+    "topk_logprobs",
+    "tail_logprob",
+    "token_logprob",
+    "ct_kind",
+    "ct_block_logprob",
+)
 
 
 def conversation_length(row: dict) -> int:

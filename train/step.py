@@ -42,7 +42,8 @@ class StepStats:
 
         A collective under DDP (one all-reduce of every sum at once): every rank calls it.
         """
-        names = list(self.sums)  # the same order on every rank: the loss builds it
+        # Sorted: the same order on every rank, whichever folder of a mixture each drew first.
+        names = sorted(self.sums)
         sums = torch.stack([self.sums[k] for k in names])
         if accelerator.num_processes > 1:
             sums = accelerator.reduce(sums, reduction="sum")
