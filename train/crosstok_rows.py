@@ -37,7 +37,7 @@ import torch
 
 from crosstok.align import align_lengths
 from crosstok.spans import block_logprobs
-from crosstok.tokens import CrossTokError, encode_exact
+from crosstok.tokens import CrossTokError, check_tokens, encode_exact
 from crosstok.vocab import map_topk, vocab_map
 from datafiles.views import render
 from shards.errors import ShardError
@@ -111,9 +111,18 @@ class CrossTokRows:
                 "token_bytes do not tile the response text's bytes (consecutive, non-empty, "
                 "0 to its length; only a last special token may be empty)",
             )
-        kwargs = None if thinking is None else {"enable_thinking": bool(thinking)}
-        prompt = render(self.student, messages, kwargs)
-        s_ids, s_len = encode_exact(self.student, self.s_table, text, role="student")
+        # An on-policy sample (train/onpolicy_crosstok.py) brings the student's own prompt and
+        # sampled tokens (the EOS included), checked to spell the text, instead of a rendering
+        # and a re-encoding: the student trains on what it sampled.
+        prompt, sampled = row.get("student_prompt_ids"), row.get("student_response_ids")
+        if prompt is None:
+            kwargs = None if thinking is None else {"enable_thinking": bool(thinking)}
+            prompt = render(self.student, messages, kwargs)
+        if sampled is None:
+            s_ids, s_len = encode_exact(self.student, self.s_table, text, role="student")
+        else:
+            s_ids = [int(i) for i in sampled][: len(sampled) - int(eos)]
+            s_len = check_tokens(self.s_table, s_ids, text, role="student")
         al = align_lengths(lengths, s_len)
         one = al.one_to_one
         n_s = len(s_ids) + int(eos)
@@ -147,14 +156,15 @@ class CrossTokRows:
             kind[s_first] = KIND_FIRST
             lps[s_first] = row["topk_logprobs"][t_first].float()
             block_lp[s_first] = block_logprobs(t_lp[:n_text], al.teacher)[torch.from_numpy(merged)]
-        response = torch.tensor([*s_ids, *([self.student_eos] if eos else [])], dtype=torch.long)
+        s_eos = int(sampled[-1]) if eos and sampled is not None else self.student_eos
+        response = torch.tensor([*s_ids, *([s_eos] if eos else [])], dtype=torch.long)
         out = {
             key: row[key]
             for key in ("id", "sample_index", "source", "thinking", "meta", "cursor")
             if key in row
         }
         out.update(
-            prompt_ids=torch.tensor(prompt, dtype=torch.long),
+            prompt_ids=torch.as_tensor(prompt, dtype=torch.long),
             teacher_prompt_ids=row["teacher_prompt_ids"],  # the teacher's vocabulary
             response_ids=response,
             span_starts=torch.tensor([len(prompt)] if n_s else [], dtype=torch.long),
