@@ -359,6 +359,8 @@ class OnPolicyBatches(BatchSource):
                     if len(resp) > 0:
                         jobs.append((p, s, resp, None))
                     continue
+                if len(resp) == 0:
+                    continue
                 # Another tokenizer: the whole text or nothing (a cut in teacher tokens
                 # would not be the student's text).
                 sample_id = f"{batch.ids[p]}@{step}.{index}.{s}"
@@ -374,8 +376,7 @@ class OnPolicyBatches(BatchSource):
                         f"tokens too long for the teacher's max_model_len ({limit})",
                     )
                     continue
-                if len(resp) > 0:
-                    jobs.append((p, s, resp, req))
+                jobs.append((p, s, resp, req))
             out[index] = Rollout(batch, step, index, jobs)
         return out
 
