@@ -15,6 +15,9 @@ the dataset's, whichever the shards hold). A conversation row with several train
 later turns are trained from the shards only. A sample is one live row without spans: its
 whole response is trained. Either way the result is a `Batch` with the same
 teacher signal the offline methods use, so the losses are the ones of train/losses.py.
+A teacher server of another tokenizer (train/onpolicy_crosstok.py) gets each sample as text,
+in its own tokens, and its answer is aligned as a teacher-vocabulary shard row is (the
+losses of train/crosstok_loss.py); a sample it cannot take is skipped and counted.
 
 All micro-batches of one optimizer step are sampled from the same weights, so the source
 samples them in one generate call (a batch of grad_accum x max_prompts decodes in little
