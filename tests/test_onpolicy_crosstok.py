@@ -286,7 +286,8 @@ class HTTPTeacher(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.model_dir, self.lm, self.tok = str(model_dir), lm, tok
         self.lock = threading.Lock()
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        # A short poll: shutdown() waits for it.
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
 
     @property
     def url(self) -> str:
