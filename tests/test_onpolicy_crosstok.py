@@ -442,3 +442,33 @@ def test_prompt_sources_and_the_servers_tokenizer(tmp_path, teacher_dir, http_te
     one_line(e)
     said = TeacherClient(http_teacher.url, K).connect(other, teacher_tokenizer=t_tok)
     assert said.endswith("tokenizer probe ok (remote)")
+
+
+def test_prompts_from_a_file_get_the_teachers_template_and_a_step_with_no_sample_left(
+    tmp_path, teacher_dir, teacher_lm
+):
+    """onpolicy.prompts: the teacher views are rendered with the teacher's chat template;
+    when every sample is skipped the micro-batch trains no token and still runs (a prompt
+    has no response to fall back to)."""
+    from tests.precompute_helpers import write_jsonl
+    from train.prompts import PromptBatches
+
+    s_tok, lm = load(tiny_model_dir(vocab_size=576, seed=7))
+    t_tok = AutoTokenizer.from_pretrained(teacher_dir)
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + 2?"}]} for i in range(2)]
+    prompts = PromptBatches(write_jsonl(tmp_path / "p.jsonl", rows), s_tok, max_rows=2,
+                            max_length=512)  # fmt: skip
+    check_prompt_sources(prompts, tokenizer_fingerprint(t_tok), t_tok)
+    want = [render(t_tok, r["prompt"]) for r in rows]
+    assert sorted(t.tolist() for t in prompts.teacher_prompt_ids) == sorted(want)
+    assert want != [render(s_tok, r["prompt"]) for r in rows]
+    markup = s_tok.convert_tokens_to_ids("<|im_start|>")
+    ct = CrossTokTeacher(t_tok, s_tok, eos_ids(lm, s_tok), "srv")
+    teacher = LMTeacher(teacher_lm)
+    src = scripted(onpolicy(prompts, teacher, lm, s_tok, ct), [[markup, s_tok.eos_token_id]])
+    batch = next(iter(src))
+    assert src.pop_metrics()["ct_skipped"] == 2 and not teacher.requests
+    assert batch.num_tokens == 0 and batch.ct_kind is not None and len(batch.ids) == 2
+    out = DistillModule(lm, SPEC, chunk_tokens=16)(batch)
+    out.loss.backward()
+    assert float(out.loss) == 0.0

@@ -434,11 +434,32 @@ class OnPolicyBatches(BatchSource):
             examples.setdefault(p, []).append((s, rows[-1], sc))
         if self.writer is not None:
             self.writer.write(examples, batch.ids, f"{step}.{index}")
-        if not rows:  # every sample was cut to nothing: train the shard batch instead
-            return batch
+        if not rows and batch.num_tokens:
+            return batch  # every sample was cut to nothing or skipped: train the shard batch
+        if not rows:
+            # Prompts without responses (onpolicy.prompts) cannot be trained: a batch of the
+            # prompts that trains no token keeps every rank's step in line.
+            rows = [self._nothing(batch, p) for p in range(len(batch.ids))]
         out = collate(rows, self.max_length, self.pad_id)
         out.cursor, out.overlong = batch.cursor, batch.overlong
         return out
+
+    def _nothing(self, batch: Batch, p: int) -> dict:
+        """A row of prompt p of `batch` that trains no token (of the batch kind the teacher
+        gives: teacher-vocabulary rows with a teacher of another tokenizer)."""
+        row = {
+            "id": batch.ids[p],
+            "prompt_ids": batch.prompt_ids[p],
+            "teacher_prompt_ids": batch.teacher_prompt_ids[p],
+            "response_ids": torch.zeros(0, dtype=torch.long),
+            "topk_ids": torch.zeros((0, 1), dtype=torch.long),
+            "topk_logprobs": torch.zeros((0, 1)),
+            "tail_logprob": torch.zeros(0),
+            "token_logprob": torch.zeros(0),
+        }
+        if self.crosstok is not None:
+            row.update(ct_kind=torch.zeros(0, dtype=torch.int8), ct_block_logprob=torch.zeros(0))
+        return row
 
     # ---- BatchSource ---------------------------------------------------------------------
 
