@@ -189,3 +189,32 @@ def encode_exact(
     check decode(encode(text)) == text, for the student the check that it can represent it."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids, check_tokens(table, ids, text, role=role)
+
+
+def token_bytes(
+    table: TokenTable, ids, text: str | None = None, *, role: str = "teacher"
+) -> tuple[str, list[list[int]]]:
+    """(response_text, token_bytes) of the response tokens `ids` (T,): the text (`text`, or
+    when None the text the tokens spell) and per token its [start, end) byte offsets into
+    text.encode("utf-8"); trailing special tokens get [len, len]. Raises CrossTokError (one
+    line) when the tokens do not spell the text. role: whose tokens, for messages (see
+    `check_tokens`). Teacher-vocabulary rows (precompute/teacher_vocab.py) and on-policy
+    samples across tokenizers (train/onpolicy_crosstok.py) both build their spans here."""
+    ids = np.asarray(ids, dtype=np.int64)
+    body = len(ids)
+    while body and 0 <= ids[body - 1] < table.vocab_size and table.special[ids[body - 1]]:
+        body -= 1
+    if text is None:
+        spelled = b"".join(table.pieces[i] for i in ids[:body] if 0 <= i < table.vocab_size)
+        try:
+            text = spelled.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CrossTokError(
+                f"the {role}'s response tokens do not spell UTF-8 text ({e.reason} at byte "
+                f"{e.start}; a response cut inside a character?)"
+            ) from None
+    lengths = check_tokens(table, ids[:body], text, role=role)
+    ends = np.cumsum(lengths)
+    spans = [[int(e - n), int(e)] for e, n in zip(ends, lengths, strict=True)]
+    end = len(text.encode("utf-8"))
+    return text, spans + [[end, end]] * (len(ids) - body)

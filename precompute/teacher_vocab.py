@@ -27,16 +27,17 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-import numpy as np
-
 from crosstok.folder import (
     TEACHER_KIND,
     TOKENIZER_EXTRA,
     pack_tokenizer,
     tokenizer_files,
 )
-from crosstok.tokens import CrossTokError, TokenTable, check_tokens, token_table
 from datafiles.conversation import drop_reasoning
+
+# token_bytes lives in crosstok/ (on-policy training builds the same spans); imported here
+# for this module's callers.
+from crosstok.tokens import CrossTokError, TokenTable, check_tokens, token_bytes, token_table
 
 META_KEY = "crosstok"  # row meta key
 SPANS_KEY = "spans"  # meta["crosstok"] key of a conversation row (several trained spans)
@@ -76,31 +77,6 @@ def commit_tokenizer(writer, vocab: TeacherVocab) -> None:
     sha = hashlib.sha256(vocab.tar).hexdigest()
     if not any(e.sha256 == sha for e in writer.extras(TOKENIZER_EXTRA)):
         writer.add_extra(TOKENIZER_EXTRA, vocab.tar, ".tar")
-
-
-def token_bytes(table: TokenTable, ids, text: str | None = None) -> tuple[str, list[list[int]]]:
-    """(response_text, token_bytes) of the response tokens `ids` (T,): the text (`text`, or
-    when None the text the tokens spell) and per token its [start, end) byte offsets into
-    text.encode("utf-8"); trailing special tokens get [len, len]. Raises CrossTokError (one
-    line) when the tokens do not spell the text."""
-    ids = np.asarray(ids, dtype=np.int64)
-    body = len(ids)
-    while body and 0 <= ids[body - 1] < table.vocab_size and table.special[ids[body - 1]]:
-        body -= 1
-    if text is None:
-        spelled = b"".join(table.pieces[i] for i in ids[:body] if 0 <= i < table.vocab_size)
-        try:
-            text = spelled.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise CrossTokError(
-                f"the teacher's response tokens do not spell UTF-8 text ({e.reason} at byte "
-                f"{e.start}; a response cut inside a character?)"
-            ) from None
-    lengths = check_tokens(table, ids[:body], text, role="teacher")
-    ends = np.cumsum(lengths)
-    spans = [[int(e - n), int(e)] for e, n in zip(ends, lengths, strict=True)]
-    end = len(text.encode("utf-8"))
-    return text, spans + [[end, end]] * (len(ids) - body)
 
 
 def row_meta(table: TokenTable, messages, thinking, ids, text: str | None = None) -> dict:

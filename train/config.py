@@ -217,6 +217,13 @@ class OnPolicyConfig:
     teacher_model: str = option(
         "", "model name a remote teacher must report; empty: the shards' teacher"
     )
+    # A teacher of another tokenizer (train/onpolicy_crosstok.py): found here when the served
+    # model's folder is on this machine, or in a teacher-vocabulary folder; else name it.
+    teacher_tokenizer: str = option(
+        "",
+        "the teacher server's tokenizer folder (a teacher of another tokenizer); empty: the "
+        "served model's folder when local, else a teacher-vocabulary folder's",
+    )
     # Live episodes (train/onpolicy_env.py): an on-policy micro-batch is the student's
     # episodes in a text game, each scored whole by the teacher in its view.
     env_config: str = option(

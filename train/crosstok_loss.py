@@ -156,6 +156,8 @@ def crosstok_loss(
         ce = ce + ce_rest.detach()
         gate = gate + span_stats[:, 2].sum()
         uld = uld.detach()
+    if n == 0:  # nothing trained: a zero that still reaches the model (its backward runs)
+        loss = head.hidden.float().sum() * 0.0
     stats = {
         "tokens": torch.tensor(float(n), device=dev),
         "kd": kd,

@@ -107,15 +107,25 @@ class CrossTokRows:
                 f"{n_t} response tokens (teacher-vocabulary rows train the whole response)",
             )
         lengths, eos = self._teacher_lengths(row, t_ids, spans, text)
-        kwargs = None if thinking is None else {"enable_thinking": bool(thinking)}
-        prompt = render(self.student, messages, kwargs)
-        s_ids, s_len = encode_exact(self.student, self.s_table, text, role="student")
+        # An on-policy sample (train/onpolicy_crosstok.py) brings the student's own prompt and
+        # sampled tokens (the EOS included), checked to spell the text, instead of a rendering
+        # and a re-encoding: the student trains on what it sampled.
+        prompt, sampled = row.get("student_prompt_ids"), row.get("student_response_ids")
+        if prompt is None:
+            kwargs = None if thinking is None else {"enable_thinking": bool(thinking)}
+            prompt = render(self.student, messages, kwargs)
+        if sampled is None:
+            s_ids, s_len = encode_exact(self.student, self.s_table, text, role="student")
+        else:
+            s_ids = [int(i) for i in sampled][: len(sampled) - int(eos)]
+            s_len = check_tokens(self.s_table, s_ids, text, role="student")
         signal = self._signal(row, 0, lengths, eos, s_len, eos)
         n_s = len(s_ids) + int(eos)
-        response = torch.tensor([*s_ids, *([self.student_eos] if eos else [])], dtype=torch.long)
+        s_eos = int(sampled[-1]) if eos and sampled is not None else self.student_eos
+        response = torch.tensor([*s_ids, *([s_eos] if eos else [])], dtype=torch.long)
         out = self._kept(row)
         out.update(
-            prompt_ids=torch.tensor(prompt, dtype=torch.long),
+            prompt_ids=torch.as_tensor(prompt, dtype=torch.long),
             teacher_prompt_ids=row["teacher_prompt_ids"],  # the teacher's vocabulary
             response_ids=response,
             span_starts=torch.tensor([len(prompt)] if n_s else [], dtype=torch.long),

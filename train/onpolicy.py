@@ -15,6 +15,9 @@ the dataset's, whichever the shards hold). A conversation row with several train
 later turns are trained from the shards only. A sample is one live row without spans: its
 whole response is trained. Either way the result is a `Batch` with the same
 teacher signal the offline methods use, so the losses are the ones of train/losses.py.
+A teacher server of another tokenizer (train/onpolicy_crosstok.py) gets each sample as text,
+in its own tokens, and its answer is aligned as a teacher-vocabulary shard row is (the
+losses of train/crosstok_loss.py); a sample it cannot take is skipped and counted.
 
 All micro-batches of one optimizer step are sampled from the same weights, so the source
 samples them in one generate call (a batch of grad_accum x max_prompts decodes in little
@@ -28,6 +31,7 @@ wall time.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,12 +40,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crosstok.tokens import CrossTokError
 from shards.codec import tail_logprob_of
+from shards.errors import ShardError
 from shards.fingerprint import tokenizer_fingerprint, weights_fingerprint
 from shards.schema import ShardMetadata
 from shards.writer import ShardRow, ShardWriter
 from train.batches import Batch, BatchSource, ShardBatches, collate
-from train.config import OnPolicyConfig
+from train.config import ConfigError, OnPolicyConfig
+from train.onpolicy_crosstok import (
+    CrossTokTeacher,
+    Request,
+    check_prompt_sources,
+    load_teacher_tokenizer,
+    same_tokenizer,
+)
 from train.prompts import PromptBatches
 from vllm_engine.student import VLLMStudent, trainer_weights
 from vllm_engine.teacher_client import TeacherClient
@@ -51,13 +64,14 @@ MIX, SAMPLE = 0, 1  # seed streams
 
 @dataclass
 class Rollout:
-    """A micro-batch's samples: jobs are (prompt row, sample index, response ids); futures,
-    the teacher's answers to them once submitted."""
+    """A micro-batch's samples: jobs are (prompt row, sample index, response ids, and the
+    teacher request of a teacher of another tokenizer or None); futures, the teacher's
+    answers to them once submitted."""
 
     batch: Batch
     step: int
     index: int
-    jobs: list[tuple[int, int, torch.Tensor]]
+    jobs: list[tuple[int, int, torch.Tensor, Request | None]]
     futures: list = field(default_factory=list)
 
 
@@ -71,6 +85,17 @@ def is_onpolicy(seed: int, step: int, index: int, lmbda: float) -> bool:
 def sample_seed(seed: int, step: int, index: int, *sample: int) -> int:
     """The sampling seed of micro-batch (step, index), or of one sample of it."""
     return int(np.random.default_rng([seed, step, index, SAMPLE, *sample]).integers(2**62))
+
+
+def eos_ids(lm, tokenizer) -> set[int]:
+    """The student's end-of-sequence ids: its tokenizer's and its generation config's."""
+    eos = tokenizer.eos_token_id
+    gen_eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    return {
+        int(e)
+        for e in ([eos] + (gen_eos if isinstance(gen_eos, list) else [gen_eos]))
+        if e is not None
+    }
 
 
 def cut_at_eos(tokens: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
@@ -97,35 +122,46 @@ class OnPolicyBatches(BatchSource):
         writer=None,
         engine=None,
         episodes=None,
+        crosstok: CrossTokTeacher | None = None,
     ):
         self.shards, self.client, self.cfg = shards, client, cfg
+        # A teacher of another tokenizer (train/onpolicy_crosstok.py): samples go as text.
+        self.crosstok, self._skip_told = crosstok, False
         # Live episodes (train/onpolicy_env.py LiveEpisodes), played with self.complete.
         self.episodes, self.tokenizer = episodes, tokenizer
         self.engine = engine  # a VLLMStudent (sampler=vllm), else None: HF generate
         self.student, self.seed, self.grad_accum = student, seed, grad_accum
         self.max_length, self.device, self.writer = max_length, torch.device(device), writer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        eos = tokenizer.eos_token_id
-        gen_eos = getattr(getattr(student(), "generation_config", None), "eos_token_id", None)
-        self.eos_ids = {
-            int(e)
-            for e in ([eos] + (gen_eos if isinstance(gen_eos, list) else [gen_eos]))
-            if e is not None
-        }
+        self.eos_ids = eos_ids(student(), tokenizer)
         self.consumed = 0  # micro-batches the trainer has trained on
         self._stale = False  # the engine's weights are not the trainer's (after a resume)
         self._loader = None
         self._since = self._blank()
 
-    @staticmethod
-    def _blank() -> dict:
-        return {
+    def _blank(self) -> dict:
+        out = {
             "t0": time.monotonic(),
             "onpolicy": 0,
             "gen_s": 0.0,
             "teacher_wait_s": 0.0,
             "sync_s": 0.0,
         }
+        if self.crosstok is not None:
+            out["ct_skipped"] = 0  # samples the teacher of another tokenizer could not take
+        return out
+
+    def _skip(self, sample_id: str, reason: str) -> None:
+        """Count a sample left out (a teacher of another tokenizer); the first one is told."""
+        self._since["ct_skipped"] += 1
+        if not self._skip_told:
+            self._skip_told = True
+            print(
+                f"[train] on-policy: sample {sample_id} skipped (counted as ct_skipped in "
+                f"metrics.jsonl): {reason}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def bind(self, load: Callable[[ShardBatches], Iterable[Batch]]) -> OnPolicyBatches:
         """Take prompts from the shard source's loader(s) (`load`, see BatchSource.bind)."""
@@ -317,20 +353,44 @@ class OnPolicyBatches(BatchSource):
             jobs = []
             for j in range(n * self.cfg.n_samples):
                 resp = next(samples)
-                p = j // self.cfg.n_samples
-                # The teacher's context must hold the teacher view, the sample and one more
-                # token.
-                resp = resp[: max(0, limit - 1 - len(batch.teacher_prompt_ids[p]))]
-                if len(resp) > 0:
-                    jobs.append((p, j % self.cfg.n_samples, resp))
+                p, s = divmod(j, self.cfg.n_samples)
+                room = limit - 1 - len(batch.teacher_prompt_ids[p])
+                if self.crosstok is None:
+                    # The teacher's context must hold the teacher view, the sample and one
+                    # more token.
+                    resp = resp[: max(0, room)]
+                    if len(resp) > 0:
+                        jobs.append((p, s, resp, None))
+                    continue
+                if len(resp) == 0:
+                    continue
+                # Another tokenizer: the whole text or nothing (a cut in teacher tokens
+                # would not be the student's text).
+                sample_id = f"{batch.ids[p]}@{step}.{index}.{s}"
+                try:
+                    req = self.crosstok.request(resp)
+                except CrossTokError as e:
+                    self._skip(sample_id, str(e))
+                    continue
+                if len(req.teacher_ids) > room:
+                    self._skip(
+                        sample_id,
+                        f"the teacher view and the sample are {len(req.teacher_ids) - room} "
+                        f"tokens too long for the teacher's max_model_len ({limit})",
+                    )
+                    continue
+                jobs.append((p, s, resp, req))
             out[index] = Rollout(batch, step, index, jobs)
         return out
 
     def _submit(self, r: Rollout) -> None:
         """Send a rollout's samples to the teacher (not waiting)."""
         r.futures = [
-            self.client.submit(r.batch.teacher_prompt_ids[p].tolist(), resp.tolist())
-            for p, _, resp in r.jobs
+            self.client.submit(
+                r.batch.teacher_prompt_ids[p].tolist(),
+                resp.tolist() if req is None else req.teacher_ids,
+            )
+            for p, _, resp, req in r.jobs
         ]
 
     def _collect(self, r: Rollout) -> Batch:
@@ -342,10 +402,26 @@ class OnPolicyBatches(BatchSource):
         self._since["teacher_wait_s"] += time.monotonic() - t0
         self._since["onpolicy"] += 1
         rows, examples = [], {}
-        for (p, s, resp), sc in zip(jobs, scores, strict=True):
+        for (p, s, resp, req), sc in zip(jobs, scores, strict=True):
+            sample_id = f"{batch.ids[p]}@{step}.{index}.{s}"
+            if req is not None:  # a teacher of another tokenizer: aligned as shard rows are
+                try:
+                    rows.append(
+                        self.crosstok.row(
+                            sample_id,
+                            batch.prompt_ids[p],
+                            batch.teacher_prompt_ids[p],
+                            resp,
+                            req,
+                            sc,
+                        )
+                    )
+                except ShardError as e:
+                    self._skip(sample_id, e.message)
+                continue
             rows.append(
                 {
-                    "id": f"{batch.ids[p]}@{step}.{index}.{s}",
+                    "id": sample_id,
                     "prompt_ids": batch.prompt_ids[p],
                     "teacher_prompt_ids": batch.teacher_prompt_ids[p],
                     "response_ids": resp,
@@ -358,11 +434,32 @@ class OnPolicyBatches(BatchSource):
             examples.setdefault(p, []).append((s, rows[-1], sc))
         if self.writer is not None:
             self.writer.write(examples, batch.ids, f"{step}.{index}")
-        if not rows:  # every sample was cut to nothing: train the shard batch instead
-            return batch
+        if not rows and batch.num_tokens:
+            return batch  # every sample was cut to nothing or skipped: train the shard batch
+        if not rows:
+            # Prompts without responses (onpolicy.prompts) cannot be trained: a batch of the
+            # prompts that trains no token keeps every rank's step in line.
+            rows = [self._nothing(batch, p) for p in range(len(batch.ids))]
         out = collate(rows, self.max_length, self.pad_id)
         out.cursor, out.overlong = batch.cursor, batch.overlong
         return out
+
+    def _nothing(self, batch: Batch, p: int) -> dict:
+        """A row of prompt p of `batch` that trains no token (of the batch kind the teacher
+        gives: teacher-vocabulary rows with a teacher of another tokenizer)."""
+        row = {
+            "id": batch.ids[p],
+            "prompt_ids": batch.prompt_ids[p],
+            "teacher_prompt_ids": batch.teacher_prompt_ids[p],
+            "response_ids": torch.zeros(0, dtype=torch.long),
+            "topk_ids": torch.zeros((0, 1), dtype=torch.long),
+            "topk_logprobs": torch.zeros((0, 1)),
+            "tail_logprob": torch.zeros(0),
+            "token_logprob": torch.zeros(0),
+        }
+        if self.crosstok is not None:
+            row.update(ct_kind=torch.zeros(0, dtype=torch.int8), ct_block_logprob=torch.zeros(0))
+        return row
 
     # ---- BatchSource ---------------------------------------------------------------------
 
@@ -462,10 +559,37 @@ def build_onpolicy(
         api_key=api_key,
         ca_file=op.teacher_ca_file or None,
     )
-    # Refuses another tokenizer, and a remote server that reports another model.
+    # The server's tokenizer, when it can be found here: another than the student's makes
+    # the run cross-tokenizer (train/onpolicy_crosstok.py).
+    client.card()
+    teacher_tok = load_teacher_tokenizer(op.teacher_tokenizer, client, shards)
+    if teacher_tok is not None and same_tokenizer(teacher_tok, tokenizer):
+        teacher_tok = None
+    # Refuses a tokenizer other than the one found, and a remote server that reports another
+    # model.
     described = client.connect(
-        tokenizer, op.teacher_model or ("" if from_file else shards.reader.metadata.teacher)
+        tokenizer,
+        op.teacher_model or ("" if from_file else shards.reader.metadata.teacher),
+        teacher_tokenizer=teacher_tok,
     )
+    crosstok = None
+    if teacher_tok is not None:
+        for ok, what in [
+            (not op.write_shards, "onpolicy.write_shards"),
+            (not op.env_config, "onpolicy.env_config (live episodes)"),
+            (cfg.loss.reverse_kl_estimator != "mc", "loss.reverse_kl_estimator=mc"),
+        ]:
+            if not ok:
+                raise ConfigError(
+                    f"{what} is not supported with a teacher of another tokenizer ({client.url})"
+                )
+        lm = accelerator.unwrap_model(module).lm
+        crosstok = CrossTokTeacher(teacher_tok, tokenizer, eos_ids(lm, tokenizer), client.url)
+        described += (
+            f"; tokenizer {teacher_tok.name_or_path}, not the student's: samples go to it as "
+            "text and are aligned"
+        )
+    check_prompt_sources(shards, crosstok and crosstok.fingerprint, teacher_tok)
     if from_file:
         shards.check_room(client.max_model_len)
     if accelerator.is_main_process:
@@ -532,6 +656,7 @@ def build_onpolicy(
         device=accelerator.device,
         writer=writer,
         engine=engine,
+        crosstok=crosstok,
     )
     if op.env_config:
         from train.onpolicy_env import live_episodes  # the game engine only when asked

@@ -59,21 +59,27 @@ class PromptBatches(BatchSource):
             torch.tensor(render(tokenizer, list(ex.messages))[-keep:], dtype=torch.long)
             for ex in self.examples
         ]
-        self.teacher_prompt_ids = [
-            torch.tensor(
-                render(
-                    tokenizer,
-                    teacher_messages(list(ex.messages), ex.experience, experience_position),
-                ),
-                dtype=torch.long,
-            )
-            for ex in self.examples
-        ]
+        self.experience_position = experience_position
+        self.render_teacher(tokenizer)
         self.num_batches = -(-len(self.examples) // max_rows)
         self._epoch, self._next = 0, 0  # the next batch to give
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def render_teacher(self, tokenizer) -> None:
+        """The teacher views, rendered with `tokenizer`'s chat template: the student's, or a
+        teacher's of another tokenizer (train/onpolicy_crosstok.py)."""
+        self.teacher_prompt_ids = [
+            torch.tensor(
+                render(
+                    tokenizer,
+                    teacher_messages(list(ex.messages), ex.experience, self.experience_position),
+                ),
+                dtype=torch.long,
+            )
+            for ex in self.examples
+        ]
 
     def check_room(self, max_model_len: int | None) -> None:
         """Refuse prompts whose teacher view leaves the teacher no room for a sampled token

@@ -203,11 +203,6 @@ def build_run(cfg: TrainConfig) -> Run:
     teacher_vocab = max(
         (p.reader.metadata.vocab_size for p in source.folders() if p.convert is None), default=0
     )  # prompts from a data file: no folder; the teacher client checks the ids
-    if cfg.onpolicy.teacher_url and any(p.convert is not None for p in source.folders()):
-        raise ConfigError(
-            "on-policy distillation from teacher-vocabulary shards (a teacher with another "
-            "tokenizer) is not supported yet"
-        )
     head = lm.get_output_embeddings()
     # out_features, not weight.shape: under ZeRO-3 the weight is partitioned (shape 0).
     student_vocab = getattr(head, "out_features", None) or head.weight.shape[0]

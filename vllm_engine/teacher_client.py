@@ -163,7 +163,15 @@ class TeacherClient:
 
     # ---- start-up checks -------------------------------------------------------------------
 
-    def connect(self, tokenizer, model_name: str = "") -> str:
+    def card(self) -> str:
+        """Read the served model (name, folder, max_model_len) once; returns its folder."""
+        if self.model is None:
+            card = self.call("/v1/models")["data"][0]
+            self.model, self.root = card["id"], card.get("root") or card["id"]
+            self.max_model_len = card.get("max_model_len")
+        return self.root
+
+    def connect(self, tokenizer, model_name: str = "", teacher_tokenizer=None) -> str:
         """Read the served model and refuse a teacher that is not the one expected.
 
         Local teacher (its model folder is readable here): the tokenizer fingerprint of that
@@ -171,10 +179,14 @@ class TeacherClient:
         served name or its model path) against `model_name`, when one is given. Both: the ids
         the server's own tokenizer gives a probe text rendered with the student's chat
         template. Returns a one-line description that says which checks ran.
+
+        teacher_tokenizer: a teacher of another tokenizer (train/onpolicy_crosstok.py): the
+        same checks against that tokenizer (its fingerprint, its chat template) instead of
+        the student's.
         """
-        card = self.call("/v1/models")["data"][0]
-        self.model, self.root = card["id"], card.get("root") or card["id"]
-        self.max_model_len = card.get("max_model_len")
+        self.card()
+        if teacher_tokenizer is not None:
+            tokenizer = teacher_tokenizer
         local = self.root_is_local()
         ran = []
         if local:
@@ -185,9 +197,10 @@ class TeacherClient:
             theirs = tokenizer_fingerprint(AutoTokenizer.from_pretrained(self.root))
             ours = tokenizer_fingerprint(tokenizer)
             if theirs != ours:
+                whose = "the student's" if teacher_tokenizer is None else "the teacher tokenizer's"
                 raise TeacherMismatch(
                     f"teacher {self.root} served at {self.url} has tokenizer fingerprint "
-                    f"{theirs}, the student's is {ours}: refusing to distil across tokenizers"
+                    f"{theirs}, {whose} is {ours}: refusing to distil across tokenizers"
                 )
             ran.append("fingerprint ok")
         elif model_name:
@@ -208,10 +221,16 @@ class TeacherClient:
         theirs = self.call("/tokenize", body)["tokens"]
         ours = tokenizer(probe, add_special_tokens=False)["input_ids"]
         if list(theirs) != list(ours):
+            if teacher_tokenizer is None:
+                why = (
+                    "the student ({} vs {} ids): refusing to distil across tokenizers; for a "
+                    "teacher of another tokenizer set onpolicy.teacher_tokenizer to its folder"
+                )
+            else:
+                why = "the teacher tokenizer found here ({} vs {} ids): not the server's tokenizer"
             raise TeacherMismatch(
                 f"teacher {self.model} at {self.url} tokenizes a probe text differently from "
-                f"the student ({len(theirs)} vs {len(ours)} ids): refusing to distil across "
-                "tokenizers"
+                + why.format(len(theirs), len(ours))
             )
         ran.append("tokenizer probe ok")
         where = "local" if local else "remote"
