@@ -27,17 +27,19 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import numpy as np
+
 from crosstok.folder import (
     TEACHER_KIND,
     TOKENIZER_EXTRA,
     pack_tokenizer,
     tokenizer_files,
 )
-from datafiles.conversation import drop_reasoning
 
 # token_bytes lives in crosstok/ (on-policy training builds the same spans); imported here
 # for this module's callers.
-from crosstok.tokens import CrossTokError, TokenTable, check_tokens, token_bytes, token_table
+from crosstok.tokens import CrossTokError, TokenTable, token_bytes, token_table
+from datafiles.conversation import drop_reasoning
 
 META_KEY = "crosstok"  # row meta key
 SPANS_KEY = "spans"  # meta["crosstok"] key of a conversation row (several trained spans)
