@@ -53,6 +53,12 @@ CHECK_ONLY: tuple[tuple[str, str], ...] = (
     ),
     # Run end to end by other tests; one documented command still runs each target here.
     (
+        CMD + r"make precompute (?=.*\bK=64\b)(?!.*\b(STUDENT|CONFIG|RAY)=)",
+        "K=64 is precompute's default k: the command after it (README.md, docs/precompute.md)"
+        " runs this target on the same teacher and data with a vLLM engine, plus STUDENT= (its"
+        " tokenizer check); another engine start costs half a minute of the suite",
+    ),
+    (
         CMD + r"make onpolicy-two-stage\b",
         "tests/test_onpolicy.py::test_two_stage_in_one_command_starts_on_policy_from_skds_weights"
         " runs tools.onpolicy.live --two-stage end to end; `make onpolicy-live`, run here, starts"

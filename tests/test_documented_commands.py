@@ -39,6 +39,7 @@ from pathlib import Path
 
 import pytest
 
+from precompute.config import load_config
 from tests.doc_commands import (
     block_commands,
     documented_commands,
@@ -92,6 +93,23 @@ SUBSTITUTIONS: tuple[tuple[str, str], ...] = (
     ),
     # Rounds refuse other settings in a used WORK folder; each documented variant gets one.
     (r"^make onpolicy-rounds\b(?!.*\bWORK=)", "make onpolicy-rounds WORK=runs/rounds-{line}"),
+    # The transformers backend instead of vLLM engines (20-30 s to start each here) where
+    # another test runs the same path with vLLM (ENGINE_ELSEWHERE, in this order); `make
+    # precompute` and `make precompute CONFIG=configs/demo/precompute.yaml` keep vLLM here.
+    (r"^(python -m precompute \$PRECOMPUTE_ARGS)(?=.*--mode score\b)", r"\1 backend=hf"),
+    (
+        r"^make precompute RAY=1\b",
+        'make precompute RAY=1 PRECOMPUTE_ARGS="$PRECOMPUTE_ARGS backend=hf"',
+    ),
+    (r"^(make onpolicy-rounds\b.*\bROUNDS_ARGS=')", r"\1--backend hf "),
+)
+
+# The tests that run, with vLLM, what the backend=hf substitutions run here with transformers:
+# score mode, precompute's Ray workers, rounds end to end.
+ENGINE_ELSEWHERE = (
+    "tests/test_precompute_vllm.py::test_score_mode_teacher_forces_the_reference",
+    "tests/test_precompute_ray.py::test_ray_workers_each_own_a_vllm_engine",
+    "tests/test_rounds.py::test_two_rounds_killed_and_resumed",
 )
 
 COMMANDS = documented_commands(ROOT)
@@ -324,6 +342,27 @@ def test_classification_and_substitution():
         "make onpolicy-rounds WORK=runs/rounds-4 ROUNDS=1"
     )
     assert check_only_steps("make demo")[1] == "make -n demo"
+    k64 = [
+        "make precompute TEACHER=t DATA=d K=64 OUT=a",
+        "make precompute TEACHER=t DATA=d K=64 STUDENT=s",
+    ]
+    assert [c.check_only_reason() is None for c in block_commands("f.md", 1, "sh", k64)] == [
+        False,
+        True,
+    ]
+    assert load_config(None, []).k == 64  # the K=64 rule's reason: it is the default
+    assert substitute("python -m precompute --mode score --data x", 3) == (
+        "python -m precompute $PRECOMPUTE_ARGS backend=hf --out out/doc-3 --mode score --data x"
+    )
+    assert substitute("python -m precompute --data x", 3) == (
+        "python -m precompute $PRECOMPUTE_ARGS --out out/doc-3 --data x"
+    )
+    assert substitute("make precompute RAY=1 OUT=o", 3) == (
+        'make precompute RAY=1 PRECOMPUTE_ARGS="$PRECOMPUTE_ARGS backend=hf" OUT=o'
+    )
+    assert substitute("make onpolicy-rounds WORK=w ROUNDS_ARGS='--n 2'", 3) == (
+        "make onpolicy-rounds WORK=w ROUNDS_ARGS='--backend hf --n 2'"
+    )
     setup = block_commands("f.md", 1, "sh", ["KDSHARDS_DEVICE=cpu make setup"])[0]
     assert setup.check_only_reason() is not None
     assert check_only_steps(setup.text)[1] == "KDSHARDS_DEVICE=cpu make -n setup"
@@ -362,6 +401,7 @@ def test_the_tests_that_check_only_reasons_name_exist():
     from tests.doc_commands import CHECK_ONLY
 
     named = [m for _, reason in CHECK_ONLY for m in re.findall(r"(tests/\w+\.py)::(\w+)", reason)]
+    named += [tuple(t.split("::")) for t in ENGINE_ELSEWHERE]
     assert named
     for file, func in named:
         assert re.search(rf"^def {func}\(", (ROOT / file).read_text(), re.M), (file, func)

@@ -96,7 +96,11 @@ def rounds_cmd(tiny, student, data, work):
         "--student", str(student), "--data", str(data), "--work", str(work),
         "--precompute-config", "", "--steps", str(STEPS), "--n", str(N_SAMPLES),
         "--max-tokens", "8", "--k", "8", "--previous-weight", "0.5",
-        "--precompute-args", "commit_every=1 engine.max_model_len=256",
+        # One vLLM engine per precompute stage, in its process: two workers (the CPU default)
+        # would start two engines on this machine's 2 cores for 24 short samples. Workers
+        # killed with precompute: tests/test_lifetime.py; a killed worker's resume:
+        # tests/test_precompute_jobs.py.
+        "--precompute-args", "commit_every=1 num_workers=1 engine.max_model_len=256",
         "--train-args", "data.batch_tokens=256 data.sort_window=8 save_every=3 "
         "optim.warmup_steps=0 optim.lr=1e-3",
     ]  # fmt: skip
