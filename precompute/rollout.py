@@ -37,7 +37,7 @@ from datafiles.formats import Example
 from datafiles.reading import BadField
 from datafiles.views import render
 from envs.base import Episode, Rejected, episode_id
-from envs.config import EnvConfig
+from envs.config import EnvConfig, env_record
 from envs.experience import Experience, ExperienceError, load_experience
 from envs.java import JavaNotFound
 from envs.policy import ChatPolicy
@@ -99,16 +99,6 @@ class RolloutSummary(Summary):
             f"folder: {folder or 'empty'}; {eps:.2f} episodes/s, teacher {self.engine_s:.1f} s, "
             f"wall {self.wall_s:.1f} s"
         )
-
-
-def env_record(env: EnvConfig) -> dict:
-    """Shard metadata extra["env"]: what the episodes are (the seeds are which of them)."""
-    return {
-        "game": env.game,
-        "params": env.game_params(),
-        "fold": env.fold,
-        "step_limit": env.step_limit,
-    }
 
 
 def rollout_metadata(
