@@ -37,7 +37,7 @@ from datafiles.formats import Example
 from datafiles.reading import BadField
 from datafiles.views import render
 from envs.base import Episode, Rejected, episode_id
-from envs.config import EnvConfig, env_record
+from envs.config import env_record
 from envs.experience import Experience, ExperienceError, load_experience
 from envs.java import JavaNotFound
 from envs.policy import ChatPolicy
