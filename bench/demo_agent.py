@@ -301,7 +301,8 @@ def seqkd_skip(folder: Path):
     return why
 
 
-def skipped(args, stages_done: dict, seed: int, method: str) -> bool:
+def skipped(stages_done: dict, seed: int, method: str) -> bool:
+    """The method's stage was skipped (SeqKD without data): the evaluation leaves it out."""
     return stages_done.get(f"seed{seed}/{method}", {}).get("command", "").startswith("(skipped")
 
 
@@ -353,7 +354,7 @@ def seed_stages(args, cfg: AgentDemoConfig, seed: int, runner: Runner) -> list[S
         return [
             f"--model={m}={run_path(args, seed, m)}"
             for m in METHODS
-            if not skipped(args, runner.done, seed, m)
+            if not skipped(runner.done, seed, m)
         ]
 
     def stage(name, cmd, *inputs, services=(), skip=None, outputs=()):
