@@ -14,7 +14,7 @@ SETUP_STAMP := $(VENV)/.setup-stamp
 	default-data precompute bench-precompute bench-precompute-workers eval
 .PHONY: teacher-server bench-onpolicy onpolicy-rounds bench-rounds bench-precompute-host
 .PHONY: bench-object-store demo-onpolicy onpolicy-live onpolicy-two-stage bench-conversations
-.PHONY: bench-crosstok models-gemma bench-crosstok-evidence
+.PHONY: bench-crosstok models-gemma bench-crosstok-evidence demo-agent
 
 help: ## list the targets
 	@echo "kdshards make targets:"
@@ -153,6 +153,12 @@ demo: setup models ## data -> precompute -> train (SKD, SeqKD) -> eval report, o
 ONPOLICY_DEMO_ARGS ?=
 demo-onpolicy: setup models ## on-policy vs SKD: SKD, SeqKD, live, two-stage, rounds x 2 seeds, paired tests
 	$(PYTHON) -m bench.demo_onpolicy $(ONPOLICY_DEMO_ARGS)
+
+# make demo-agent [AGENT_DEMO_ARGS='--seeds 0,1 --test-episodes 300 ... | --small']
+# The game, experience and sampling: configs/demo/agent.yaml and agent-rollout.yaml.
+AGENT_DEMO_ARGS ?=
+demo-agent: setup models ## agents in a text game: teacher+experience, SKD, SeqKD, live on-policy, rounds; paired tests
+	$(PYTHON) -m bench.demo_agent $(AGENT_DEMO_ARGS)
 
 # make teacher-server [TEACHER_MODEL= TEACHER_PORT=8000 TEACHER_HOST=127.0.0.1 TEACHER_DTYPE=
 #   TEACHER_TP= TEACHER_EAGER=1|0]   (python -m vllm_engine.teacher_server --help)

@@ -104,6 +104,18 @@ class EnvConfig:
         return list(fold_seeds[self.seed_offset : stop])
 
 
+def env_record(env: EnvConfig) -> dict:
+    """What a shard folder of episodes records as its metadata's extra["env"] (teacher
+    rollouts, precompute/rollout.py, and scored episode rounds, tools/onpolicy/rounds.py,
+    alike): which game the episodes are; the seeds say which of its episodes."""
+    return {
+        "game": env.game,
+        "params": env.game_params(),
+        "fold": env.fold,
+        "step_limit": env.step_limit,
+    }
+
+
 def load_env_config(path: str | Path) -> EnvConfig:
     """The EnvConfig of a YAML file of its fields; ValueError naming the file for anything
     wrong (unreadable, not a mapping, an unknown key, a bad value)."""

@@ -39,7 +39,7 @@ from datafiles.formats import Example
 from datafiles.reading import BadField
 from datafiles.views import render
 from envs.base import Episode, Rejected, episode_id
-from envs.config import EnvConfig
+from envs.config import env_record
 from envs.experience import Experience, ExperienceError, load_experience
 from envs.java import JavaNotFound
 from envs.policy import ChatPolicy
@@ -109,16 +109,6 @@ class RolloutSummary(Summary):
                 else ""
             )
         )
-
-
-def env_record(env: EnvConfig) -> dict:
-    """Shard metadata extra["env"]: what the episodes are (the seeds are which of them)."""
-    return {
-        "game": env.game,
-        "params": env.game_params(),
-        "fold": env.fold,
-        "step_limit": env.step_limit,
-    }
 
 
 def rollout_metadata(

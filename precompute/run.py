@@ -78,6 +78,8 @@ REJECTS_KIND = "rejects"  # committed as rejects-w<I>-<n>.jsonl
 # The field of a rejected sample (teacher-vocabulary shards: its tokens do not spell its
 # text), "response (sample J)": the example counts as done on resume.
 AFTER_TEACHER = "response (sample"
+# Tags that go to the metadata's top level, under a rollout's keys (metadata_for).
+EPISODE_KEYS = ("env", "experience")
 # zstd level of the files committed during a run: faster than the writer's 12 for a few
 # percent more bytes, which the merge at the end of the run takes back (figures in
 # BENCHMARKS.md, "Precompute host path").
@@ -264,6 +266,10 @@ def metadata_for(
         extra["data"]["teacher_data_fingerprint"] = data_fingerprint(teacher_path)
     extra["teacher_dtype"] = teacher_dtype(cfg)
     tags = extra.pop("tags")
+    # Scored episodes (tools/onpolicy/rounds.py passes tags.env and tags.experience) say
+    # which game and experience under the keys of a rollout's metadata (extra["env"],
+    # extra["experience"]), so that one reader finds both kinds of episode folder.
+    episodes = {key: tags.pop(key) for key in EPISODE_KEYS if key in tags}
     vocabulary = {} if vocab is None else {VOCABULARY_KEY: vocab.metadata}
     return teacher_metadata(
         cfg,
@@ -271,7 +277,7 @@ def metadata_for(
         vocab_size,
         sampling={"mode": cfg.mode, **sampling},
         data_fp=data_fingerprint(cfg.data.path),
-        extra={"precompute": extra, **({"tags": tags} if tags else {}), **vocabulary},
+        extra={"precompute": extra, **episodes, **({"tags": tags} if tags else {}), **vocabulary},
     )
 
 

@@ -38,7 +38,10 @@ CHECK_ONLY: tuple[tuple[str, str], ...] = (
     (r"tensor_parallel_size=([2-9]|\d\d)", "tensor parallelism needs several GPUs"),
     (r"^ray start\b|\bRAY_ADDRESS=", "needs a Ray cluster of several machines"),
     (r"\bs3://|\bgs://", "needs object-store credentials"),
-    (CMD + r"make (demo|demo-onpolicy)\b", "the demo: 20 min to 2 h on 2 cores with SmolLM2"),
+    (
+        CMD + r"make (demo|demo-onpolicy|demo-agent)\b",
+        "the demo: 20 min to 2 h on 2 cores with SmolLM2",
+    ),
     (r"-m (tools|bench)\.demo", "the demo: 20 min to 2 h on 2 cores with SmolLM2"),
     (CMD + r"make bench-|-m bench\.", "a benchmark: minutes to hours, with the SmolLM2 models"),
     (

@@ -21,7 +21,7 @@ import torch
 from datafiles.conversation import encode
 from datafiles.views import render
 from envs.base import Observation
-from envs.config import EnvConfig
+from envs.config import EnvConfig, env_record
 from envs.experience import Experience, save_experience
 from envs.prompt import episode_messages
 from envs.runner import EnvPool
@@ -138,9 +138,12 @@ def test_an_episode_round_scores_whole_episodes_in_the_teacher_view(tiny, tmp_pa
     assert usable  # the tiny model's replies: some mapped, some invalid, none empty here
     rows = {r["id"]: r for r in read_rows(work / "round-001" / "shards")}
     assert sorted(rows) == sorted(usable)
-    meta = ShardFolder(work / "round-001" / "shards").metadata.extra["tags"]
-    assert meta["env"] == {"game": "twc", "params": "", "fold": "train", "step_limit": 2}
-    assert meta["experience"] == {"builder": "test", "fold": "train"} and meta["round"] == 1
+    # The game and the experience under a teacher rollout's keys (precompute/rollout.py).
+    extra = ShardFolder(work / "round-001" / "shards").metadata.extra
+    assert extra["env"] == env_record(config)
+    assert extra["env"] == {"game": "twc", "params": "", "fold": "train", "step_limit": 2}
+    assert extra["experience"] == {"builder": "test", "fold": "train"}
+    assert extra["tags"]["round"] == 1 and not {"env", "experience"} & set(extra["tags"])
 
     from transformers import AutoModelForCausalLM
 

@@ -129,6 +129,27 @@ def test_inputs_outputs_done_and_later_arguments(tmp_path, capfd):
         Stage("z")
 
 
+def test_skip_is_decided_when_the_stage_starts_and_later_args_splice(tmp_path, capfd):
+    """A stage skips for a reason found only once the stages before it ran (SeqKD with no
+    successful teacher episode), recorded with 0 s; later_args give 0..n arguments."""
+    flag, state = tmp_path / "flag", tmp_path / "state.json"
+    ran = []
+    stages = [
+        Stage("decide", fn=lambda: flag.write_text("nothing to train on")),
+        Stage("train", fn=lambda: ran.append(1), skip=lambda: flag.read_text() or None),
+        Stage("after", fn=lambda: ran.append(2)),
+    ]
+    Runner(state).run(stages)
+    assert ran == [2] and "train: skipped: nothing to train on" in capfd.readouterr().out
+    done = json.loads(state.read_text())["done"]["train"]
+    assert done == {"seconds": 0.0, "command": "(skipped: nothing to train on)"}
+    names = ["a", "b"]
+    stage = Stage("x", cmd=["run", st.later_args(lambda: [f"--m={n}" for n in names]), "end"])
+    assert stage.argv() == ["run", "--m=a", "--m=b", "end"]
+    names.clear()
+    assert stage.argv() == ["run", "end"]
+
+
 class FakeServer:
     def __init__(self, events, name):
         self.events, self.name = events, name

@@ -29,6 +29,10 @@ What a stage is:
   the path); `outputs`: paths that must exist once it has succeeded (else the same).
 - `done`: an optional check that the stage's work is already there (e.g. data made
   earlier); such a stage is skipped without running.
+- `skip`: an optional check, made when the stage's turn comes (after the stages before it
+  ran), that gives the reason the stage cannot run (e.g. SeqKD with no successful teacher
+  episode to train on), or None; a skipped stage is recorded as done, with 0 s and the
+  command `(skipped: reason)`.
 - `services`: processes the stage needs running beside it (a teacher server). A service
   starts before the first stage that needs it and runs, is stopped before the first stage
   that does not need it (its cores and memory freed), and when the runner ends.
@@ -70,13 +74,20 @@ from runtime.lifetime import spawn_guarded
 
 @dataclass(frozen=True)
 class Later:
-    """A command-line argument known only when its stage starts: `fn()` gives its text."""
+    """A command-line argument known only when its stage starts: `fn()` gives its text (or,
+    from `later_args`, a list of arguments)."""
 
     fn: Callable[[], str]
 
 
 def later(fn: Callable[[], object]) -> Later:
     return Later(lambda: str(fn()))
+
+
+def later_args(fn: Callable[[], Iterable[object]]) -> Later:
+    """Several arguments (none, one or more) known only when the stage starts: e.g. the
+    `--model` options of the models that were trained."""
+    return Later(lambda: [str(a) for a in fn()])
 
 
 Arg = str | Path | Later
@@ -116,6 +127,7 @@ class Stage:
     inputs: Sequence[str | Path] = ()
     outputs: Sequence[str | Path] = ()
     done: Callable[[], bool] | None = None
+    skip: Callable[[], str | None] | None = None
     services: Sequence[Service] = ()
     env: Mapping[str, str] | None = field(default=None, compare=False)
 
@@ -124,8 +136,16 @@ class Stage:
             raise ValueError(f"stage {self.name}: give either cmd or fn")
 
     def argv(self) -> list[str]:
-        """The command, with its `later` arguments computed now."""
-        return [a.fn() if isinstance(a, Later) else str(a) for a in self.cmd]
+        """The command, with its `later` arguments computed now (a `later_args` item gives
+        a list, spliced in)."""
+        out: list[str] = []
+        for a in self.cmd:
+            value = a.fn() if isinstance(a, Later) else str(a)
+            if isinstance(value, list):
+                out.extend(value)
+            else:
+                out.append(value)
+        return out
 
 
 class StageFailed(SystemExit):
@@ -208,6 +228,11 @@ class Runner:
                     continue
                 if stage.done is not None and stage.done():
                     print(f"=== {stage.title or stage.name}: already there, skipped")
+                    continue
+                if stage.skip is not None and (why := stage.skip()):
+                    # Recorded, so that a reader of the state file sees why it has no output.
+                    print(f"\n=== {stage.title or stage.name}: skipped: {why}", flush=True)
+                    self.record(stage.name, 0.0, f"(skipped: {why})")
                     continue
                 for service in [s for s in running if s not in stage.services]:
                     service.down()  # free its cores and memory for this stage

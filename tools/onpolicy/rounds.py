@@ -26,7 +26,8 @@ be train): round r's steps are episodes (the student plays the game's seeds, `--
 each: tools/onpolicy/episodes.py), views (the episodes as precompute's two files, the student
 view and the teacher's with the experience, joined by Episode.id), shards (the teacher
 scores each whole episode in one pass, every action a trained span; rows carry the episode's
-id, sample and record, metadata extra.tags its env and experience source) and train, as
+id, sample and record, metadata extra["env"] and extra["experience"] as a teacher rollout's)
+and train, as
 above. docs/onpolicy.md, "Episodes in an environment".
 
 Resume: `DIR/rounds.json` (the stage runner's state, written atomically and durably) lists
@@ -49,6 +50,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from envs.config import env_record
 from envs.experience import load_experience
 from precompute.config import load_config
 from precompute.inputs import read_examples
@@ -299,9 +301,9 @@ def train_stage(args, work: Path, r: int, sampler, what: str) -> Stage:
 
 def env_tags(args) -> tuple[str, str]:
     """tags.env and tags.experience of an episodes round's shards (YAML flow values): the
-    game, its params, fold and step limit; the experience's source (null: none)."""
-    c = load_env_config(args.env_config)
-    env = {"game": c.game, "params": c.game_params(), "fold": c.fold, "step_limit": c.step_limit}
+    game, its params, fold and step limit; the experience's source (null: none). Precompute
+    records them as a rollout's metadata does, as extra["env"] and extra["experience"]."""
+    env = env_record(load_env_config(args.env_config))
     source = load_experience(args.experience).source if args.experience else None
     return f"tags.env={json.dumps(env)}", f"tags.experience={json.dumps(source)}"
 

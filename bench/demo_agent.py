@@ -1,0 +1,413 @@
+"""make demo-agent: does distillation teach the student to act in a text game? Measured.
+
+The game (TextWorldExpress, envs/), its parameters and step limit, the experience builder
+and the student's sampling while it plays come from configs/demo/agent.yaml; the teacher
+rollouts' sampling, top-k and engine from configs/demo/agent-rollout.yaml (its `env:` is
+replaced by agent.yaml's). Nothing here names a game: edit those files to change it.
+
+Stages (tools/stages.py; each an ordinary command, printed before it runs):
+
+- experience:   `python -m envs.experience` reads the teacher's experience off train-fold
+                gold episodes (agent.yaml's builder and train seeds).
+- dev:          `python -m tools.eval agent` on --dev-episodes dev-fold episodes: the teacher
+                with the experience against the student before (McNemar on success, paired
+                bootstrap on score). The demo only means something when the teacher is ahead.
+Per seed (teacher sampling, training, student sampling):
+- rollouts:     the teacher plays --train-episodes train-fold seeds (precompute mode rollout,
+                experience in its view), keep=all: SKD's data and live on-policy's shard side.
+- rollouts_success: the same episodes again with keep=success: SeqKD's data. There is no
+                selection of a folder's rows by success, so this is a second run; the
+                requests are seeded by each episode's identity, so it plays the same
+                episodes (on a GPU; vLLM on a CPU seeds the engine), and keep=success scores
+                only the successful ones.
+- skd, seqkd:   offline training on those folders (configs/train/skd.yaml, seqkd.yaml).
+                SeqKD is skipped, and says so, when the teacher solved no episode.
+- onpolicy:     live on-policy in the environment (configs/train/onpolicy.yaml, lmbda 1,
+                onpolicy.env_config): the student plays train-fold episodes with its vLLM
+                engine, and a teacher server (vLLM, started for this stage, stopped after)
+                scores each whole episode in its view, with the experience.
+- rounds:       `python -m tools.onpolicy.rounds --env-config`: the student plays, the
+                teacher scores, the student trains; --rounds times.
+- eval:         `python -m tools.eval agent` on --test-episodes test-fold episodes: every
+                model against the student before; the episodes cache is shared by the seeds,
+                so the seed-independent rows (teacher, student before) play once.
+
+REPORT/summary.md gathers the seeds: the dev-fold gap, every model's success and score
+against the student before, the on-policy variants against SKD (paired on the same
+episodes, from the evaluation's episode records), and every stage's wall time.
+
+Resume: WORK/stages.json records the finished stages with their wall time; a re-run skips
+them, and an interrupted stage resumes with its own resume (precompute, train resume=true,
+rounds, the evaluation's cache). A re-run with other sizes is refused (settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from bench.demo_agent_rows import BEFORE_ROW, METHODS, REFERENCE, TEACHER_ROW
+from envs.config import EnvConfig
+from runtime.typed_config import build, option
+from tools.stages import Runner, Service, Stage, later, later_args, write_durably
+
+PY = sys.executable
+DEMO_CONFIG = "configs/demo/agent.yaml"
+ROLLOUT_CONFIG = "configs/demo/agent-rollout.yaml"
+MIN_TEST_EPISODES = 300  # issue 22: the demo's verdicts stand on at least this many
+# --small: a quick end-to-end check of every stage (minutes), not a measurement.
+SMALL = {
+    "train_episodes": 8, "dev_episodes": 8, "test_episodes": 8, "steps": 2,
+    "episodes": 2, "rounds": 1, "round_steps": 2,
+}  # fmt: skip
+FULL = {
+    "train_episodes": 200, "dev_episodes": 200, "test_episodes": MIN_TEST_EPISODES,
+    "steps": 30, "episodes": 4, "rounds": 2, "round_steps": 15,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ExperienceSpec:
+    builder: str = option("categories", "envs.experience builder (rules, categories, ...)")
+    train_seeds: str = option("0-299", "train-fold seeds it is read off: A-B or a,b,c")
+
+
+@dataclass(frozen=True)
+class PlaySpec:
+    max_tokens: int = option(24, "the length limit of one reply, every model and phase")
+    temperature: float = option(1.0, "the student's sampling while it plays (on-policy, rounds)")
+
+    def __post_init__(self):
+        if self.max_tokens < 1 or self.temperature < 0:
+            raise ValueError("play: max_tokens must be >= 1 and temperature >= 0")
+
+
+@dataclass(frozen=True)
+class AgentDemoConfig:
+    """configs/demo/agent.yaml: the game and the experience (the seeds are the demo's)."""
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    experience: ExperienceSpec = field(default_factory=ExperienceSpec)
+    play: PlaySpec = field(default_factory=PlaySpec)
+
+
+def load_demo_config(path: str | Path) -> AgentDemoConfig:
+    """The demo's config; one line naming the file for anything wrong."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError("expected a mapping (env, experience, play)")
+        return build(AgentDemoConfig, data)
+    except (OSError, yaml.YAMLError, ValueError) as e:
+        raise SystemExit(f"{path}: {' '.join(str(e).split())}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.demo_agent",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds (e.g. 0,1)")
+    ap.add_argument("--small", action="store_true", help=f"a quick end-to-end check: {SMALL}")
+    ap.add_argument("--config", default=DEMO_CONFIG, help="the game, experience and sampling")
+    ap.add_argument("--rollout-config", default=ROLLOUT_CONFIG, help="teacher rollouts")
+    ap.add_argument("--teacher", default="models/smollm2-135m-instruct")
+    ap.add_argument("--student", default="models/smollm2-135m-instruct")
+    for name, help in (
+        ("train-episodes", "train-fold seeds the teacher plays (rollouts) and the student"),
+        ("dev-episodes", "dev-fold episodes of the teacher-vs-student-before check"),
+        ("test-episodes", f"test-fold episodes of the evaluation (>= {MIN_TEST_EPISODES})"),
+        ("steps", "training steps of SKD, SeqKD and live on-policy"),
+        ("episodes", "live on-policy: episodes the student plays per step"),
+        ("rounds", "on-policy rounds"),
+        ("round-steps", "training steps per round"),
+    ):
+        key = name.replace("-", "_")
+        ap.add_argument(f"--{name}", type=int, help=f"{help} (default {FULL[key]}, "
+                        f"--small {SMALL[key]})")  # fmt: skip
+    ap.add_argument("--work", help="rollouts, runs, stages.json (default runs/demo-agent[-small])")
+    ap.add_argument("--report", help="reports (default reports/demo-agent[-small])")
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options with their sizes resolved (--small's or the full ones); bad values are
+    one line (argparse's error)."""
+    ap = parser()
+    args = ap.parse_args(argv)
+    sizes = SMALL if args.small else FULL
+    for key, default in sizes.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+        if getattr(args, key) < 1:
+            ap.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        ap.error(f"--seeds {args.seeds!r}: expected distinct integers >= 0, e.g. 0,1")
+    args.seed_list = seeds
+    suffix = "-small" if args.small else ""
+    args.work = args.work or f"runs/demo-agent{suffix}"
+    args.report = args.report or f"reports/demo-agent{suffix}"
+    return args
+
+
+def settings(args) -> dict:
+    """What decides what the stages produce: a re-run with others is refused."""
+    keys = ("config", "rollout_config", "teacher", "student", *FULL)
+    return {k: getattr(args, k) for k in keys}
+
+
+# ---- the game's files -------------------------------------------------------------------
+
+
+def env_for(cfg: AgentDemoConfig, fold: str, n: int) -> EnvConfig:
+    """The config's game on the first n seeds of a fold."""
+    return replace(cfg.env, fold=fold, seeds=(), seed_offset=0, num_seeds=n)
+
+
+def env_file(args, fold: str) -> Path:
+    return Path(args.work) / f"env-{fold}.yaml"
+
+
+def write_env_files(args, cfg: AgentDemoConfig) -> None:
+    """WORK/env-{train,dev,test}.yaml: the game on each fold's first seeds, the files that
+    rounds, live on-policy and the evaluations read (EnvConfig mappings)."""
+    sizes = {"train": args.train_episodes, "dev": args.dev_episodes, "test": args.test_episodes}
+    for fold, n in sizes.items():
+        d = asdict(env_for(cfg, fold, n))
+        d.pop("seeds")
+        text = yaml.safe_dump(d, sort_keys=False)
+        path = env_file(args, fold)
+        if not path.exists() or path.read_text() != text:
+            write_durably(path, text)
+
+
+def env_overrides(env: EnvConfig) -> list[str]:
+    """precompute's env.* overrides for this game (the rollout config's env replaced)."""
+    return [
+        f"env.game={env.game}", f"env.params={json.dumps(env.params)}", f"env.fold={env.fold}",
+        f"env.num_seeds={env.num_seeds}", f"env.step_limit={env.step_limit}",
+    ]  # fmt: skip
+
+
+def experience_path(args) -> Path:
+    return Path(args.work) / "experience.json"
+
+
+# ---- stages -----------------------------------------------------------------------------
+
+
+def experience_stage(args, cfg: AgentDemoConfig) -> Stage:
+    out = experience_path(args)
+    return Stage(
+        "experience", "the teacher's experience, from train-fold gold episodes",
+        cmd=[PY, "-m", "envs.experience", "--game", cfg.env.game,
+             "--params", cfg.env.game_params(), "--builder", cfg.experience.builder,
+             "--train-seeds", cfg.experience.train_seeds, "--out", out],
+        outputs=[out],
+    )  # fmt: skip
+
+
+def eval_command(args, cfg: AgentDemoConfig, fold: str, out: Path, models: list) -> list:
+    """tools.eval agent on the fold's episodes, greedy, against the student before; the
+    episodes cache is shared by every evaluation of the demo (a model plays a fold once)."""
+    return [
+        PY, "-m", "tools.eval", "agent", "--env-config", env_file(args, fold),
+        "--out", out, "--cache", Path(args.report) / "episodes",
+        "--max-tokens", str(cfg.play.max_tokens), "--reference", REFERENCE,
+        "--model", f"{TEACHER_ROW}={args.teacher}@experience={experience_path(args)}",
+        "--model", f"{BEFORE_ROW}={args.student}", *models,
+    ]  # fmt: skip
+
+
+def dev_stage(args, cfg: AgentDemoConfig) -> Stage:
+    out = Path(args.report) / "dev"
+    return Stage(
+        "dev", "the teacher with experience against the student before, dev fold",
+        cmd=eval_command(args, cfg, "dev", out, []),
+        inputs=[experience_path(args)], outputs=[out / "agent_results.json"],
+    )  # fmt: skip
+
+
+def teacher_service(args, seed: int) -> Service:
+    """The teacher server of the seed's live stage (the teacher view is sent by the trainer,
+    with the experience): started for it, stopped after it."""
+
+    def start():
+        from vllm_engine.teacher_server import TeacherServer
+
+        log = Path(args.work) / f"seed{seed}" / "teacher-server.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"teacher server: {args.teacher}, log {log}", flush=True)
+        rollout = yaml.safe_load(Path(args.rollout_config).read_text()) or {}
+        max_len = int((rollout.get("engine") or {}).get("max_model_len", 4096))
+        return TeacherServer(args.teacher, max_model_len=max_len, log=log).start()
+
+    return Service(f"seed{seed}/teacher_server", start)
+
+
+def run_path(args, seed: int, method: str) -> Path:
+    """Where the method's run of this seed ends up (what the evaluation reads)."""
+    base = Path(args.work) / f"seed{seed}"
+    if method == "rounds":
+        return base / "rounds" / f"round-{args.rounds:03d}" / "train"
+    return base / method
+
+
+def folder_rows(folder: Path) -> int:
+    """Rows committed in a shard folder (0 when it has none)."""
+    from shards.manifest import load_manifest
+
+    manifest = load_manifest(folder, missing_ok=True)
+    return 0 if manifest is None else sum(f.rows for f in manifest.files)
+
+
+def solved(folder: Path) -> tuple[int, int]:
+    """(episodes solved, episodes listed) of a rollout folder (its episodes files)."""
+    from precompute.rollout import listed_episodes
+
+    listed = listed_episodes(folder).values()
+    return sum(1 for e in listed if e.get("success")), len(listed)
+
+
+def success_rollouts_skip(folder: Path):
+    """Skip the keep=success run when the keep=all run solved nothing: it would replay every
+    episode to keep none."""
+
+    def why() -> str | None:
+        won, n = solved(folder)
+        return None if won else f"the teacher solved none of its {n} train episodes ({folder})"
+
+    return why
+
+
+def seqkd_skip(folder: Path):
+    def why() -> str | None:
+        if folder_rows(folder) == 0:
+            return f"no successful teacher episode to train on ({folder} has no rows)"
+        return None
+
+    return why
+
+
+def skipped(stages_done: dict, seed: int, method: str) -> bool:
+    """The method's stage was skipped (SeqKD without data): the evaluation leaves it out."""
+    return stages_done.get(f"seed{seed}/{method}", {}).get("command", "").startswith("(skipped")
+
+
+def seed_stages(args, cfg: AgentDemoConfig, seed: int, runner: Runner) -> list[Stage]:
+    """The seed's stages in order, named seed<S>/<stage>."""
+    work = Path(args.work) / f"seed{seed}"
+    exp = experience_path(args)
+    train_env = env_for(cfg, "train", args.train_episodes)
+    shards_all, shards_won = work / "rollouts", work / "rollouts-success"
+    teacher = teacher_service(args, seed)
+    common = [f"seed={seed}", f"max_steps={args.steps}", f"save_every={args.steps}",
+              "resume=true", "data.max_length=4096"]  # fmt: skip
+
+    def rollout(out: Path, keep: str) -> list:
+        return [
+            PY, "-m", "precompute", "--config", args.rollout_config, "--teacher", args.teacher,
+            "--out", out, "--no-progress", *env_overrides(train_env), f"rollout.keep={keep}",
+            f"rollout.experience={exp}", f"sampling.seed={seed}",
+        ]  # fmt: skip
+
+    def trainer(method: str, config: str, shards: Path, *extra) -> list:
+        return [
+            PY, "-m", "train", f"configs/train/{config}.yaml", f"model.path={args.student}",
+            f"data.shards={shards}", f"out_dir={work / method}", *common, *extra,
+        ]  # fmt: skip
+
+    live = [
+        later(lambda: f"onpolicy.teacher_url={teacher().url}"), "onpolicy.lmbda=1",
+        "onpolicy.sampler=vllm", f"onpolicy.env_config={env_file(args, 'train')}",
+        f"onpolicy.experience={exp}", f"onpolicy.episodes={args.episodes}",
+        f"onpolicy.max_new_tokens={cfg.play.max_tokens}",
+        f"onpolicy.temperature={cfg.play.temperature}",
+    ]  # fmt: skip
+    rollout_cfg = yaml.safe_load(Path(args.rollout_config).read_text()) or {}
+    engine = rollout_cfg.get("engine") or {}
+    rounds = [
+        PY, "-m", "tools.onpolicy.rounds", "--rounds", str(args.rounds),
+        "--env-config", env_file(args, "train"), "--experience", exp,
+        "--teacher", args.teacher, "--student", args.student, "--work", work / "rounds",
+        "--train-config", "configs/train/jsd.yaml", "--steps", str(args.round_steps),
+        "--max-tokens", str(cfg.play.max_tokens), "--temperature", str(cfg.play.temperature),
+        "--seed", str(seed), "--k", str(rollout_cfg.get("k", 64)),
+        "--precompute-args", " ".join(f"engine.{k}={v}" for k, v in engine.items()),
+        "--episodes-args", " ".join(f"--engine {k}={v}" for k, v in engine.items()),
+        "--train-args", "data.max_length=4096",
+    ]  # fmt: skip
+
+    def trained_models() -> list[str]:
+        return [
+            f"--model={m}={run_path(args, seed, m)}"
+            for m in METHODS
+            if not skipped(runner.done, seed, m)
+        ]
+
+    def stage(name, cmd, *inputs, services=(), skip=None, outputs=()):
+        return Stage(f"seed{seed}/{name}", cmd=cmd, inputs=inputs, services=services,
+                     skip=skip, outputs=outputs)  # fmt: skip
+
+    report = Path(args.report) / f"seed{seed}"
+    return [
+        stage("rollouts", rollout(shards_all, "all"), exp, outputs=[shards_all]),
+        stage("rollouts_success", rollout(shards_won, "success"), exp,
+              skip=success_rollouts_skip(shards_all)),
+        stage("skd", trainer("skd", "skd", shards_all), shards_all),
+        stage("seqkd", trainer("seqkd", "seqkd", shards_won), skip=seqkd_skip(shards_won)),
+        stage("onpolicy", trainer("onpolicy", "onpolicy", shards_all, *live), shards_all,
+              services=[teacher]),
+        stage("rounds", rounds, exp),
+        stage("eval", eval_command(args, cfg, "test", report, [later_args(trained_models)]),
+              outputs=[report / "agent_results.json"]),
+    ]  # fmt: skip
+
+
+def plan(args, cfg: AgentDemoConfig, runner: Runner) -> list[Stage]:
+    return [
+        experience_stage(args, cfg),
+        dev_stage(args, cfg),
+        *(s for seed in args.seed_list for s in seed_stages(args, cfg, seed, runner)),
+    ]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_demo_config(args.config)
+    if args.test_episodes < MIN_TEST_EPISODES:
+        print(f"note: {args.test_episodes} test episodes, fewer than the demo's "
+              f"{MIN_TEST_EPISODES}: a check, not a measurement", flush=True)  # fmt: skip
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    runner = Runner(work / "stages.json", settings=settings(args))
+    write_env_files(args, cfg)
+    t0 = time.time()
+    runner.run(plan(args, cfg, runner))
+    from bench.demo_agent_report import write_summary
+
+    summary = write_summary(
+        Path(args.report), args.seed_list, runner.done, command=argv_command(argv)
+    )
+    print(f"\nAgent demo done in {time.time() - t0:.0f} s. Summary: {summary}")
+    return 0
+
+
+def argv_command(argv) -> str:
+    return shlex.join(["python", "-m", "bench.demo_agent", *(argv or sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
