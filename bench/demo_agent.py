@@ -54,9 +54,10 @@ from pathlib import Path
 import yaml
 
 from bench.demo_agent_rows import BEFORE_ROW, METHODS, REFERENCE, TEACHER_ROW
+from bench.demo_onpolicy import run_path, teacher_service
 from envs.config import EnvConfig
 from runtime.typed_config import build, option
-from tools.stages import Runner, Service, Stage, later, later_args, write_durably
+from tools.stages import Runner, Stage, later, later_args, write_durably
 
 PY = sys.executable
 DEMO_CONFIG = "configs/demo/agent.yaml"
@@ -240,31 +241,6 @@ def dev_stage(args, cfg: AgentDemoConfig) -> Stage:
     )  # fmt: skip
 
 
-def teacher_service(args, seed: int) -> Service:
-    """The teacher server of the seed's live stage (the teacher view is sent by the trainer,
-    with the experience): started for it, stopped after it."""
-
-    def start():
-        from vllm_engine.teacher_server import TeacherServer
-
-        log = Path(args.work) / f"seed{seed}" / "teacher-server.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        print(f"teacher server: {args.teacher}, log {log}", flush=True)
-        rollout = yaml.safe_load(Path(args.rollout_config).read_text()) or {}
-        max_len = int((rollout.get("engine") or {}).get("max_model_len", 4096))
-        return TeacherServer(args.teacher, max_model_len=max_len, log=log).start()
-
-    return Service(f"seed{seed}/teacher_server", start)
-
-
-def run_path(args, seed: int, method: str) -> Path:
-    """Where the method's run of this seed ends up (what the evaluation reads)."""
-    base = Path(args.work) / f"seed{seed}"
-    if method == "rounds":
-        return base / "rounds" / f"round-{args.rounds:03d}" / "train"
-    return base / method
-
-
 def folder_rows(folder: Path) -> int:
     """Rows committed in a shard folder (0 when it has none)."""
     from shards.manifest import load_manifest
@@ -312,7 +288,10 @@ def seed_stages(args, cfg: AgentDemoConfig, seed: int, runner: Runner) -> list[S
     exp = experience_path(args)
     train_env = env_for(cfg, "train", args.train_episodes)
     shards_all, shards_won = work / "rollouts", work / "rollouts-success"
-    teacher = teacher_service(args, seed)
+    rollout_cfg = yaml.safe_load(Path(args.rollout_config).read_text()) or {}
+    engine = rollout_cfg.get("engine") or {}
+    # The teacher server of the seed's live stage takes the rollouts' context length.
+    teacher = teacher_service(args, seed, int(engine.get("max_model_len", 4096)))
     common = [f"seed={seed}", f"max_steps={args.steps}", f"save_every={args.steps}",
               "resume=true", "data.max_length=4096"]  # fmt: skip
 
@@ -336,8 +315,6 @@ def seed_stages(args, cfg: AgentDemoConfig, seed: int, runner: Runner) -> list[S
         f"onpolicy.max_new_tokens={cfg.play.max_tokens}",
         f"onpolicy.temperature={cfg.play.temperature}",
     ]  # fmt: skip
-    rollout_cfg = yaml.safe_load(Path(args.rollout_config).read_text()) or {}
-    engine = rollout_cfg.get("engine") or {}
     rounds = [
         PY, "-m", "tools.onpolicy.rounds", "--rounds", str(args.rounds),
         "--env-config", env_file(args, "train"), "--experience", exp,

@@ -80,8 +80,9 @@ def data_stage(args) -> Stage:
     )  # fmt: skip
 
 
-def teacher_service(args, seed: int) -> Service:
-    """The seed's teacher server: up for the live stages, stopped before the next one."""
+def teacher_service(args, seed: int, max_model_len: int = 2048) -> Service:
+    """The seed's teacher server: up for the live stages, stopped before the next one (the
+    agent demo's too)."""
 
     def start():
         from vllm_engine.teacher_server import TeacherServer
@@ -89,13 +90,14 @@ def teacher_service(args, seed: int) -> Service:
         log = Path(args.work) / f"seed{seed}" / "teacher-server.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         print(f"teacher server: {args.teacher}, log {log}", flush=True)
-        return TeacherServer(args.teacher, max_model_len=2048, log=log).start()
+        return TeacherServer(args.teacher, max_model_len=max_model_len, log=log).start()
 
     return Service(f"seed{seed}/teacher_server", start)
 
 
 def run_path(args, seed: int, method: str) -> Path:
-    """Where the method's run of this seed ends up (what the evaluation reads)."""
+    """Where the method's run of this seed ends up (what the evaluation reads; the agent
+    demo's too)."""
     base = Path(args.work) / f"seed{seed}"
     if method == "rounds":
         return base / "rounds" / f"round-{args.rounds:03d}" / "train"

