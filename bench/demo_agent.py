@@ -14,14 +14,11 @@ Stages (tools/stages.py; each an ordinary command, printed before it runs):
                 bootstrap on score). The demo only means something when the teacher is ahead.
 Per seed (teacher sampling, training, student sampling):
 - rollouts:     the teacher plays --train-episodes train-fold seeds (precompute mode rollout,
-                experience in its view), keep=all: SKD's data and live on-policy's shard side.
-- rollouts_success: the same episodes again with keep=success: SeqKD's data. There is no
-                selection of a folder's rows by success, so this is a second run; the
-                requests are seeded by each episode's identity, so it plays the same
-                episodes (on a GPU; vLLM on a CPU seeds the engine), and keep=success scores
-                only the successful ones.
-- skd, seqkd:   offline training on those folders (configs/train/skd.yaml, seqkd.yaml).
-                SeqKD is skipped, and says so, when the teacher solved no episode.
+                experience in its view), keep=all: the data of every training stage.
+- skd, seqkd:   offline training on that folder (configs/train/skd.yaml, seqkd.yaml); SeqKD
+                with data.keep=success, so on the episodes the teacher solved only (the
+                usual agent SFT), from the same teacher run. SeqKD is skipped, and says so,
+                when the teacher solved none.
 - onpolicy:     live on-policy in the environment (configs/train/onpolicy.yaml, lmbda 1,
                 onpolicy.env_config): the student plays train-fold episodes with its vLLM
                 engine, and a teacher server (vLLM, started for this stage, stopped after)
@@ -45,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -58,6 +56,7 @@ from bench.demo_onpolicy import run_path, teacher_service
 from envs.config import EnvConfig
 from runtime.typed_config import build, option
 from tools.stages import Runner, Stage, later, later_args, write_durably
+from vllm_engine.env import KVCACHE_SPACE_VAR
 
 PY = sys.executable
 DEMO_CONFIG = "configs/demo/agent.yaml"
@@ -68,9 +67,11 @@ SMALL = {
     "train_episodes": 8, "dev_episodes": 8, "test_episodes": 8, "steps": 2,
     "episodes": 2, "rounds": 1, "round_steps": 2,
 }  # fmt: skip
+# The default: one seed in about 100 minutes on a 2-core CPU (docs/agents.md); a GPU takes
+# larger sizes as options.
 FULL = {
-    "train_episodes": 200, "dev_episodes": 200, "test_episodes": MIN_TEST_EPISODES,
-    "steps": 30, "episodes": 4, "rounds": 2, "round_steps": 15,
+    "train_episodes": 100, "dev_episodes": 100, "test_episodes": MIN_TEST_EPISODES,
+    "steps": 15, "episodes": 4, "rounds": 1, "round_steps": 10,
 }  # fmt: skip
 
 
@@ -91,12 +92,32 @@ class PlaySpec:
 
 
 @dataclass(frozen=True)
+class EngineSpec:
+    dtype: str = option(
+        "",
+        "the dtype of the demo's vLLM engines (teacher rollouts and server, rounds, "
+        "evaluations; the trainer's student sampler follows the trainer); empty: the device's",
+    )
+    batch: int = option(32, "episodes played at once: teacher rollouts and evaluations")
+    cpu_kv_cache_gib: float = option(
+        0.0,
+        "vLLM's CPU KV cache (VLLM_CPU_KVCACHE_SPACE) for every engine, unless the "
+        "variable is set; 0: each command's default (1 GiB)",
+    )
+
+    def __post_init__(self):
+        if self.batch < 1 or self.cpu_kv_cache_gib < 0:
+            raise ValueError("engine: batch must be >= 1 and cpu_kv_cache_gib >= 0")
+
+
+@dataclass(frozen=True)
 class AgentDemoConfig:
     """configs/demo/agent.yaml: the game and the experience (the seeds are the demo's)."""
 
     env: EnvConfig = field(default_factory=EnvConfig)
     experience: ExperienceSpec = field(default_factory=ExperienceSpec)
     play: PlaySpec = field(default_factory=PlaySpec)
+    engine: EngineSpec = field(default_factory=EngineSpec)
 
 
 def load_demo_config(path: str | Path) -> AgentDemoConfig:
@@ -227,6 +248,8 @@ def eval_command(args, cfg: AgentDemoConfig, fold: str, out: Path, models: list)
         PY, "-m", "tools.eval", "agent", "--env-config", env_file(args, fold),
         "--out", out, "--cache", Path(args.report) / "episodes",
         "--max-tokens", str(cfg.play.max_tokens), "--reference", REFERENCE,
+        "--batch-size", str(cfg.engine.batch),
+        *(["--dtype", cfg.engine.dtype] if cfg.engine.dtype else []),
         "--model", f"{TEACHER_ROW}={args.teacher}@experience={experience_path(args)}",
         "--model", f"{BEFORE_ROW}={args.student}", *models,
     ]  # fmt: skip
@@ -257,22 +280,10 @@ def solved(folder: Path) -> tuple[int, int]:
     return sum(1 for e in listed if e.get("success")), len(listed)
 
 
-def success_rollouts_skip(folder: Path):
-    """Skip the keep=success run when the keep=all run solved nothing: it would replay every
-    episode to keep none."""
-
+def seqkd_skip(folder: Path):
     def why() -> str | None:
         won, n = solved(folder)
         return None if won else f"the teacher solved none of its {n} train episodes ({folder})"
-
-    return why
-
-
-def seqkd_skip(folder: Path):
-    def why() -> str | None:
-        if folder_rows(folder) == 0:
-            return f"no successful teacher episode to train on ({folder} has no rows)"
-        return None
 
     return why
 
@@ -287,19 +298,25 @@ def seed_stages(args, cfg: AgentDemoConfig, seed: int, runner: Runner) -> list[S
     work = Path(args.work) / f"seed{seed}"
     exp = experience_path(args)
     train_env = env_for(cfg, "train", args.train_episodes)
-    shards_all, shards_won = work / "rollouts", work / "rollouts-success"
+    shards_all = work / "rollouts"
     rollout_cfg = yaml.safe_load(Path(args.rollout_config).read_text()) or {}
     engine = rollout_cfg.get("engine") or {}
+    if cfg.engine.dtype:
+        engine = {**engine, "dtype": cfg.engine.dtype}
     # The teacher server of the seed's live stage takes the rollouts' context length.
-    teacher = teacher_service(args, seed, int(engine.get("max_model_len", 4096)))
+    teacher = teacher_service(
+        args, seed, int(engine.get("max_model_len", 4096)), dtype=cfg.engine.dtype or None
+    )
     common = [f"seed={seed}", f"max_steps={args.steps}", f"save_every={args.steps}",
               "resume=true", "data.max_length=4096"]  # fmt: skip
 
-    def rollout(out: Path, keep: str) -> list:
+    def rollout(out: Path) -> list:
         return [
             PY, "-m", "precompute", "--config", args.rollout_config, "--teacher", args.teacher,
-            "--out", out, "--no-progress", *env_overrides(train_env), f"rollout.keep={keep}",
-            f"rollout.experience={exp}", f"sampling.seed={seed}",
+            "--out", out, "--no-progress", *env_overrides(train_env), "rollout.keep=all",
+            f"rollout.experience={exp}", f"rollout.max_tokens={cfg.play.max_tokens}",
+            f"rollout.batch_size={cfg.engine.batch}",
+            f"sampling.seed={seed}", *(f"engine.{k}={v}" for k, v in engine.items()),
         ]  # fmt: skip
 
     def trainer(method: str, config: str, shards: Path, *extra) -> list:
@@ -340,11 +357,10 @@ def seed_stages(args, cfg: AgentDemoConfig, seed: int, runner: Runner) -> list[S
 
     report = Path(args.report) / f"seed{seed}"
     return [
-        stage("rollouts", rollout(shards_all, "all"), exp, outputs=[shards_all]),
-        stage("rollouts_success", rollout(shards_won, "success"), exp,
-              skip=success_rollouts_skip(shards_all)),
+        stage("rollouts", rollout(shards_all), exp, outputs=[shards_all]),
         stage("skd", trainer("skd", "skd", shards_all), shards_all),
-        stage("seqkd", trainer("seqkd", "seqkd", shards_won), skip=seqkd_skip(shards_won)),
+        stage("seqkd", trainer("seqkd", "seqkd", shards_all, "data.keep=success"), shards_all,
+              skip=seqkd_skip(shards_all)),
         stage("onpolicy", trainer("onpolicy", "onpolicy", shards_all, *live), shards_all,
               services=[teacher]),
         stage("rounds", rounds, exp),
@@ -367,6 +383,9 @@ def main(argv=None) -> int:
     if args.test_episodes < MIN_TEST_EPISODES:
         print(f"note: {args.test_episodes} test episodes, fewer than the demo's "
               f"{MIN_TEST_EPISODES}: a check, not a measurement", flush=True)  # fmt: skip
+    if cfg.engine.cpu_kv_cache_gib:
+        # Every stage's command inherits it; a GPU build ignores it.
+        os.environ.setdefault(KVCACHE_SPACE_VAR, f"{cfg.engine.cpu_kv_cache_gib:g}")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     runner = Runner(work / "stages.json", settings=settings(args))

@@ -80,9 +80,11 @@ def data_stage(args) -> Stage:
     )  # fmt: skip
 
 
-def teacher_service(args, seed: int, max_model_len: int = 2048) -> Service:
+def teacher_service(
+    args, seed: int, max_model_len: int = 2048, dtype: str | None = None
+) -> Service:
     """The seed's teacher server: up for the live stages, stopped before the next one (the
-    agent demo's too)."""
+    agent demo's too); dtype None: the device's default."""
 
     def start():
         from vllm_engine.teacher_server import TeacherServer
@@ -90,7 +92,9 @@ def teacher_service(args, seed: int, max_model_len: int = 2048) -> Service:
         log = Path(args.work) / f"seed{seed}" / "teacher-server.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         print(f"teacher server: {args.teacher}, log {log}", flush=True)
-        return TeacherServer(args.teacher, max_model_len=max_model_len, log=log).start()
+        return TeacherServer(
+            args.teacher, max_model_len=max_model_len, log=log, dtype=dtype
+        ).start()
 
     return Service(f"seed{seed}/teacher_server", start)
 

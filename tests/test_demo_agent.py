@@ -69,21 +69,24 @@ def test_the_plan_rollouts_training_and_evaluations(planned):
     args, cfg, runner, stages = planned
     names = [s.name for s in stages]
     assert names[:2] == ["experience", "dev"]
-    per_seed = ["rollouts", "rollouts_success", "skd", "seqkd", "onpolicy", "rounds", "eval"]
+    per_seed = ["rollouts", "skd", "seqkd", "onpolicy", "rounds", "eval"]
     assert names[2:] == [f"seed{s}/{n}" for s in (0, 1) for n in per_seed]
     by = {s.name: s for s in stages}
     env_train = (Path(args.work) / "env-train.yaml").read_text()
     assert "fold: train" in env_train and "num_seeds: 6" in env_train
     # One game for every phase: the rollouts' env is agent.yaml's, on the train fold.
-    keep_all, keep_won = by["seed0/rollouts"].argv(), by["seed0/rollouts_success"].argv()
-    assert "rollout.keep=all" in keep_all and "rollout.keep=success" in keep_won
+    keep_all = by["seed0/rollouts"].argv()
+    assert "rollout.keep=all" in keep_all
+    assert f"rollout.max_tokens={cfg.play.max_tokens}" in keep_all  # one reply length
     assert {"env.game=sorting", "env.fold=train", "env.num_seeds=6", "env.step_limit=8",
             "sampling.seed=0"} <= set(keep_all)  # fmt: skip
     skd, seqkd = by["seed1/skd"].argv(), by["seed1/seqkd"].argv()
     assert f"data.shards={Path(args.work) / 'seed1/rollouts'}" in skd and "seed=1" in skd
-    assert f"data.shards={Path(args.work) / 'seed1/rollouts-success'}" in seqkd
-    # SeqKD skips when the success folder has no rows (here: it does not exist).
-    assert "no successful teacher episode" in by["seed0/seqkd"].skip()
+    # SeqKD: the same teacher run, its solved episodes only (train/batches.py).
+    assert f"data.shards={Path(args.work) / 'seed1/rollouts'}" in seqkd
+    assert "data.keep=success" in seqkd and "data.keep=success" not in skd
+    # SeqKD skips when the teacher solved nothing (here: the folder does not exist).
+    assert "the teacher solved none of its 0 train episodes" in by["seed0/seqkd"].skip()
     rounds = by["seed0/rounds"].argv()
     assert rounds[rounds.index("--env-config") + 1] == str(Path(args.work) / "env-train.yaml")
     # The test evaluation leaves out a method whose stage was skipped.

@@ -20,10 +20,17 @@ length). Such rows are counted, rows and tokens (skip: the row's tokens; truncat
 tokens cut; drop_turns: the dropped turns' tokens, or the row's for a row skipped), and under
 drop_turns the rows skipped, on the batch that follows them, and summed over the consumed
 batches, so the counts survive a resume without double counting.
+
+`keep="success"` trains on the rows of agent episodes the teacher solved (rollout rows record
+the outcome in meta["episode"]), so SeqKD and SKD share one teacher run. The filter runs
+before the windows, which are then made of kept rows only; a window still starts at a kept
+row, so resume is unchanged. A row without the outcome is an error, and so is an epoch of a
+rank's share without one kept row (the reader would loop forever).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -40,6 +47,42 @@ from shards.spans import trained_index
 from train.spans import conversation_length, drop_turns
 
 Overlong = Literal["skip", "truncate", "drop_turns", "error"]
+Keep = Literal["all", "success"]
+
+
+def solved_rows(rows: Iterator[dict], folder) -> Iterator[dict]:
+    """The rows of episodes the teacher solved (meta["episode"]["success"]). Raises a
+    ShardError for a row without that field, and for an epoch without one such row."""
+    epoch, kept = None, 0
+    for row in rows:
+        if row["cursor"][1] != epoch:
+            if epoch is not None and not kept:
+                raise _none_solved(folder, row["cursor"][0])
+            epoch, kept = row["cursor"][1], 0
+        try:
+            success = json.loads(row.get("meta") or "{}")["episode"]["success"]
+        except (ValueError, KeyError, TypeError):
+            raise ShardError(
+                folder,
+                "data.keep=success needs agent rollout rows (precompute mode rollout), which "
+                "record the episode's outcome; this row does not",
+                row=row.get("id"),
+                field="meta.episode.success",
+            ) from None
+        if success:
+            kept += 1
+            yield row
+    if epoch is not None and not kept:
+        raise _none_solved(folder, None)
+
+
+def _none_solved(folder, shard) -> ShardError:
+    share = "" if shard is None else f" (the share of reader shard {shard})"
+    return ShardError(
+        folder,
+        f"data.keep=success: no successful episode in an epoch{share}; nothing to train on",
+        field="meta.episode.success",
+    )
 
 
 @dataclass
@@ -234,8 +277,10 @@ class ShardBatches(IterableDataset, BatchSource):
         pad_id: int = 0,
         overlong: Overlong = "skip",
         convert: Callable[[dict], dict] | None = None,
+        keep: Keep = "all",
     ):
         self.reader = reader
+        self.keep = keep
         # Teacher-vocabulary folders: each row turned into a student row as it is read
         # (train/crosstok_rows.py), before length sorting, so everything after is unchanged.
         self.convert = convert
@@ -268,6 +313,8 @@ class ShardBatches(IterableDataset, BatchSource):
             self.reader.seek(shard, skip[0], skip[1])
         pending, warned = (0, 0, 0), False
         rows = iter(self.reader)
+        if self.keep == "success":
+            rows = solved_rows(rows, self.reader.folder.path)
         if self.convert is not None:
             rows = map(self.convert, rows)
         for window in self._windows(rows):

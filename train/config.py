@@ -110,6 +110,13 @@ class DataConfig:
         "(overlong_rows, overlong_tokens: the rows' tokens skipped, cut or dropped; "
         "drop_turns also overlong_skipped_rows)",
     )
+    # Agent rollouts (precompute mode rollout) record each episode's outcome in the row's
+    # meta; SeqKD trains on the successful ones, SKD on all, from one teacher run.
+    keep: Literal["all", "success"] = option(
+        "all",
+        "rows to train on: all, or success: only rollout episodes the teacher solved "
+        "(meta.episode.success; a row without it is an error)",
+    )
     sort_window: int = option(256, "rows sorted by length together before batching")
     window_blocks: int = option(4, "shard reader shuffle window, in record batches")
     num_workers: int = option(0, "DataLoader worker processes per rank")

@@ -106,6 +106,7 @@ def shard_batches(cfg: TrainConfig, folder: str, accelerator, tokenizer, *, trai
         pad_id=pad,
         overlong=cfg.data.overlong,
         convert=convert,
+        keep=cfg.data.keep,
     )
 
 
