@@ -138,6 +138,11 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds (e.g. 0,1)")
+    ap.add_argument(
+        "--methods", default=",".join(METHODS),
+        help=f"the methods trained and evaluated for these seeds (default all: "
+        f"{','.join(METHODS)}); seeds of one folder may differ in them",
+    )  # fmt: skip
     ap.add_argument("--small", action="store_true", help=f"a quick end-to-end check: {SMALL}")
     ap.add_argument("--config", default=DEMO_CONFIG, help="the game, experience and sampling")
     ap.add_argument("--rollout-config", default=ROLLOUT_CONFIG, help="teacher rollouts")
@@ -178,6 +183,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         ap.error(f"--seeds {args.seeds!r}: expected distinct integers >= 0, e.g. 0,1")
     args.seed_list = seeds
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        ap.error(f"--methods {args.methods!r}: expected some of {','.join(METHODS)}")
+    args.method_list = [m for m in METHODS if m in methods]
     suffix = "-small" if args.small else ""
     args.work = args.work or f"runs/demo-agent{suffix}"
     args.report = args.report or f"reports/demo-agent{suffix}"
@@ -347,7 +357,7 @@ def seed_stages(args, cfg: AgentDemoConfig, seed: int, runner: Runner) -> list[S
     def trained_models() -> list[str]:
         return [
             f"--model={m}={run_path(args, seed, m)}"
-            for m in METHODS
+            for m in args.method_list
             if not skipped(runner.done, seed, m)
         ]
 
@@ -356,14 +366,20 @@ def seed_stages(args, cfg: AgentDemoConfig, seed: int, runner: Runner) -> list[S
                      skip=skip, outputs=outputs)  # fmt: skip
 
     report = Path(args.report) / f"seed{seed}"
+    methods = {
+        "skd": stage("skd", trainer("skd", "skd", shards_all), shards_all),
+        "seqkd": stage("seqkd", trainer("seqkd", "seqkd", shards_all, "data.keep=success"),
+                       shards_all, skip=seqkd_skip(shards_all)),
+        "onpolicy": stage("onpolicy", trainer("onpolicy", "onpolicy", shards_all, *live),
+                          shards_all, services=[teacher]),
+        "rounds": stage("rounds", rounds, exp),
+    }  # fmt: skip
+    # Rounds need no teacher rollouts (the student plays); the other three train on them.
+    needs_rollouts = set(args.method_list) - {"rounds"}
     return [
-        stage("rollouts", rollout(shards_all), exp, outputs=[shards_all]),
-        stage("skd", trainer("skd", "skd", shards_all), shards_all),
-        stage("seqkd", trainer("seqkd", "seqkd", shards_all, "data.keep=success"), shards_all,
-              skip=seqkd_skip(shards_all)),
-        stage("onpolicy", trainer("onpolicy", "onpolicy", shards_all, *live), shards_all,
-              services=[teacher]),
-        stage("rounds", rounds, exp),
+        *([stage("rollouts", rollout(shards_all), exp, outputs=[shards_all])]
+          if needs_rollouts else []),
+        *(methods[m] for m in args.method_list),
         stage("eval", eval_command(args, cfg, "test", report, [later_args(trained_models)]),
               outputs=[report / "agent_results.json"]),
     ]  # fmt: skip
@@ -394,11 +410,20 @@ def main(argv=None) -> int:
     runner.run(plan(args, cfg, runner))
     from bench.demo_agent_report import write_summary
 
-    summary = write_summary(
-        Path(args.report), args.seed_list, runner.done, command=argv_command(argv)
-    )
+    # Every seed evaluated in this folder, those of earlier runs included.
+    seeds = sorted(set(args.seed_list) | evaluated_seeds(runner.done))
+    summary = write_summary(Path(args.report), seeds, runner.done, command=argv_command(argv))
     print(f"\nAgent demo done in {time.time() - t0:.0f} s. Summary: {summary}")
     return 0
+
+
+def evaluated_seeds(stages_done: dict) -> set[int]:
+    """The seeds whose test evaluation finished (stages.json's seed<S>/eval)."""
+    return {
+        int(name[4 : -len("/eval")])
+        for name in stages_done
+        if name.startswith("seed") and name.endswith("/eval")
+    }
 
 
 def argv_command(argv) -> str:

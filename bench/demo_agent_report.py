@@ -63,14 +63,17 @@ def verdict(dev: dict | None, per_seed: dict[int, dict]) -> dict:
         d = dev["paired"].get(TEACHER_ROW)
         out["dev_gap"] = d["success"]["diff"] if d and d.get("n") else None
         out["gap_ok"] = out["dev_gap"] is not None and out["dev_gap"] >= MIN_GAP
+    # A method counts over the seeds that trained it (--methods may leave it out of some).
+    ran = {m: [s for s, ev in per_seed.items() if m in ev["models"]] for m in METHODS}
+    out["seeds_trained"] = ran
     for metric in ("success", "score"):
         out[f"beat_before_every_seed_{metric}"] = [
             m for m in METHODS
-            if per_seed and all(above(s["paired"].get(m), metric) for s in per_seed.values())
+            if ran[m] and all(above(per_seed[s]["paired"].get(m), metric) for s in ran[m])
         ]  # fmt: skip
         out[f"beat_skd_every_seed_{metric}"] = [
             m for m in ONPOLICY
-            if per_seed and all(above(s["vs_skd"].get(m), metric) for s in per_seed.values())
+            if ran[m] and all(above(per_seed[s]["vs_skd"].get(m), metric) for s in ran[m])
         ]  # fmt: skip
     return out
 
@@ -199,11 +202,12 @@ def write_summary(report: Path, seeds: list[int], stages: dict, command: str) ->
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
     def listed(key: str) -> str:
-        return ", ".join(v[key]) or "**none**"
+        named = [f"{m} (seeds {', '.join(map(str, v['seeds_trained'][m]))})" for m in v[key]]
+        return ", ".join(named) or "**none**"
 
     lines += [
         "",
-        "## Verdicts (every seed, 95% paired interval above zero)",
+        "## Verdicts (every seed that trained it, 95% paired interval above zero)",
         "",
         "- SKD or SeqKD above the student before in success: "
         f"{listed('beat_before_every_seed_success')}; in score: "

@@ -29,10 +29,13 @@ def test_options_sizes_and_bad_values(capsys):
     full = demo.parse_args(["--seeds", "0,1", "--test-episodes", "500"])
     assert full.test_episodes == 500 and full.dev_episodes == demo.FULL["dev_episodes"]
     assert full.seed_list == [0, 1] and full.report == "reports/demo-agent"
+    assert full.method_list == list(demo.METHODS)
+    assert demo.parse_args(["--methods", "seqkd,skd"]).method_list == ["skd", "seqkd"]
     for bad, said in (
         (["--seeds", "0,x"], "expected comma-separated integers"),
         (["--seeds", "1,1"], "expected distinct integers >= 0"),
         (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--methods", "skd,sft"], "expected some of skd,seqkd,onpolicy,rounds"),
     ):
         with pytest.raises(SystemExit):
             demo.parse_args(bad)
@@ -99,6 +102,23 @@ def test_the_plan_rollouts_training_and_evaluations(planned):
     assert "--model=seqkd=" in " ".join(by["seed1/eval"].argv())
 
 
+def test_methods_plan_only_their_stages_and_models(planned, tmp_path):
+    args, cfg, runner, _ = planned
+    for methods, per_seed in (
+        ("seqkd,skd", ["rollouts", "skd", "seqkd", "eval"]),
+        ("rounds", ["rounds", "eval"]),  # the student plays: no teacher rollouts
+    ):
+        args.method_list = demo.parse_args(["--methods", methods]).method_list
+        stages = demo.plan(args, cfg, runner)
+        assert [s.name for s in stages[2:]] == [f"seed{s}/{n}" for s in (0, 1) for n in per_seed]
+        models = [a.split("=")[1] for a in stages[-1].argv() if a.startswith("--model=")]
+        assert models == args.method_list
+    # The summary gathers the seeds evaluated in the folder, earlier runs' included.
+    runner.record("seed3/eval", 1.0, "python ...")
+    runner.record("seed3/skd", 1.0, "python ...")
+    assert demo.evaluated_seeds(runner.done) == {3}
+
+
 def player(spec, job):
     """tools.eval agent's player, in-process: GOOD models stop on every seed."""
 
@@ -147,6 +167,9 @@ def test_summary_from_the_stages_evaluations(planned):
     skd_lo = min(s["paired"]["skd"]["success"]["ci95"][0] for s in (s0, s1))
     assert ("skd" in doc["verdict"]["beat_before_every_seed_success"]) == (skd_lo > 0)
     assert "not trained (see the stage times)" in md
+    # A method counts over the seeds that trained it.
+    assert doc["verdict"]["seeds_trained"]["seqkd"] == [1]
+    assert doc["verdict"]["seeds_trained"]["skd"] == [0, 1]
     assert "| seed0/seqkd | 0 | (skipped: no successful teacher episode) |" in md
     assert "| experience | 3 |" in md and "| **total** |" in md
     assert "(the demo needs at least +0.15: met)" in md
