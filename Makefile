@@ -154,7 +154,7 @@ ONPOLICY_DEMO_ARGS ?=
 demo-onpolicy: setup models ## on-policy vs SKD: SKD, SeqKD, live, two-stage, rounds x 2 seeds, paired tests
 	$(PYTHON) -m bench.demo_onpolicy $(ONPOLICY_DEMO_ARGS)
 
-# make demo-agent [AGENT_DEMO_ARGS='--seeds 0,1 --test-episodes 300 ... | --small']
+# make demo-agent [AGENT_DEMO_ARGS='--seeds 1 --methods skd,seqkd ... | --small']
 # The game, experience and sampling: configs/demo/agent.yaml and agent-rollout.yaml.
 AGENT_DEMO_ARGS ?=
 demo-agent: setup models ## agents in a text game: teacher+experience, SKD, SeqKD, live on-policy, rounds; paired tests

@@ -101,9 +101,17 @@ class EngineSpec:
     batch: int = option(32, "episodes played at once: teacher rollouts and evaluations")
     cpu_kv_cache_gib: float = option(
         0.0,
-        "vLLM's CPU KV cache (VLLM_CPU_KVCACHE_SPACE) for every engine, unless the "
-        "variable is set; 0: each command's default (1 GiB)",
+        "vLLM's CPU KV cache (VLLM_CPU_KVCACHE_SPACE) of the rollouts' and evaluations' "
+        "engines, unless the variable is set; 0: their default (1 GiB)",
     )
+
+    def batch_env(self) -> dict[str, str] | None:
+        """The environment of the stages that play `batch` episodes at once. Only theirs:
+        live on-policy runs a trainer, its student engine and a teacher server side by side,
+        and a larger cache for each ran this machine out of memory."""
+        if not self.cpu_kv_cache_gib or os.environ.get(KVCACHE_SPACE_VAR):
+            return None
+        return {KVCACHE_SPACE_VAR: f"{self.cpu_kv_cache_gib:g}"}
 
     def __post_init__(self):
         if self.batch < 1 or self.cpu_kv_cache_gib < 0:
@@ -269,7 +277,7 @@ def dev_stage(args, cfg: AgentDemoConfig) -> Stage:
     out = Path(args.report) / "dev"
     return Stage(
         "dev", "the teacher with experience against the student before, dev fold",
-        cmd=eval_command(args, cfg, "dev", out, []),
+        cmd=eval_command(args, cfg, "dev", out, []), env=cfg.engine.batch_env(),
         inputs=[experience_path(args)], outputs=[out / "agent_results.json"],
     )  # fmt: skip
 
@@ -361,9 +369,9 @@ def seed_stages(args, cfg: AgentDemoConfig, seed: int, runner: Runner) -> list[S
             if not skipped(runner.done, seed, m)
         ]
 
-    def stage(name, cmd, *inputs, services=(), skip=None, outputs=()):
+    def stage(name, cmd, *inputs, services=(), skip=None, outputs=(), env=None):
         return Stage(f"seed{seed}/{name}", cmd=cmd, inputs=inputs, services=services,
-                     skip=skip, outputs=outputs)  # fmt: skip
+                     skip=skip, outputs=outputs, env=env)  # fmt: skip
 
     report = Path(args.report) / f"seed{seed}"
     methods = {
@@ -377,11 +385,12 @@ def seed_stages(args, cfg: AgentDemoConfig, seed: int, runner: Runner) -> list[S
     # Rounds need no teacher rollouts (the student plays); the other three train on them.
     needs_rollouts = set(args.method_list) - {"rounds"}
     return [
-        *([stage("rollouts", rollout(shards_all), exp, outputs=[shards_all])]
+        *([stage("rollouts", rollout(shards_all), exp, outputs=[shards_all],
+                 env=cfg.engine.batch_env())]
           if needs_rollouts else []),
         *(methods[m] for m in args.method_list),
         stage("eval", eval_command(args, cfg, "test", report, [later_args(trained_models)]),
-              outputs=[report / "agent_results.json"]),
+              outputs=[report / "agent_results.json"], env=cfg.engine.batch_env()),
     ]  # fmt: skip
 
 
@@ -399,9 +408,6 @@ def main(argv=None) -> int:
     if args.test_episodes < MIN_TEST_EPISODES:
         print(f"note: {args.test_episodes} test episodes, fewer than the demo's "
               f"{MIN_TEST_EPISODES}: a check, not a measurement", flush=True)  # fmt: skip
-    if cfg.engine.cpu_kv_cache_gib:
-        # Every stage's command inherits it; a GPU build ignores it.
-        os.environ.setdefault(KVCACHE_SPACE_VAR, f"{cfg.engine.cpu_kv_cache_gib:g}")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     runner = Runner(work / "stages.json", settings=settings(args))

@@ -5,6 +5,7 @@ pure-Python game with a fake engine, as tests/test_eval_agent.py does), without 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,8 @@ def test_the_plan_rollouts_training_and_evaluations(planned):
     assert "--model=seqkd=" in " ".join(by["seed1/eval"].argv())
 
 
-def test_methods_plan_only_their_stages_and_models(planned, tmp_path):
+def test_methods_plan_only_their_stages_and_models(planned, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     args, cfg, runner, _ = planned
     for methods, per_seed in (
         ("seqkd,skd", ["rollouts", "skd", "seqkd", "eval"]),
@@ -113,6 +115,12 @@ def test_methods_plan_only_their_stages_and_models(planned, tmp_path):
         assert [s.name for s in stages[2:]] == [f"seed{s}/{n}" for s in (0, 1) for n in per_seed]
         models = [a.split("=")[1] for a in stages[-1].argv() if a.startswith("--model=")]
         assert models == args.method_list
+    # A larger KV cache for the stages that play a batch of episodes, and only for them.
+    big = replace(cfg, engine=demo.EngineSpec(cpu_kv_cache_gib=4))
+    args.method_list = list(demo.METHODS)
+    by = {s.name: s for s in demo.plan(args, big, runner)}
+    with_cache = {n for n, s in by.items() if s.env == {"VLLM_CPU_KVCACHE_SPACE": "4"}}
+    assert with_cache == {"dev", "seed0/rollouts", "seed0/eval", "seed1/rollouts", "seed1/eval"}
     # The summary gathers the seeds evaluated in the folder, earlier runs' included.
     runner.record("seed3/eval", 1.0, "python ...")
     runner.record("seed3/skd", 1.0, "python ...")
