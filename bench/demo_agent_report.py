@@ -209,7 +209,7 @@ def write_summary(report: Path, seeds: list[int], stages: dict, command: str) ->
         "",
         "## Verdicts (every seed that trained it, 95% paired interval above zero)",
         "",
-        "- SKD or SeqKD above the student before in success: "
+        "- Trained methods above the student before in success: "
         f"{listed('beat_before_every_seed_success')}; in score: "
         f"{listed('beat_before_every_seed_score')}.",
         "- On-policy (live, rounds) above SKD in success: "
