@@ -67,8 +67,8 @@ SMALL = {
     "train_episodes": 8, "dev_episodes": 8, "test_episodes": 8, "steps": 2,
     "episodes": 2, "rounds": 1, "round_steps": 2,
 }  # fmt: skip
-# The default: one seed in about 100 minutes on a 2-core CPU (docs/agents.md); a GPU takes
-# larger sizes as options.
+# The default: one seed in about 66 minutes on a 2-core CPU, measured (docs/agents.md);
+# a GPU takes larger sizes as options.
 FULL = {
     "train_episodes": 100, "dev_episodes": 100, "test_episodes": MIN_TEST_EPISODES,
     "steps": 15, "episodes": 4, "rounds": 1, "round_steps": 10,
@@ -280,14 +280,6 @@ def dev_stage(args, cfg: AgentDemoConfig) -> Stage:
         cmd=eval_command(args, cfg, "dev", out, []), env=cfg.engine.batch_env(),
         inputs=[experience_path(args)], outputs=[out / "agent_results.json"],
     )  # fmt: skip
-
-
-def folder_rows(folder: Path) -> int:
-    """Rows committed in a shard folder (0 when it has none)."""
-    from shards.manifest import load_manifest
-
-    manifest = load_manifest(folder, missing_ok=True)
-    return 0 if manifest is None else sum(f.rows for f in manifest.files)
 
 
 def solved(folder: Path) -> tuple[int, int]:
