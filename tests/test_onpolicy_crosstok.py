@@ -32,7 +32,7 @@ from shards.writer import ShardRow, ShardWriter
 from tests.fixtures.tiny_model import CHAT_TEMPLATE, tiny_model_dir
 from tests.test_crosstok import SINGLES, byte_level_tokenizer
 from tests.test_crosstok_train import TEXTS, token_spans, write_folders
-from tests.train_helpers import train_tiny
+from tests.train_helpers import ShardStub, train_tiny
 from train.batches import ShardBatches, collate
 from train.config import ConfigError, OnPolicyConfig
 from train.crosstok_rows import KIND_MAPPED, crosstok_rows
@@ -103,19 +103,6 @@ def load(model_dir):
     return tok, AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
 
-class Prompts:
-    """The shard source's part OnPolicyBatches uses: fixed batches with a cursor."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def pop_metrics(self):
-        return {}
-
-
 def scripted(src, responses):
     """The student's samples: responses[i] for the i-th sample of a generate call."""
     src._generate = lambda prompts, step, indices: [
@@ -170,7 +157,7 @@ def test_same_tokenizer_through_the_text_path_equals_the_id_path(teacher_lm):
     batches, sent = [], []
     for crosstok in (None, CrossTokTeacher(tok, tok, eos_ids(lm, tok), "same")):
         teacher = LMTeacher(teacher_lm)
-        src = scripted(onpolicy(Prompts(prompts), teacher, lm, tok, crosstok), responses)
+        src = scripted(onpolicy(ShardStub(prompts), teacher, lm, tok, crosstok), responses)
         batches.append(next(iter(src)))
         sent.append([(p, r) for p, r, _ in teacher.requests])
     assert sent[0] == sent[1] and len(sent[0]) == 3

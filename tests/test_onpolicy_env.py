@@ -32,7 +32,7 @@ from shards.codec import Codebook
 from shards.reader import ShardFolder, read_rows
 from shards.spans import trained_index
 from tests.fixtures.tiny_model import tiny_model_dir
-from tests.train_helpers import TINY_RUN
+from tests.train_helpers import TINY_RUN, ShardStub
 from tools.onpolicy import rounds
 from tools.onpolicy.episodes import hf_sampler, play_to_file, read_episodes, unusable
 from train.__main__ import main as train_main
@@ -324,19 +324,6 @@ def test_live_episodes_train_every_action_span_with_the_teachers_top_k(tiny):
         assert got_ids == ids  # the client's order (rank order), kept
         np.testing.assert_allclose(got_lps, lps, atol=1e-5)
     assert any(a == "open door" for e in episodes for a in e.actions)  # mapped and won
-
-
-class ShardStub:
-    """The shard source's part OnPolicyBatches uses: batches with a cursor, metrics."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def pop_metrics(self):
-        return {}
 
 
 def test_lmbda_mixes_live_episodes_with_shard_batches(tiny, tmp_path):

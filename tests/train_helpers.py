@@ -16,6 +16,19 @@ from train.__main__ import main as train_main
 TINY_RUN = ("data.batch_tokens=256", "data.sort_window=8", "optim.warmup_steps=0", "optim.lr=3e-3")
 
 
+class ShardStub:
+    """The part of a shard source OnPolicyBatches uses: batches with a cursor, metrics."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def pop_metrics(self):
+        return {}
+
+
 def train_tiny(config: str, out: Path, model, shards, *extra: str) -> list[dict]:
     """`python -m train CONFIG` on the tiny model and shards with TINY_RUN, then `extra`;
     returns the run's metrics.jsonl records."""
