@@ -18,6 +18,7 @@ from tests.test_eval_agent import FakeEngine, Steps, make_model, render
 from tools.eval import agent
 from tools.eval.agent_play import play_model
 from tools.stages import Runner
+from vllm_engine.env import KVCACHE_SPACE_VAR
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = {"teacher + experience", "skd", "rounds"}  # play every seed right; the others miss evens
@@ -104,7 +105,7 @@ def test_the_plan_rollouts_training_and_evaluations(planned):
 
 
 def test_methods_plan_only_their_stages_and_models(planned, monkeypatch):
-    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.delenv(KVCACHE_SPACE_VAR, raising=False)
     args, cfg, runner, _ = planned
     for methods, per_seed in (
         ("seqkd,skd", ["rollouts", "skd", "seqkd", "eval"]),
@@ -119,7 +120,7 @@ def test_methods_plan_only_their_stages_and_models(planned, monkeypatch):
     big = replace(cfg, engine=demo.EngineSpec(cpu_kv_cache_gib=4))
     args.method_list = list(demo.METHODS)
     by = {s.name: s for s in demo.plan(args, big, runner)}
-    with_cache = {n for n, s in by.items() if s.env == {"VLLM_CPU_KVCACHE_SPACE": "4"}}
+    with_cache = {n for n, s in by.items() if s.env == {KVCACHE_SPACE_VAR: "4"}}
     assert with_cache == {"dev", "seed0/rollouts", "seed0/eval", "seed1/rollouts", "seed1/eval"}
     # The summary gathers the seeds evaluated in the folder, earlier runs' included.
     runner.record("seed3/eval", 1.0, "python ...")
