@@ -97,16 +97,19 @@ class HFBackend:  # implements precompute.backend.Backend
                 mask[i, width - len(p) :] = 1
             torch.manual_seed(seeds[b])
             greedy = sampling.temperature == 0
+            # transformers refuses num_return_sequences > 1 without sampling; n greedy samples
+            # are one sequence n times, so each prompt goes in n times (rows i*n + j still).
+            copies = n if greedy else 1
             gen = self.model.generate(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
+                input_ids=ids.repeat_interleave(copies, 0).to(self.device),
+                attention_mask=mask.repeat_interleave(copies, 0).to(self.device),
                 do_sample=not greedy,
                 temperature=None if greedy else sampling.temperature,
                 top_p=None if greedy else sampling.top_p,
                 top_k=None if greedy or sampling.top_k == 0 else sampling.top_k,
                 max_new_tokens=sampling.max_tokens,
                 min_new_tokens=sampling.max_tokens if fixed_length else None,
-                num_return_sequences=n,
+                num_return_sequences=n // copies,
                 pad_token_id=self.pad,
                 eos_token_id=sorted(self.eos) or None,
                 # Raw logits (before temperature/top-p), as vLLM's raw_logprobs.

@@ -12,7 +12,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
+import numpy as np
 import pytest
 
 from precompute.config import ConfigError, load_config
@@ -555,7 +557,8 @@ def topk_pairs(row) -> list:
 
 def test_resume_after_kill_9(tiny, tmp_path, capsys):
     """A subprocess killed mid-run, then re-run: nothing lost, nothing duplicated, committed
-    files untouched, and the same rows as an uninterrupted run (greedy decoding)."""
+    files untouched, and the same rows as an uninterrupted run (greedy decoding). Two samples
+    per example, as rounds' student samples are."""
     data = write_jsonl(tmp_path / "q.jsonl", questions(30))
     args = [
         sys.executable,
@@ -575,6 +578,7 @@ def test_resume_after_kill_9(tiny, tmp_path, capsys):
         "commit_every=2",
         "sampling.temperature=0",
         "sampling.max_tokens=12",
+        "sampling.n=2",
         "hf.batch_size=2",
     ]
     out = tmp_path / "out"
@@ -602,19 +606,22 @@ def test_resume_after_kill_9(tiny, tmp_path, capsys):
     after = {f.name: f.sha256 for f in load_manifest(out).files}
     assert all(after[n] == h for n, h in before.items())
     rows = all_rows(out)
-    assert sorted(r["id"] for r in rows) == sorted({r["id"] for r in rows})
-    assert len(rows) == 30
+    keys = Counter((r["id"], r["sample_index"]) for r in rows)
+    assert len(keys) == 60 and set(keys.values()) == {1}
+    assert {k[1] for k in keys} == {0, 1}
     code, lines = verify(capsys, out)  # the killed run's debris is gone: no warning
     assert code == 0 and len(lines) == 1 and lines[0].startswith("ok:"), lines
     # Same content as one uninterrupted run.
     ref = tmp_path / "ref"
     # Same batches as the subprocess, so that padding does not change the last float bits.
-    c = cfg(tiny, data, ref, "sampling.temperature=0", "commit_every=30", "hf.batch_size=2")
+    c = cfg(tiny, data, ref, "sampling.temperature=0", "commit_every=30", "hf.batch_size=2",
+            "sampling.n=2")  # fmt: skip
     run(c, backend=HFBackend(str(tiny), K, batch_size=2))
-    by_id = {r["id"]: r for r in all_rows(ref)}
+    by_key = {(r["id"], r["sample_index"]): r for r in all_rows(ref)}
     for r in rows:
-        assert r["response_ids"].tolist() == by_id[r["id"]]["response_ids"].tolist()
-        assert topk_pairs(r) == topk_pairs(by_id[r["id"]])  # stored as sets: any order
+        want = by_key[(r["id"], r["sample_index"])]
+        assert r["response_ids"].tolist() == want["response_ids"].tolist()
+        assert topk_pairs(r) == topk_pairs(want)  # stored as sets: any order
 
 
 def test_rerun_of_a_finished_folder_loads_no_teacher(tiny, hf, data, tmp_path):
@@ -625,6 +632,22 @@ def test_rerun_of_a_finished_folder_loads_no_teacher(tiny, hf, data, tmp_path):
     # Other sampling settings are a different data set: refused, not mixed in.
     with pytest.raises(Exception, match="sampling"):
         run(cfg(tiny, data, tmp_path / "out", "sampling.temperature=0.5"), backend=NoEngine())
+
+
+def test_greedy_with_several_samples_is_the_greedy_answer_each_time(hf):
+    """transformers refuses num_return_sequences > 1 without sampling: n greedy samples are
+    the one greedy answer n times, as vLLM gives them, with the same top-k."""
+    from precompute.config import SamplingConfig
+
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    one = hf.generate(prompts, [0, 1, 2], SamplingConfig(n=1, temperature=0, max_tokens=5))
+    two = hf.generate(prompts, [0, 1, 2], SamplingConfig(n=2, temperature=0, max_tokens=5))
+    assert [len(s) for s in two] == [2, 2, 2]
+    for (want,), got in zip(one, two, strict=True):
+        for s in got:
+            assert s.token_ids.tolist() == want.token_ids.tolist()
+            assert np.array_equal(s.topk_ids, want.topk_ids)
+            np.testing.assert_allclose(s.topk_logprobs, want.topk_logprobs, atol=1e-5)
 
 
 def test_both_backends_declare_the_backend_protocol(hf):
