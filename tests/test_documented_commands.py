@@ -28,6 +28,8 @@ fails its test.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -95,8 +97,13 @@ SUBSTITUTIONS: tuple[tuple[str, str], ...] = (
     (r"^make onpolicy-rounds\b(?!.*\bWORK=)", "make onpolicy-rounds WORK=runs/rounds-{line}"),
     # The transformers backend instead of vLLM engines (20-30 s to start each here) where
     # another test runs the same path with vLLM (ENGINE_ELSEWHERE, in this order); `make
-    # precompute` and `make precompute CONFIG=configs/demo/precompute.yaml` keep vLLM here.
+    # precompute` with a teacher, data and STUDENT= keeps vLLM here.
     (r"^(python -m precompute \$PRECOMPUTE_ARGS)(?=.*--mode score\b)", r"\1 backend=hf"),
+    (
+        r"^make precompute CONFIG=configs/demo/precompute\.yaml\b",
+        'make precompute CONFIG=configs/demo/precompute.yaml PRECOMPUTE_ARGS="$PRECOMPUTE_ARGS'
+        ' backend=hf"',
+    ),
     (
         r"^make precompute RAY=1\b",
         'make precompute RAY=1 PRECOMPUTE_ARGS="$PRECOMPUTE_ARGS backend=hf"',
@@ -105,9 +112,12 @@ SUBSTITUTIONS: tuple[tuple[str, str], ...] = (
 )
 
 # The tests that run, with vLLM, what the backend=hf substitutions run here with transformers:
-# score mode, precompute's Ray workers, rounds end to end.
+# score mode, generation with the demo's config (whose engine section
+# tests/test_precompute.py::test_config_refuses_unknown_keys checks against vLLM's arguments),
+# precompute's Ray workers, rounds end to end.
 ENGINE_ELSEWHERE = (
     "tests/test_precompute_vllm.py::test_score_mode_teacher_forces_the_reference",
+    "tests/test_precompute_vllm.py::test_generate_writes_valid_shards",
     "tests/test_precompute_ray.py::test_ray_workers_each_own_a_vllm_engine",
     "tests/test_rounds.py::test_two_rounds_killed_and_resumed",
 )
@@ -243,15 +253,12 @@ def _ok(proc, what: str) -> None:
 
 # A recipe's `\`-continued lines as one line each (make -n prints them as written).
 JOIN_CONTINUATIONS = r"""awk '/\\$/ {sub(/\\$/, ""); printf "%s", $0; next} {print}'"""
-# Each precompute command of the input, resolved (--print-config) instead of run.
-PRINT_CONFIGS = (
-    "grep -E -- '-m precompute( |$)' | sed 's/$/ --print-config/' "
-    '| while read -r line; do eval "$line" >/dev/null || exit 1; done'
-)
+PRECOMPUTE_LINE = re.compile(r"-m precompute( |$)")
 
 
 def check_only_steps(cmd_text: str) -> list[str]:
-    """Shell lines that check a command without running it (each must exit 0)."""
+    """Shell lines that check a command without running it (each must exit 0). The
+    precompute commands it would run are resolved apart (`precompute_lines`)."""
     steps = [f"bash -n <<'DOC_EOF'\n{cmd_text}\nDOC_EOF"]
     if cmd_text.startswith("#!"):
         # A batch script: its commands need the cluster's paths; check the modules it runs.
@@ -260,17 +267,10 @@ def check_only_steps(cmd_text: str) -> list[str]:
         prog = program(part)
         if prog == "make":
             env_words, rest = part.split("make", 1)
-            dry = f"{env_words}make -n{rest}"
-            steps.append(dry)
-            # The precompute config a make target would resolve, from the dry run's lines.
-            steps.append(f"{dry} | {JOIN_CONTINUATIONS} | {PRINT_CONFIGS}")
+            steps.append(f"{env_words}make -n{rest}")
         elif prog in ("python", "python3"):
-            for mod in python_modules(part):
-                if mod == "precompute":
-                    env_words = part.split("python", 1)[0]
-                    steps.append(f"{env_words}{part[len(env_words) :]} --print-config >/dev/null")
-                else:
-                    steps.append(f"python -m {mod} --help >/dev/null")
+            mods = [m for m in python_modules(part) if m != "precompute"]
+            steps += [f"python -m {m} --help >/dev/null" for m in mods]
         elif prog == "sbatch":
             # The cluster is not here; the script the docs name is, and must parse.
             scripts = [w for w in shlex.split(part) if w.endswith((".sbatch", ".sh"))]
@@ -279,6 +279,55 @@ def check_only_steps(cmd_text: str) -> list[str]:
         else:
             steps.append(f"command -v {shlex.quote(prog)}")
     return steps
+
+
+def precompute_lines(ws: Path, cmd_text: str) -> list[str]:
+    """The precompute command lines a check-only command would run: those of its make
+    targets' dry run (`make -n`, continuations joined) and its own `python -m precompute`."""
+    if cmd_text.startswith("#!"):
+        return []
+    lines = []
+    for part in re.split(r"\s&&\s", cmd_text):
+        prog = program(part)
+        if prog == "make":
+            env_words, rest = part.split("make", 1)
+            dry = _bash(ws, f"{env_words}make -n{rest} | {JOIN_CONTINUATIONS}", timeout=60)
+            _ok(dry, f"`make -n{rest}`")
+            lines += [x for x in dry.stdout.splitlines() if PRECOMPUTE_LINE.search(x)]
+        elif prog in ("python", "python3") and "precompute" in python_modules(part):
+            lines.append(part)
+    return lines
+
+
+def print_config_here(ws: Path, line: str) -> str:
+    """`line --print-config`, resolved in this process: a process per command would import
+    vLLM again (6 s) to check the engine arguments. The shell expands the line's words (its
+    quotes and $VARIABLES, in the commands' environment); its `VAR=value` words are the
+    environment of the resolution, as they would be of the command. Returns what it prints."""
+    from precompute.__main__ import main
+
+    words = _bash(ws, f"printf '%s\\0' {line}", timeout=60)
+    _ok(words, f"expand `{line}`")
+    argv = words.stdout.split("\0")[:-1]
+    env = {}
+    while argv and (m := re.match(r"^(\w+)=(.*)$", argv[0], re.S)):
+        env[m[1]] = m[2]
+        argv.pop(0)
+    at = next(i for i in range(len(argv) - 1) if argv[i : i + 2] == ["-m", "precompute"])
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.update({**_env(ws), **env})
+        os.chdir(ws)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main([*argv[at + 2 :], "--print-config"])
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    if rc != 0:
+        pytest.fail(f"`{line} --print-config` exited {rc}:\n{err.getvalue()}", pytrace=False)
+    return out.getvalue()
 
 
 @pytest.mark.slow
@@ -290,6 +339,8 @@ def test_documented_command(cmd, workspace):
     if reason is not None:
         for step in check_only_steps(cmd.text):
             _ok(_bash(workspace, step, timeout=300), f"{cmd.where} ({reason}), check `{step}`")
+        for line in precompute_lines(workspace, cmd.text):
+            print_config_here(workspace, line)
         return
     script = substitute(cmd.text, cmd.line)
     _ok(_bash(workspace, "set -e\n" + script), f"{cmd.where} `{script}`")
@@ -360,6 +411,10 @@ def test_classification_and_substitution():
     assert substitute("make precompute RAY=1 OUT=o", 3) == (
         'make precompute RAY=1 PRECOMPUTE_ARGS="$PRECOMPUTE_ARGS backend=hf" OUT=o'
     )
+    assert substitute("make precompute CONFIG=configs/demo/precompute.yaml", 3) == (
+        'make precompute CONFIG=configs/demo/precompute.yaml PRECOMPUTE_ARGS="$PRECOMPUTE_ARGS'
+        ' backend=hf"'
+    )
     assert substitute("make onpolicy-rounds WORK=w ROUNDS_ARGS='--n 2'", 3) == (
         "make onpolicy-rounds WORK=w ROUNDS_ARGS='--backend hf --n 2'"
     )
@@ -405,3 +460,13 @@ def test_the_tests_that_check_only_reasons_name_exist():
     assert named
     for file, func in named:
         assert re.search(rf"^def {func}\(", (ROOT / file).read_text(), re.M), (file, func)
+
+
+def test_a_precompute_command_is_resolved_here_and_a_bad_setting_fails(tmp_path):
+    before, task = dict(os.environ), "SLURM_ARRAY_TASK_ID=1 SLURM_ARRAY_TASK_COUNT=2"
+    printed = print_config_here(tmp_path, f"{task} python -m precompute --teacher 'a b' --k 8")
+    assert "teacher: a b\n" in printed and "k: 8\n" in printed
+    assert "num_workers: 2\n" in printed and "worker_index: 1\n" in printed  # from the VARs
+    assert dict(os.environ) == before and Path.cwd() != tmp_path
+    with pytest.raises(pytest.fail.Exception, match=r"engine\.bogus"):
+        print_config_here(tmp_path, "python -m precompute --teacher t engine.bogus=1")

@@ -1,9 +1,9 @@
 """On-policy rounds (tools/onpolicy/rounds.py) and what they need from precompute.
 
-The end-to-end test runs two rounds with the real vLLM CPU engine on the tiny model, its
-runner killed with SIGKILL during a round's sampling and during a round's training (the
-stage's whole process tree must die with it), then re-run: no row is lost or duplicated,
-and finished rounds are left as they were.
+The end-to-end test runs two rounds with the real vLLM CPU engine on the tiny model (round
+2's student samples from round 1's checkpoint), its runner killed with SIGKILL during round
+2's training (the stage's whole process tree must die with it), then re-run: no row is lost
+or duplicated, finished rounds are left as they were, and the training goes on where it was.
 """
 
 from __future__ import annotations
@@ -169,11 +169,10 @@ def test_two_rounds_killed_and_resumed(tiny, tmp_path):
     r1, r2 = work / "round-001", work / "round-002"
     cmd = rounds_cmd(tiny, student, data, work)
 
-    # 1. Killed while round 1's student samples, after some prompts were committed.
-    proc = start(cmd)
-    kill_when(proc, lambda: len(files(r1 / "samples")) >= 2)
-    assert len(files(r1 / "samples")) < N_PROMPTS  # really in the middle of the step
-    # 2. Re-run: round 1 finishes; killed during round 2's training, after a checkpoint.
+    # 1. Round 1 finishes; killed during round 2's training, after a checkpoint. (A stage
+    # killed in its vLLM engine's work: tests/test_lifetime.py kills precompute's engine,
+    # tests/test_precompute.py resumes a killed precompute; here it would cost the suite
+    # another engine start.)
     proc = start(cmd)
     kill_when(proc, lambda: latest_step(r2 / "train") >= 3)
     assert latest_step(r2 / "train") < STEPS
@@ -182,7 +181,7 @@ def test_two_rounds_killed_and_resumed(tiny, tmp_path):
         f"round-001/{step}" for step in ("samples", "responses", "shards", "train")
     ]
     before = snapshot(r1)
-    # 3. Re-run to the end: round 1 is not touched, round 2 continues its training.
+    # 2. Re-run to the end: round 1 is not touched, round 2 continues its training.
     proc = start(cmd)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out
