@@ -303,6 +303,38 @@ def skipped(stages_done: dict, seed: int, method: str) -> bool:
     return stages_done.get(f"seed{seed}/{method}", {}).get("command", "").startswith("(skipped")
 
 
+def seed_methods(stages_done: dict, seed: int, methods: list[str]) -> list[str]:
+    """The methods a seed's evaluation plays: those of this run and those an earlier run
+    trained in the folder (a seed run again with other --methods keeps them in its report),
+    less any whose stage was skipped."""
+    return [
+        m
+        for m in METHODS
+        if (m in methods or f"seed{seed}/{m}" in stages_done) and not skipped(stages_done, seed, m)
+    ]
+
+
+def forget_stale_evals(runner: Runner, seeds: list[int], methods: list[str]) -> list[str]:
+    """Drop the record of each seed evaluation that left out a method the seed trains now
+    (a seed run again with more --methods), so that it runs again: the models it had
+    played come from the episode cache. Returns what was dropped, said in a line each."""
+    said = []
+    for seed in seeds:
+        name = f"seed{seed}/eval"
+        command = runner.done.get(name, {}).get("command")
+        if command is None:
+            continue
+        missing = [
+            m for m in seed_methods(runner.done, seed, methods) if f"--model={m}=" not in command
+        ]
+        if missing:
+            del runner.done[name]
+            said.append(f"{name}: evaluated again, for {', '.join(missing)}")
+    if said:
+        runner.save()
+    return said
+
+
 def seed_stages(args, cfg: AgentDemoConfig, seed: int, runner: Runner) -> list[Stage]:
     """The seed's stages in order, named seed<S>/<stage>."""
     work = Path(args.work) / f"seed{seed}"
@@ -357,8 +389,7 @@ def seed_stages(args, cfg: AgentDemoConfig, seed: int, runner: Runner) -> list[S
     def trained_models() -> list[str]:
         return [
             f"--model={m}={run_path(args, seed, m)}"
-            for m in args.method_list
-            if not skipped(runner.done, seed, m)
+            for m in seed_methods(runner.done, seed, args.method_list)
         ]
 
     def stage(name, cmd, *inputs, services=(), skip=None, outputs=(), env=None):
@@ -405,6 +436,8 @@ def main(argv=None) -> int:
     runner = Runner(work / "stages.json", settings=settings(args))
     write_env_files(args, cfg)
     t0 = time.time()
+    for line in forget_stale_evals(runner, args.seed_list, args.method_list):
+        print(f"note: {line} (the other models' episodes are cached)", flush=True)
     runner.run(plan(args, cfg, runner))
     from bench.demo_agent_report import write_summary
 

@@ -115,7 +115,7 @@ def test_methods_plan_only_their_stages_and_models(planned, monkeypatch):
         stages = demo.plan(args, cfg, runner)
         assert [s.name for s in stages[2:]] == [f"seed{s}/{n}" for s in (0, 1) for n in per_seed]
         models = [a.split("=")[1] for a in stages[-1].argv() if a.startswith("--model=")]
-        assert models == args.method_list
+        assert models == [m for m in demo.METHODS if m in args.method_list]
     # A larger KV cache for the stages that play a batch of episodes, and only for them.
     big = replace(cfg, engine=demo.EngineSpec(cpu_kv_cache_gib=4))
     args.method_list = list(demo.METHODS)
@@ -126,6 +126,32 @@ def test_methods_plan_only_their_stages_and_models(planned, monkeypatch):
     runner.record("seed3/eval", 1.0, "python ...")
     runner.record("seed3/skd", 1.0, "python ...")
     assert demo.evaluated_seeds(runner.done) == {3}
+
+
+def test_a_seed_run_again_with_more_methods_is_evaluated_again_with_all(planned, capsys):
+    """--seeds 1 --methods skd,seqkd, then --methods onpolicy,rounds: the second run's
+    evaluation plays all four (the first two from the episode cache), not the new two alone,
+    and a finished evaluation that already has every method is kept."""
+    args, cfg, runner, _ = planned
+    for m in ("skd", "seqkd"):
+        runner.record(f"seed1/{m}", 1.0, "python -m train ...")
+    runner.record("seed1/eval", 1.0, "python -m tools.eval agent --model=skd=a --model=seqkd=b")
+    runner.record("seed0/eval", 1.0, "python -m tools.eval agent --model=skd=a")
+    assert demo.forget_stale_evals(runner, [0, 1], ["skd"]) == []
+    said = demo.forget_stale_evals(runner, [1], ["onpolicy", "rounds"])
+    assert said == ["seed1/eval: evaluated again, for onpolicy, rounds"]
+    assert "seed1/eval" not in runner.done and "seed0/eval" in runner.done
+    assert "seed1/eval" not in json.loads((Path(args.work) / "stages.json").read_text())["done"]
+    args.seed_list, args.method_list = [1], ["onpolicy", "rounds"]
+    for m in ("onpolicy", "rounds"):  # as if this run had trained them
+        runner.record(f"seed1/{m}", 1.0, "python ...")
+    ev = demo.plan(args, cfg, runner)[-1]
+    models = [a.split("=")[1] for a in ev.argv() if a.startswith("--model=")]
+    assert models == ["skd", "seqkd", "onpolicy", "rounds"]
+    # A method whose stage was skipped (SeqKD without a solved episode) is not asked for.
+    runner.record("seed2/seqkd", 0.0, "(skipped: the teacher solved none)")
+    runner.record("seed2/eval", 1.0, "python -m tools.eval agent --model=skd=a")
+    assert demo.forget_stale_evals(runner, [2], ["skd", "seqkd"]) == []
 
 
 def player(spec, job):
