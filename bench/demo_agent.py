@@ -328,10 +328,8 @@ def forget_stale_evals(runner: Runner, seeds: list[int], methods: list[str]) -> 
             m for m in seed_methods(runner.done, seed, methods) if f"--model={m}=" not in command
         ]
         if missing:
-            del runner.done[name]
+            runner.forget(name)
             said.append(f"{name}: evaluated again, for {', '.join(missing)}")
-    if said:
-        runner.save()
     return said
 
 

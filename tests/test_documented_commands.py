@@ -43,6 +43,7 @@ import pytest
 
 from precompute.config import load_config
 from tests.doc_commands import (
+    DocCommand,
     block_commands,
     documented_commands,
     program,
@@ -281,13 +282,13 @@ def check_only_steps(cmd_text: str) -> list[str]:
     return steps
 
 
-def precompute_lines(ws: Path, cmd_text: str) -> list[str]:
+def precompute_lines(ws: Path, cmd: DocCommand) -> list[str]:
     """The precompute command lines a check-only command would run: those of its make
     targets' dry run (`make -n`, continuations joined) and its own `python -m precompute`."""
-    if cmd_text.startswith("#!"):
+    if cmd.text.startswith("#!"):
         return []
     lines = []
-    for part in re.split(r"\s&&\s", cmd_text):
+    for part in cmd.parts():
         prog = program(part)
         if prog == "make":
             env_words, rest = part.split("make", 1)
@@ -339,7 +340,7 @@ def test_documented_command(cmd, workspace):
     if reason is not None:
         for step in check_only_steps(cmd.text):
             _ok(_bash(workspace, step, timeout=300), f"{cmd.where} ({reason}), check `{step}`")
-        for line in precompute_lines(workspace, cmd.text):
+        for line in precompute_lines(workspace, cmd):
             print_config_here(workspace, line)
         return
     script = substitute(cmd.text, cmd.line)

@@ -145,13 +145,6 @@ def kill_when(proc, ready, timeout=600):
     assert not alive, f"alive 15 s after kill -9 of the runner: {alive}"
 
 
-def files(folder: Path) -> list[str]:
-    try:
-        return [f.name for f in ShardFolder(folder, verify="none").manifest.files]
-    except (OSError, ValueError):
-        return []
-
-
 def latest_step(train_dir: Path) -> int:
     marker = train_dir / "checkpoints" / "latest"
     return int(marker.read_text().split("-")[1]) if marker.exists() else 0

@@ -209,6 +209,11 @@ class Runner:
         self.done[name] = {"seconds": round(seconds, 1), "command": command}
         self.save()
 
+    def forget(self, name: str) -> None:
+        """Drop a finished stage's record, so that the next run runs it again."""
+        del self.done[name]
+        self.save()
+
     def save(self) -> None:
         if self.path is not None:
             write_durably(self.path, json.dumps(self.data, indent=1) + "\n")
